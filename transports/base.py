@@ -1,0 +1,85 @@
+"""What every transport offers: a client (one per node) and a server.
+
+A transport moves opaque payloads: the proxy sends a request payload and
+gets a response payload back. It knows nothing of HTTP or of what the
+payload means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from .frame import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_IN_FLIGHT
+
+# A server-side handler: request payload in, response payload out. The server
+# runs one per request, concurrently, and cancels it when the caller cancels
+# or the request's deadline passes.
+Handler = Callable[[bytes], Awaitable[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    """Knobs of a client; the defaults suit a proxy in front of a local service."""
+
+    connect_timeout: float = 1.0
+    max_connections: int = 4
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    # First and largest pause before reconnecting to a node that refused us.
+    backoff_initial: float = 0.05
+    backoff_max: float = 2.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    backlog: int = 1024
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Client(Protocol):
+    """A client for one node: pooled, multiplexed connections."""
+
+    address: str
+
+    async def call(self, payload: bytes, timeout: float) -> bytes:
+        """Send one request and wait for its response, at most ``timeout`` seconds.
+
+        Raises a :class:`~transports.errors.CallError`; its ``sent`` flag says
+        whether the node may have started the request.
+        """
+
+    @property
+    def in_flight(self) -> int: ...
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop new calls, let in-flight ones finish (at most ``timeout``), then close."""
+
+    def abort(self) -> None:
+        """Close every connection now; in-flight calls fail with ConnectionLost."""
+
+
+class Server(Protocol):
+    address: str
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Send GOAWAY, finish in-flight requests (at most ``grace``), then close."""
+
+    def abort(self) -> None: ...
+
+
+class Transport(Protocol):
+    """A carrier, registered under one or more URI schemes."""
+
+    schemes: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def client(cls, address: str, options: ClientOptions | None = None) -> Client: ...
+
+    @classmethod
+    async def serve(
+        cls, address: str, handler: Handler, options: ServerOptions | None = None
+    ) -> Server: ...

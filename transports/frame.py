@@ -1,0 +1,80 @@
+"""Frame layout, constants and encoders: pure functions, no I/O.
+
+A frame is a 20-byte header followed by ``length`` payload bytes
+(all integers big-endian)::
+
+    offset  size  field
+    0       1     version       1
+    1       1     type          FrameType
+    2       2     flags         reserved, sent as 0, ignored on receipt
+    4       4     length        payload length in bytes
+    8       8     request_id    1.. for calls; 0 for connection-level frames
+    16      4     deadline_ms   REQUEST only: remaining budget in ms (0 = none)
+
+A stream connection starts with an 8-byte preface from each side:
+``b"PITCHER"`` followed by the version byte. See docs/wire.md.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import NamedTuple
+
+VERSION = 1
+PREFACE_MAGIC = b"PITCHER"
+PREFACE = PREFACE_MAGIC + bytes((VERSION,))
+PREFACE_SIZE = len(PREFACE)
+
+HEADER = struct.Struct(">BBHIQI")
+HEADER_SIZE = HEADER.size  # 20
+
+DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024
+DEFAULT_MAX_IN_FLIGHT = 1024
+# A hard ceiling no setting may pass: the length field is 32 bits, but no
+# sane single request needs more than this and we refuse to allocate it.
+MAX_FRAME_SIZE_LIMIT = 256 * 1024 * 1024
+
+
+class FrameType(IntEnum):
+    REQUEST = 1
+    RESPONSE = 2
+    PING = 3
+    PONG = 4
+    CANCEL = 5
+    GOAWAY = 6
+    ERROR = 7
+    SETTINGS = 8
+
+
+_KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+
+
+class Frame(NamedTuple):
+    type: int
+    request_id: int
+    payload: bytes
+    deadline_ms: int = 0
+    flags: int = 0
+
+
+_pack_header = HEADER.pack
+
+
+def encode_frame(
+    frame_type: int, request_id: int, payload: bytes = b"", deadline_ms: int = 0
+) -> bytes:
+    """Header + payload as one bytes object."""
+    return _pack_header(VERSION, frame_type, 0, len(payload), request_id, deadline_ms) + payload
+
+
+def encode_request(request_id: int, payload: bytes, deadline_ms: int) -> bytes:
+    return _pack_header(VERSION, 1, 0, len(payload), request_id, deadline_ms) + payload
+
+
+def encode_response(request_id: int, payload: bytes) -> bytes:
+    return _pack_header(VERSION, 2, 0, len(payload), request_id, 0) + payload
+
+
+def is_known_type(frame_type: int) -> bool:
+    return frame_type in _KNOWN_TYPES
