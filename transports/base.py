@@ -7,6 +7,7 @@ payload means.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -44,6 +45,13 @@ class Client(Protocol):
     """A client for one node: pooled, multiplexed connections."""
 
     address: str
+
+    def start(self, payload: bytes, timeout: float) -> asyncio.Future[bytes]:
+        """Send one request; the future gets the response payload or a CallError.
+
+        Cancelling the future gives the call up and tells the node. This is
+        the form for callback-driven code; :meth:`call` is the same, awaited.
+        """
 
     async def call(self, payload: bytes, timeout: float) -> bytes:
         """Send one request and wait for its response, at most ``timeout`` seconds.

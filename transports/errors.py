@@ -10,7 +10,7 @@
     │   ├── ConnectError           could not connect (never sent: safe to retry anywhere)
     │   ├── ConnectionLost         the connection died with the call in flight
     │   ├── DeadlineExceeded       the caller's deadline passed (a cancel frame was sent)
-    │   ├── Rejected               the peer refused the call before running it (goaway, shutting down)
+    │   ├── Rejected               the peer refused the call before running it (goaway)
     │   └── RemoteError            the peer answered with an error frame for this call
     └── Closed                     the client or server was closed by its owner
 

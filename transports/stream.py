@@ -176,17 +176,17 @@ class _ClientConnection(asyncio.Protocol):
             elif not future.done():
                 future.set_result(frame.payload)
         elif kind == _ERROR:
-            info = ErrorInfo.decode(frame.payload)
+            error = ErrorInfo.decode(frame.payload)
             if frame.request_id == 0:
-                self._fail_all(ConnectionLost(f"node closed the connection: {info.describe()}"))
+                self._fail_all(ConnectionLost(f"node closed the connection: {error.describe()}"))
                 self._close_transport()
                 return
             future = self.pending.pop(frame.request_id, None)
             if future is not None and not future.done():
-                if info.code == ErrorCode.UNAVAILABLE:
-                    future.set_exception(Rejected(f"node refused the call: {info.describe()}"))
+                if error.code == ErrorCode.UNAVAILABLE:
+                    future.set_exception(Rejected(f"node refused the call: {error.describe()}"))
                 else:
-                    future.set_exception(RemoteError(info.code, info.message))
+                    future.set_exception(RemoteError(error.code, error.message))
         elif kind == FrameType.SETTINGS:
             settings = Settings.decode(frame.payload)
             if settings.max_in_flight:
@@ -237,13 +237,16 @@ class _ClientConnection(asyncio.Protocol):
             len(self.pending) < self.max_in_flight
         )
 
-    def start_call(self, payload: bytes, deadline_ms: int) -> tuple[int, asyncio.Future[bytes]]:
+    def start_call(self, payload: bytes, timeout: float) -> asyncio.Future[bytes]:
         request_id = self._next_id
         self._next_id = request_id + 1
-        future: asyncio.Future[bytes] = self._loop.create_future()
+        loop = self._loop
+        future: asyncio.Future[bytes] = loop.create_future()
         self.pending[request_id] = future
-        self._batcher.write(encode_request(request_id, payload, deadline_ms))
-        return request_id, future
+        self._batcher.write(encode_request(request_id, payload, max(1, int(timeout * 1000))))
+        timer = loop.call_later(timeout, _expire, self, request_id, future, timeout)
+        future.add_done_callback(_CallDone(self, request_id, timer))
+        return future
 
     def give_up(self, request_id: int) -> bool:
         """Forget a call whose caller stopped waiting and tell the node; True if it was pending."""
@@ -293,6 +296,7 @@ class StreamClient:
         self._retry_at = 0.0
         self._last_connect_error = ""
         self._closed = False
+        self._starting: set[asyncio.Task[None]] = set()
         self.late_responses_closed = 0
 
     # public ---------------------------------------------------------------------------
@@ -309,25 +313,45 @@ class StreamClient:
     def late_responses(self) -> int:
         return self.late_responses_closed + sum(c.late_responses for c in self._connections)
 
-    async def call(self, payload: bytes, timeout: float) -> bytes:
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + timeout
+    def start(self, payload: bytes, timeout: float) -> asyncio.Future[bytes]:
+        """Send one request; the future gets the response payload or a CallError.
+
+        Cancelling the future gives the call up and tells the node (CANCEL).
+        This is the callback-friendly form of :meth:`call`: no task is made
+        when a connection is ready, which is nearly always.
+        """
         connection = self._pick()
-        if connection is None:
-            connection = await self._acquire(give_up_at)
-        remaining = give_up_at - loop.time()
-        if remaining <= 0:
-            raise DeadlineExceeded("deadline passed before the request was sent", sent=False)
-        deadline_ms = max(1, int(remaining * 1000))
-        request_id, future = connection.start_call(payload, deadline_ms)
-        timer = loop.call_at(give_up_at, _expire, connection, request_id, future, timeout)
+        if connection is not None:
+            return connection.start_call(payload, timeout)
+        loop = asyncio.get_running_loop()
+        outer: asyncio.Future[bytes] = loop.create_future()
+        task = loop.create_task(
+            self._start_after_connect(payload, timeout, loop.time() + timeout, outer),
+            name=f"pitcher-call {self.address}",
+        )
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+        # A caller that gives up while we connect cancels the task too.
+        outer.add_done_callback(lambda f: task.cancel() if f.cancelled() else None)
+        return outer
+
+    async def call(self, payload: bytes, timeout: float) -> bytes:
+        return await self.start(payload, timeout)
+
+    async def _start_after_connect(
+        self, payload: bytes, timeout: float, give_up_at: float, outer: asyncio.Future[bytes]
+    ) -> None:
         try:
-            return await future
-        except asyncio.CancelledError:
-            connection.give_up(request_id)
-            raise
-        finally:
-            timer.cancel()
+            connection = await self._acquire(give_up_at)
+            remaining = give_up_at - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise DeadlineExceeded("deadline passed before the request was sent", sent=False)
+            inner = connection.start_call(payload, remaining)
+        except Exception as exc:
+            if not outer.done():
+                outer.set_exception(exc)
+            return
+        _chain(inner, outer)
 
     async def ping(self, timeout: float = 1.0) -> None:
         """Open a connection if none is open; ConnectError if the node is not there."""
@@ -342,6 +366,8 @@ class StreamClient:
                 waiter.set_exception(Closed(f"client for {self.address} closed"))
         if self._connecting is not None:
             self._connecting.cancel()
+        for task in list(self._starting):
+            task.cancel()
         deadline = time.monotonic() + timeout
         while any(c.pending for c in self._connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -454,6 +480,45 @@ class StreamClient:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+
+class _CallDone:
+    """Done-callback of one call: stop its timer; if the caller cancelled, tell the node."""
+
+    __slots__ = ("connection", "request_id", "timer")
+
+    def __init__(
+        self, connection: _ClientConnection, request_id: int, timer: asyncio.TimerHandle
+    ) -> None:
+        self.connection = connection
+        self.request_id = request_id
+        self.timer = timer
+
+    def __call__(self, future: asyncio.Future[bytes]) -> None:
+        self.timer.cancel()
+        if future.cancelled():
+            self.connection.give_up(self.request_id)
+
+
+def _chain(inner: asyncio.Future[bytes], outer: asyncio.Future[bytes]) -> None:
+    """Pass inner's outcome to outer, and outer's cancellation back to inner."""
+
+    def forward(done: asyncio.Future[bytes]) -> None:
+        if outer.done():
+            return
+        if done.cancelled():
+            outer.cancel()
+        elif (exc := done.exception()) is not None:
+            outer.set_exception(exc)
+        else:
+            outer.set_result(done.result())
+
+    def back(done: asyncio.Future[bytes]) -> None:
+        if done.cancelled() and not inner.done():
+            inner.cancel()
+
+    inner.add_done_callback(forward)
+    outer.add_done_callback(back)
 
 
 def _expire(

@@ -1,0 +1,127 @@
+"""The ``pitcher`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+
+import click
+
+from .config import ConfigError, load_config
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(coro: object) -> None:
+    import uvloop
+
+    uvloop.run(coro)  # type: ignore[arg-type]
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.version_option(package_name="pitcher-rpc")
+def main(verbose: bool) -> None:
+    """Pitcher RPC: an HTTP/1.1 traffic entry for split services."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
+def check(path: str) -> None:
+    """Validate a configuration file: prints OK, or each wrong key with its line."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    click.echo(
+        f"OK: {path}: {len(config.routes)} routes, {len(config.clusters)} clusters,"
+        f" sha256 {config.checksum[:12]}"
+    )
+
+
+@main.command()
+@click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
+def serve(path: str) -> None:
+    """Run the proxy on a configuration file (SIGTERM drains, SIGHUP reloads)."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    _run(_serve(path, config))
+
+
+async def _serve(path: str, config: object) -> None:
+    from .config import Config
+    from .proxy.server import ProxyServer
+
+    assert isinstance(config, Config)
+    log = logging.getLogger("pitcher")
+    proxy = ProxyServer(config)
+    await proxy.start()
+    log.info("listening on %s (config %s, sha256 %s)", proxy.address, path, config.checksum[:12])
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def reload() -> None:
+        try:
+            snapshot = proxy.reload(load_config(path))
+        except ConfigError as exc:
+            log.error("reload refused, keeping generation %d:\n%s", proxy.snapshot.generation, exc)
+        else:
+            log.info("reloaded %s: generation %d", path, snapshot.generation)
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await stop.wait()
+    log.info("draining")
+    await proxy.stop(grace=10.0)
+
+
+@main.command()
+@click.option(
+    "--listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Where the proxy listens (default from the embedded config: 127.0.0.1:8080).",
+)
+def demo(listen: str | None) -> None:
+    """Run the proxy and an echo service per transport on the embedded config."""
+    from .demo import run_demo
+
+    _run(run_demo(listen))
+
+
+@main.command()
+@click.argument("app")
+@click.option("--listen", required=True, metavar="URI", help="e.g. tcp://127.0.0.1:7001")
+def backend(app: str, listen: str) -> None:
+    """Run a split service: APP is MODULE:ATTRIBUTE naming a pitcher_rpc.sdk.Service."""
+    from .sdk import Service
+
+    module_name, _, attribute = app.partition(":")
+    if not attribute:
+        raise click.BadParameter("expected MODULE:ATTRIBUTE", param_hint="APP")
+    try:
+        service = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise click.BadParameter(f"cannot load {app}: {exc}", param_hint="APP") from None
+    if not isinstance(service, Service):
+        raise click.BadParameter(f"{app} is not a pitcher_rpc.sdk.Service", param_hint="APP")
+    service.run(listen)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The configuration snapshot: frozen values, built whole by the validator.
+
+A reload builds a new :class:`Config` beside the old one and swaps a single
+reference, so nothing here may be mutated after construction: records are
+frozen dataclasses, sequences are tuples and mappings are read-only proxies.
+The constructors do not validate; :func:`pitcher_rpc.config.parse_config`
+does, and reports every problem with its key and line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+__all__ = [
+    "BALANCE_POLICIES",
+    "DEFAULT_IDEMPOTENT_METHODS",
+    "ClusterConfig",
+    "Config",
+    "ListenAddress",
+    "NodeConfig",
+    "RouteConfig",
+    "ServerConfig",
+    "UpstreamConfig",
+    "parse_listen",
+]
+
+BALANCE_POLICIES = ("round_robin", "weighted")
+DEFAULT_IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS"})
+_UNIX_PREFIX = "unix://"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """Where the HTTP frontend listens: a TCP host and port, or a Unix socket path."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.path)
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """Split ``host:port``, ``[v6]:port`` or ``unix:///path``.
+
+    The ValueError raised for a bad address says what is wrong but does not
+    repeat the address, so that the caller can decide how to show it.
+
+    Port 0 is accepted and means "any free port", which tests and the demo use.
+    """
+    if text.startswith(_UNIX_PREFIX):
+        path = text[len(_UNIX_PREFIX) :]
+        if not path:
+            raise ValueError("a unix:// address needs a socket path")
+        return ListenAddress(path=path)
+    if text.startswith("["):
+        closing = text.find("]")
+        if closing < 0 or not text.startswith(":", closing + 1):
+            raise ValueError("expected '[v6-address]:port'")
+        host, port_text = text[1:closing], text[closing + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("the host in brackets is not an IPv6 address") from None
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise ValueError("expected 'host:port', '[v6-address]:port' or 'unix:///path'")
+        if ":" in host:
+            raise ValueError("an IPv6 address must be in brackets: '[v6-address]:port'")
+        if not host:
+            raise ValueError("the host is empty")
+        if any(char.isspace() for char in host):
+            raise ValueError("the host contains whitespace")
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ValueError("the port must be a number")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError("the port must be between 0 and 65535")
+    return ListenAddress(host=host, port=port)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The HTTP frontend: listener and request-head limits."""
+
+    listen: str = "127.0.0.1:8080"
+    backlog: int = 511
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 60.0
+    max_request_line: int = 8192
+    max_header_size: int = 32768
+    max_headers: int = 100
+    max_body_size: int = 1048576
+    request_id_header: str = "x-request-id"
+
+    @property
+    def listen_address(self) -> ListenAddress:
+        return parse_listen(self.listen)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """Defaults for every cluster's backend connections."""
+
+    connect_timeout: float = 1.0
+    max_connections: int = 4
+    max_frame_size: int = 4194304
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    uri: str
+    weight: int = 1
+
+
+# Keyword-only because the spec order puts a required field after defaulted
+# ones; positional construction of these wide records would be error-prone anyway.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    name: str
+    balance: str = "round_robin"
+    nodes: tuple[NodeConfig, ...]
+
+    def __post_init__(self) -> None:
+        # A list passed by a caller would stay mutable behind the frozen record.
+        if not isinstance(self.nodes, tuple):
+            object.__setattr__(self, "nodes", tuple(self.nodes))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig:
+    """One routing rule: requests for ``host`` under ``prefix`` go to ``cluster``.
+
+    ``host`` is ``"*"``, an exact lower-case host, or ``"*.example.com"``.
+    An empty ``name`` becomes ``f"{host}{prefix}"``.
+    """
+
+    name: str = ""
+    host: str = "*"
+    prefix: str = "/"
+    cluster: str
+    timeout: float = 30.0
+    retries: int = 1
+    idempotent_methods: frozenset[str] = DEFAULT_IDEMPOTENT_METHODS
+    strip_prefix: bool = False
+
+    def __post_init__(self) -> None:
+        # Frozen: the generated __setattr__ refuses, the slot itself does not.
+        if not self.name:
+            object.__setattr__(self, "name", f"{self.host}{self.prefix}")
+        if not isinstance(self.idempotent_methods, frozenset):
+            object.__setattr__(self, "idempotent_methods", frozenset(self.idempotent_methods))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """One validated, immutable configuration snapshot."""
+
+    server: ServerConfig
+    upstream: UpstreamConfig
+    routes: tuple[RouteConfig, ...]
+    # A read-only view (MappingProxyType); left out of the hash because a
+    # mapping proxy is unhashable, while equality still compares it.
+    clusters: Mapping[str, ClusterConfig] = field(hash=False)
+    source: str
+    checksum: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.routes, tuple):
+            object.__setattr__(self, "routes", tuple(self.routes))
+        if not isinstance(self.clusters, MappingProxyType):
+            object.__setattr__(self, "clusters", MappingProxyType(dict(self.clusters)))

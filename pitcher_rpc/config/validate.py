@@ -1,0 +1,645 @@
+"""TOML text -> :class:`Config`, or one :class:`ConfigError` listing every problem.
+
+Validation never stops at the first problem: each check records an issue and
+carries on with the default value, so a user fixing a file sees all of its
+mistakes at once, each as ``SOURCE:LINE: KEY: MESSAGE``. Only if no issue was
+recorded is the snapshot returned; a half-valid config is never handed out.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from typing import Any
+
+from transports.registry import AddressError, get_transport, parse_address
+
+from .lines import KeyPath, LineIndex, format_key_path
+from .model import (
+    BALANCE_POLICIES,
+    DEFAULT_IDEMPOTENT_METHODS,
+    ClusterConfig,
+    Config,
+    NodeConfig,
+    RouteConfig,
+    ServerConfig,
+    UpstreamConfig,
+    parse_listen,
+)
+
+__all__ = [
+    "ConfigError",
+    "ConfigIssue",
+    "load_config",
+    "parse_config",
+    "validate_config",
+]
+
+_TOP_LEVEL_KEYS = ("server", "upstream", "routes", "clusters")
+_SERVER_KEYS = (
+    "listen",
+    "backlog",
+    "header_timeout",
+    "keepalive_timeout",
+    "max_request_line",
+    "max_header_size",
+    "max_headers",
+    "max_body_size",
+    "request_id_header",
+)
+_UPSTREAM_KEYS = ("connect_timeout", "max_connections", "max_frame_size")
+_ROUTE_KEYS = (
+    "name",
+    "host",
+    "prefix",
+    "cluster",
+    "timeout",
+    "retries",
+    "idempotent_methods",
+    "strip_prefix",
+)
+_CLUSTER_KEYS = ("balance", "nodes")
+_NODE_KEYS = ("uri", "weight")
+
+# RFC 9110 token: header field names and methods.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HOST_LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
+# Cluster names appear in metrics labels, admin URLs and CLI arguments.
+_CLUSTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column \d+\)$|\s*\(at end of document\)$")
+
+_SERVER_DEFAULTS = ServerConfig()
+_UPSTREAM_DEFAULTS = UpstreamConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem in a configuration file; ``line`` is None when it has no place."""
+
+    source: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        if self.key:
+            return f"{where}: {self.key}: {self.message}"
+        return f"{where}: {self.message}"
+
+
+def _issue_order(issue: ConfigIssue) -> tuple[bool, int]:
+    # Issues without a line are about the file as a whole; list them last.
+    return (issue.line is None, issue.line or 0)
+
+
+class ConfigError(Exception):
+    """A configuration was refused; ``errors`` holds every issue, ordered by line."""
+
+    errors: list[ConfigIssue]
+
+    def __init__(self, errors: Iterable[ConfigIssue]) -> None:
+        self.errors = sorted(errors, key=_issue_order)
+        super().__init__("\n".join(str(issue) for issue in self.errors))
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a UTF-8 TOML file; ConfigError for any problem, reading included."""
+    source = os.fspath(path)
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError([ConfigIssue(source, None, "", f"cannot read: {reason}")]) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        message = f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        raise ConfigError([ConfigIssue(source, line, "", message)]) from exc
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse and validate TOML text into a snapshot; ConfigError lists every issue."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_syntax_issue(exc, text, source)]) from exc
+    return validate_config(document, text=text, source=source)
+
+
+def validate_config(
+    document: Mapping[str, Any], *, text: str = "", source: str = "<config>"
+) -> Config:
+    """Validate an already-parsed document; ``text`` (its source) is used for line numbers."""
+    validator = _Validator(text, source)
+    config = validator.config(document)
+    if validator.issues:
+        raise ConfigError(validator.issues)
+    return config
+
+
+def _syntax_issue(exc: tomllib.TOMLDecodeError, text: str, source: str) -> ConfigIssue:
+    message = str(exc)
+    line: int | None = getattr(exc, "lineno", None)
+    match = _TOML_POSITION.search(message)
+    if match is not None:
+        message = message[: match.start()]
+        if line is None:
+            line = int(match.group(1)) if match.group(1) else max(1, len(text.splitlines()))
+    return ConfigIssue(source, line, "", f"invalid TOML: {message}")
+
+
+# -- describing values -------------------------------------------------------
+
+
+def _kind(value: object) -> str:
+    # Ordered: bool before int (a bool is an int), datetime before date.
+    kinds: tuple[tuple[type | tuple[type, ...], str], ...] = (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "a table"),
+        (datetime, "a date-time"),
+        (date, "a date"),
+        (time, "a time"),
+    )
+    for types, name in kinds:
+        if isinstance(value, types):
+            return name
+    return type(value).__name__
+
+
+def _show(value: object) -> str:
+    """A value as it would be written in TOML, for messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int | float | date | time):
+        return str(value)
+    return _kind(value)
+
+
+def _type_message(expected: str, value: object) -> str:
+    if isinstance(value, list | dict):
+        return f"expected {expected}, got {_kind(value)}"
+    return f"expected {expected}, got {_kind(value)} {_show(value)}"
+
+
+def _unknown_key_message(key: str, allowed: Collection[str]) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return "unknown key (expected one of: " + ", ".join(sorted(allowed)) + ")"
+
+
+def _one_of_message(value: str, allowed: Collection[str]) -> str:
+    choices = ", ".join(_show(choice) for choice in allowed)
+    close = difflib.get_close_matches(value, list(allowed), n=1)
+    hint = f"; did you mean {_show(close[0])}?" if close else ""
+    return f"must be one of {choices}, got {_show(value)}{hint}"
+
+
+def _host_problem(host: str) -> str | None:
+    """Why a route host pattern is unusable, or None if it is fine (already lower-cased)."""
+    if host == "*":
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"the part in brackets is not an IPv6 address, got {_show(host)}"
+        return None
+    name = host[2:] if host.startswith("*.") else host
+    if ":" in name:
+        return f"must not include a port (ports are ignored when matching), got {_show(host)}"
+    if _HOST_NAME.fullmatch(name) is None:
+        return (
+            'must be "*", a host name such as "api.example.com", '
+            f'or a wildcard such as "*.example.com", got {_show(host)}'
+        )
+    return None
+
+
+# -- the validator -----------------------------------------------------------
+
+
+class _Validator:
+    """Walks a parsed document once, recording issues and building the model."""
+
+    __slots__ = ("_index", "_source", "_text", "issues")
+
+    def __init__(self, text: str, source: str) -> None:
+        self._text = text
+        self._source = source
+        self._index = LineIndex(text)
+        self.issues: list[ConfigIssue] = []
+
+    def report(self, path: KeyPath, message: str) -> None:
+        line = self._index.line_of(path)
+        self.issues.append(ConfigIssue(self._source, line, format_key_path(path), message))
+
+    # -- document ------------------------------------------------------------
+
+    def config(self, document: Mapping[str, Any]) -> Config:
+        self._check_keys(document, (), _TOP_LEVEL_KEYS)
+        server = self._server(document)
+        upstream = self._upstream(document)
+        clusters, cluster_names = self._clusters(document)
+        routes = self._routes(document, cluster_names)
+        checksum = hashlib.sha256(self._text.encode("utf-8", "surrogatepass")).hexdigest()
+        return Config(
+            server=server,
+            upstream=upstream,
+            routes=routes,
+            clusters=clusters,
+            source=self._source,
+            checksum=checksum,
+        )
+
+    # -- generic checks ------------------------------------------------------
+
+    def _check_keys(
+        self, table: Mapping[str, Any], path: KeyPath, allowed: Collection[str]
+    ) -> None:
+        for key in table:
+            if key not in allowed:
+                self.report((*path, key), _unknown_key_message(key, allowed))
+
+    def _table(self, parent: Mapping[str, Any], path: KeyPath) -> Mapping[str, Any] | None:
+        """The optional sub-table ``path[-1]`` of ``parent``; None if absent or not a table."""
+        value = parent.get(str(path[-1]))
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.report(path, _type_message("a table", value))
+            return None
+        return value
+
+    def _string(self, table: Mapping[str, Any], path: KeyPath) -> str | None:
+        value = table.get(str(path[-1]))
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            self.report(path, _type_message("a string", value))
+            return None
+        return value
+
+    def _boolean(self, table: Mapping[str, Any], path: KeyPath) -> bool | None:
+        value = table.get(str(path[-1]))
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            self.report(path, _type_message("a boolean (true or false)", value))
+            return None
+        return value
+
+    def _integer(
+        self,
+        table: Mapping[str, Any],
+        path: KeyPath,
+        default: int,
+        minimum: int,
+        maximum: int | None = None,
+    ) -> int:
+        value = table.get(str(path[-1]))
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.report(path, _type_message("an integer", value))
+            return default
+        if maximum is None and value < minimum:
+            wanted = "a positive integer" if minimum == 1 else f"at least {minimum}"
+            self.report(path, f"must be {wanted}, got {value}")
+            return default
+        if maximum is not None and not minimum <= value <= maximum:
+            self.report(path, f"must be between {minimum} and {maximum}, got {value}")
+            return default
+        return value
+
+    def _seconds(
+        self, table: Mapping[str, Any], path: KeyPath, default: float, *, allow_zero: bool = False
+    ) -> float:
+        value = table.get(str(path[-1]))
+        if value is None:
+            return default
+        # An integer is a fine number of seconds; a bool is not a number.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.report(path, _type_message("a number of seconds", value))
+            return default
+        seconds = float(value)
+        if not math.isfinite(seconds):
+            self.report(path, f"must be a finite number, got {_show(value)}")
+            return default
+        wanted = "zero or a positive number" if allow_zero else "a positive number"
+        if seconds < 0 or (seconds == 0 and not allow_zero):
+            self.report(path, f"must be {wanted}, got {_show(value)}")
+            return default
+        return seconds
+
+    # -- [server] and [upstream] ---------------------------------------------
+
+    def _server(self, document: Mapping[str, Any]) -> ServerConfig:
+        path: KeyPath = ("server",)
+        table = self._table(document, path)
+        if table is None:
+            return _SERVER_DEFAULTS
+        self._check_keys(table, path, _SERVER_KEYS)
+        defaults = _SERVER_DEFAULTS
+        listen = self._string(table, (*path, "listen"))
+        if listen is None:
+            listen = defaults.listen
+        else:
+            try:
+                parse_listen(listen)
+            except ValueError as exc:
+                self.report((*path, "listen"), f"{exc}, got {_show(listen)}")
+        header = self._string(table, (*path, "request_id_header"))
+        if header is None:
+            header = defaults.request_id_header
+        elif _TOKEN.fullmatch(header) is None:
+            message = f"must be an HTTP header name, got {_show(header)}"
+            self.report((*path, "request_id_header"), message)
+        return ServerConfig(
+            listen=listen,
+            backlog=self._integer(table, (*path, "backlog"), defaults.backlog, 1, 65535),
+            header_timeout=self._seconds(table, (*path, "header_timeout"), defaults.header_timeout),
+            keepalive_timeout=self._seconds(
+                table, (*path, "keepalive_timeout"), defaults.keepalive_timeout, allow_zero=True
+            ),
+            max_request_line=self._integer(
+                table, (*path, "max_request_line"), defaults.max_request_line, 1
+            ),
+            max_header_size=self._integer(
+                table, (*path, "max_header_size"), defaults.max_header_size, 1
+            ),
+            max_headers=self._integer(table, (*path, "max_headers"), defaults.max_headers, 1),
+            max_body_size=self._integer(table, (*path, "max_body_size"), defaults.max_body_size, 1),
+            request_id_header=header.lower(),
+        )
+
+    def _upstream(self, document: Mapping[str, Any]) -> UpstreamConfig:
+        path: KeyPath = ("upstream",)
+        table = self._table(document, path)
+        if table is None:
+            return _UPSTREAM_DEFAULTS
+        self._check_keys(table, path, _UPSTREAM_KEYS)
+        defaults = _UPSTREAM_DEFAULTS
+        return UpstreamConfig(
+            connect_timeout=self._seconds(
+                table, (*path, "connect_timeout"), defaults.connect_timeout
+            ),
+            max_connections=self._integer(
+                table, (*path, "max_connections"), defaults.max_connections, 1, 64
+            ),
+            max_frame_size=self._integer(
+                table, (*path, "max_frame_size"), defaults.max_frame_size, 1024, 268435456
+            ),
+        )
+
+    # -- [clusters.NAME] -----------------------------------------------------
+
+    def _clusters(self, document: Mapping[str, Any]) -> tuple[dict[str, ClusterConfig], set[str]]:
+        """The valid clusters, and the names of all clusters written, valid or not.
+
+        Routes are checked against every written name so that a broken cluster
+        is reported once, at the cluster, and not again at each route using it.
+        """
+        path: KeyPath = ("clusters",)
+        table = self._table(document, path)
+        if table is None:
+            return {}, set()
+        clusters: dict[str, ClusterConfig] = {}
+        for name, value in table.items():
+            cluster = self._cluster(name, value, (*path, name))
+            if cluster is not None:
+                clusters[name] = cluster
+        return clusters, set(table)
+
+    def _cluster(self, name: str, value: Any, path: KeyPath) -> ClusterConfig | None:
+        if _CLUSTER_NAME.fullmatch(name) is None:
+            message = "a cluster name is letters, digits, '_', '-' and '.', not starting with '-'"
+            self.report(path, f"{message}; got {_show(name)}")
+        if not isinstance(value, dict):
+            self.report(path, _type_message("a table", value))
+            return None
+        self._check_keys(value, path, _CLUSTER_KEYS)
+        balance = self._string(value, (*path, "balance"))
+        if balance is None:
+            balance = "round_robin"
+        elif balance not in BALANCE_POLICIES:
+            self.report((*path, "balance"), _one_of_message(balance, BALANCE_POLICIES))
+        nodes = self._nodes(value, (*path, "nodes"))
+        return ClusterConfig(name=name, balance=balance, nodes=nodes)
+
+    def _nodes(self, cluster: Mapping[str, Any], path: KeyPath) -> tuple[NodeConfig, ...]:
+        value = cluster.get("nodes")
+        if value is None:
+            self.report(path, "missing required key (a cluster needs at least one node)")
+            return ()
+        if not isinstance(value, list):
+            self.report(path, _type_message("an array of node URIs", value))
+            return ()
+        if not value:
+            self.report(path, "a cluster needs at least one node")
+            return ()
+        nodes: list[NodeConfig] = []
+        seen: set[str] = set()
+        for index, item in enumerate(value):
+            node = self._node(item, (*path, index))
+            if node is None:
+                continue
+            if node.uri in seen:
+                message = f"duplicate node {_show(node.uri)}; give one node a higher weight instead"
+                self.report((*path, index), message)
+            seen.add(node.uri)
+            nodes.append(node)
+        return tuple(nodes)
+
+    def _node(self, item: Any, path: KeyPath) -> NodeConfig | None:
+        if isinstance(item, str):
+            return NodeConfig(uri=item) if self._node_uri(item, path) else None
+        if not isinstance(item, dict):
+            self.report(
+                path, _type_message("a node URI or a table {uri = ..., weight = ...}", item)
+            )
+            return None
+        self._check_keys(item, path, _NODE_KEYS)
+        uri_path = (*path, "uri")
+        uri = self._string(item, uri_path)
+        if uri is None:
+            if "uri" not in item:
+                self.report(uri_path, "missing required key")
+            return None
+        weight = self._integer(item, (*path, "weight"), 1, 1, 1000)
+        return NodeConfig(uri=uri, weight=weight) if self._node_uri(uri, uri_path) else None
+
+    def _node_uri(self, uri: str, path: KeyPath) -> bool:
+        try:
+            address = parse_address(uri)
+        except AddressError as exc:
+            self.report(path, str(exc))
+            return False
+        try:
+            get_transport(address.scheme)
+        except AddressError as exc:
+            self.report(path, str(exc))
+            return False
+        except Exception as exc:
+            # A registered third-party transport whose module fails to import:
+            # better refused here, with the reason, than at the first request.
+            message = f"the transport for {address.scheme!r} failed to load: {exc!r}"
+            self.report(path, message)
+            return False
+        return True
+
+    # -- [[routes]] ----------------------------------------------------------
+
+    def _routes(
+        self, document: Mapping[str, Any], cluster_names: set[str]
+    ) -> tuple[RouteConfig, ...]:
+        path: KeyPath = ("routes",)
+        value = document.get("routes")
+        if value is None:
+            self.report(path, "missing required key (at least one [[routes]] table)")
+            return ()
+        if not isinstance(value, list):
+            self.report(path, _type_message("an array of tables ([[routes]])", value))
+            return ()
+        if not value:
+            self.report(path, "at least one route is required")
+            return ()
+        routes: list[RouteConfig] = []
+        written: list[tuple[int, Mapping[str, Any], RouteConfig]] = []
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                self.report((*path, index), _type_message("a table", item))
+                continue
+            route = self._route(item, (*path, index), cluster_names)
+            routes.append(route)
+            written.append((index, item, route))
+        self._check_duplicates(written)
+        return tuple(routes)
+
+    def _check_duplicates(self, written: list[tuple[int, Mapping[str, Any], RouteConfig]]) -> None:
+        first_by_match: dict[tuple[str, str], int] = {}
+        first_by_name: dict[str, int] = {}
+        for index, item, route in written:
+            # A value of the wrong type was replaced by its default, and a
+            # duplicate made of defaults would be a second, misleading report.
+            if not all(isinstance(item.get(key, ""), str) for key in ("name", "host", "prefix")):
+                continue
+            path: KeyPath = ("routes", index)
+            match = (route.host, route.prefix)
+            duplicate_match = match in first_by_match
+            if duplicate_match:
+                where = "prefix" if "prefix" in item else "host" if "host" in item else None
+                message = (
+                    f"host {_show(route.host)} with prefix {_show(route.prefix)} "
+                    f"is already routed by routes[{first_by_match[match]}]"
+                )
+                self.report(path if where is None else (*path, where), message)
+            else:
+                first_by_match[match] = index
+            if route.name not in first_by_name:
+                first_by_name[route.name] = index
+            # A defaulted name repeats exactly when host and prefix do, which was
+            # just reported; saying it twice would only add noise.
+            elif "name" in item or not duplicate_match:
+                message = (
+                    f"route name {_show(route.name)} is already used by "
+                    f"routes[{first_by_name[route.name]}]"
+                )
+                self.report((*path, "name") if "name" in item else path, message)
+
+    def _route(
+        self, item: Mapping[str, Any], path: KeyPath, cluster_names: set[str]
+    ) -> RouteConfig:
+        self._check_keys(item, path, _ROUTE_KEYS)
+
+        host = self._string(item, (*path, "host"))
+        if host is None:
+            host = "*"
+        else:
+            host = host.lower()
+            problem = _host_problem(host)
+            if problem is not None:
+                self.report((*path, "host"), problem)
+
+        prefix = self._string(item, (*path, "prefix"))
+        if prefix is None:
+            prefix = "/"
+        elif not prefix.startswith("/"):
+            self.report((*path, "prefix"), f'must start with "/", got {_show(prefix)}')
+        elif any(char.isspace() or not char.isprintable() for char in prefix):
+            message = f"must not contain whitespace or control characters, got {_show(prefix)}"
+            self.report((*path, "prefix"), message)
+
+        name = self._string(item, (*path, "name"))
+        if name is not None and not name.strip():
+            self.report((*path, "name"), "must not be empty")
+
+        cluster_path = (*path, "cluster")
+        cluster = self._string(item, cluster_path)
+        if cluster is None:
+            if "cluster" not in item:
+                self.report(cluster_path, "missing required key (the cluster to forward to)")
+            cluster = ""
+        elif cluster not in cluster_names:
+            self.report(cluster_path, self._no_cluster_message(cluster, cluster_names))
+
+        strip_prefix = self._boolean(item, (*path, "strip_prefix"))
+        return RouteConfig(
+            name=name or "",
+            host=host,
+            prefix=prefix,
+            cluster=cluster,
+            timeout=self._seconds(item, (*path, "timeout"), 30.0),
+            retries=self._integer(item, (*path, "retries"), 1, 0, 5),
+            idempotent_methods=self._methods(item, (*path, "idempotent_methods")),
+            strip_prefix=bool(strip_prefix),
+        )
+
+    @staticmethod
+    def _no_cluster_message(cluster: str, cluster_names: set[str]) -> str:
+        if not cluster_names:
+            return f"no cluster named {_show(cluster)}; no clusters are defined"
+        close = difflib.get_close_matches(cluster, sorted(cluster_names), n=1)
+        if close:
+            return f"no cluster named {_show(cluster)}; did you mean {_show(close[0])}?"
+        defined = ", ".join(sorted(cluster_names))
+        return f"no cluster named {_show(cluster)} (defined: {defined})"
+
+    def _methods(self, item: Mapping[str, Any], path: KeyPath) -> frozenset[str]:
+        value = item.get(str(path[-1]))
+        if value is None:
+            return DEFAULT_IDEMPOTENT_METHODS
+        if not isinstance(value, list):
+            self.report(path, _type_message("an array of HTTP method names", value))
+            return DEFAULT_IDEMPOTENT_METHODS
+        methods: set[str] = set()
+        for index, method in enumerate(value):
+            if not isinstance(method, str):
+                self.report((*path, index), _type_message("an HTTP method name", method))
+            elif _TOKEN.fullmatch(method) is None:
+                self.report((*path, index), f"must be an HTTP method name, got {_show(method)}")
+            else:
+                methods.add(method.upper())
+        return frozenset(methods)

@@ -1,0 +1,650 @@
+"""Sans-IO HTTP/1.1 request parser: bytes in, requests out.
+
+httptools (llhttp in its strict mode) does the parsing; this module adds the
+checks llhttp leaves to the application and turns every refusal into an
+:class:`HttpError` that carries the status to answer with.
+
+What llhttp already refuses, so that the hot path does not check it again:
+methods it does
+not know, bytes outside the request-target alphabet, malformed versions, bare
+CR or LF, invalid header names (a space before the colon included), CTLs and
+NUL in values, obs-fold, a Content-Length that is not a number, duplicated,
+a list or over 2**64-1, Content-Length together with Transfer-Encoding,
+"chunked" followed by another coding or given twice, bad chunk framing.
+
+What is added here: only HTTP/1.0 and HTTP/1.1 (llhttp also takes 0.9 and 2.0),
+CONNECT refused, fragments and malformed percent-escapes refused, asterisk-form
+only as ``OPTIONS *``, absolute-form only for http(s) without userinfo, Host
+present exactly once and shaped like an authority, transfer codings other than
+a final "chunked" refused, Transfer-Encoding on HTTP/1.0 refused, unknown
+expectations refused, size limits enforced while bytes arrive, trailing
+whitespace stripped from values, and an ``Upgrade`` request treated as an
+ordinary one.
+
+A violation raises :class:`HttpError`; the complete requests that came before
+it in the same ``feed`` are on the exception as ``requests``. After an error
+the parser is dead and raises the same error again: the caller answers it and
+closes the connection. After a request that ends the connection (``keep_alive``
+false) later bytes are ignored, as RFC 9112 §9.6 requires.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import NoReturn
+
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserInvalidMethodError,
+    HttpParserInvalidURLError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+)
+
+__all__ = ["HttpError", "HttpLimits", "HttpRequest", "RequestParser"]
+
+# The two spaces and "HTTP/1.1", added to the method and target lengths to get
+# the request-line length before the version has arrived.
+_REQUEST_LINE_OVERHEAD = len(b"  HTTP/1.1")
+_SUPPORTED_VERSIONS = frozenset(("1.0", "1.1"))
+# Headers this module must look at; every other one is passed through as is.
+_SPECIAL_HEADERS = frozenset((b"host", b"content-length", b"transfer-encoding", b"expect"))
+# llhttp accepts "RTSP/1.0" and "ICE/1.0" in place of "HTTP/x.y" and does not
+# say which it saw; a method that only RTSP defines gives such a request away.
+_RTSP_ONLY_METHODS = frozenset(
+    b"DESCRIBE ANNOUNCE SETUP PLAY PAUSE TEARDOWN GET_PARAMETER SET_PARAMETER REDIRECT RECORD "
+    b"FLUSH".split()
+)
+# RFC 3986 host (an IPv6 literal or a reg-name, IPvFuture left out) and port.
+_AUTHORITY = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]{0,5})?"
+)
+# RFC 3986 appendix B, with the fragment left out: llhttp has vetted the
+# characters, so the split is all that is left to do.
+_ABSOLUTE_FORM = re.compile(rb"([A-Za-z][A-Za-z0-9+\-.]*)://([^/?#]*)([^?#]*)(?:\?([^#]*))?")
+_HTTP_SCHEMES = frozenset((b"http", b"https"))
+_BAD_PERCENT_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+# llhttp's texts for the two version errors that deserve 505 rather than 400;
+# httptools gives no error number, only the text.
+_UNSUPPORTED_VERSION_REASON = "Invalid HTTP version"
+_HTTP2_PREFACE_REASON = "Pause on PRI/Upgrade"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """Sizes above which a request is refused; each is checked as bytes arrive."""
+
+    max_request_line: int = 8192  # method + target + version -> 414
+    max_header_size: int = 32768  # all header lines, name + ": " + value + CRLF each -> 431
+    max_headers: int = 100  # number of header fields -> 431
+    max_body_size: int = 1048576  # de-chunked body -> 413
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_line", "max_header_size", "max_headers", "max_body_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+
+
+_DEFAULT_LIMITS = HttpLimits()
+
+
+class HttpError(Exception):
+    """A request the proxy must refuse. The connection is always closed after answering it."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+        # Complete requests parsed earlier in the same feed() call, before the error.
+        self.requests: list[HttpRequest] = []
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
+
+
+class HttpRequest:
+    """One complete request. Names are lower-case; values and the target are raw bytes."""
+
+    __slots__ = (
+        "body",
+        "content_length",
+        "expect_continue",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "target",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        path: bytes,
+        query: bytes,
+        target: bytes,
+        version: str,
+        headers: list[tuple[bytes, bytes]],
+        host: bytes,
+        body: bytes,
+        keep_alive: bool,
+        expect_continue: bool,
+        content_length: int | None,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.host = host
+        self.body = body
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.content_length = content_length
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HttpRequest):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"HttpRequest({self.method!r}, {self.target!r}, HTTP/{self.version}, "
+            f"{len(self.headers)} headers, {len(self.body)} body bytes)"
+        )
+
+
+class RequestParser:
+    """Turns the bytes of one connection into :class:`HttpRequest` objects.
+
+    httptools calls the ``_on_*`` methods while ``feed_data`` runs; they build
+    the request in scratch attributes and append it to ``_done`` when complete.
+    Scratch state is reset per request in ``_on_message_begin`` rather than
+    kept in a separate object: one attribute store is cheaper than an extra
+    object and its lookups on every callback.
+    """
+
+    __slots__ = (
+        "_body_parts",
+        "_body_size",
+        "_chunk_mark",
+        "_closed",
+        "_content_length",
+        "_done",
+        "_error",
+        "_expect",
+        "_header_bytes",
+        "_header_count",
+        "_headers",
+        "_headers_done",
+        "_host",
+        "_in_request",
+        "_last_host",
+        "_limits",
+        "_max_body_size",
+        "_max_header_size",
+        "_max_headers",
+        "_max_target",
+        "_messages",
+        "_method",
+        "_parser",
+        "_pending_error",
+        "_request",
+        "_synthetic",
+        "_target",
+        "_transfer_encoding",
+        "_unreported",
+        "_upgrading",
+    )
+
+    def __init__(self, limits: HttpLimits | None = None) -> None:
+        limits = limits or _DEFAULT_LIMITS
+        self._limits = limits
+        # Copied out of the dataclass: callbacks read them on every header.
+        self._max_target = limits.max_request_line - _REQUEST_LINE_OVERHEAD
+        self._max_header_size = limits.max_header_size
+        self._max_headers = limits.max_headers
+        self._max_body_size = limits.max_body_size
+        self._parser = self._new_httptools_parser()
+        self._done: list[HttpRequest] = []
+        self._error: HttpError | None = None
+        self._pending_error: HttpError | None = None
+        self._closed = False
+        self._in_request = False
+        self._headers_done = False
+        self._upgrading = False
+        self._synthetic = False
+        self._messages = 0
+        self._unreported = 0
+        self._last_host: bytes | None = None
+        self._request: HttpRequest | None = None
+        # Scratch state of the request being parsed, reset by _on_message_begin.
+        self._target = b""
+        self._method: bytes | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_count = 0
+        self._header_bytes = 0
+        self._host: bytes | None = None
+        self._content_length: int | None = None
+        self._transfer_encoding: bytes | None = None
+        self._expect: bytes | None = None
+        self._body_parts: list[bytes] = []
+        self._body_size = 0
+        self._chunk_mark = -1
+
+    @property
+    def limits(self) -> HttpLimits:
+        return self._limits
+
+    @property
+    def in_request(self) -> bool:
+        """True once any byte of a request not yet complete has been received.
+
+        This tells a slow request (408) from an idle keep-alive connection.
+        Empty lines between requests, which RFC 9112 §2.2 lets a server skip,
+        do not count.
+        """
+        return self._in_request
+
+    @property
+    def headers_complete(self) -> bool:
+        """True when the current (incomplete) request's head is fully received."""
+        return self._in_request and self._headers_done
+
+    @property
+    def pending_expect_continue(self) -> bool:
+        """True when the current request asked for 100-continue and no body byte came yet."""
+        request = self._request
+        return (
+            self._in_request
+            and self._headers_done
+            and request is not None
+            and request.expect_continue
+            and self._body_size == 0
+        )
+
+    def feed(self, data: bytes) -> list[HttpRequest]:
+        """Feed bytes; return the requests they completed, in order.
+
+        Raises HttpError on a request that must be refused; the requests
+        completed before it in the same call are on the exception's
+        ``requests``. After an error every later call raises the same error.
+        """
+        error = self._error
+        if error is not None:
+            raise HttpError(error.status, error.reason)
+        if self._closed:
+            return []
+        done: list[HttpRequest] = []
+        self._done = done
+        continuing = self._in_request
+        mark = self._progress_mark() if continuing else None
+        try:
+            try:
+                self._parser.feed_data(data)
+            except (HttpParserUpgrade, HttpParserError) as exc:
+                self._recover(data, exc)
+            if self._in_request and not self._closed:
+                if continuing and self._progress_mark() == mark:
+                    # httptools buffers a header line internally until it ends
+                    # and reports nothing meanwhile, so its size is bounded here.
+                    self._unreported += len(data)
+                    self._check_unreported()
+                else:
+                    self._unreported = 0
+        except HttpError as exc:
+            exc.requests = done
+            self._error = exc
+            raise
+        return done
+
+    # -- driving httptools -------------------------------------------------
+
+    def _recover(self, data: bytes, exc: HttpParserUpgrade | HttpParserError) -> None:
+        """Handle what feed_data() raised, feeding the rest of `data` as needed."""
+        while isinstance(exc, HttpParserUpgrade):
+            # Raised after the head of an Upgrade request; args[0] is where
+            # the bytes after that head start in `data`.
+            data = data[exc.args[0] :]
+            self._resume_after_upgrade()
+            if not data or self._closed:
+                return
+            try:
+                self._parser.feed_data(data)
+                return
+            except (HttpParserUpgrade, HttpParserError) as again:
+                exc = again
+        pending = self._pending_error
+        if pending is not None:
+            raise pending from None
+        if self._closed:
+            return  # bytes after a connection-ending request are ignored
+        if isinstance(exc, HttpParserCallbackError) and exc.__context__ is not None:
+            # A bug in a callback, not a bad request: let it show.
+            raise exc.__context__ from None
+        raise self._translate(exc) from None
+
+    def _translate(self, exc: HttpParserError) -> HttpError:
+        reason = str(exc)
+        if reason == _UNSUPPORTED_VERSION_REASON:
+            # llhttp has stored the digits before refusing them. RFC 9110 §2.5
+            # would have 1.2 treated as 1.1, but llhttp only takes it with
+            # set_dangerous_leniencies(), which this parser never calls.
+            return HttpError(505, f"HTTP/{self._parser.get_http_version()} is not supported")
+        if reason == _HTTP2_PREFACE_REASON:
+            return HttpError(505, "HTTP/2 is not supported")
+        if isinstance(exc, HttpParserInvalidMethodError):
+            return HttpError(400, "invalid method")
+        if isinstance(exc, HttpParserInvalidURLError):
+            return HttpError(400, "invalid request-target")
+        return HttpError(400, reason[:1].lower() + reason[1:])
+
+    def _resume_after_upgrade(self) -> None:
+        """Carry on after httptools stopped at an Upgrade request's head.
+
+        RFC 9110 §7.8 lets a server ignore Upgrade, so the request is an
+        ordinary one. llhttp, though, has skipped its body and stays paused;
+        a fresh parser is given a made-up head with the same framing so that
+        it frames the body and whatever follows. The made-up head's callbacks
+        leave the real request alone (see ``_synthetic``).
+        """
+        request = self._request
+        assert request is not None
+        self._upgrading = False
+        self._parser = self._new_httptools_parser()
+        content_length = request.content_length
+        if self._transfer_encoding is not None:
+            framing = b"transfer-encoding: chunked\r\n"
+        elif content_length:
+            framing = b"content-length: %d\r\n" % content_length
+        else:
+            self._finish(request)
+            return
+        head = [b"PUT / HTTP/1.1\r\n", framing]
+        if not request.keep_alive:
+            head.append(b"connection: close\r\n")
+        head.append(b"\r\n")
+        self._synthetic = True
+        self._parser.feed_data(b"".join(head))
+
+    def _new_httptools_parser(self) -> HttpRequestParser:
+        # httptools looks callbacks up by name on the object it is given; a
+        # namespace keeps them off this class's public surface.
+        callbacks = SimpleNamespace(
+            on_message_begin=self._on_message_begin,
+            on_url=self._on_url,
+            on_header=self._on_header,
+            on_headers_complete=self._on_headers_complete,
+            on_body=self._on_body,
+            on_chunk_header=self._on_chunk_header,
+            on_message_complete=self._on_message_complete,
+        )
+        return HttpRequestParser(callbacks)
+
+    def _progress_mark(self) -> tuple[int, bool, int, int, int]:
+        """Changes whenever httptools reports anything about the current request."""
+        return (
+            self._messages,
+            self._headers_done,
+            len(self._target),
+            self._header_count,
+            self._body_size,
+        )
+
+    def _check_unreported(self) -> None:
+        unreported = self._unreported
+        if not self._headers_done:
+            if self._header_bytes + unreported > self._max_header_size:
+                self._fail(431, "header section too large")
+        elif self._body_size == self._chunk_mark:
+            # Nothing since the last chunk header: that was the last chunk and
+            # the bytes are trailer fields, buffered like header lines.
+            if self._header_bytes + unreported > self._max_header_size:
+                self._fail(431, "trailer section too large")
+        elif unreported > self._max_header_size:
+            self._fail(400, "chunk size line too long")
+
+    def _fail(self, status: int, reason: str) -> NoReturn:
+        # httptools swallows what a callback raises and reports a generic
+        # callback error, so the real one is kept here for _recover.
+        error = HttpError(status, reason)
+        self._pending_error = error
+        raise error
+
+    def _finish(self, request: HttpRequest) -> None:
+        self._in_request = False
+        self._headers_done = False
+        self._request = None
+        self._done.append(request)
+        if not request.keep_alive:
+            self._closed = True
+
+    # -- httptools callbacks -----------------------------------------------
+
+    def _on_message_begin(self) -> None:
+        self._in_request = True
+        self._headers_done = False
+        self._messages += 1
+        # Inlined rather than shared with __init__: a call costs more than
+        # these stores on a path taken for every request.
+        self._target = b""
+        self._method = None
+        self._headers = []
+        self._header_count = 0
+        self._header_bytes = 0
+        self._host = None
+        self._content_length = None
+        self._transfer_encoding = None
+        self._expect = None
+        self._body_size = 0
+        self._chunk_mark = -1
+
+    def _on_url(self, url: bytes) -> None:
+        target = self._target + url
+        self._target = target
+        method = self._method
+        if method is None:
+            method = self._parser.get_method()
+            if method == b"CONNECT":
+                # 501, not 405: 405 says this resource forbids the method and
+                # must list the allowed ones, while no resource behind this
+                # proxy can be tunnelled to (RFC 9110 §15.6.2).
+                self._fail(501, "CONNECT is not supported")
+            if method in _RTSP_ONLY_METHODS:
+                self._fail(400, "not an HTTP request")
+            self._method = method
+        if len(target) + len(method) > self._max_target:
+            self._fail(414, "request-line too long")
+
+    def _on_header(self, name: bytes, value: bytes) -> None:
+        count = self._header_count + 1
+        size = self._header_bytes + len(name) + len(value) + 4
+        if count > self._max_headers:
+            self._fail(431, "too many header fields")
+        if size > self._max_header_size:
+            self._fail(431, "header section too large")
+        self._header_count = count
+        self._header_bytes = size
+        # llhttp strips the whitespace before a value but keeps the one after.
+        # rstrip() returns the same object when there is nothing to strip,
+        # which is cheaper than testing the last byte first.
+        value = value.rstrip(b" \t")
+        name = name.lower()
+        if name in _SPECIAL_HEADERS:
+            self._on_special_header(name, value)
+        self._headers.append((name, value))
+
+    def _on_special_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            return  # a trailer field: it cannot change how this request was framed or routed
+        if name == b"host":
+            if self._host is not None:
+                self._fail(400, "more than one Host header")
+            self._host = value
+        elif name == b"content-length":
+            # llhttp refuses these already; checked again because the body
+            # framing must never rest on a single line of defence.
+            if self._content_length is not None:
+                self._fail(400, "more than one Content-Length header")
+            if not value.isdigit():
+                self._fail(400, "invalid Content-Length")
+            self._content_length = int(value)
+        elif name == b"transfer-encoding":
+            previous = self._transfer_encoding
+            self._transfer_encoding = value if previous is None else previous + b"," + value
+        else:
+            previous = self._expect
+            self._expect = value if previous is None else previous + b"," + value
+
+    def _on_headers_complete(self) -> None:
+        if self._synthetic:
+            # The made-up head of _resume_after_upgrade: the real request,
+            # already built, is still in self._request.
+            self._synthetic = False
+            self._headers_done = True
+            self._header_count = 0
+            self._header_bytes = 0
+            return
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in _SUPPORTED_VERSIONS:
+            self._fail(505, f"HTTP/{version} is not supported")
+        method = self._method
+        target = self._target
+        assert method is not None
+        host = self._host
+        if host is None:
+            if version == "1.1":
+                self._fail(400, "missing Host header")
+            host = b""
+        elif host != self._last_host:
+            # A keep-alive client repeats one Host; validating it once is enough.
+            if host and not _AUTHORITY.fullmatch(host):
+                self._fail(400, "invalid Host header")
+            self._last_host = host
+        if target[:1] == b"/":
+            if b"#" in target:
+                self._fail(400, "fragment in request-target")
+            path, _, query = target.partition(b"?")
+            if b"%" in path and _BAD_PERCENT_ESCAPE.search(path):
+                self._fail(400, "malformed percent-encoding in path")
+        elif target == b"*":
+            if method != b"OPTIONS":
+                self._fail(400, "asterisk-form is only for OPTIONS")
+            path, query = target, b""
+        else:
+            # RFC 9112 §3.2.2: the target's authority wins over Host.
+            path, query, host = self._split_absolute_form(target)
+
+        content_length = self._content_length
+        transfer_encoding = self._transfer_encoding
+        if transfer_encoding is not None:
+            if content_length is not None:
+                self._fail(400, "both Content-Length and Transfer-Encoding")
+            if version == "1.0":
+                self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if transfer_encoding.lower() != b"chunked":
+                self._check_transfer_codings(transfer_encoding)
+        elif content_length is not None and content_length > self._max_body_size:
+            self._fail(413, "body too large")
+
+        expect_continue = False
+        expect = self._expect
+        # RFC 9110 §10.1.1: an expectation in an HTTP/1.0 request is ignored.
+        if expect is not None and version == "1.1":
+            expect_continue = self._check_expect(expect)
+
+        if parser.should_upgrade():
+            self._upgrading = True
+        self._request = HttpRequest(
+            method,
+            path,
+            query,
+            target,
+            version,
+            self._headers,
+            host,
+            b"",
+            parser.should_keep_alive(),
+            expect_continue,
+            content_length,
+        )
+        self._headers_done = True
+        # Trailer fields get a budget and a list of their own; the list is
+        # dropped, which RFC 9110 §6.5.1 allows.
+        self._header_count = 0
+        self._header_bytes = 0
+        self._headers = []
+
+    def _split_absolute_form(self, target: bytes) -> tuple[bytes, bytes, bytes]:
+        match = _ABSOLUTE_FORM.fullmatch(target)
+        if match is None:
+            self._fail(400, "invalid request-target")
+        scheme, authority, path, query = match.groups()
+        if scheme.lower() not in _HTTP_SCHEMES:
+            self._fail(400, "absolute-form target must be http or https")
+        # RFC 9110 §4.2.4: userinfo in an http(s) URI is an error; "@" also
+        # fails the authority pattern.
+        if not authority or not _AUTHORITY.fullmatch(authority):
+            self._fail(400, "invalid authority in request-target")
+        if b"%" in path and _BAD_PERCENT_ESCAPE.search(path):
+            self._fail(400, "malformed percent-encoding in path")
+        return path or b"/", query or b"", authority
+
+    def _check_transfer_codings(self, transfer_encoding: bytes) -> None:
+        # RFC 9110 §5.6.1: empty list elements are ignored.
+        codings = [c.strip(b" \t") for c in transfer_encoding.lower().split(b",")]
+        codings = [c for c in codings if c]
+        if not codings:
+            self._fail(400, "empty Transfer-Encoding")
+        names = [c.split(b";", 1)[0].rstrip(b" \t") for c in codings]
+        if b"chunked" in names[:-1]:
+            self._fail(400, "chunked is not the final transfer coding")
+        for name in names:
+            if name != b"chunked":
+                self._fail(501, "transfer coding not implemented")
+        if codings[-1] != b"chunked":
+            self._fail(400, "chunked takes no parameters")
+
+    def _check_expect(self, expect: bytes) -> bool:
+        lowered = expect.lower()
+        if lowered == b"100-continue":
+            return True
+        members = [m.strip(b" \t") for m in lowered.split(b",")]
+        members = [m for m in members if m]
+        for member in members:
+            if member != b"100-continue":
+                self._fail(417, "unsupported expectation")
+        return bool(members)
+
+    def _on_body(self, body: bytes) -> None:
+        size = self._body_size + len(body)
+        if size > self._max_body_size:
+            self._fail(413, "body too large")
+        self._body_size = size
+        self._body_parts.append(body)
+
+    def _on_chunk_header(self) -> None:
+        self._chunk_mark = self._body_size
+
+    def _on_message_complete(self) -> None:
+        if self._upgrading:
+            return  # the body, if any, is still to come: see _resume_after_upgrade
+        request = self._request
+        assert request is not None
+        parts = self._body_parts
+        if parts:
+            request.body = parts[0] if len(parts) == 1 else b"".join(parts)
+            # Emptied rather than replaced per request; an idle keep-alive
+            # connection then holds no body bytes.
+            parts.clear()
+        self._finish(request)

@@ -1,0 +1,89 @@
+"""Host and path-prefix routing: which route, hence which cluster, serves a request.
+
+Host matching follows nginx's ``server_name`` order: an exact name first, then
+the longest ``*.suffix`` wildcard, then ``*``. The chosen host owns the request
+as a virtual host does in nginx and Envoy: within it the longest matching path
+prefix wins, and a path none of its prefixes match is not routed (404), even
+if a less specific host pattern would have matched it. Everything is precomputed when a snapshot
+is built; a lookup is a dict hit and a short scan of prefixes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Generic, Protocol, TypeVar
+
+
+class _Routed(Protocol):
+    @property
+    def host(self) -> str: ...
+    @property
+    def prefix(self) -> str: ...
+
+
+R = TypeVar("R", bound=_Routed)
+
+
+def normalize_host(host: bytes) -> bytes:
+    """Lower-case host without its port.
+
+    ``Example.COM:8080`` becomes ``example.com`` and ``[::1]:80`` becomes ``[::1]``.
+    """
+    host = host.lower()
+    if host.startswith(b"["):
+        end = host.find(b"]")
+        return host[: end + 1] if end != -1 else host
+    colon = host.rfind(b":")
+    return host[:colon] if colon != -1 else host
+
+
+class Router(Generic[R]):
+    __slots__ = ("_any", "_cache", "_exact", "_wildcards")
+
+    def __init__(self, routes: Iterable[R]) -> None:
+        exact: dict[bytes, list[tuple[bytes, R]]] = {}
+        wildcards: dict[bytes, list[tuple[bytes, R]]] = {}
+        any_host: list[tuple[bytes, R]] = []
+        for route in routes:
+            entry = (route.prefix.encode(), route)
+            host = route.host.lower()
+            if host == "*":
+                any_host.append(entry)
+            elif host.startswith("*."):
+                wildcards.setdefault(host[1:].encode(), []).append(entry)
+            else:
+                exact.setdefault(host.encode(), []).append(entry)
+
+        def ordered(entries: list[tuple[bytes, R]]) -> tuple[tuple[bytes, R], ...]:
+            return tuple(sorted(entries, key=lambda e: len(e[0]), reverse=True))
+
+        self._any = ordered(any_host)
+        self._wildcards = tuple(
+            (suffix, ordered(entries))
+            for suffix, entries in sorted(wildcards.items(), key=lambda i: len(i[0]), reverse=True)
+        )
+        self._exact = {host: ordered(entries) for host, entries in exact.items()}
+        # Host -> its route list, memoised; bounded so hostile Host headers cannot grow it.
+        self._cache: dict[bytes, tuple[tuple[bytes, R], ...]] = {}
+
+    def _routes_for(self, host: bytes) -> tuple[tuple[bytes, R], ...]:
+        cached = self._cache.get(host)
+        if cached is not None:
+            return cached
+        result = self._exact.get(host)
+        if result is None:
+            for suffix, entries in self._wildcards:
+                if host.endswith(suffix) and len(host) > len(suffix):
+                    result = entries
+                    break
+            else:
+                result = self._any
+        if len(self._cache) < 1024:
+            self._cache[host] = result
+        return result
+
+    def match(self, host: bytes, path: bytes) -> R | None:
+        for prefix, route in self._routes_for(normalize_host(host)):
+            if path.startswith(prefix):
+                return route
+        return None

@@ -1,0 +1,312 @@
+"""The HTTP/1.1 frontend: connections, pipelining, timeouts, and the proxy's lifetime.
+
+:class:`HttpConnection` is thin glue between a socket and the sans-IO
+parser: it queues complete requests, answers them strictly in order (HTTP/1.1
+pipelining), and closes where RFC 9112 says to. Timeouts are enforced by one
+periodic sweep over all connections instead of a timer per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections import deque
+
+from ..config import Config
+from ..http.parser import HttpError, HttpRequest, RequestParser
+from ..http.response import error_response
+from .exchange import Exchange
+from .snapshot import Snapshot
+from .upstream import Upstreams
+
+log = logging.getLogger("pitcher.proxy")
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Pipelined requests queued beyond this pause reading from the client until
+# the queue drains: a client cannot make us buffer without bound.
+_PIPELINE_HIGH = 32
+_PIPELINE_LOW = 8
+
+
+class HttpConnection(asyncio.Protocol):
+    __slots__ = (
+        "_advancing",
+        "_continue_sent",
+        "_read_paused",
+        "client_ip",
+        "client_text",
+        "closed",
+        "current",
+        "last_activity",
+        "loop",
+        "parser",
+        "queue",
+        "request_started",
+        "server",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.parser = RequestParser(server.snapshot.limits)
+        self.queue: deque[HttpRequest | HttpError] = deque()
+        self.current: Exchange | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.client_ip = b"unknown"
+        self.client_text = ""
+        self.last_activity = self.loop.time()
+        self.request_started = 0.0
+        self.write_paused = False
+        self._read_paused = False
+        self._advancing = False
+        self._continue_sent = False
+
+    # asyncio callbacks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.client_ip = str(peer[0]).encode()
+            self.client_text = f"{peer[0]}:{peer[1]}"
+        else:
+            self.client_ip = b"unix"
+            self.client_text = "unix"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        now = self.loop.time()
+        parser = self.parser
+        if not parser.in_request:
+            self.request_started = now
+        self.last_activity = now
+        try:
+            requests = parser.feed(data)
+        except HttpError as error:
+            self.queue.extend(error.requests)
+            self.queue.append(error)
+            self._pause_reading()
+        else:
+            if requests:
+                self.queue.extend(requests)
+                if parser.in_request:
+                    # The bytes after the last complete request began the next one.
+                    self.request_started = now
+                self._continue_sent = False
+        if self.current is None:
+            self._advance()
+        if len(self.queue) > _PIPELINE_HIGH:
+            self._pause_reading()
+
+    def eof_received(self) -> bool:
+        # A client that half-closes after sending its requests still gets its
+        # answers (RFC 9112 §9.6); we close once they are written.
+        if self.current is None and not self.queue:
+            return False
+        self.queue.append(HttpError(0, "client closed its side"))
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.current is not None:
+            self.current.abandon()
+            self.current = None
+        self.queue.clear()
+        self.server.connections.discard(self)
+
+    # request flow ----------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Start queued requests in order, one at a time."""
+        if self._advancing:
+            return  # a request that finished synchronously; the loop below goes on
+        self._advancing = True
+        try:
+            queue = self.queue
+            while self.current is None and queue and not self.closed:
+                item = queue.popleft()
+                if isinstance(item, HttpError):
+                    self._refuse(item)
+                    return
+                exchange = Exchange(self, item, self.server.snapshot)
+                self.current = exchange
+                exchange.start()
+            if self.current is None and not self.closed:
+                if self._read_paused and len(queue) < _PIPELINE_LOW and not self.write_paused:
+                    self._resume_reading()
+                if self.parser.pending_expect_continue and not self._continue_sent:
+                    self._continue_sent = True
+                    self._write(_CONTINUE)
+        finally:
+            self._advancing = False
+
+    def finish(self, exchange: Exchange, response: bytes, status: int) -> None:
+        """Write an exchange's response; go on to the next request or close."""
+        if exchange is not self.current or self.closed:
+            return
+        self.current = None
+        self.server.requests_served += 1
+        self._write(response)
+        if not exchange.keep_alive or self.server.draining:
+            self._close()
+            return
+        self.last_activity = self.loop.time()
+        if not self._advancing:
+            self._advance()
+
+    def _refuse(self, error: HttpError) -> None:
+        if error.status:
+            self._write(error_response(error.status, error.reason))
+        self._close()
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.current is not None:
+            self.current.abandon()
+            self.current = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self.closed:
+            self._read_paused = True
+            with contextlib.suppress(RuntimeError):
+                self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self.closed:
+            self._read_paused = False
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()
+
+    # the sweep -----------------------------------------------------------------------
+
+    def check_timeouts(self, now: float, snapshot: Snapshot) -> None:
+        if self.closed or self.current is not None or self.queue:
+            return
+        if self.parser.in_request:
+            if now - self.request_started > snapshot.header_timeout and (
+                not self.parser.headers_complete
+                or now - self.last_activity > snapshot.header_timeout
+            ):
+                self._write(error_response(408, "request not received in time"))
+                self._close()
+        elif now - self.last_activity > snapshot.keepalive_timeout:
+            self._close()
+
+    def close_if_idle(self) -> None:
+        if self.current is None and not self.queue and not self.parser.in_request:
+            self._close()
+
+
+class ProxyServer:
+    """One proxy: a listening socket, its connections, the current snapshot."""
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.upstreams = Upstreams(config.upstream)
+        self.snapshot = Snapshot(config, self.upstreams, generation=1)
+        self.connections: set[HttpConnection] = set()
+        self.requests_served = 0
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    @property
+    def address(self) -> str:
+        """Where the proxy listens, with the real port when 0 was asked for."""
+        assert self._server is not None
+        name = self._server.sockets[0].getsockname()
+        if isinstance(name, str):
+            return f"unix://{name}"
+        host, port = name[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        config = self.snapshot.config.server
+        if sock is not None:
+            self._server = await self.loop.create_server(
+                lambda: HttpConnection(self), sock=sock, backlog=config.backlog
+            )
+        else:
+            listen = config.listen_address
+            if listen.is_unix:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(listen.path)
+                self._server = await self.loop.create_unix_server(
+                    lambda: HttpConnection(self), listen.path, backlog=config.backlog
+                )
+            else:
+                self._server = await self.loop.create_server(
+                    lambda: HttpConnection(self),
+                    listen.host,
+                    listen.port,
+                    backlog=config.backlog,
+                    reuse_address=True,
+                )
+        self._schedule_sweep()
+
+    def reload(self, config: Config) -> Snapshot:
+        """Swap in a new snapshot; requests already running keep theirs."""
+        snapshot = Snapshot(config, self.upstreams, self.snapshot.generation + 1)
+        self.snapshot = snapshot
+        self.upstreams.retain_only(snapshot.node_uris())
+        return snapshot
+
+    def _schedule_sweep(self) -> None:
+        snapshot = self.snapshot
+        interval = min(1.0, max(0.05, min(snapshot.header_timeout, snapshot.keepalive_timeout) / 4))
+        self._sweeper = self.loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        snapshot = self.snapshot
+        for connection in list(self.connections):
+            connection.check_timeouts(now, snapshot)
+        self._schedule_sweep()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, finish in-flight requests (at most ``grace``), close everything."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.close_if_idle()
+        deadline = self.loop.time() + grace
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+            for connection in list(self.connections):
+                connection.close_if_idle()
+        for connection in list(self.connections):
+            connection._close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.upstreams.close(timeout=1.0)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)

@@ -1,0 +1,19 @@
+"""Write a split service in a few lines::
+
+    from pitcher_rpc.sdk import Service, Request
+
+    app = Service("hello")
+
+    @app.route("/hello")
+    async def hello(request: Request) -> dict:
+        return {"hello": request.query_params.get("name", "world")}
+
+    if __name__ == "__main__":
+        app.run("unix:///tmp/hello.sock")   # or tcp://127.0.0.1:7001
+
+Or from the shell: ``pitcher backend mymodule:app --listen tcp://127.0.0.1:7001``.
+"""
+
+from .service import Headers, Request, Response, Service
+
+__all__ = ["Headers", "Request", "Response", "Service"]
