@@ -11,6 +11,7 @@
     │   ├── ConnectionLost         the connection died with the call in flight
     │   ├── DeadlineExceeded       the caller's deadline passed (a cancel frame was sent)
     │   ├── Rejected               the peer refused the call before running it (goaway)
+    │   ├── RequestTooLarge        the request exceeds the peer's frame limit (never sent)
     │   └── RemoteError            the peer answered with an error frame for this call
     └── Closed                     the client or server was closed by its owner
 
@@ -100,6 +101,12 @@ class DeadlineExceeded(CallError):
 
 class Rejected(CallError):
     """The peer said it did not start the call (GOAWAY past its id, UNAVAILABLE)."""
+
+    sent = False
+
+
+class RequestTooLarge(CallError):
+    """The request is larger than the node accepts; it was not sent."""
 
     sent = False
 

@@ -33,8 +33,10 @@ from .errors import (
     ProtocolError,
     Rejected,
     RemoteError,
+    RequestTooLarge,
 )
 from .frame import (
+    DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_MAX_IN_FLIGHT,
     PREFACE,
     FrameType,
@@ -113,6 +115,7 @@ class _ClientConnection(asyncio.Protocol):
         "goaway_last_id",
         "late_responses",
         "max_in_flight",
+        "peer_max_frame_size",
         "pending",
         "ready",
         "transport",
@@ -129,6 +132,7 @@ class _ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = loop.create_future()
         self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
+        self.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
         self.draining = False
         self.closed = False
         self.write_paused = False
@@ -142,14 +146,21 @@ class _ClientConnection(asyncio.Protocol):
         self.transport = transport
         self._batcher._transport = transport
         _set_nodelay(transport)
-        transport.write(PREFACE)
+        # Our own limit, so the node never sends a response we would refuse.
+        transport.write(
+            PREFACE
+            + encode_frame(
+                FrameType.SETTINGS, 0, Settings(self._pool.options.max_frame_size, 0).encode()
+            )
+        )
 
     def data_received(self, data: bytes) -> None:
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
-            for frame in exc.frames:  # type: ignore[attr-defined]
-                self._on_frame(frame)
+            with contextlib.suppress(ProtocolError):
+                for frame in exc.frames:  # type: ignore[attr-defined]
+                    self._on_frame(frame)
             self._fail(exc.code, str(exc))
             return
         pending = self.pending
@@ -162,7 +173,14 @@ class _ClientConnection(asyncio.Protocol):
                 elif not future.done():
                     future.set_result(frame.payload)
             else:
-                self._on_frame(frame)
+                try:
+                    self._on_frame(frame)
+                except ProtocolError as exc:
+                    self._fail(exc.code, str(exc))
+                    return
+            if self.closed:
+                return
+        pending = self.pending
         if self.draining and not pending:
             self._close_transport()
         self._pool._wake_waiters()
@@ -191,6 +209,8 @@ class _ClientConnection(asyncio.Protocol):
             settings = Settings.decode(frame.payload)
             if settings.max_in_flight:
                 self.max_in_flight = settings.max_in_flight
+            if settings.max_frame_size:
+                self.peer_max_frame_size = settings.max_frame_size
             if not self.ready.done():
                 self.ready.set_result(None)
         elif kind == FrameType.GOAWAY:
@@ -238,10 +258,18 @@ class _ClientConnection(asyncio.Protocol):
         )
 
     def start_call(self, payload: bytes, timeout: float) -> asyncio.Future[bytes]:
-        request_id = self._next_id
-        self._next_id = request_id + 1
         loop = self._loop
         future: asyncio.Future[bytes] = loop.create_future()
+        if len(payload) > self.peer_max_frame_size:
+            future.set_exception(
+                RequestTooLarge(
+                    f"request of {len(payload)} bytes exceeds the node's frame limit"
+                    f" of {self.peer_max_frame_size} bytes"
+                )
+            )
+            return future
+        request_id = self._next_id
+        self._next_id = request_id + 1
         self.pending[request_id] = future
         self._batcher.write(encode_request(request_id, payload, max(1, int(timeout * 1000))))
         timer = loop.call_later(timeout, _expire, self, request_id, future, timeout)
@@ -255,6 +283,7 @@ class _ClientConnection(asyncio.Protocol):
         self._batcher.write(encode_frame(FrameType.CANCEL, request_id))
         if self.draining and not self.pending:
             self._close_transport()
+        self._pool._wake_waiters()
         return True
 
     def _fail(self, code: int, message: str) -> None:
@@ -347,6 +376,10 @@ class StreamClient:
             if remaining <= 0:
                 raise DeadlineExceeded("deadline passed before the request was sent", sent=False)
             inner = connection.start_call(payload, remaining)
+        except asyncio.CancelledError:
+            if not outer.done():
+                outer.set_exception(Closed(f"client for {self.address} closed"))
+            raise
         except Exception as exc:
             if not outer.done():
                 outer.set_exception(exc)
@@ -474,12 +507,12 @@ class StreamClient:
         self._wake_waiters()
 
     def _wake_waiters(self) -> None:
+        # Every waiter re-checks for a free slot, and waits again if it finds none.
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
 
 
 class _CallDone:
@@ -543,6 +576,7 @@ class _ServerConnection(asyncio.Protocol):
         "goaway_sent",
         "last_request_id",
         "peer_done",
+        "peer_max_frame_size",
         "tasks",
         "transport",
     )
@@ -557,6 +591,7 @@ class _ServerConnection(asyncio.Protocol):
         self.last_request_id = 0
         self.goaway_sent = False
         self.peer_done = False
+        self.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -581,12 +616,16 @@ class _ServerConnection(asyncio.Protocol):
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
-            for frame in exc.frames:  # type: ignore[attr-defined]
-                self._on_frame(frame)
+            with contextlib.suppress(ProtocolError):
+                for frame in exc.frames:  # type: ignore[attr-defined]
+                    self._on_frame(frame)
             self.fail(exc.code, str(exc))
             return
-        for frame in frames:
-            self._on_frame(frame)
+        try:
+            for frame in frames:
+                self._on_frame(frame)
+        except ProtocolError as exc:  # a control payload that does not decode
+            self.fail(exc.code, str(exc))
 
     def _on_frame(self, frame: Any) -> None:
         if self.closed:
@@ -632,6 +671,10 @@ class _ServerConnection(asyncio.Protocol):
                     "peer closed the connection: %s", ErrorInfo.decode(frame.payload).describe()
                 )
                 self.close()
+        elif kind == FrameType.SETTINGS:
+            settings = Settings.decode(frame.payload)
+            if settings.max_frame_size:
+                self.peer_max_frame_size = settings.max_frame_size
         elif kind == FrameType.PONG:
             pass
         else:
@@ -639,29 +682,31 @@ class _ServerConnection(asyncio.Protocol):
 
     async def _run(self, request_id: int, payload: bytes, deadline_ms: int) -> None:
         error: ErrorInfo | None = None
+        deadline: asyncio.Timeout | None = None
         try:
             if deadline_ms:
-                async with asyncio.timeout(deadline_ms / 1000):
+                async with asyncio.timeout(deadline_ms / 1000) as deadline:
                     result = await self._server.handler(payload)
             else:
                 result = await self._server.handler(payload)
             if not isinstance(result, bytes):
                 raise TypeError(f"handler returned {type(result).__name__}, not bytes")
-            if len(result) > self._server.options.max_frame_size:
+            limit = min(self._server.options.max_frame_size, self.peer_max_frame_size)
+            if len(result) > limit:
                 raise ValueError(
-                    f"response of {len(result)} bytes exceeds the frame limit"
-                    f" of {self._server.options.max_frame_size}"
+                    f"response of {len(result)} bytes exceeds the frame limit of {limit}"
                 )
-        except TimeoutError:
-            # The caller has given up by now; say so anyway, it drops the answer.
-            error = ErrorInfo(ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
         except asyncio.CancelledError:
             self.tasks.pop(request_id, None)
             self._maybe_finish()
             raise
         except Exception as exc:
-            log.exception("handler failed on request %d", request_id)
-            error = ErrorInfo(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
+                # The caller has given up by now; say so anyway, it drops the answer.
+                error = ErrorInfo(ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
+            else:
+                log.exception("handler failed on request %d", request_id)
+                error = ErrorInfo(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         if self.tasks.pop(request_id, None) is not None:
             if error is None:
                 self._batcher.write(encode_response(request_id, result))
@@ -732,6 +777,8 @@ class StreamServer:
         self.options = options or ServerOptions()
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_ServerConnection] = set()
+        # Identity of the socket file we bound, so we never unlink a successor's.
+        self._socket_file: tuple[int, int] | None = None
         self.closing = False
 
     @property
@@ -755,6 +802,8 @@ class StreamServer:
                 self._server = await loop.create_unix_server(
                     factory, address.path, backlog=self.options.backlog
                 )
+                info = os.stat(address.path)
+                self._socket_file = (info.st_dev, info.st_ino)
             else:
                 self._server = await loop.create_server(
                     factory,
@@ -788,9 +837,12 @@ class StreamServer:
             self._server.close()
         for connection in list(self._connections):
             connection.close()
-        if self._parsed.scheme == "unix":
+        if self._socket_file is not None:
+            path, self._socket_file, bound = self._parsed.path, None, self._socket_file
             with contextlib.suppress(OSError):
-                os.unlink(self._parsed.path)
+                info = os.stat(path)
+                if (info.st_dev, info.st_ino) == bound:
+                    os.unlink(path)
 
 
 def _format_host(host: str) -> str:

@@ -237,8 +237,9 @@ def test_worked_example_in_wire_doc_is_what_the_code_writes() -> None:
     request = pb.Request(method=b"GET", path=b"/hello").SerializeToString()
     response = pb.Response(status=200, body=b"hi").SerializeToString()
     shutting_down = "server is shutting down"
+    client_settings = Settings(DEFAULT_MAX_FRAME_SIZE, 0).encode()
     assert wire_doc_hex_blocks() == [
-        PREFACE,
+        PREFACE + encode_frame(FrameType.SETTINGS, 0, client_settings),
         PREFACE + encode_frame(FrameType.SETTINGS, 0, settings),
         encode_request(1, request, 1000),
         encode_response(1, response),

@@ -185,6 +185,8 @@ class Net:
             try:
                 if handshake:
                     peer.send(PREFACE + encode_frame(FrameType.SETTINGS, 0, settings.encode()))
+                    # A client opens with its preface and then its own SETTINGS.
+                    peer.settings = Settings.decode((await peer.expect(FrameType.SETTINGS)).payload)
                 await node(peer, number)
             except asyncio.CancelledError:
                 raise
@@ -557,18 +559,23 @@ def test_a_response_over_the_servers_frame_limit_is_a_remote_error(net: Net) -> 
     net.run(scenario)
 
 
-def test_a_response_over_the_clients_frame_limit_fails_fast(net: Net) -> None:
+def test_a_response_over_the_clients_frame_limit_fails_alone(net: Net) -> None:
     async def scenario() -> None:
         async def handler(payload: bytes) -> bytes:
             return b"x" * 5000 if payload == b"big" else payload
 
         server = await net.serve(handler)
+        # The client announces its limit in SETTINGS, so the server refuses to
+        # send the oversized answer and fails that one call instead.
         client = net.client(server.address, max_frame_size=1024)
         started = now()
-        with pytest.raises(ConnectionLost):
+        with pytest.raises(RemoteError) as caught:
             await client.call(b"big", 5)
+        assert caught.value.code == ErrorCode.INTERNAL
+        assert "frame limit" in caught.value.remote_message
         assert now() - started < 1.0
         assert await client.call(b"small", 2) == b"small"
+        assert client.connection_count == 1
 
     net.run(scenario)
 
@@ -988,7 +995,10 @@ MALFORMED = {
     "too large": (header(FrameType.REQUEST, 1, 5000), ErrorCode.FRAME_TOO_LARGE),
     "control too large": (header(FrameType.PING, 0, 5000), ErrorCode.FRAME_TOO_LARGE),
     "response to server": (encode_response(1, b"?"), ErrorCode.PROTOCOL_ERROR),
-    "settings to server": (encode_frame(FrameType.SETTINGS, 0), ErrorCode.PROTOCOL_ERROR),
+    "settings payload": (
+        encode_frame(FrameType.SETTINGS, 0, b"\x08"),  # a varint cut short
+        ErrorCode.PROTOCOL_ERROR,
+    ),
     "reused id": (encode_request(5, b"a", 100) * 2, ErrorCode.PROTOCOL_ERROR),
     "id going down": (
         encode_request(5, b"a", 100) + encode_request(3, b"b", 100),
@@ -1102,6 +1112,7 @@ def test_a_malformed_control_payload_from_the_server_is_a_protocol_error(
                 peer.send(PREFACE + encode_frame(FrameType.SETTINGS, 0, broken))
             else:
                 peer.send(PREFACE + encode_frame(FrameType.SETTINGS, 0))
+                await peer.expect(FrameType.SETTINGS)
                 await peer.expect(FrameType.REQUEST)
                 peer.send(encode_frame(FrameType.GOAWAY, 0, broken))
             from_client.extend(await peer.frames_until_eof())
