@@ -7,8 +7,15 @@ plus the request path, so the proxy in front of each forwards the same bytes:
   written against the transport layer so the SDK's conveniences cost nothing;
 * ``http``: an HTTP/1.1 server on uvloop + httptools, the backend nginx proxies to.
 
-Run: ``python bench/echo_backends.py pitcher unix:///tmp/x.sock`` or
-``python bench/echo_backends.py http 127.0.0.1:9001``.
+Two more serve the transport benchmark, which sends opaque payloads:
+
+* ``frames``: a Pitcher transport server whose handler returns the payload;
+* ``raw``: the floor for a carrier: a plain uvloop protocol that writes back
+  every byte it reads, on ``tcp://`` or ``unix://``.
+
+Run e.g. ``python bench/echo_backends.py pitcher unix:///tmp/x.sock`` or
+``python bench/echo_backends.py http 127.0.0.1:9001``; each prints ``ready
+ADDRESS`` once it listens and stops on SIGTERM.
 """
 
 from __future__ import annotations
@@ -25,6 +32,18 @@ from transports.registry import transport_for
 
 _NAMES = (b"content-type",)
 _VALUES = (b"text/plain",)
+
+
+async def frame_echo(payload: bytes) -> bytes:
+    return payload
+
+
+class _RawEcho(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
 
 
 async def pitcher_handler(payload: bytes) -> bytes:
@@ -67,11 +86,21 @@ async def main(kind: str, address: str) -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    if kind == "pitcher":
-        server = await transport_for(address).serve(address, pitcher_handler)
+    if kind in ("pitcher", "frames"):
+        handler = pitcher_handler if kind == "pitcher" else frame_echo
+        server = await transport_for(address).serve(address, handler)
         print("ready", server.address, flush=True)
         await stop.wait()
         await server.close(1.0)
+    elif kind == "raw":
+        if address.startswith("unix://"):
+            raw = await loop.create_unix_server(_RawEcho, address[len("unix://") :])
+        else:
+            host, _, port = address[len("tcp://") :].rpartition(":")
+            raw = await loop.create_server(_RawEcho, host, int(port))
+        print("ready", address, flush=True)
+        await stop.wait()
+        raw.close()
     else:
         host, _, port = address.rpartition(":")
         http_server = await loop.create_server(_HttpEcho, host, int(port), backlog=1024)

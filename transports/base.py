@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from .calls import Receiver
 from .frame import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_IN_FLIGHT
 
 # A server-side handler: request payload in, response payload out. The server
@@ -45,6 +46,16 @@ class Client(Protocol):
     """A client for one node: pooled, multiplexed connections."""
 
     address: str
+
+    def send(self, payload: bytes, receiver: Receiver) -> None:
+        """Send one request; its outcome goes to ``receiver`` exactly once.
+
+        The hot-path form: no future and no timer per call. The receiver may
+        be called before this returns (an error found at once).
+        """
+
+    def cancel(self, receiver: Receiver) -> None:
+        """The caller gives up on a call: forget it and tell the node. No callback follows."""
 
     def start(self, payload: bytes, timeout: float) -> asyncio.Future[bytes]:
         """Send one request; the future gets the response payload or a CallError.

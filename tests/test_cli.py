@@ -1,0 +1,305 @@
+"""The ``pitcher`` command as a shell user runs it: exit codes and what it prints.
+
+Every command runs in a real subprocess with the working directory set to a
+temporary one, so that file names in messages are exactly what the user typed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+from tests.proxy.conftest import can_connect, free_port, pitcher_command, wait_until
+
+GOOD = """\
+[server]
+listen = "127.0.0.1:0"
+header_timeout = 5
+
+[[routes]]
+name = "api"
+host = "*.example.com"
+prefix = "/api/"
+cluster = "api"
+strip_prefix = true
+
+[[routes]]
+prefix = "/"
+cluster = "api"
+timeout = 2.5
+
+[clusters.api]
+balance = "weighted"
+nodes = [{uri = "tcp://127.0.0.1:7001", weight = 3}, "unix:///tmp/pitcher-api.sock"]
+"""
+
+# One mistake per key whose line is asserted below; line numbers are 1-based.
+BAD = """\
+[server]
+listen = "127.0.0.1:0"
+header_timout = 5
+
+[[routes]]
+prefix = "/"
+cluster = "echo"
+timeout = "fast"
+
+[clusters.echo]
+nodes = ["tcp://127.0.0.1:7001"]
+balance = "weighed"
+"""
+
+
+@pytest.fixture
+def workdir() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="pitcher-cli-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write(directory: str, name: str, text: str) -> str:
+    with open(os.path.join(directory, name), "w", encoding="utf-8") as file:
+        file.write(text)
+    return name
+
+
+def pitcher(*args: str, cwd: str, timeout: float = 5.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*pitcher_command(), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------ check
+
+
+def test_check_accepts_a_good_file(workdir: str) -> None:
+    result = pitcher("check", "-c", write(workdir, "good.toml", GOOD), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(
+        r"OK: good\.toml: 2 routes, 1 clusters, sha256 [0-9a-f]{12}\n", result.stdout
+    ), result.stdout
+    assert result.stderr == ""
+
+
+def test_check_reports_every_bad_key_with_its_line(workdir: str) -> None:
+    result = pitcher("check", "-c", write(workdir, "bad.toml", BAD), cwd=workdir)
+    assert result.returncode != 0
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines == [
+        "bad.toml:3: server.header_timout: unknown key; did you mean 'header_timeout'?",
+        'bad.toml:8: routes[0].timeout: expected a number of seconds, got a string "fast"',
+        'bad.toml:12: clusters.echo.balance: must be one of "round_robin", "weighted",'
+        ' got "weighed"; did you mean "weighted"?',
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key"),
+    [
+        ('[[routes]]\ncluster = "nope"\n', 2, "routes[0].cluster"),
+        (
+            '[[routes]]\ncluster = "c"\n[clusters.c]\nnodes = ["tcp://h"]\n',
+            4,
+            "clusters.c.nodes[0]",
+        ),
+        (
+            '[server]\nlisten = "x"\n'
+            '[[routes]]\ncluster = "c"\n[clusters.c]\nnodes = ["tcp://h:1"]\n',
+            2,
+            "server.listen",
+        ),
+        (
+            '[[routes]]\ncluster = "c"\nhost = "a b"\n[clusters.c]\nnodes = ["tcp://h:1"]\n',
+            3,
+            "routes[0].host",
+        ),
+        (
+            '[[routes]]\ncluster = "c"\n\n[clusters.c]\nnodes = [\n  "tcp://h:1",\n'
+            '  {uri = "tcp://h:2", weight = 0},\n]\n',
+            7,
+            "clusters.c.nodes[1].weight",
+        ),
+    ],
+    ids=["unknown-cluster", "node-without-port", "listen", "host", "weight"],
+)
+def test_check_names_line_and_key(workdir: str, text: str, line: int, key: str) -> None:
+    result = pitcher("check", "-c", write(workdir, "bad.toml", text), cwd=workdir)
+    assert result.returncode != 0
+    assert result.stderr.startswith(f"bad.toml:{line}: {key}: "), result.stderr
+
+
+def test_check_reports_a_toml_syntax_error_with_its_line(workdir: str) -> None:
+    text = '[server]\nlisten = "127.0.0.1:0"\n[[routes]\ncluster = "c"\n'
+    result = pitcher("check", "-c", write(workdir, "broken.toml", text), cwd=workdir)
+    assert result.returncode != 0
+    assert result.stderr.startswith("broken.toml:3: invalid TOML: "), result.stderr
+    assert_no_traceback(result)
+
+
+def test_check_reports_a_missing_file(workdir: str) -> None:
+    result = pitcher("check", "-c", "absent.toml", cwd=workdir)
+    assert result.returncode != 0
+    assert result.stderr.startswith("absent.toml: cannot read: "), result.stderr
+    assert_no_traceback(result)
+
+
+def test_check_requires_a_config(workdir: str) -> None:
+    result = pitcher("check", cwd=workdir)
+    assert result.returncode == 2
+    assert "Missing option '-c'" in result.stderr
+
+
+# ------------------------------------------------------------------ serve
+
+
+def test_serve_refuses_an_invalid_config(workdir: str) -> None:
+    result = pitcher("serve", "-c", write(workdir, "bad.toml", BAD), cwd=workdir)
+    assert result.returncode != 0
+    assert "bad.toml:8: routes[0].timeout: " in result.stderr
+    assert "bad.toml:3: server.header_timout: " in result.stderr
+    assert "listening on" not in result.stderr
+    assert_no_traceback(result)
+
+
+def test_serve_reports_a_busy_listen_address_plainly(workdir: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = GOOD.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"')
+        result = pitcher("serve", "-c", write(workdir, "busy.toml", config), cwd=workdir)
+    assert result.returncode != 0
+    assert str(port) in result.stderr
+    assert "in use" in result.stderr
+    # A port conflict is an operator's everyday mistake, not a crash.
+    assert_no_traceback(result)
+
+
+# ------------------------------------------------------------------ backend
+
+
+@pytest.mark.parametrize(
+    ("app", "message"),
+    [
+        ("no_colon_here", "expected MODULE:ATTRIBUTE"),
+        ("no_such_module_xyz:app", "cannot load no_such_module_xyz:app"),
+        ("pitcher_rpc.sdk.echo:missing", "cannot load pitcher_rpc.sdk.echo:missing"),
+        ("pitcher_rpc.sdk.echo:echo", "is not a pitcher_rpc.sdk.Service"),
+        ("pitcher_rpc.sdk.echo:", "expected MODULE:ATTRIBUTE"),
+    ],
+)
+def test_backend_with_a_bad_app_is_a_usage_error(workdir: str, app: str, message: str) -> None:
+    uri = f"tcp://127.0.0.1:{free_port()}"
+    result = pitcher("backend", app, "--listen", uri, cwd=workdir)
+    assert result.returncode == 2
+    assert "Usage: pitcher backend" in result.stderr
+    assert "Invalid value for APP" in result.stderr
+    assert message in result.stderr
+    assert_no_traceback(result)
+
+
+def test_backend_requires_listen(workdir: str) -> None:
+    result = pitcher("backend", "pitcher_rpc.sdk.echo:app", cwd=workdir)
+    assert result.returncode == 2
+    assert "Missing option '--listen'" in result.stderr
+
+
+@pytest.mark.parametrize("uri", ["bogus://127.0.0.1:1", "not-a-uri"])
+def test_backend_with_a_bad_listen_uri_is_a_usage_error(workdir: str, uri: str) -> None:
+    result = pitcher("backend", "pitcher_rpc.sdk.echo:app", "--listen", uri, cwd=workdir)
+    assert result.returncode == 2
+    assert "--listen" in result.stderr
+    assert uri in result.stderr
+    assert_no_traceback(result)
+
+
+def test_backend_runs_an_app_from_the_working_directory(workdir: str) -> None:
+    # `pitcher backend mymodule:app` is documented for modules next to the user.
+    write(
+        workdir,
+        "hello_app.py",
+        textwrap.dedent(
+            """\
+            from pitcher_rpc.sdk import Service
+            app = Service("hello")
+            """
+        ),
+    )
+    uri = f"unix://{workdir}/hello.sock"
+    process = subprocess.Popen(
+        [*pitcher_command(), "backend", "hello_app:app", "--listen", uri],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def ready() -> bool:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            return can_connect(uri)
+
+        wait_until(ready, 5.0, "the backend socket")
+    finally:
+        process.terminate()
+        try:
+            returncode = process.wait(3.0)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            returncode = process.wait(3.0)
+    assert returncode == 0
+    # A drained backend leaves no socket file behind.
+    assert not os.path.exists(f"{workdir}/hello.sock")
+
+
+# ------------------------------------------------------------------ demo and the rest
+
+
+def test_demo_with_a_bad_listen_address_is_a_usage_error(workdir: str) -> None:
+    result = pitcher("demo", "--listen", "nonsense", cwd=workdir)
+    assert result.returncode == 2
+    assert "--listen" in result.stderr
+    assert_no_traceback(result)
+
+
+def test_version_and_help(workdir: str) -> None:
+    version = pitcher("--version", cwd=workdir)
+    assert version.returncode == 0
+    assert re.fullmatch(r"pitcher, version \d+\.\d+\.\d+\S*\n", version.stdout)
+    help_text = pitcher("--help", cwd=workdir)
+    assert help_text.returncode == 0
+    for command in ("serve", "check", "demo", "backend"):
+        assert re.search(rf"^\s+{command}\s", help_text.stdout, re.MULTILINE), help_text.stdout
+
+
+def test_module_entry_point_matches_the_script(workdir: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pitcher_rpc.cli", "check", "-c", write(workdir, "g.toml", GOOD)],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=5,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("OK: g.toml: ")

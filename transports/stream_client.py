@@ -1,0 +1,532 @@
+"""The client side of the stream carriers (TCP, Unix sockets).
+
+One connection carries many calls at once, matched by request id; answers may
+come back in any order. :class:`StreamClient` keeps a small pool of
+connections to one node and opens another only when the ones it has are
+saturated (one connection per node beat four in the proxy's benchmarks).
+
+A call's outcome goes to a receiver (see :mod:`transports.calls`), called
+straight from ``data_received``. Deadlines are enforced by one timer per
+connection, armed for the earliest pending deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from typing import Any, cast
+
+from .base import ClientOptions
+from .calls import FutureReceiver, Receiver
+from .control import ErrorInfo, GoAwayInfo, Settings
+from .decoder import FrameDecoder
+from .errors import (
+    CallError,
+    Closed,
+    ConnectError,
+    ConnectionLost,
+    DeadlineExceeded,
+    ErrorCode,
+    ProtocolError,
+    Rejected,
+    RemoteError,
+    RequestTooLarge,
+    TransportError,
+)
+from .frame import (
+    DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_IN_FLIGHT,
+    PREFACE,
+    FrameType,
+    encode_frame,
+    encode_request,
+)
+from .registry import Address, parse_address
+from .stream_io import Batcher, set_nodelay
+
+log = logging.getLogger("pitcher.transports")
+
+_RESPONSE = FrameType.RESPONSE
+_ERROR = FrameType.ERROR
+# uvloop's timers have millisecond resolution and may fire a little early.
+_TIMER_SLACK = 0.001
+
+
+class _ClientConnection(asyncio.Protocol):
+    """One multiplexed connection from a client to a node."""
+
+    __slots__ = (
+        "_batcher",
+        "_decoder",
+        "_loop",
+        "_next_id",
+        "_pool",
+        "_timer",
+        "_timer_at",
+        "closed",
+        "draining",
+        "late_responses",
+        "max_in_flight",
+        "peer_max_frame_size",
+        "pending",
+        "ready",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, pool: StreamClient, loop: asyncio.AbstractEventLoop) -> None:
+        self._pool = pool
+        self._loop = loop
+        self._decoder = FrameDecoder(pool.options.max_frame_size)
+        self._batcher = Batcher(loop)
+        self._next_id = 1
+        self.pending: dict[int, Receiver] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
+        self.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
+        self.draining = False
+        self.closed = False
+        self.write_paused = False
+        self.late_responses = 0
+
+    # asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        self._batcher.transport = transport
+        set_nodelay(transport)
+        # Our own limit, so the node never sends a response we would refuse.
+        settings = Settings(self._pool.options.max_frame_size, 0).encode()
+        transport.write(PREFACE + encode_frame(FrameType.SETTINGS, 0, settings))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            with contextlib.suppress(ProtocolError):
+                for frame in exc.frames:  # type: ignore[attr-defined]
+                    self._on_frame(frame)
+            self._fail(exc.code, str(exc))
+            return
+        pending = self.pending
+        for frame in frames:
+            if frame.type == _RESPONSE:
+                receiver = pending.pop(frame.request_id, None)
+                if receiver is None:
+                    # Its caller gave up (deadline, cancel): drop it, never reuse.
+                    self.late_responses += 1
+                    continue
+                try:
+                    receiver.on_response(frame.payload)
+                except Exception:
+                    log.exception("a receiver failed on a response from %s", self._pool.address)
+            else:
+                try:
+                    self._on_frame(frame)
+                except ProtocolError as exc:  # a control payload that does not decode
+                    self._fail(exc.code, str(exc))
+                    return
+            if self.closed:
+                return
+        if self.draining and not self.pending:
+            self._close_transport()
+        self._pool.wake_waiters()
+
+    def _on_frame(self, frame: Any) -> None:
+        kind = frame.type
+        if kind == _RESPONSE:
+            receiver = self.pending.pop(frame.request_id, None)
+            if receiver is None:
+                self.late_responses += 1
+            else:
+                _deliver_response(receiver, frame.payload)
+        elif kind == _ERROR:
+            error = ErrorInfo.decode(frame.payload)
+            if frame.request_id == 0:
+                self._fail_all(ConnectionLost(f"node closed the connection: {error.describe()}"))
+                self._close_transport()
+                return
+            receiver = self.pending.pop(frame.request_id, None)
+            if receiver is not None:
+                if error.code == ErrorCode.UNAVAILABLE:
+                    _deliver_error(receiver, Rejected(f"node refused: {error.describe()}"))
+                elif error.code == ErrorCode.DEADLINE_EXCEEDED:
+                    # The node's clock ran out a hair before ours: the same outcome.
+                    _deliver_error(receiver, DeadlineExceeded(f"the node gave up: {error.message}"))
+                else:
+                    _deliver_error(receiver, RemoteError(error.code, error.message))
+        elif kind == FrameType.SETTINGS:
+            settings = Settings.decode(frame.payload)
+            if settings.max_in_flight:
+                self.max_in_flight = settings.max_in_flight
+            if settings.max_frame_size:
+                self.peer_max_frame_size = settings.max_frame_size
+            if not self.ready.done():
+                self.ready.set_result(None)
+        elif kind == FrameType.GOAWAY:
+            info = GoAwayInfo.decode(frame.payload)
+            self.draining = True
+            reason = info.reason or "no reason given"
+            for request_id in [rid for rid in self.pending if rid > info.last_request_id]:
+                _deliver_error(
+                    self.pending.pop(request_id), Rejected(f"node is going away ({reason})")
+                )
+            if not self.pending:
+                self._close_transport()
+        elif kind == FrameType.PING:
+            self._batcher.write(encode_frame(FrameType.PONG, 0, frame.payload))
+        elif kind == FrameType.PONG:
+            pass
+        else:
+            self._fail(ErrorCode.PROTOCOL_ERROR, f"a client does not accept {kind} frames")
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._pool.wake_waiters()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reason = f": {exc}" if exc else ""
+        if not self.ready.done():
+            self.ready.set_exception(ConnectError(f"connection closed during handshake{reason}"))
+            # Nobody may be waiting if the connect itself timed out.
+            self.ready.exception()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._fail_all(ConnectionLost(f"connection to {self._pool.address} lost{reason}"))
+        self._pool.connection_closed(self)
+
+    # used by the pool --------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return not (self.closed or self.draining or self.write_paused) and (
+            len(self.pending) < self.max_in_flight
+        )
+
+    def send(self, payload: bytes, receiver: Receiver) -> None:
+        if len(payload) > self.peer_max_frame_size:
+            receiver.on_error(
+                RequestTooLarge(
+                    f"request of {len(payload)} bytes exceeds the node's frame limit"
+                    f" of {self.peer_max_frame_size} bytes"
+                )
+            )
+            return
+        deadline = receiver.deadline
+        remaining = deadline - self._loop.time()
+        if remaining <= 0:
+            receiver.on_error(DeadlineExceeded("deadline passed before sending", sent=False))
+            return
+        request_id = self._next_id
+        self._next_id = request_id + 1
+        self.pending[request_id] = receiver
+        self._batcher.write(encode_request(request_id, payload, max(1, int(remaining * 1000))))
+        if deadline < self._timer_at:
+            self._arm(deadline)
+
+    def cancel(self, receiver: Receiver) -> bool:
+        for request_id, pending in self.pending.items():
+            if pending is receiver:
+                self.give_up(request_id)
+                return True
+        return False
+
+    def give_up(self, request_id: int) -> bool:
+        """Forget a call whose caller stopped waiting and tell the node; True if it was pending."""
+        if self.pending.pop(request_id, None) is None:
+            return False
+        self._batcher.write(encode_frame(FrameType.CANCEL, request_id))
+        if self.draining and not self.pending:
+            self._close_transport()
+        self._pool.wake_waiters()
+        return True
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._expire_due)
+
+    def _expire_due(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        now = self._loop.time() + _TIMER_SLACK
+        earliest = math.inf
+        expired: list[tuple[int, Receiver]] = []
+        for request_id, receiver in self.pending.items():
+            deadline = receiver.deadline
+            if deadline <= now:
+                expired.append((request_id, receiver))
+            elif deadline < earliest:
+                earliest = deadline
+        for request_id, receiver in expired:
+            if self.give_up(request_id):
+                _deliver_error(receiver, DeadlineExceeded("no answer before the deadline"))
+        if earliest < math.inf and not self.closed:
+            self._arm(earliest)
+
+    def _fail(self, code: int, message: str) -> None:
+        log.warning("closing connection to %s: %s", self._pool.address, message)
+        if self.transport is not None and not self.transport.is_closing():
+            self._batcher.flush()
+            self.transport.write(encode_frame(_ERROR, 0, ErrorInfo(code, message).encode()))
+        self._fail_all(ConnectionLost(f"protocol error from {self._pool.address}: {message}"))
+        self._close_transport()
+
+    def _fail_all(self, error: CallError) -> None:
+        pending, self.pending = self.pending, {}
+        for receiver in pending.values():
+            _deliver_error(receiver, error)
+        if not self.ready.done():
+            self.ready.set_exception(ConnectError(str(error)))
+
+    def _close_transport(self) -> None:
+        self.draining = True
+        if self.transport is not None and not self.transport.is_closing():
+            self._batcher.flush()
+            self.transport.close()
+
+
+def _deliver_response(receiver: Receiver, payload: bytes) -> None:
+    try:
+        receiver.on_response(payload)
+    except Exception:
+        log.exception("a receiver failed on a response")
+
+
+def _deliver_error(receiver: Receiver, error: TransportError) -> None:
+    try:
+        receiver.on_error(error)
+    except Exception:
+        log.exception("a receiver failed on an error")
+
+
+class StreamClient:
+    """Pooled, multiplexed client for one node over TCP or a Unix socket."""
+
+    def __init__(self, address: str, options: ClientOptions | None = None) -> None:
+        self.address = address
+        self._parsed: Address = parse_address(address)
+        self.options = options or ClientOptions()
+        self._connections: list[_ClientConnection] = []
+        self._connecting: asyncio.Task[_ClientConnection] | None = None
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Calls waiting for a connection, so close() and cancel() can reach them.
+        self._starting: dict[Receiver, asyncio.Task[None]] = {}
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._last_connect_error = ""
+        self._closed = False
+        self.late_responses_closed = 0
+
+    # public ---------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(c.pending) for c in self._connections) + len(self._starting)
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    @property
+    def late_responses(self) -> int:
+        return self.late_responses_closed + sum(c.late_responses for c in self._connections)
+
+    def send(self, payload: bytes, receiver: Receiver) -> None:
+        """Send one request; its outcome goes to ``receiver`` (possibly before this returns)."""
+        for connection in self._connections:
+            if connection.usable:
+                connection.send(payload, receiver)
+                return
+        if self._closed:
+            receiver.on_error(Closed(f"client for {self.address} is closed"))
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._send_when_connected(payload, receiver), name=f"pitcher-call {self.address}"
+        )
+        self._starting[receiver] = task
+
+    def cancel(self, receiver: Receiver) -> None:
+        """The caller gives up: forget the call and tell the node (CANCEL). No callback follows."""
+        task = self._starting.pop(receiver, None)
+        if task is not None:
+            task.cancel()
+            return
+        for connection in self._connections:
+            if connection.cancel(receiver):
+                return
+
+    def start(self, payload: bytes, timeout: float) -> asyncio.Future[bytes]:
+        """Send one request; the future gets the response payload or a CallError.
+
+        Cancelling the future gives the call up and tells the node (CANCEL).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        receiver = FutureReceiver(future, loop.time() + timeout)
+        self.send(payload, receiver)
+        if not future.done():
+            future.add_done_callback(
+                lambda done: self.cancel(receiver) if done.cancelled() else None
+            )
+        return future
+
+    async def call(self, payload: bytes, timeout: float) -> bytes:
+        return await self.start(payload, timeout)
+
+    async def ping(self, timeout: float = 1.0) -> None:
+        """Open a connection if none is open; ConnectError if the node is not there."""
+        loop = asyncio.get_running_loop()
+        if self._pick() is None:
+            await self._acquire(loop.time() + timeout)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop new calls, let in-flight ones finish (at most ``timeout``), then close."""
+        self._closed = True
+        closed = Closed(f"client for {self.address} closed")
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(closed)
+        if self._connecting is not None:
+            self._connecting.cancel()
+        starting, self._starting = self._starting, {}
+        for receiver, task in starting.items():
+            task.cancel()
+            _deliver_error(receiver, closed)
+        deadline = time.monotonic() + timeout
+        while any(c.pending for c in self._connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self.abort()
+
+    def abort(self) -> None:
+        """Close every connection now; in-flight calls fail with ConnectionLost."""
+        self._closed = True
+        for connection in list(self._connections):
+            connection._close_transport()
+            if connection.transport is not None:
+                connection.transport.abort()
+
+    # pool internals ------------------------------------------------------------------
+
+    def _pick(self) -> _ClientConnection | None:
+        for connection in self._connections:
+            if connection.usable:
+                return connection
+        return None
+
+    async def _send_when_connected(self, payload: bytes, receiver: Receiver) -> None:
+        try:
+            connection = await self._acquire(receiver.deadline)
+        except asyncio.CancelledError:
+            raise  # cancel() or close(): they answer the receiver themselves
+        except TransportError as exc:
+            if self._starting.pop(receiver, None) is not None:
+                _deliver_error(receiver, exc)
+            return
+        if self._starting.pop(receiver, None) is not None:
+            connection.send(payload, receiver)
+
+    async def _acquire(self, give_up_at: float) -> _ClientConnection:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._closed:
+                raise Closed(f"client for {self.address} is closed")
+            connection = self._pick()
+            if connection is not None:
+                return connection
+            if self._connecting is None and len(self._connections) < self.options.max_connections:
+                now = loop.time()
+                if now < self._retry_at:
+                    raise ConnectError(
+                        f"{self.address} unreachable, next try in {self._retry_at - now:.2f}s"
+                        f" (last error: {self._last_connect_error})"
+                    )
+                self._connecting = loop.create_task(
+                    self._connect(), name=f"pitcher-connect {self.address}"
+                )
+            remaining = give_up_at - loop.time()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"no connection to {self.address} in time", sent=False)
+            if self._connecting is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._connecting), remaining)
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"no connection to {self.address} in time", sent=False
+                    ) from None
+                continue
+            # Every connection is saturated and the pool is full: wait for a slot.
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"every connection to {self.address} is saturated", sent=False
+                ) from None
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    async def _connect(self) -> _ClientConnection:
+        loop = asyncio.get_running_loop()
+        address = self._parsed
+        connection = _ClientConnection(self, loop)
+        try:
+            try:
+                async with asyncio.timeout(self.options.connect_timeout):
+                    if address.scheme == "unix":
+                        await loop.create_unix_connection(lambda: connection, address.path)
+                    else:
+                        await loop.create_connection(lambda: connection, address.host, address.port)
+                    await connection.ready
+            except TimeoutError:
+                connection._close_transport()
+                raise ConnectError(
+                    f"{self.address}: no handshake within {self.options.connect_timeout}s"
+                ) from None
+            except OSError as exc:
+                raise ConnectError(f"{self.address}: {exc.strerror or exc}") from exc
+        except ConnectError as exc:
+            self._backoff = min(
+                self.options.backoff_max, max(self.options.backoff_initial, self._backoff * 2)
+            )
+            self._retry_at = loop.time() + self._backoff
+            self._last_connect_error = str(exc)
+            raise
+        finally:
+            self._connecting = None
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._connections.append(connection)
+        if self._closed:
+            connection._close_transport()
+        self.wake_waiters()
+        return connection
+
+    def connection_closed(self, connection: _ClientConnection) -> None:
+        if connection in self._connections:
+            self._connections.remove(connection)
+            self.late_responses_closed += connection.late_responses
+        self.wake_waiters()
+
+    def wake_waiters(self) -> None:
+        # Every waiter re-checks for a free slot, and waits again if it finds none.
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)

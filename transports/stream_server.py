@@ -1,0 +1,341 @@
+"""The server side of the stream carriers (TCP, Unix sockets).
+
+Each connection decodes frames, runs the handler once per request as its own
+task (so a slow request never holds up the others), and writes answers in
+whatever order they finish. Limits are enforced per connection; any violation
+is answered with an ERROR frame and closes that connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import time
+from typing import Any, cast
+
+from .base import Handler, ServerOptions
+from .control import ErrorInfo, GoAwayInfo, Settings
+from .decoder import FrameDecoder
+from .errors import ConnectError, ErrorCode, ProtocolError
+from .frame import (
+    DEFAULT_MAX_FRAME_SIZE,
+    PREFACE,
+    FrameType,
+    encode_frame,
+    encode_response,
+)
+from .registry import parse_address
+from .stream_io import Batcher, set_nodelay
+
+log = logging.getLogger("pitcher.transports")
+
+_REQUEST = FrameType.REQUEST
+_ERROR = FrameType.ERROR
+
+
+class _ServerConnection(asyncio.Protocol):
+    __slots__ = (
+        "_batcher",
+        "_decoder",
+        "_loop",
+        "_server",
+        "closed",
+        "goaway_sent",
+        "last_request_id",
+        "peer_done",
+        "peer_max_frame_size",
+        "tasks",
+        "transport",
+    )
+
+    def __init__(self, server: StreamServer, loop: asyncio.AbstractEventLoop) -> None:
+        self._server = server
+        self._loop = loop
+        self._decoder = FrameDecoder(server.options.max_frame_size)
+        self._batcher = Batcher(loop)
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.transport: asyncio.Transport | None = None
+        self.last_request_id = 0
+        self.goaway_sent = False
+        self.peer_done = False
+        self.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        self._batcher.transport = transport
+        set_nodelay(transport)
+        options = self._server.options
+        transport.write(
+            PREFACE
+            + encode_frame(
+                FrameType.SETTINGS,
+                0,
+                Settings(options.max_frame_size, options.max_in_flight).encode(),
+            )
+        )
+        self._server._connections.add(self)
+        if self._server.closing:
+            self.send_goaway("server is shutting down")
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            with contextlib.suppress(ProtocolError):
+                for frame in exc.frames:  # type: ignore[attr-defined]
+                    self._on_frame(frame)
+            self.fail(exc.code, str(exc))
+            return
+        try:
+            for frame in frames:
+                self._on_frame(frame)
+        except ProtocolError as exc:  # a control payload that does not decode
+            self.fail(exc.code, str(exc))
+
+    def _on_frame(self, frame: Any) -> None:
+        if self.closed:
+            return
+        kind = frame.type
+        if kind == _REQUEST:
+            request_id = frame.request_id
+            if self.goaway_sent and request_id > self.last_request_id:
+                self._batcher.write(
+                    encode_frame(
+                        _ERROR,
+                        request_id,
+                        ErrorInfo(ErrorCode.UNAVAILABLE, "server is shutting down").encode(),
+                    )
+                )
+                return
+            if request_id <= self.last_request_id or request_id in self.tasks:
+                self.fail(ErrorCode.PROTOCOL_ERROR, f"request id {request_id} reused")
+                return
+            if len(self.tasks) >= self._server.options.max_in_flight:
+                self.fail(
+                    ErrorCode.TOO_MANY_IN_FLIGHT,
+                    f"more than {self._server.options.max_in_flight} requests in flight",
+                )
+                return
+            self.last_request_id = request_id
+            self.tasks[request_id] = self._loop.create_task(
+                self._run(request_id, frame.payload, frame.deadline_ms)
+            )
+        elif kind == FrameType.CANCEL:
+            task = self.tasks.pop(frame.request_id, None)
+            if task is not None:
+                task.cancel()
+                self._maybe_finish()
+        elif kind == FrameType.PING:
+            self._batcher.write(encode_frame(FrameType.PONG, 0, frame.payload))
+        elif kind == FrameType.GOAWAY:
+            self.peer_done = True
+            self._maybe_finish()
+        elif kind == _ERROR:
+            if frame.request_id == 0:
+                log.warning(
+                    "peer closed the connection: %s", ErrorInfo.decode(frame.payload).describe()
+                )
+                self.close()
+        elif kind == FrameType.SETTINGS:
+            settings = Settings.decode(frame.payload)
+            if settings.max_frame_size:
+                self.peer_max_frame_size = settings.max_frame_size
+        elif kind == FrameType.PONG:
+            pass
+        else:
+            self.fail(ErrorCode.PROTOCOL_ERROR, f"a server does not accept {kind} frames")
+
+    async def _run(self, request_id: int, payload: bytes, deadline_ms: int) -> None:
+        error: ErrorInfo | None = None
+        deadline: asyncio.Timeout | None = None
+        try:
+            if deadline_ms:
+                async with asyncio.timeout(deadline_ms / 1000) as deadline:
+                    result = await self._server.handler(payload)
+            else:
+                result = await self._server.handler(payload)
+            if not isinstance(result, bytes):
+                raise TypeError(f"handler returned {type(result).__name__}, not bytes")
+            limit = min(self._server.options.max_frame_size, self.peer_max_frame_size)
+            if len(result) > limit:
+                raise ValueError(
+                    f"response of {len(result)} bytes exceeds the frame limit of {limit}"
+                )
+        except asyncio.CancelledError:
+            self.tasks.pop(request_id, None)
+            self._maybe_finish()
+            raise
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
+                # The caller has given up by now; say so anyway, it drops the answer.
+                error = ErrorInfo(ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
+            else:
+                log.exception("handler failed on request %d", request_id)
+                error = ErrorInfo(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        if self.tasks.pop(request_id, None) is not None:
+            if error is None:
+                self._batcher.write(encode_response(request_id, result))
+            else:
+                self._batcher.write(encode_frame(_ERROR, request_id, error.encode()))
+        self._maybe_finish()
+
+    def send_goaway(self, reason: str) -> None:
+        if self.goaway_sent or self.closed:
+            return
+        self.goaway_sent = True
+        self._batcher.write(
+            encode_frame(FrameType.GOAWAY, 0, GoAwayInfo(self.last_request_id, reason).encode())
+        )
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        # After a GOAWAY the connection lives until its calls are done and the
+        # client has hung up (or said GOAWAY itself), so a request that crossed
+        # our GOAWAY on the wire still gets its UNAVAILABLE answer.
+        if self.peer_done and not self.tasks:
+            self.close()
+
+    def fail(self, code: int, message: str) -> None:
+        log.warning("closing connection from a client: %s", message)
+        if self.transport is not None and not self.transport.is_closing():
+            self._batcher.flush()
+            self.transport.write(encode_frame(_ERROR, 0, ErrorInfo(code, message).encode()))
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for task in self.tasks.values():
+            task.cancel()
+        self.tasks.clear()
+        if self.transport is not None:
+            self._batcher.flush()
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        self.peer_done = True
+        if not self.tasks:
+            self.close()
+        return True  # keep our write side open to answer what is still running
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+        self._server._connections.discard(self)
+
+
+class StreamServer:
+    """Serves a handler on a TCP or Unix-socket address."""
+
+    def __init__(self, address: str, handler: Handler, options: ServerOptions | None = None):
+        self.address = address
+        self._parsed = parse_address(address)
+        self.handler = handler
+        self.options = options or ServerOptions()
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[_ServerConnection] = set()
+        # Identity of the socket file we bound, so we never unlink a successor's.
+        self._socket_file: tuple[int, int] | None = None
+        self.closing = False
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(c.tasks) for c in self._connections)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        address = self._parsed
+
+        def factory() -> _ServerConnection:
+            return _ServerConnection(self, loop)
+
+        try:
+            if address.scheme == "unix":
+                _remove_stale_socket(address.path)
+                self._server = await loop.create_unix_server(
+                    factory, address.path, backlog=self.options.backlog
+                )
+                info = os.stat(address.path)
+                self._socket_file = (info.st_dev, info.st_ino)
+            else:
+                self._server = await loop.create_server(
+                    factory,
+                    address.host,
+                    address.port,
+                    backlog=self.options.backlog,
+                    reuse_address=True,
+                )
+        except OSError as exc:
+            raise ConnectError(f"cannot listen on {self.address}: {exc.strerror or exc}") from exc
+        if address.scheme != "unix" and address.port == 0:
+            # Report the port the kernel picked.
+            host, port = self._server.sockets[0].getsockname()[:2]
+            self.address = f"{address.scheme}://{_format_host(host)}:{port}"
+
+    async def close(self, grace: float = 5.0) -> None:
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            connection.send_goaway("server is shutting down")
+        # Clients close a connection once it has no calls left after GOAWAY.
+        deadline = time.monotonic() + grace
+        while self._connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        self.abort()
+
+    def abort(self) -> None:
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            connection.close()
+        if self._socket_file is not None:
+            path, self._socket_file, bound = self._parsed.path, None, self._socket_file
+            with contextlib.suppress(OSError):
+                info = os.stat(path)
+                if (info.st_dev, info.st_ino) == bound:
+                    os.unlink(path)
+
+
+def _format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead server, but nothing else."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConnectError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    except OSError:
+        pass
+    else:
+        raise ConnectError(f"{path} is in use by a running server")
+    finally:
+        probe.close()
