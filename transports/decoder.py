@@ -26,6 +26,9 @@ from .frame import (
 )
 
 _unpack_header = HEADER.unpack_from
+# Frame's generated __new__ is a Python function; tuple.__new__ builds the same
+# object in C, which matters at one frame per request.
+_new_frame = tuple.__new__
 # Frame types that belong to one call and so need a non-zero request id, and
 # those that belong to the connection and must carry id 0. ERROR may be either.
 _CALL_TYPES = frozenset((FrameType.REQUEST, FrameType.RESPONSE, FrameType.CANCEL))
@@ -110,7 +113,9 @@ class FrameDecoder:
                 if stop > end:
                     self._need = HEADER_SIZE + length
                     break
-                frames.append(Frame(frame_type, request_id, data[start:stop], deadline, flags))
+                frames.append(
+                    _new_frame(Frame, (frame_type, request_id, data[start:stop], deadline, flags))
+                )
                 pos = stop
             else:
                 self._need = HEADER_SIZE

@@ -28,6 +28,7 @@ from .frame import (
     encode_frame,
     encode_response,
 )
+from .handlers import as_coroutine, resume
 from .registry import parse_address
 from .stream_io import Batcher, set_nodelay
 
@@ -123,9 +124,7 @@ class _ServerConnection(asyncio.Protocol):
                 )
                 return
             self.last_request_id = request_id
-            self.tasks[request_id] = self._loop.create_task(
-                self._run(request_id, frame.payload, frame.deadline_ms)
-            )
+            self._start(request_id, frame.payload, frame.deadline_ms)
         elif kind == FrameType.CANCEL:
             task = self.tasks.pop(frame.request_id, None)
             if task is not None:
@@ -151,39 +150,67 @@ class _ServerConnection(asyncio.Protocol):
         else:
             self.fail(ErrorCode.PROTOCOL_ERROR, f"a server does not accept {kind} frames")
 
-    async def _run(self, request_id: int, payload: bytes, deadline_ms: int) -> None:
-        error: ErrorInfo | None = None
-        deadline: asyncio.Timeout | None = None
+    def _start(self, request_id: int, payload: bytes, deadline_ms: int) -> None:
+        """Run the handler; only one that has to wait gets a task (see transports.handlers)."""
         try:
-            if deadline_ms:
-                async with asyncio.timeout(deadline_ms / 1000) as deadline:
-                    result = await self._server.handler(payload)
-            else:
-                result = await self._server.handler(payload)
-            if not isinstance(result, bytes):
-                raise TypeError(f"handler returned {type(result).__name__}, not bytes")
-            limit = min(self._server.options.max_frame_size, self.peer_max_frame_size)
-            if len(result) > limit:
-                raise ValueError(
-                    f"response of {len(result)} bytes exceeds the frame limit of {limit}"
-                )
+            coroutine = as_coroutine(self._server.handler(payload))
+            yielded = coroutine.send(None)
+        except StopIteration as done:
+            self._answer(request_id, done.value, None)
+            return
+        except Exception as exc:
+            self._answer(request_id, None, exc)
+            return
+        task = self._loop.create_task(self._finish(request_id, coroutine, yielded))
+        self.tasks[request_id] = task
+        if deadline_ms:
+            # Nobody waits for the answer after this: stop the work.
+            timer = self._loop.call_later(deadline_ms / 1000, self._expire, request_id, task)
+            task.add_done_callback(lambda _: timer.cancel())
+
+    async def _finish(self, request_id: int, coroutine: Any, yielded: Any) -> None:
+        try:
+            result = await resume(coroutine, yielded)
         except asyncio.CancelledError:
-            self.tasks.pop(request_id, None)
+            if self.tasks.get(request_id) is asyncio.current_task():
+                # Our own deadline (_expire); a CANCEL frame pops the task first.
+                self.tasks.pop(request_id)
+                self._batcher.write(
+                    encode_frame(
+                        _ERROR,
+                        request_id,
+                        ErrorInfo(ErrorCode.DEADLINE_EXCEEDED, "deadline passed").encode(),
+                    )
+                )
             self._maybe_finish()
             raise
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
-                # The caller has given up by now; say so anyway, it drops the answer.
-                error = ErrorInfo(ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
-            else:
-                log.exception("handler failed on request %d", request_id)
-                error = ErrorInfo(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        if self.tasks.pop(request_id, None) is not None:
-            if error is None:
-                self._batcher.write(encode_response(request_id, result))
-            else:
-                self._batcher.write(encode_frame(_ERROR, request_id, error.encode()))
+            if self.tasks.pop(request_id, None) is not None:
+                self._answer(request_id, None, exc)
+        else:
+            if self.tasks.pop(request_id, None) is not None:
+                self._answer(request_id, result, None)
         self._maybe_finish()
+
+    def _expire(self, request_id: int, task: asyncio.Task[None]) -> None:
+        if self.tasks.get(request_id) is task:
+            task.cancel()
+
+    def _answer(self, request_id: int, result: Any, error: BaseException | None) -> None:
+        if error is None:
+            limit = min(self._server.options.max_frame_size, self.peer_max_frame_size)
+            if not isinstance(result, bytes):
+                error = TypeError(f"handler returned {type(result).__name__}, not bytes")
+            elif len(result) > limit:
+                error = ValueError(
+                    f"response of {len(result)} bytes exceeds the frame limit of {limit}"
+                )
+            else:
+                self._batcher.write(encode_response(request_id, result))
+                return
+        log.error("handler failed on request %d", request_id, exc_info=error)
+        info = ErrorInfo(ErrorCode.INTERNAL, f"{type(error).__name__}: {error}")
+        self._batcher.write(encode_frame(_ERROR, request_id, info.encode()))
 
     def send_goaway(self, reason: str) -> None:
         if self.goaway_sent or self.closed:

@@ -121,6 +121,7 @@ class HttpRequest:
         "query",
         "target",
         "version",
+        "watched",
     )
 
     def __init__(
@@ -136,6 +137,7 @@ class HttpRequest:
         keep_alive: bool,
         expect_continue: bool,
         content_length: int | None,
+        watched: bool = False,
     ) -> None:
         self.method = method
         self.path = path
@@ -148,6 +150,8 @@ class HttpRequest:
         self.keep_alive = keep_alive
         self.expect_continue = expect_continue
         self.content_length = content_length
+        # Whether any header named in the parser's ``watch`` set is present.
+        self.watched = watched
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HttpRequest):
@@ -196,6 +200,7 @@ class RequestParser:
         "_max_target",
         "_messages",
         "_method",
+        "_notable",
         "_parser",
         "_pending_error",
         "_request",
@@ -204,11 +209,20 @@ class RequestParser:
         "_transfer_encoding",
         "_unreported",
         "_upgrading",
+        "_watch",
+        "_watched",
     )
 
-    def __init__(self, limits: HttpLimits | None = None) -> None:
+    def __init__(
+        self, limits: HttpLimits | None = None, watch: frozenset[bytes] = frozenset()
+    ) -> None:
         limits = limits or _DEFAULT_LIMITS
         self._limits = limits
+        # Lower-case names the caller wants flagged (HttpRequest.watched), so it
+        # can skip its own scan of the headers when none of them is present.
+        self._watch = watch
+        self._notable = _SPECIAL_HEADERS | watch
+        self._watched = False
         # Copied out of the dataclass: callbacks read them on every header.
         self._max_target = limits.max_request_line - _REQUEST_LINE_OVERHEAD
         self._max_header_size = limits.max_header_size
@@ -447,6 +461,7 @@ class RequestParser:
         self._expect = None
         self._body_size = 0
         self._chunk_mark = -1
+        self._watched = False
 
     def _on_url(self, url: bytes) -> None:
         target = self._target + url
@@ -479,8 +494,11 @@ class RequestParser:
         # which is cheaper than testing the last byte first.
         value = value.rstrip(b" \t")
         name = name.lower()
-        if name in _SPECIAL_HEADERS:
-            self._on_special_header(name, value)
+        if name in self._notable:
+            if name in _SPECIAL_HEADERS:
+                self._on_special_header(name, value)
+            if name in self._watch:
+                self._watched = True
         self._headers.append((name, value))
 
     def _on_special_header(self, name: bytes, value: bytes) -> None:
@@ -577,6 +595,7 @@ class RequestParser:
             parser.should_keep_alive(),
             expect_continue,
             content_length,
+            self._watched,
         )
         self._headers_done = True
         # Trailer fields get a budget and a list of their own; the list is

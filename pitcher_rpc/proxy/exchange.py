@@ -28,14 +28,7 @@ from transports.errors import (
 
 from ..codec import BadPayload, decode_response, encode_request
 from ..http.parser import HttpRequest
-from ..http.response import (
-    HOP_BY_HOP,
-    build_response,
-    connection_tokens,
-    error_response,
-    is_valid_name,
-    is_valid_value,
-)
+from ..http.response import HOP_BY_HOP, build_response, connection_tokens, error_response
 
 if TYPE_CHECKING:
     from .server import HttpConnection
@@ -47,16 +40,27 @@ log = logging.getLogger("pitcher.proxy")
 # A request id we accept from a client: short and plainly printable, so it is
 # safe in logs and in the response header we echo it in.
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}").fullmatch
-_REQUEST_ID_PREFIX = os.urandom(6).hex()
+_REQUEST_ID_PREFIX = os.urandom(6).hex().encode() + b"-"
 _request_counter = itertools.count(1)
 
 # Response headers the proxy itself owns: the HTTP framing is ours to write.
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
-_REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"x-forwarded-for", b"x-forwarded-proto"}
+# Request headers the proxy drops or rewrites. Content-Length is dropped too:
+# the body field of the frame carries the exact length.
+REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"x-forwarded-for", b"x-forwarded-proto"}
+
+# All names (values) of a response checked by one regex call over them joined
+# with a newline, which neither a token nor a field value may contain: one
+# C-level match instead of a Python call per header.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VALUE = rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
+_VALID_NAMES = re.compile(rb"%s(?:\n%s)*" % (_TOKEN, _TOKEN)).fullmatch
+_VALID_VALUES = re.compile(rb"%s(?:\n%s)*" % (_VALUE, _VALUE)).fullmatch
+_colon_join = b": ".join
 
 
 def new_request_id() -> bytes:
-    return f"{_REQUEST_ID_PREFIX}-{next(_request_counter):x}".encode()
+    return _REQUEST_ID_PREFIX + b"%x" % next(_request_counter)
 
 
 class Exchange:
@@ -95,8 +99,7 @@ class Exchange:
 
     def start(self) -> None:
         request = self.request
-        snapshot = self.snapshot
-        route = snapshot.router.match(request.host, request.path)
+        route = self.snapshot.router.match(request.host, request.path)
         if route is None:
             self.fail(404, "no route for this host and path")
             return
@@ -104,39 +107,44 @@ class Exchange:
         if not route.cluster.nodes:
             self.fail(503, f"cluster {route.cluster.name!r} has no nodes")
             return
-        self.request_id = self._forwarded_request_id()
         self.payload = self._encode(route)
         self.deadline = self.connection.loop.time() + route.timeout
         self._send()
 
-    def _forwarded_request_id(self) -> bytes:
-        wanted = self.snapshot.request_id_header
-        for name, value in self.request.headers:
-            if name == wanted:
-                if _VALID_REQUEST_ID(value):
-                    return value
-                break
-        return new_request_id()
-
     def _encode(self, route: Route) -> bytes:
         request = self.request
         headers = request.headers
-        drop = _REQUEST_DROP
-        # Headers the client named in Connection are hop-by-hop too.
-        tokens = connection_tokens(headers)
-        if tokens:
-            drop = drop | tokens
         id_header = self.snapshot.request_id_header
-        names: list[bytes] = []
-        values: list[bytes] = []
         forwarded_for = b""
-        for name, value in headers:
-            if name in drop or name == id_header:
-                if name == b"x-forwarded-for":
-                    forwarded_for = value
-                continue
-            names.append(name)
-            values.append(value)
+        if not request.watched and self.connection.watch is self.snapshot.watch:
+            # No header to drop, rewrite or read: the common case, in C loops.
+            names = [header[0] for header in headers]
+            values = [header[1] for header in headers]
+            self.request_id = new_request_id()
+        else:
+            drop = REQUEST_DROP
+            # Headers the client named in Connection are hop-by-hop too.
+            tokens = connection_tokens(headers)
+            if tokens:
+                drop = drop | tokens
+            names = []
+            values = []
+            incoming_id = None
+            for name, value in headers:
+                if name in drop:
+                    if name == b"x-forwarded-for":
+                        forwarded_for = value
+                    continue
+                if name == id_header:
+                    if incoming_id is None:
+                        incoming_id = value
+                    continue
+                names.append(name)
+                values.append(value)
+            if incoming_id is not None and _VALID_REQUEST_ID(incoming_id):
+                self.request_id = incoming_id
+            else:
+                self.request_id = new_request_id()
         client_ip = self.connection.client_ip
         names += (b"x-forwarded-for", b"x-forwarded-proto", id_header)
         values += (
@@ -234,28 +242,39 @@ class Exchange:
             # 1xx cannot be relayed as a final answer (and 101 would need an upgrade).
             self.fail(502, f"backend answered with status {status}")
             return
-        names = response.header_names
-        values = response.header_values
-        drop = _RESPONSE_DROP
-        lowered = [name.lower() for name in names]
-        if b"connection" in lowered:
-            tokens = connection_tokens(list(zip(lowered, values, strict=True)))
-            drop = drop | tokens
-        headers: list[tuple[bytes, bytes]] = []
-        for name, lower, value in zip(names, lowered, values, strict=True):
-            if lower in drop:
-                continue
-            if not (is_valid_name(name) and is_valid_value(value)):
+        id_header = self.snapshot.request_id_header
+        names = list(response.header_names)
+        if names:
+            values = list(response.header_values)
+            joined = b"\n".join(names)
+            if not (_VALID_NAMES(joined) and _VALID_VALUES(b"\n".join(values))):
                 self.fail(502, "backend answered with an invalid header")
                 return
-            headers.append((name, value))
-        id_header = self.snapshot.request_id_header
-        if id_header not in lowered:
-            headers.append((id_header, self.request_id))
+            lowered = joined.lower().split(b"\n")
+            if not _RESPONSE_DROP.isdisjoint(lowered):
+                drop = _RESPONSE_DROP | connection_tokens(zip(lowered, values, strict=True))
+                kept = [
+                    (name, value)
+                    for name, lower, value in zip(names, lowered, values, strict=True)
+                    if lower not in drop
+                ]
+                names = [name for name, _ in kept]
+                values = [value for _, value in kept]
+            if id_header not in lowered:
+                names.append(id_header)
+                values.append(self.request_id)
+        else:
+            names = [id_header]
+            values = [self.request_id]
         self.connection.finish(
             self,
             build_response(
-                status, headers, response.body, keep_alive=self.keep_alive, head=self.head
+                status,
+                (),
+                response.body,
+                keep_alive=self.keep_alive,
+                head=self.head,
+                extra=b"\r\n".join(map(_colon_join, zip(names, values, strict=True))) + b"\r\n",
             ),
             status,
         )

@@ -36,6 +36,7 @@ class HttpConnection(asyncio.Protocol):
         "_advancing",
         "_continue_sent",
         "_read_paused",
+        "_refusing",
         "client_ip",
         "client_text",
         "closed",
@@ -47,13 +48,17 @@ class HttpConnection(asyncio.Protocol):
         "request_started",
         "server",
         "transport",
+        "watch",
         "write_paused",
     )
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.loop = server.loop
-        self.parser = RequestParser(server.snapshot.limits)
+        snapshot = server.snapshot
+        # The watch set the parser flags requests with; see Exchange._encode.
+        self.watch = snapshot.watch
+        self.parser = RequestParser(snapshot.limits, self.watch)
         self.queue: deque[HttpRequest | HttpError] = deque()
         self.current: Exchange | None = None
         self.transport: asyncio.Transport | None = None
@@ -64,6 +69,7 @@ class HttpConnection(asyncio.Protocol):
         self.request_started = 0.0
         self.write_paused = False
         self._read_paused = False
+        self._refusing = False
         self._advancing = False
         self._continue_sent = False
 
@@ -86,27 +92,36 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = self.loop.time()
+        self.last_activity = now
         parser = self.parser
         if not parser.in_request:
             self.request_started = now
-        self.last_activity = now
         try:
             requests = parser.feed(data)
         except HttpError as error:
+            self._refusing = True
             self.queue.extend(error.requests)
             self.queue.append(error)
             self._pause_reading()
-        else:
-            if requests:
-                self.queue.extend(requests)
-                if parser.in_request:
-                    # The bytes after the last complete request began the next one.
-                    self.request_started = now
-                self._continue_sent = False
-        if self.current is None:
-            self._advance()
-        if len(self.queue) > _PIPELINE_HIGH:
-            self._pause_reading()
+            if self.current is None:
+                self._advance()
+            return
+        if requests:
+            self._continue_sent = False
+            if parser.in_request:
+                # The bytes after the last complete request began the next one.
+                self.request_started = now
+            if self.current is None and not self.queue and len(requests) == 1:
+                # The common case, kept short: one request with nothing ahead of it.
+                self._begin(requests[0])
+                return
+            self.queue.extend(requests)
+            if self.current is None:
+                self._advance()
+            if len(self.queue) > _PIPELINE_HIGH:
+                self._pause_reading()
+        elif self.current is None:
+            self._idle()
 
     def eof_received(self) -> bool:
         # A client that half-closes after sending its requests still gets its
@@ -122,7 +137,8 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._resume_reading()
+        if len(self.queue) < _PIPELINE_LOW:
+            self._resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -134,6 +150,11 @@ class HttpConnection(asyncio.Protocol):
 
     # request flow ----------------------------------------------------------------------
 
+    def _begin(self, request: HttpRequest) -> None:
+        exchange = Exchange(self, request, self.server.snapshot)
+        self.current = exchange
+        exchange.start()  # may finish at once (a 404, an early answer)
+
     def _advance(self) -> None:
         """Start queued requests in order, one at a time."""
         if self._advancing:
@@ -143,20 +164,24 @@ class HttpConnection(asyncio.Protocol):
             queue = self.queue
             while self.current is None and queue and not self.closed:
                 item = queue.popleft()
-                if isinstance(item, HttpError):
+                if type(item) is HttpError:
                     self._refuse(item)
                     return
-                exchange = Exchange(self, item, self.server.snapshot)
-                self.current = exchange
-                exchange.start()
+                self._begin(item)  # type: ignore[arg-type]
             if self.current is None and not self.closed:
-                if self._read_paused and len(queue) < _PIPELINE_LOW and not self.write_paused:
-                    self._resume_reading()
-                if self.parser.pending_expect_continue and not self._continue_sent:
-                    self._continue_sent = True
-                    self._write(_CONTINUE)
+                self._idle()
+            elif self._read_paused and len(queue) < _PIPELINE_LOW:
+                self._resume_reading()
         finally:
             self._advancing = False
+
+    def _idle(self) -> None:
+        """Nothing is running and nothing is queued: read again, answer 100-continue."""
+        if self._read_paused:
+            self._resume_reading()
+        if self.parser.pending_expect_continue and not self._continue_sent:
+            self._continue_sent = True
+            self._write(_CONTINUE)
 
     def finish(self, exchange: Exchange, response: bytes, status: int) -> None:
         """Write an exchange's response; go on to the next request or close."""
@@ -167,10 +192,10 @@ class HttpConnection(asyncio.Protocol):
         self._write(response)
         if not exchange.keep_alive or self.server.draining:
             self._close()
-            return
-        self.last_activity = self.loop.time()
-        if not self._advancing:
+        elif self.queue:
             self._advance()
+        elif self._read_paused or self.parser.in_request:
+            self._idle()
 
     def _refuse(self, error: HttpError) -> None:
         if error.status:
@@ -199,6 +224,8 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.pause_reading()
 
     def _resume_reading(self) -> None:
+        if self.write_paused or self._refusing:
+            return  # the client must read first, or the parser has failed for good
         if self._read_paused and self.transport is not None and not self.closed:
             self._read_paused = False
             with contextlib.suppress(RuntimeError):

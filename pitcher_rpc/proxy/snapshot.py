@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..config import Config, RouteConfig
 from ..http.parser import HttpLimits
+from .exchange import REQUEST_DROP
 from .routing import Router
 from .upstream import Cluster, Upstreams
 
@@ -49,6 +50,7 @@ class Snapshot:
         "limits",
         "request_id_header",
         "router",
+        "watch",
     )
 
     def __init__(self, config: Config, upstreams: Upstreams, generation: int) -> None:
@@ -68,6 +70,8 @@ class Snapshot:
         self.header_timeout = server.header_timeout
         self.keepalive_timeout = server.keepalive_timeout
         self.request_id_header = server.request_id_header.lower().encode()
+        # Headers whose presence sends a request down the exchange's slow path.
+        self.watch = REQUEST_DROP | {self.request_id_header}
 
     def node_uris(self) -> set[str]:
         return {node.uri for cluster in self.clusters.values() for node in cluster.nodes}
