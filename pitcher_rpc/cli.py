@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import sys
 
@@ -69,7 +70,13 @@ async def _serve(path: str, config: object) -> None:
     assert isinstance(config, Config)
     log = logging.getLogger("pitcher")
     proxy = ProxyServer(config)
-    await proxy.start()
+    try:
+        await proxy.start()
+    except OSError as exc:
+        click.echo(
+            f"pitcher: cannot listen on {config.server.listen}: {exc.strerror or exc}", err=True
+        )
+        raise SystemExit(1) from None
     log.info("listening on %s (config %s, sha256 %s)", proxy.address, path, config.checksum[:12])
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -99,8 +106,14 @@ async def _serve(path: str, config: object) -> None:
 )
 def demo(listen: str | None) -> None:
     """Run the proxy and an echo service per transport on the embedded config."""
+    from .config import parse_listen
     from .demo import run_demo
 
+    if listen is not None:
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--listen") from None
     _run(run_demo(listen))
 
 
@@ -109,8 +122,18 @@ def demo(listen: str | None) -> None:
 @click.option("--listen", required=True, metavar="URI", help="e.g. tcp://127.0.0.1:7001")
 def backend(app: str, listen: str) -> None:
     """Run a split service: APP is MODULE:ATTRIBUTE naming a pitcher_rpc.sdk.Service."""
+    from transports.registry import AddressError, transport_for
+
     from .sdk import Service
 
+    try:
+        transport_for(listen)
+    except AddressError as exc:
+        message = str(exc) if listen in str(exc) else f"{listen}: {exc}"
+        raise click.BadParameter(message, param_hint="--listen") from None
+    # As `python -m` would: modules beside the caller are importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     module_name, _, attribute = app.partition(":")
     if not attribute:
         raise click.BadParameter("expected MODULE:ATTRIBUTE", param_hint="APP")

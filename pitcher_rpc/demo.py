@@ -50,7 +50,13 @@ async def run_demo(listen: str | None) -> None:
     try:
         config = demo_config(services, listen)
         proxy = ProxyServer(config)
-        await proxy.start()
+        try:
+            await proxy.start()
+        except OSError as exc:
+            proxy = None
+            listen_on = config.server.listen
+            click.echo(f"pitcher demo: cannot listen on {listen_on}: {exc.strerror}", err=True)
+            raise SystemExit(1) from None
         base = f"http://{proxy.address}"
         click.echo(f"Pitcher RPC demo: proxy on {base}")
         for route in config.routes:

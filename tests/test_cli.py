@@ -13,12 +13,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 from collections.abc import Iterator
 
 import pytest
 
-from tests.proxy.conftest import can_connect, free_port, pitcher_command, wait_until
+from tests.proxy.conftest import Launcher, can_connect, free_port, pitcher_command, wait_until
 
 GOOD = """\
 [server]
@@ -235,40 +234,23 @@ def test_backend_with_a_bad_listen_uri_is_a_usage_error(workdir: str, uri: str) 
 
 
 def test_backend_runs_an_app_from_the_working_directory(workdir: str) -> None:
-    # `pitcher backend mymodule:app` is documented for modules next to the user.
-    write(
-        workdir,
-        "hello_app.py",
-        textwrap.dedent(
-            """\
-            from pitcher_rpc.sdk import Service
-            app = Service("hello")
-            """
-        ),
-    )
+    # The SDK documents `pitcher backend mymodule:app` for a module beside the user.
+    write(workdir, "hello_app.py", "from pitcher_rpc.sdk import Service\napp = Service('hello')\n")
     uri = f"unix://{workdir}/hello.sock"
-    process = subprocess.Popen(
-        [*pitcher_command(), "backend", "hello_app:app", "--listen", uri],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    launcher = Launcher()
     try:
+        process = launcher.spawn(
+            [*pitcher_command(), "backend", "hello_app:app", "--listen", uri], cwd=workdir
+        )
 
         def ready() -> bool:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert process.alive(), process.output
             return can_connect(uri)
 
         wait_until(ready, 5.0, "the backend socket")
+        assert process.stop() == 0
     finally:
-        process.terminate()
-        try:
-            returncode = process.wait(3.0)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            returncode = process.wait(3.0)
-    assert returncode == 0
+        launcher.close()
     # A drained backend leaves no socket file behind.
     assert not os.path.exists(f"{workdir}/hello.sock")
 

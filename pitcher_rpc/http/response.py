@@ -7,7 +7,9 @@ status lines, the hop-by-hop set and the validation patterns.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable
+from email.utils import formatdate
 from functools import lru_cache
 from http import HTTPStatus
 
@@ -16,6 +18,7 @@ __all__ = [
     "STATUS_LINES",
     "build_response",
     "connection_tokens",
+    "date_line",
     "error_response",
     "is_valid_name",
     "is_valid_value",
@@ -58,6 +61,7 @@ _FIELD_VALUE = re.compile(
 # Statuses whose responses never carry content (RFC 9110 §6.4.1).
 _NO_CONTENT = frozenset((204, 304))
 _CONNECTION_CLOSE = b"connection: close\r\n"
+_CONNECTION_KEEP_ALIVE = b"connection: keep-alive\r\n"
 
 
 def status_line(code: int) -> bytes:
@@ -96,6 +100,27 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes
     return frozenset(tokens)
 
 
+class _DateLine:
+    """The ``date`` header line (RFC 9110 §6.6.1), made once per second."""
+
+    __slots__ = ("line", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.line = b""
+
+    def __call__(self) -> bytes:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            self.line = b"date: %s\r\n" % formatdate(now, usegmt=True).encode("ascii")
+        return self.line
+
+
+date_line = _DateLine()
+
+
 def build_response(
     status: int,
     headers: Iterable[tuple[bytes, bytes]],
@@ -104,16 +129,19 @@ def build_response(
     keep_alive: bool,
     head: bool = False,
     extra: bytes = b"",
+    http10: bool = False,
 ) -> bytes:
     """Serialize a response.
 
     ``headers`` must already be validated and free of content-length,
-    connection and hop-by-hop fields: this adds ``content-length`` itself
+    connection and hop-by-hop fields: this adds ``date``, ``content-length``
     (the length of ``body``, also for a HEAD response, which carries no body)
-    and ``connection: close`` when the connection will not be kept. ``extra``
-    is appended to the header lines as is, e.g. ``b"x-request-id: 7\\r\\n"``.
-    1xx, 204 and 304 responses never carry content or a Content-Length, and
-    1xx ones no ``connection: close`` either: the final response says that.
+    and ``connection: close`` when the connection will not be kept, or
+    ``connection: keep-alive`` when it will be kept for an HTTP/1.0 client
+    (``http10``), which assumes the opposite otherwise. ``extra`` is appended
+    to the header lines as is, e.g. ``b"x-request-id: 7\r\n"``. 1xx, 204 and
+    304 responses never carry content or a Content-Length, and 1xx ones no
+    ``connection`` field either: the final response says that.
     """
     parts = [status_line(status)]
     for name, value in headers:
@@ -121,29 +149,48 @@ def build_response(
     if status < 200:
         parts += (extra, b"\r\n")
         return b"".join(parts)
+    parts.append(date_line())
     if status not in _NO_CONTENT:
         parts.append(b"content-length: %d\r\n" % len(body))
     if not keep_alive:
         parts.append(_CONNECTION_CLOSE)
+    elif http10:
+        parts.append(_CONNECTION_KEEP_ALIVE)
     parts += (extra, b"\r\n")
     if not head and status not in _NO_CONTENT:
         parts.append(body)
     return b"".join(parts)
 
 
-@lru_cache(maxsize=256)
-def error_response(
-    status: int, message: str, *, keep_alive: bool = False, head: bool = False
-) -> bytes:
-    """A short plain-text response: ``"<status> <phrase>: <message>\\n"``.
+_ERROR_HEADERS = ((b"content-type", b"text/plain; charset=utf-8"),)
 
-    Cached, since refusals repeat the same few messages; the cache is bounded
-    in case a message ever carries variable text.
-    """
+
+@lru_cache(maxsize=256)
+def _error_body(status: int, message: str) -> bytes:
+    # Refusals repeat the same few messages; bounded in case one carries variable text.
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
         phrase = "Unknown"
-    body = f"{status} {phrase}: {message}\n".encode()
-    headers = ((b"content-type", b"text/plain; charset=utf-8"),)
-    return build_response(status, headers, body, keep_alive=keep_alive, head=head)
+    return f"{status} {phrase}: {message}\n".encode()
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    keep_alive: bool = False,
+    head: bool = False,
+    extra: bytes = b"",
+    http10: bool = False,
+) -> bytes:
+    """A short plain-text response: ``"<status> <phrase>: <message>\\n"``."""
+    return build_response(
+        status,
+        _ERROR_HEADERS,
+        _error_body(status, message),
+        keep_alive=keep_alive,
+        head=head,
+        extra=extra,
+        http10=http10,
+    )

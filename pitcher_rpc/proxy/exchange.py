@@ -29,6 +29,7 @@ from transports.errors import (
 from ..codec import BadPayload, decode_response, encode_request
 from ..http.parser import HttpRequest
 from ..http.response import HOP_BY_HOP, build_response, connection_tokens, error_response
+from .routing import normalize_path
 
 if TYPE_CHECKING:
     from .server import HttpConnection
@@ -72,6 +73,7 @@ class Exchange:
         "keep_alive",
         "last_error",
         "node",
+        "path",
         "payload",
         "request",
         "request_id",
@@ -92,6 +94,7 @@ class Exchange:
         self.last_error: CallError | None = None
         self.route: Route | None = None
         self.payload = b""
+        self.path = b""
         self.request_id = b""
         self.deadline = 0.0
 
@@ -99,7 +102,8 @@ class Exchange:
 
     def start(self) -> None:
         request = self.request
-        route = self.snapshot.router.match(request.host, request.path)
+        self.path = path = normalize_path(request.path)
+        route = self.snapshot.router.match(request.host, path)
         if route is None:
             self.fail(404, "no route for this host and path")
             return
@@ -131,12 +135,11 @@ class Exchange:
             values = []
             incoming_id = None
             for name, value in headers:
-                if name in drop:
+                if name in drop or name == id_header:
                     if name == b"x-forwarded-for":
-                        forwarded_for = value
-                    continue
-                if name == id_header:
-                    if incoming_id is None:
+                        # Every hop of every field, in order (RFC 9110 §5.3).
+                        forwarded_for = forwarded_for + b", " + value if forwarded_for else value
+                    elif name == id_header and incoming_id is None:
                         incoming_id = value
                     continue
                 names.append(name)
@@ -152,7 +155,7 @@ class Exchange:
             b"http",
             self.request_id,
         )
-        path = request.path
+        path = self.path
         if route.strip_prefix:
             path = b"/" + path[len(route.prefix_bytes) :].lstrip(b"/")
         return encode_request(
@@ -247,7 +250,16 @@ class Exchange:
         if names:
             values = list(response.header_values)
             joined = b"\n".join(names)
-            if not (_VALID_NAMES(joined) and _VALID_VALUES(b"\n".join(values))):
+            joined_values = b"\n".join(values)
+            separators = len(names) - 1
+            # A newline inside a name or value would pass the pattern as a
+            # separator; counting them closes that door (header injection).
+            if not (
+                _VALID_NAMES(joined)
+                and _VALID_VALUES(joined_values)
+                and joined.count(b"\n") == separators
+                and joined_values.count(b"\n") == separators
+            ):
                 self.fail(502, "backend answered with an invalid header")
                 return
             lowered = joined.lower().split(b"\n")
@@ -272,19 +284,39 @@ class Exchange:
                 status,
                 (),
                 response.body,
-                keep_alive=self.keep_alive,
+                keep_alive=self._keep_alive(),
                 head=self.head,
                 extra=b"\r\n".join(map(_colon_join, zip(names, values, strict=True))) + b"\r\n",
+                http10=self.request.version == "1.0",
             ),
             status,
         )
 
     def fail(self, status: int, message: str) -> None:
+        extra = b""
+        if self.request_id:
+            extra = self.snapshot.request_id_header + b": " + self.request_id + b"\r\n"
         self.connection.finish(
             self,
-            error_response(status, message, keep_alive=self.keep_alive, head=self.head),
+            error_response(
+                status,
+                message,
+                keep_alive=self._keep_alive(),
+                head=self.head,
+                extra=extra,
+                http10=self.request.version == "1.0",
+            ),
             status,
         )
+
+    def _keep_alive(self) -> bool:
+        """Decided when the answer is written: a drain may have begun meanwhile."""
+        keep_alive = self.keep_alive = (
+            self.request.keep_alive
+            and not self.connection.server.draining
+            and self.snapshot.keepalive_timeout > 0
+        )
+        return keep_alive
 
     def abandon(self) -> None:
         """The client went away: stop waiting and let the node know (CANCEL)."""

@@ -25,16 +25,52 @@ R = TypeVar("R", bound=_Routed)
 
 
 def normalize_host(host: bytes) -> bytes:
-    """Lower-case host without its port.
+    """Lower-case host without its port or a trailing root dot.
 
-    ``Example.COM:8080`` becomes ``example.com`` and ``[::1]:80`` becomes ``[::1]``.
+    ``Example.COM.:8080`` becomes ``example.com`` and ``[::1]:80`` becomes ``[::1]``.
     """
     host = host.lower()
     if host.startswith(b"["):
         end = host.find(b"]")
         return host[: end + 1] if end != -1 else host
     colon = host.rfind(b":")
-    return host[:colon] if colon != -1 else host
+    if colon != -1:
+        host = host[:colon]
+    # A fully qualified name with its root dot names the same host.
+    return host[:-1] if host.endswith(b".") else host
+
+
+_DOT_SEGMENTS = frozenset((b".", b"%2e"))
+_DOT_DOT_SEGMENTS = frozenset((b"..", b".%2e", b"%2e.", b"%2e%2e"))
+
+
+def normalize_path(path: bytes) -> bytes:
+    """Remove ``.`` and ``..`` segments (RFC 3986 §5.2.4), percent-encoded ones too.
+
+    Routing and the backend must see the same path, or ``/public/../admin``
+    would be routed as ``/public/`` and served as ``/admin``. Other
+    percent-encoding is left as it is. A path without a dot segment is
+    returned unchanged, which is nearly every path, at the cost of two
+    substring searches.
+    """
+    if b"/." not in path and b"%2" not in path:
+        return path
+    if not path.startswith(b"/"):
+        return path  # "*" of OPTIONS
+    kept: list[bytes] = []
+    segments = path.split(b"/")[1:]
+    for segment in segments:
+        lowered = segment.lower()
+        if lowered in _DOT_SEGMENTS:
+            continue
+        if lowered in _DOT_DOT_SEGMENTS:
+            if kept:
+                kept.pop()
+            continue
+        kept.append(segment)
+    if segments[-1].lower() in _DOT_SEGMENTS | _DOT_DOT_SEGMENTS:
+        kept.append(b"")  # "/a/b/.." is the directory "/a/", not the file "/a"
+    return b"/" + b"/".join(kept)
 
 
 class Router(Generic[R]):

@@ -29,12 +29,19 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # the queue drains: a client cannot make us buffer without bound.
 _PIPELINE_HIGH = 32
 _PIPELINE_LOW = 8
+# After refusing a request the proxy half-closes and reads (and drops) what the
+# client is still sending for a while, so the refusal is not destroyed by a
+# reset before the client reads it (RFC 9112 §9.6, nginx's lingering close).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1 << 20
 
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_advancing",
         "_continue_sent",
+        "_linger_until",
+        "_lingered",
         "_read_paused",
         "_refusing",
         "client_ip",
@@ -70,6 +77,8 @@ class HttpConnection(asyncio.Protocol):
         self.write_paused = False
         self._read_paused = False
         self._refusing = False
+        self._linger_until = 0.0
+        self._lingered = 0
         self._advancing = False
         self._continue_sent = False
 
@@ -91,6 +100,11 @@ class HttpConnection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_until:
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES and self.transport is not None:
+                self.transport.close()
+            return
         now = self.loop.time()
         self.last_activity = now
         parser = self.parser
@@ -124,6 +138,8 @@ class HttpConnection(asyncio.Protocol):
             self._idle()
 
     def eof_received(self) -> bool:
+        if self._linger_until:
+            return False  # the client has read our refusal and is done: close
         # A client that half-closes after sending its requests still gets its
         # answers (RFC 9112 §9.6); we close once they are written.
         if self.current is None and not self.queue:
@@ -198,9 +214,18 @@ class HttpConnection(asyncio.Protocol):
             self._idle()
 
     def _refuse(self, error: HttpError) -> None:
-        if error.status:
-            self._write(error_response(error.status, error.reason))
-        self._close()
+        transport = self.transport
+        if not error.status or transport is None or not transport.can_write_eof():
+            self._close()
+            return
+        self._write(error_response(error.status, error.reason))
+        self.closed = True
+        transport.write_eof()
+        self._linger_until = self.loop.time() + LINGER_SECONDS
+        if self._read_paused:
+            self._read_paused = False
+            with contextlib.suppress(RuntimeError):
+                transport.resume_reading()
 
     def _write(self, data: bytes) -> None:
         transport = self.transport
@@ -234,6 +259,10 @@ class HttpConnection(asyncio.Protocol):
     # the sweep -----------------------------------------------------------------------
 
     def check_timeouts(self, now: float, snapshot: Snapshot) -> None:
+        if self._linger_until:
+            if now > self._linger_until and self.transport is not None:
+                self.transport.close()
+            return
         if self.closed or self.current is not None or self.queue:
             return
         if self.parser.in_request:
@@ -241,8 +270,7 @@ class HttpConnection(asyncio.Protocol):
                 not self.parser.headers_complete
                 or now - self.last_activity > snapshot.header_timeout
             ):
-                self._write(error_response(408, "request not received in time"))
-                self._close()
+                self._refuse(HttpError(408, "request not received in time"))
         elif now - self.last_activity > snapshot.keepalive_timeout:
             self._close()
 

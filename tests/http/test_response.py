@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import email.utils
+import re
+import time
 from http import HTTPStatus
 
 import pytest
@@ -16,9 +19,20 @@ from pitcher_rpc.http.response import (
     status_line,
 )
 
+_DATE_LINE = re.compile(
+    rb"date: [A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT\r\n"
+)
+
+
+def without_date(data: bytes) -> bytes:
+    """The response with its Date line removed; fails unless there was exactly one."""
+    stripped, count = _DATE_LINE.subn(b"", data)
+    assert count == 1, data
+    return stripped
+
 
 def split_response(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
-    head, _, body = data.partition(b"\r\n\r\n")
+    head, _, body = without_date(data).partition(b"\r\n\r\n")
     line, *fields = head.split(b"\r\n")
     headers = [tuple(field.split(b": ", 1)) for field in fields]
     return line, headers, body  # type: ignore[return-value]
@@ -141,7 +155,7 @@ def test_build_response_keep_alive() -> None:
     data = build_response(
         200, [(b"content-type", b"text/plain")], b"hello", keep_alive=True, extra=b"x-id: 7\r\n"
     )
-    assert data == (
+    assert without_date(data) == (
         b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\nx-id: 7\r\n\r\nhello"
     )
 
@@ -155,7 +169,7 @@ def test_build_response_close() -> None:
 
 def test_build_response_head_gives_length_but_no_body() -> None:
     data = build_response(200, [], b"0123456789", keep_alive=True, head=True)
-    assert data == b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"
+    assert without_date(data) == b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"
 
 
 @pytest.mark.parametrize("status", [204, 304])
@@ -173,7 +187,7 @@ def test_build_interim_response(keep_alive: bool) -> None:
 
 
 def test_build_response_empty_body_has_zero_length() -> None:
-    assert build_response(200, [], b"", keep_alive=True) == (
+    assert without_date(build_response(200, [], b"", keep_alive=True)) == (
         b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
     )
 
@@ -218,5 +232,21 @@ def test_error_response_unknown_status_and_non_ascii_message() -> None:
     assert (b"content-length", b"%d" % len(body)) in headers
 
 
-def test_error_response_is_cached() -> None:
-    assert error_response(413, "body too large") is error_response(413, "body too large")
+def test_responses_carry_the_current_date() -> None:
+    # RFC 9110 §6.6.1: a server with a clock sends Date on final responses.
+    before = time.time()
+    data = error_response(413, "body too large")
+    value = re.search(rb"\r\ndate: ([^\r]+)\r\n", data)
+    assert value is not None
+    sent = email.utils.parsedate_to_datetime(value.group(1).decode()).timestamp()
+    assert before - 1 <= sent <= time.time() + 1
+
+
+def test_http_1_0_keep_alive_is_announced() -> None:
+    # An HTTP/1.0 client assumes close unless the response says keep-alive.
+    _, headers, _ = split_response(build_response(200, [], b"", keep_alive=True, http10=True))
+    assert (b"connection", b"keep-alive") in headers
+    _, headers, _ = split_response(build_response(200, [], b"", keep_alive=False, http10=True))
+    assert (b"connection", b"close") in headers
+    _, headers, _ = split_response(build_response(200, [], b"", keep_alive=True))
+    assert not any(name == b"connection" for name, _ in headers)

@@ -449,11 +449,12 @@ def test_backend_that_is_not_a_pitcher_peer_gives_502_quickly(launcher: Launcher
         ":empty-name",
         "x-bad:a\r\nx-injected: 1",
         "x-bad:a\nx-injected: 1",
+        "x-bad\nx-injected:1",
         "x-bad:nul\x00byte",
         "x-bad:bell\x07",
         "x-bad: leading space",
     ],
-    ids=["space", "paren", "empty", "crlf", "lf", "nul", "ctl", "leading-ws"],
+    ids=["space", "paren", "empty", "crlf", "lf", "name-lf", "nul", "ctl", "leading-ws"],
 )
 def test_backend_answer_with_an_invalid_header_is_never_relayed(
     launcher: Launcher, header: str

@@ -237,6 +237,15 @@ def test_valid_request_id_is_kept_and_returned(site: Site) -> None:
     assert [v for n, v in headers if n == "x-request-id"] == ["trace-42.a:b/c="]
 
 
+def test_repeated_request_id_reaches_the_backend_once(site: Site) -> None:
+    response = get(
+        site.proxy, "/echo/rid", headers=[("X-Request-Id", "first-1"), ("X-Request-Id", "second-2")]
+    )
+    forwarded = [v for n, v in received_headers(response.json()) if n == "x-request-id"]
+    assert len(forwarded) == 1
+    assert response.all("x-request-id") == forwarded
+
+
 @pytest.mark.parametrize(
     "sent",
     [None, "has space", "x" * 129, "semi;colon", ""],
