@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import select
+import socket
 import time
 
 import pytest
@@ -299,3 +300,20 @@ def test_proxy_survives_the_abuse(proxy: Proxy) -> None:
     assert proxy.process.alive()
     with proxy.connect() as client:
         assert client.request("GET", "/still-here").status == 200
+
+
+def test_a_refusal_survives_a_client_that_keeps_sending(proxy: Proxy) -> None:
+    # The client is still sending its body after the proxy has refused it.
+    # Had the proxy closed at once, those bytes would meet a closed socket and
+    # draw a reset, and Linux then drops what the client had received but not
+    # yet read: the 413 itself. The proxy half-closes and goes on reading.
+    with proxy.connect() as client:
+        client.send(
+            head("Host: x", "Content-Length: 100000", request_line="POST /big HTTP/1.1")
+            + b"z" * 100
+        )
+        time.sleep(0.2)  # the proxy has refused the request by now
+        client.send(b"z" * 65536)
+        time.sleep(0.2)  # a reset, if one came, has arrived by now
+        client.sock.shutdown(socket.SHUT_WR)
+        assert_refused_and_closed(client, 413)

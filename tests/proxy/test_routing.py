@@ -9,7 +9,7 @@ import pytest
 
 from pitcher_rpc.config import BALANCE_POLICIES
 from pitcher_rpc.proxy.balance import BALANCERS, RoundRobin, SmoothWeighted
-from pitcher_rpc.proxy.routing import Router, normalize_host
+from pitcher_rpc.proxy.routing import Router, normalize_host, normalize_path
 
 
 @dataclass(frozen=True)
@@ -271,3 +271,35 @@ def test_every_balance_policy_the_config_accepts_has_a_balancer() -> None:
     assert set(BALANCERS) == set(BALANCE_POLICIES)
     assert BALANCERS["round_robin"] is RoundRobin
     assert BALANCERS["weighted"] is SmoothWeighted
+
+
+@pytest.mark.parametrize(
+    ("path", "normalized"),
+    [
+        (b"/a/b", b"/a/b"),
+        (b"/", b"/"),
+        (b"/public/../admin", b"/admin"),
+        (b"/public/%2e%2e/admin", b"/admin"),
+        (b"/public/%2E./admin", b"/admin"),
+        (b"/a/./b/.", b"/a/b/"),
+        (b"/a/b/..", b"/a/"),
+        (b"/../../etc/passwd", b"/etc/passwd"),
+        (b"/a/.hidden/b", b"/a/.hidden/b"),
+        (b"/a/..b/c", b"/a/..b/c"),
+        (b"/a%2fb/../c", b"/c"),
+        (b"*", b"*"),
+    ],
+)
+def test_normalize_path_removes_dot_segments(path: bytes, normalized: bytes) -> None:
+    assert normalize_path(path) == normalized
+
+
+def test_a_dot_segment_cannot_route_around_a_prefix() -> None:
+    router = Router([R("public", prefix="/public/"), R("admin", prefix="/admin/")])
+    assert route_name(router, b"x", normalize_path(b"/public/../admin/secret")) == "admin"
+
+
+def test_a_trailing_root_dot_names_the_same_host() -> None:
+    router = Router([R("www", host="www.example.com")])
+    assert route_name(router, b"www.example.com.") == "www"
+    assert route_name(router, b"WWW.example.com.:8080") == "www"
