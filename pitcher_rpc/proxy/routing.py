@@ -102,10 +102,12 @@ class Router(Generic[R]):
         # Host -> its route list, memoised; bounded so hostile Host headers cannot grow it.
         self._cache: dict[bytes, tuple[tuple[bytes, R], ...]] = {}
 
-    def _routes_for(self, host: bytes) -> tuple[tuple[bytes, R], ...]:
-        cached = self._cache.get(host)
+    def _routes_for(self, raw_host: bytes) -> tuple[tuple[bytes, R], ...]:
+        # Keyed by the Host header as received: a hit skips normalising it.
+        cached = self._cache.get(raw_host)
         if cached is not None:
             return cached
+        host = normalize_host(raw_host)
         result = self._exact.get(host)
         if result is None:
             for suffix, entries in self._wildcards:
@@ -115,11 +117,11 @@ class Router(Generic[R]):
             else:
                 result = self._any
         if len(self._cache) < 1024:
-            self._cache[host] = result
+            self._cache[raw_host] = result
         return result
 
     def match(self, host: bytes, path: bytes) -> R | None:
-        for prefix, route in self._routes_for(normalize_host(host)):
+        for prefix, route in self._routes_for(host):
             if path.startswith(prefix):
                 return route
         return None
