@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -36,15 +36,20 @@ def main(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+def _load_or_exit(path: str) -> Config:
+    """The configuration at ``path``, or every mistake in it on stderr and exit status 1."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+
+
 @main.command()
 @click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
 def check(path: str) -> None:
     """Validate a configuration file: prints OK, or each wrong key with its line."""
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
+    config = _load_or_exit(path)
     click.echo(
         f"OK: {path}: {len(config.routes)} routes, {len(config.clusters)} clusters,"
         f" sha256 {config.checksum[:12]}"
@@ -55,19 +60,12 @@ def check(path: str) -> None:
 @click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
 def serve(path: str) -> None:
     """Run the proxy on a configuration file (SIGTERM drains, SIGHUP reloads)."""
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
-    _run(_serve(path, config))
+    _run(_serve(path, _load_or_exit(path)))
 
 
-async def _serve(path: str, config: object) -> None:
-    from .config import Config
+async def _serve(path: str, config: Config) -> None:
     from .proxy.server import ProxyServer
 
-    assert isinstance(config, Config)
     log = logging.getLogger("pitcher")
     proxy = ProxyServer(config)
     try:

@@ -10,7 +10,8 @@ same request). So the generated classes are used directly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from pitcher_rpc.pb import pitcher_pb2
 
@@ -18,6 +19,9 @@ Request = pitcher_pb2.Request
 Response = pitcher_pb2.Response
 _parse_response = Response.FromString
 _parse_request = Request.FromString
+
+
+_Message = TypeVar("_Message", pitcher_pb2.Request, pitcher_pb2.Response)
 
 
 class BadPayload(ValueError):
@@ -48,31 +52,27 @@ def encode_request(
     return message.SerializeToString()
 
 
-def decode_response(payload: bytes) -> pitcher_pb2.Response:
-    """The Response message; BadPayload if it does not decode or its headers do not pair up."""
+def _decode(parse: Callable[[bytes], _Message], payload: bytes, kind: str) -> _Message:
     try:
-        message = _parse_response(payload)
+        message = parse(payload)
     except Exception as exc:  # DecodeError, or upb's own errors on hostile input
-        raise BadPayload(f"undecodable response payload: {exc}") from None
+        raise BadPayload(f"undecodable {kind} payload: {exc}") from None
     if len(message.header_names) != len(message.header_values):
         raise BadPayload(
-            f"response has {len(message.header_names)} header names"
+            f"{kind} has {len(message.header_names)} header names"
             f" but {len(message.header_values)} values"
         )
     return message
+
+
+def decode_response(payload: bytes) -> pitcher_pb2.Response:
+    """The Response message; BadPayload if it does not decode or its headers do not pair up."""
+    return _decode(_parse_response, payload, "response")
 
 
 def decode_request(payload: bytes) -> pitcher_pb2.Request:
-    try:
-        message = _parse_request(payload)
-    except Exception as exc:
-        raise BadPayload(f"undecodable request payload: {exc}") from None
-    if len(message.header_names) != len(message.header_values):
-        raise BadPayload(
-            f"request has {len(message.header_names)} header names"
-            f" but {len(message.header_values)} values"
-        )
-    return message
+    """The Request message; BadPayload if it does not decode or its headers do not pair up."""
+    return _decode(_parse_request, payload, "request")
 
 
 def encode_response(

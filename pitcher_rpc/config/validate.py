@@ -11,18 +11,23 @@ from __future__ import annotations
 import difflib
 import hashlib
 import ipaddress
-import json
 import math
 import os
 import re
 import tomllib
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
-from datetime import date, datetime, time
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from transports.registry import AddressError, get_transport, parse_address
 
+from .issues import (
+    ConfigError,
+    ConfigIssue,
+    one_of_message,
+    show,
+    type_message,
+    unknown_key_message,
+)
 from .lines import KeyPath, LineIndex, format_key_path
 from .model import (
     BALANCE_POLICIES,
@@ -82,37 +87,6 @@ _SERVER_DEFAULTS = ServerConfig()
 _UPSTREAM_DEFAULTS = UpstreamConfig()
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigIssue:
-    """One problem in a configuration file; ``line`` is None when it has no place."""
-
-    source: str
-    line: int | None
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        where = self.source if self.line is None else f"{self.source}:{self.line}"
-        if self.key:
-            return f"{where}: {self.key}: {self.message}"
-        return f"{where}: {self.message}"
-
-
-def _issue_order(issue: ConfigIssue) -> tuple[bool, int]:
-    # Issues without a line are about the file as a whole; list them last.
-    return (issue.line is None, issue.line or 0)
-
-
-class ConfigError(Exception):
-    """A configuration was refused; ``errors`` holds every issue, ordered by line."""
-
-    errors: list[ConfigIssue]
-
-    def __init__(self, errors: Iterable[ConfigIssue]) -> None:
-        self.errors = sorted(errors, key=_issue_order)
-        super().__init__("\n".join(str(issue) for issue in self.errors))
-
-
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a UTF-8 TOML file; ConfigError for any problem, reading included."""
     source = os.fspath(path)
@@ -165,58 +139,6 @@ def _syntax_issue(exc: tomllib.TOMLDecodeError, text: str, source: str) -> Confi
 # -- describing values -------------------------------------------------------
 
 
-def _kind(value: object) -> str:
-    # Ordered: bool before int (a bool is an int), datetime before date.
-    kinds: tuple[tuple[type | tuple[type, ...], str], ...] = (
-        (bool, "a boolean"),
-        (int, "an integer"),
-        (float, "a float"),
-        (str, "a string"),
-        (list, "an array"),
-        (dict, "a table"),
-        (datetime, "a date-time"),
-        (date, "a date"),
-        (time, "a time"),
-    )
-    for types, name in kinds:
-        if isinstance(value, types):
-            return name
-    return type(value).__name__
-
-
-def _show(value: object) -> str:
-    """A value as it would be written in TOML, for messages."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, int | float | date | time):
-        return str(value)
-    return _kind(value)
-
-
-def _type_message(expected: str, value: object) -> str:
-    if isinstance(value, list | dict):
-        return f"expected {expected}, got {_kind(value)}"
-    return f"expected {expected}, got {_kind(value)} {_show(value)}"
-
-
-def _unknown_key_message(key: str, allowed: Collection[str]) -> str:
-    close = difflib.get_close_matches(key, list(allowed), n=1)
-    if close:
-        return f"unknown key; did you mean {close[0]!r}?"
-    return "unknown key (expected one of: " + ", ".join(sorted(allowed)) + ")"
-
-
-def _one_of_message(value: str, allowed: Collection[str]) -> str:
-    choices = ", ".join(_show(choice) for choice in allowed)
-    close = difflib.get_close_matches(value, list(allowed), n=1)
-    hint = f"; did you mean {_show(close[0])}?" if close else ""
-    return f"must be one of {choices}, got {_show(value)}{hint}"
-
-
 def _host_problem(host: str) -> str | None:
     """Why a route host pattern is unusable, or None if it is fine (already lower-cased)."""
     if host == "*":
@@ -225,15 +147,15 @@ def _host_problem(host: str) -> str | None:
         try:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
-            return f"the part in brackets is not an IPv6 address, got {_show(host)}"
+            return f"the part in brackets is not an IPv6 address, got {show(host)}"
         return None
     name = host[2:] if host.startswith("*.") else host
     if ":" in name:
-        return f"must not include a port (ports are ignored when matching), got {_show(host)}"
+        return f"must not include a port (ports are ignored when matching), got {show(host)}"
     if _HOST_NAME.fullmatch(name) is None:
         return (
             'must be "*", a host name such as "api.example.com", '
-            f'or a wildcard such as "*.example.com", got {_show(host)}'
+            f'or a wildcard such as "*.example.com", got {show(host)}'
         )
     return None
 
@@ -281,7 +203,7 @@ class _Validator:
     ) -> None:
         for key in table:
             if key not in allowed:
-                self.report((*path, key), _unknown_key_message(key, allowed))
+                self.report((*path, key), unknown_key_message(key, allowed))
 
     def _table(self, parent: Mapping[str, Any], path: KeyPath) -> Mapping[str, Any] | None:
         """The optional sub-table ``path[-1]`` of ``parent``; None if absent or not a table."""
@@ -289,7 +211,7 @@ class _Validator:
         if value is None:
             return None
         if not isinstance(value, dict):
-            self.report(path, _type_message("a table", value))
+            self.report(path, type_message("a table", value))
             return None
         return value
 
@@ -298,7 +220,7 @@ class _Validator:
         if value is None:
             return None
         if not isinstance(value, str):
-            self.report(path, _type_message("a string", value))
+            self.report(path, type_message("a string", value))
             return None
         return value
 
@@ -307,7 +229,7 @@ class _Validator:
         if value is None:
             return None
         if not isinstance(value, bool):
-            self.report(path, _type_message("a boolean (true or false)", value))
+            self.report(path, type_message("a boolean (true or false)", value))
             return None
         return value
 
@@ -323,7 +245,7 @@ class _Validator:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            self.report(path, _type_message("an integer", value))
+            self.report(path, type_message("an integer", value))
             return default
         if maximum is None and value < minimum:
             wanted = "a positive integer" if minimum == 1 else f"at least {minimum}"
@@ -342,15 +264,15 @@ class _Validator:
             return default
         # An integer is a fine number of seconds; a bool is not a number.
         if isinstance(value, bool) or not isinstance(value, int | float):
-            self.report(path, _type_message("a number of seconds", value))
+            self.report(path, type_message("a number of seconds", value))
             return default
         seconds = float(value)
         if not math.isfinite(seconds):
-            self.report(path, f"must be a finite number, got {_show(value)}")
+            self.report(path, f"must be a finite number, got {show(value)}")
             return default
         wanted = "zero or a positive number" if allow_zero else "a positive number"
         if seconds < 0 or (seconds == 0 and not allow_zero):
-            self.report(path, f"must be {wanted}, got {_show(value)}")
+            self.report(path, f"must be {wanted}, got {show(value)}")
             return default
         return seconds
 
@@ -370,12 +292,12 @@ class _Validator:
             try:
                 parse_listen(listen)
             except ValueError as exc:
-                self.report((*path, "listen"), f"{exc}, got {_show(listen)}")
+                self.report((*path, "listen"), f"{exc}, got {show(listen)}")
         header = self._string(table, (*path, "request_id_header"))
         if header is None:
             header = defaults.request_id_header
         elif _TOKEN.fullmatch(header) is None:
-            message = f"must be an HTTP header name, got {_show(header)}"
+            message = f"must be an HTTP header name, got {show(header)}"
             self.report((*path, "request_id_header"), message)
         return ServerConfig(
             listen=listen,
@@ -436,16 +358,16 @@ class _Validator:
     def _cluster(self, name: str, value: Any, path: KeyPath) -> ClusterConfig | None:
         if _CLUSTER_NAME.fullmatch(name) is None:
             message = "a cluster name is letters, digits, '_', '-' and '.', not starting with '-'"
-            self.report(path, f"{message}; got {_show(name)}")
+            self.report(path, f"{message}; got {show(name)}")
         if not isinstance(value, dict):
-            self.report(path, _type_message("a table", value))
+            self.report(path, type_message("a table", value))
             return None
         self._check_keys(value, path, _CLUSTER_KEYS)
         balance = self._string(value, (*path, "balance"))
         if balance is None:
             balance = "round_robin"
         elif balance not in BALANCE_POLICIES:
-            self.report((*path, "balance"), _one_of_message(balance, BALANCE_POLICIES))
+            self.report((*path, "balance"), one_of_message(balance, BALANCE_POLICIES))
         nodes = self._nodes(value, (*path, "nodes"))
         return ClusterConfig(name=name, balance=balance, nodes=nodes)
 
@@ -455,7 +377,7 @@ class _Validator:
             self.report(path, "missing required key (a cluster needs at least one node)")
             return ()
         if not isinstance(value, list):
-            self.report(path, _type_message("an array of node URIs", value))
+            self.report(path, type_message("an array of node URIs", value))
             return ()
         if not value:
             self.report(path, "a cluster needs at least one node")
@@ -467,7 +389,7 @@ class _Validator:
             if node is None:
                 continue
             if node.uri in seen:
-                message = f"duplicate node {_show(node.uri)}; give one node a higher weight instead"
+                message = f"duplicate node {show(node.uri)}; give one node a higher weight instead"
                 self.report((*path, index), message)
             seen.add(node.uri)
             nodes.append(node)
@@ -477,9 +399,7 @@ class _Validator:
         if isinstance(item, str):
             return NodeConfig(uri=item) if self._node_uri(item, path) else None
         if not isinstance(item, dict):
-            self.report(
-                path, _type_message("a node URI or a table {uri = ..., weight = ...}", item)
-            )
+            self.report(path, type_message("a node URI or a table {uri = ..., weight = ...}", item))
             return None
         self._check_keys(item, path, _NODE_KEYS)
         uri_path = (*path, "uri")
@@ -521,7 +441,7 @@ class _Validator:
             self.report(path, "missing required key (at least one [[routes]] table)")
             return ()
         if not isinstance(value, list):
-            self.report(path, _type_message("an array of tables ([[routes]])", value))
+            self.report(path, type_message("an array of tables ([[routes]])", value))
             return ()
         if not value:
             self.report(path, "at least one route is required")
@@ -530,7 +450,7 @@ class _Validator:
         written: list[tuple[int, Mapping[str, Any], RouteConfig]] = []
         for index, item in enumerate(value):
             if not isinstance(item, dict):
-                self.report((*path, index), _type_message("a table", item))
+                self.report((*path, index), type_message("a table", item))
                 continue
             route = self._route(item, (*path, index), cluster_names)
             routes.append(route)
@@ -552,7 +472,7 @@ class _Validator:
             if duplicate_match:
                 where = "prefix" if "prefix" in item else "host" if "host" in item else None
                 message = (
-                    f"host {_show(route.host)} with prefix {_show(route.prefix)} "
+                    f"host {show(route.host)} with prefix {show(route.prefix)} "
                     f"is already routed by routes[{first_by_match[match]}]"
                 )
                 self.report(path if where is None else (*path, where), message)
@@ -564,7 +484,7 @@ class _Validator:
             # just reported; saying it twice would only add noise.
             elif "name" in item or not duplicate_match:
                 message = (
-                    f"route name {_show(route.name)} is already used by "
+                    f"route name {show(route.name)} is already used by "
                     f"routes[{first_by_name[route.name]}]"
                 )
                 self.report((*path, "name") if "name" in item else path, message)
@@ -587,9 +507,9 @@ class _Validator:
         if prefix is None:
             prefix = "/"
         elif not prefix.startswith("/"):
-            self.report((*path, "prefix"), f'must start with "/", got {_show(prefix)}')
+            self.report((*path, "prefix"), f'must start with "/", got {show(prefix)}')
         elif any(char.isspace() or not char.isprintable() for char in prefix):
-            message = f"must not contain whitespace or control characters, got {_show(prefix)}"
+            message = f"must not contain whitespace or control characters, got {show(prefix)}"
             self.report((*path, "prefix"), message)
 
         name = self._string(item, (*path, "name"))
@@ -620,26 +540,26 @@ class _Validator:
     @staticmethod
     def _no_cluster_message(cluster: str, cluster_names: set[str]) -> str:
         if not cluster_names:
-            return f"no cluster named {_show(cluster)}; no clusters are defined"
+            return f"no cluster named {show(cluster)}; no clusters are defined"
         close = difflib.get_close_matches(cluster, sorted(cluster_names), n=1)
         if close:
-            return f"no cluster named {_show(cluster)}; did you mean {_show(close[0])}?"
+            return f"no cluster named {show(cluster)}; did you mean {show(close[0])}?"
         defined = ", ".join(sorted(cluster_names))
-        return f"no cluster named {_show(cluster)} (defined: {defined})"
+        return f"no cluster named {show(cluster)} (defined: {defined})"
 
     def _methods(self, item: Mapping[str, Any], path: KeyPath) -> frozenset[str]:
         value = item.get(str(path[-1]))
         if value is None:
             return DEFAULT_IDEMPOTENT_METHODS
         if not isinstance(value, list):
-            self.report(path, _type_message("an array of HTTP method names", value))
+            self.report(path, type_message("an array of HTTP method names", value))
             return DEFAULT_IDEMPOTENT_METHODS
         methods: set[str] = set()
         for index, method in enumerate(value):
             if not isinstance(method, str):
-                self.report((*path, index), _type_message("an HTTP method name", method))
+                self.report((*path, index), type_message("an HTTP method name", method))
             elif _TOKEN.fullmatch(method) is None:
-                self.report((*path, index), f"must be an HTTP method name, got {_show(method)}")
+                self.report((*path, index), f"must be an HTTP method name, got {show(method)}")
             else:
                 methods.add(method.upper())
         return frozenset(methods)

@@ -31,7 +31,6 @@ false) later bytes are ignored, as RFC 9112 §9.6 requires.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import NoReturn
 
@@ -43,6 +42,8 @@ from httptools import (
     HttpParserUpgrade,
     HttpRequestParser,
 )
+
+from .request import HttpError, HttpLimits, HttpRequest
 
 __all__ = ["HttpError", "HttpLimits", "HttpRequest", "RequestParser"]
 
@@ -73,98 +74,7 @@ _UNSUPPORTED_VERSION_REASON = "Invalid HTTP version"
 _HTTP2_PREFACE_REASON = "Pause on PRI/Upgrade"
 
 
-@dataclass(frozen=True, slots=True)
-class HttpLimits:
-    """Sizes above which a request is refused; each is checked as bytes arrive."""
-
-    max_request_line: int = 8192  # method + target + version -> 414
-    max_header_size: int = 32768  # all header lines, name + ": " + value + CRLF each -> 431
-    max_headers: int = 100  # number of header fields -> 431
-    max_body_size: int = 1048576  # de-chunked body -> 413
-
-    def __post_init__(self) -> None:
-        for name in ("max_request_line", "max_header_size", "max_headers", "max_body_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
-
-
 _DEFAULT_LIMITS = HttpLimits()
-
-
-class HttpError(Exception):
-    """A request the proxy must refuse. The connection is always closed after answering it."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(status, reason)
-        self.status = status
-        self.reason = reason
-        # Complete requests parsed earlier in the same feed() call, before the error.
-        self.requests: list[HttpRequest] = []
-
-    def __str__(self) -> str:
-        return f"{self.status} {self.reason}"
-
-
-class HttpRequest:
-    """One complete request. Names are lower-case; values and the target are raw bytes."""
-
-    __slots__ = (
-        "body",
-        "content_length",
-        "expect_continue",
-        "headers",
-        "host",
-        "keep_alive",
-        "method",
-        "path",
-        "query",
-        "target",
-        "version",
-        "watched",
-    )
-
-    def __init__(
-        self,
-        method: bytes,
-        path: bytes,
-        query: bytes,
-        target: bytes,
-        version: str,
-        headers: list[tuple[bytes, bytes]],
-        host: bytes,
-        body: bytes,
-        keep_alive: bool,
-        expect_continue: bool,
-        content_length: int | None,
-        watched: bool = False,
-    ) -> None:
-        self.method = method
-        self.path = path
-        self.query = query
-        self.target = target
-        self.version = version
-        self.headers = headers
-        self.host = host
-        self.body = body
-        self.keep_alive = keep_alive
-        self.expect_continue = expect_continue
-        self.content_length = content_length
-        # Whether any header named in the parser's ``watch`` set is present.
-        self.watched = watched
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, HttpRequest):
-            return NotImplemented
-        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return (
-            f"HttpRequest({self.method!r}, {self.target!r}, HTTP/{self.version}, "
-            f"{len(self.headers)} headers, {len(self.body)} body bytes)"
-        )
 
 
 class RequestParser:
