@@ -71,7 +71,6 @@ class Exchange:
         "deadline",
         "head",
         "keep_alive",
-        "last_error",
         "node",
         "path",
         "payload",
@@ -91,7 +90,6 @@ class Exchange:
         self.node: Node | None = None
         self.tried: list[Node] = []
         self.attempts = 0
-        self.last_error: CallError | None = None
         self.route: Route | None = None
         self.payload = b""
         self.path = b""
@@ -201,25 +199,32 @@ class Exchange:
         route = self.route
         node = self.node
         assert route is not None and node is not None
-        if isinstance(error, CallError):
-            self.last_error = error
-            if self._may_retry(error):
-                self._send()
-                return
+        if isinstance(error, CallError) and self._may_retry(error):
+            self._send()
+            return
+        # The client is told which kind of failure it was; where and why is
+        # for the log (node addresses are internal: nginx does not show them either).
+        log.warning(
+            "request %s (route %s) to %s failed: %s",
+            self.request_id.decode(),
+            route.name,
+            node.uri,
+            error,
+        )
         if isinstance(error, DeadlineExceeded):
-            self.fail(504, f"no answer from {node.uri} within {route.timeout:g}s")
+            self.fail(504, f"no answer from the backend within {route.timeout:g}s")
         elif isinstance(error, RequestTooLarge):
-            self.fail(413, f"request too large for {node.uri}: {error}")
+            self.fail(413, "request larger than the backend accepts")
         elif isinstance(error, ConnectError):
-            self.fail(502, f"cannot reach {node.uri}: {error}")
+            self.fail(502, "backend unreachable")
         elif isinstance(error, Rejected):
-            self.fail(503, f"{node.uri} refused the request: {error}")
+            self.fail(503, "backend is shutting down")
         elif isinstance(error, RemoteError):
-            self.fail(502, f"{node.uri} failed the request: {error}")
+            self.fail(502, "backend failed the request")
         elif isinstance(error, Closed):
             self.fail(503, "proxy is shutting down")
         else:
-            self.fail(502, f"connection to {node.uri} lost: {error}")
+            self.fail(502, "connection to the backend lost")
 
     def _may_retry(self, error: CallError) -> bool:
         route = self.route
@@ -238,7 +243,13 @@ class Exchange:
         try:
             response = decode_response(payload)
         except BadPayload as exc:
-            self.fail(502, f"bad answer from {self.tried[-1].uri}: {exc}")
+            log.warning(
+                "request %s: bad answer from %s: %s",
+                self.request_id.decode(),
+                self.tried[-1].uri,
+                exc,
+            )
+            self.fail(502, "backend answered with an undecodable payload")
             return
         status = response.status
         if not 200 <= status <= 599:
