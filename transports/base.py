@@ -31,6 +31,13 @@ class ClientOptions:
     # First and largest pause before reconnecting to a node that refused us.
     backoff_initial: float = 0.05
     backoff_max: float = 2.0
+    # Datagram carriers (UDP): the largest datagram sent, and how often an
+    # idempotent call is re-sent (same request id) when no answer comes.
+    max_datagram: int = 65507
+    retries: int = 2
+    retry_interval: float = 0.05
+    # Message carriers (ZeroMQ): messages queued per socket before sends block.
+    high_water_mark: int = 10000
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -39,6 +46,13 @@ class ServerOptions:
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     backlog: int = 1024
+    # Datagram carriers (UDP): the largest datagram accepted, and the replay
+    # cache that answers a re-sent request without running it twice.
+    max_datagram: int = 65507
+    replay_cache_size: int = 10000
+    replay_ttl: float = 30.0
+    # Message carriers (ZeroMQ): messages queued per socket before sends block.
+    high_water_mark: int = 10000
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,14 +71,16 @@ class Client(Protocol):
     def cancel(self, receiver: Receiver) -> None:
         """The caller gives up on a call: forget it and tell the node. No callback follows."""
 
-    def start(self, payload: bytes, timeout: float) -> asyncio.Future[bytes]:
+    def start(
+        self, payload: bytes, timeout: float, idempotent: bool = False
+    ) -> asyncio.Future[bytes]:
         """Send one request; the future gets the response payload or a CallError.
 
         Cancelling the future gives the call up and tells the node. This is
         the form for callback-driven code; :meth:`call` is the same, awaited.
         """
 
-    async def call(self, payload: bytes, timeout: float) -> bytes:
+    async def call(self, payload: bytes, timeout: float, idempotent: bool = False) -> bytes:
         """Send one request and wait for its response, at most ``timeout`` seconds.
 
         Raises a :class:`~transports.errors.CallError`; its ``sent`` flag says

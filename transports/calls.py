@@ -23,6 +23,9 @@ class Receiver(Protocol):
 
     # Event-loop time after which the caller stops waiting.
     deadline: float
+    # Whether sending the request twice does no harm: a lossy carrier (UDP)
+    # re-sends only these, with the same request id.
+    idempotent: bool
 
     def on_response(self, payload: bytes) -> None: ...
 
@@ -32,11 +35,14 @@ class Receiver(Protocol):
 class FutureReceiver:
     """A receiver that completes an asyncio future."""
 
-    __slots__ = ("deadline", "future")
+    __slots__ = ("deadline", "future", "idempotent")
 
-    def __init__(self, future: asyncio.Future[bytes], deadline: float) -> None:
+    def __init__(
+        self, future: asyncio.Future[bytes], deadline: float, idempotent: bool = False
+    ) -> None:
         self.future = future
         self.deadline = deadline
+        self.idempotent = idempotent
 
     def on_response(self, payload: bytes) -> None:
         if not self.future.done():

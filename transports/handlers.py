@@ -9,9 +9,16 @@ This is what Python 3.12's eager task factory does, written for 3.11.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import types
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Hashable
 from typing import Any
+
+from .control import ErrorInfo
+from .errors import ErrorCode
+
+log = logging.getLogger("pitcher.transports")
 
 
 async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
@@ -49,3 +56,104 @@ def resume(coroutine: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, 
             yielded = coroutine.send(sent)
         except StopIteration as stop:
             return stop.value
+
+
+# What a server is told when one request is done: the key it started the
+# request with, and either the response payload or the error to send.
+Answer = Callable[[Hashable, "bytes | None", "ErrorInfo | None"], None]
+
+
+class HandlerRunner:
+    """Runs a server's handler once per request, for every carrier.
+
+    ``start`` runs the handler at once; a handler that has to wait goes on in
+    a task, which a CANCEL (``cancel``) or the request's deadline cancels.
+    Every request ends in exactly one call of ``answer`` unless it was
+    cancelled: with the response payload, or with an ErrorInfo (INTERNAL for
+    a handler that raised or returned something other than bytes,
+    DEADLINE_EXCEEDED for one stopped at its deadline).
+    """
+
+    __slots__ = ("_answer", "_handler", "_loop", "_on_settled", "tasks")
+
+    def __init__(
+        self,
+        handler: Callable[[bytes], Awaitable[bytes]],
+        loop: asyncio.AbstractEventLoop,
+        answer: Answer,
+        on_settled: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._handler = handler
+        self._loop = loop
+        self._answer = answer
+        # Called whenever a waiting request ends, answered or cancelled: the
+        # server may have been waiting for its last one to close or drain.
+        self._on_settled = on_settled
+        self.tasks: dict[Hashable, asyncio.Task[None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.tasks
+
+    def start(self, key: Hashable, payload: bytes, deadline_ms: int) -> None:
+        try:
+            coroutine = as_coroutine(self._handler(payload))
+            yielded = coroutine.send(None)
+        except StopIteration as done:
+            self._finish(key, done.value, None)
+            return
+        except Exception as exc:
+            self._finish(key, None, exc)
+            return
+        task = self._loop.create_task(self._carry_on(key, coroutine, yielded))
+        self.tasks[key] = task
+        if deadline_ms:
+            # Nobody waits for the answer after this: stop the work.
+            timer = self._loop.call_later(deadline_ms / 1000, self._expire, key, task)
+            task.add_done_callback(lambda _: timer.cancel())
+
+    def cancel(self, key: Hashable) -> bool:
+        """The caller gave up (CANCEL): stop the handler, send nothing."""
+        task = self.tasks.pop(key, None)
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    def cancel_all(self) -> None:
+        tasks, self.tasks = self.tasks, {}
+        for task in tasks.values():
+            task.cancel()
+
+    async def _carry_on(self, key: Hashable, coroutine: Any, yielded: Any) -> None:
+        try:
+            result = await resume(coroutine, yielded)
+        except asyncio.CancelledError:
+            if self.tasks.get(key) is asyncio.current_task():
+                # Our own deadline (_expire); a CANCEL pops the task first.
+                del self.tasks[key]
+                self._answer(key, None, ErrorInfo(ErrorCode.DEADLINE_EXCEEDED, "deadline passed"))
+            self._on_settled()
+            raise
+        except Exception as exc:
+            if self.tasks.pop(key, None) is not None:
+                self._finish(key, None, exc)
+        else:
+            if self.tasks.pop(key, None) is not None:
+                self._finish(key, result, None)
+        self._on_settled()
+
+    def _expire(self, key: Hashable, task: asyncio.Task[None]) -> None:
+        if self.tasks.get(key) is task:
+            task.cancel()
+
+    def _finish(self, key: Hashable, result: Any, error: BaseException | None) -> None:
+        if error is None:
+            if isinstance(result, bytes):
+                self._answer(key, result, None)
+                return
+            error = TypeError(f"handler returned {type(result).__name__}, not bytes")
+        log.error("handler failed on request %r", key, exc_info=error)
+        self._answer(key, None, ErrorInfo(ErrorCode.INTERNAL, f"{type(error).__name__}: {error}"))

@@ -18,6 +18,9 @@ ENTRY_POINT_GROUP = "pitcher_rpc.transports"
 _BUILTIN = {
     "tcp": "transports.stream:TcpTransport",
     "unix": "transports.stream:UnixTransport",
+    "udp": "transports.udp:UdpTransport",
+    "zmq+tcp": "transports.zeromq:ZmqTransport",
+    "zmq+ipc": "transports.zeromq:ZmqTransport",
 }
 
 _resolved: dict[str, Any] = {}

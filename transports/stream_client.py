@@ -369,14 +369,16 @@ class StreamClient:
             if connection.cancel(receiver):
                 return
 
-    def start(self, payload: bytes, timeout: float) -> asyncio.Future[bytes]:
+    def start(
+        self, payload: bytes, timeout: float, idempotent: bool = False
+    ) -> asyncio.Future[bytes]:
         """Send one request; the future gets the response payload or a CallError.
 
         Cancelling the future gives the call up and tells the node (CANCEL).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
-        receiver = FutureReceiver(future, loop.time() + timeout)
+        receiver = FutureReceiver(future, loop.time() + timeout, idempotent)
         self.send(payload, receiver)
         if not future.done():
             future.add_done_callback(
@@ -384,8 +386,8 @@ class StreamClient:
             )
         return future
 
-    async def call(self, payload: bytes, timeout: float) -> bytes:
-        return await self.start(payload, timeout)
+    async def call(self, payload: bytes, timeout: float, idempotent: bool = False) -> bytes:
+        return await self.start(payload, timeout, idempotent)
 
     async def ping(self, timeout: float = 1.0) -> None:
         """Open a connection if none is open; ConnectError if the node is not there."""

@@ -28,7 +28,7 @@ from .frame import (
     encode_frame,
     encode_response,
 )
-from .handlers import as_coroutine, resume
+from .handlers import HandlerRunner
 from .registry import parse_address
 from .stream_io import Batcher, set_nodelay
 
@@ -58,7 +58,8 @@ class _ServerConnection(asyncio.Protocol):
         self._loop = loop
         self._decoder = FrameDecoder(server.options.max_frame_size)
         self._batcher = Batcher(loop)
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+        # The requests whose handlers are still waiting, keyed by request id.
+        self.tasks = HandlerRunner(server.handler, loop, self._answer, self._maybe_finish)
         self.transport: asyncio.Transport | None = None
         self.last_request_id = 0
         self.goaway_sent = False
@@ -124,11 +125,9 @@ class _ServerConnection(asyncio.Protocol):
                 )
                 return
             self.last_request_id = request_id
-            self._start(request_id, frame.payload, frame.deadline_ms)
+            self.tasks.start(request_id, frame.payload, frame.deadline_ms)
         elif kind == FrameType.CANCEL:
-            task = self.tasks.pop(frame.request_id, None)
-            if task is not None:
-                task.cancel()
+            if self.tasks.cancel(frame.request_id):
                 self._maybe_finish()
         elif kind == FrameType.PING:
             self._batcher.write(encode_frame(FrameType.PONG, 0, frame.payload))
@@ -150,67 +149,19 @@ class _ServerConnection(asyncio.Protocol):
         else:
             self.fail(ErrorCode.PROTOCOL_ERROR, f"a server does not accept {kind} frames")
 
-    def _start(self, request_id: int, payload: bytes, deadline_ms: int) -> None:
-        """Run the handler; only one that has to wait gets a task (see transports.handlers)."""
-        try:
-            coroutine = as_coroutine(self._server.handler(payload))
-            yielded = coroutine.send(None)
-        except StopIteration as done:
-            self._answer(request_id, done.value, None)
-            return
-        except Exception as exc:
-            self._answer(request_id, None, exc)
-            return
-        task = self._loop.create_task(self._finish(request_id, coroutine, yielded))
-        self.tasks[request_id] = task
-        if deadline_ms:
-            # Nobody waits for the answer after this: stop the work.
-            timer = self._loop.call_later(deadline_ms / 1000, self._expire, request_id, task)
-            task.add_done_callback(lambda _: timer.cancel())
-
-    async def _finish(self, request_id: int, coroutine: Any, yielded: Any) -> None:
-        try:
-            result = await resume(coroutine, yielded)
-        except asyncio.CancelledError:
-            if self.tasks.get(request_id) is asyncio.current_task():
-                # Our own deadline (_expire); a CANCEL frame pops the task first.
-                self.tasks.pop(request_id)
-                self._batcher.write(
-                    encode_frame(
-                        _ERROR,
-                        request_id,
-                        ErrorInfo(ErrorCode.DEADLINE_EXCEEDED, "deadline passed").encode(),
-                    )
-                )
-            self._maybe_finish()
-            raise
-        except Exception as exc:
-            if self.tasks.pop(request_id, None) is not None:
-                self._answer(request_id, None, exc)
-        else:
-            if self.tasks.pop(request_id, None) is not None:
-                self._answer(request_id, result, None)
-        self._maybe_finish()
-
-    def _expire(self, request_id: int, task: asyncio.Task[None]) -> None:
-        if self.tasks.get(request_id) is task:
-            task.cancel()
-
-    def _answer(self, request_id: int, result: Any, error: BaseException | None) -> None:
-        if error is None:
+    def _answer(self, request_id: Any, result: bytes | None, error: ErrorInfo | None) -> None:
+        if result is not None:
             limit = min(self._server.options.max_frame_size, self.peer_max_frame_size)
-            if not isinstance(result, bytes):
-                error = TypeError(f"handler returned {type(result).__name__}, not bytes")
-            elif len(result) > limit:
-                error = ValueError(
-                    f"response of {len(result)} bytes exceeds the frame limit of {limit}"
-                )
-            else:
+            if len(result) <= limit:
                 self._batcher.write(encode_response(request_id, result))
                 return
-        log.error("handler failed on request %d", request_id, exc_info=error)
-        info = ErrorInfo(ErrorCode.INTERNAL, f"{type(error).__name__}: {error}")
-        self._batcher.write(encode_frame(_ERROR, request_id, info.encode()))
+            log.error("response to request %d is over the frame limit", request_id)
+            error = ErrorInfo(
+                ErrorCode.INTERNAL,
+                f"ValueError: response of {len(result)} bytes exceeds the frame limit of {limit}",
+            )
+        assert error is not None
+        self._batcher.write(encode_frame(_ERROR, request_id, error.encode()))
 
     def send_goaway(self, reason: str) -> None:
         if self.goaway_sent or self.closed:
@@ -239,9 +190,7 @@ class _ServerConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        for task in self.tasks.values():
-            task.cancel()
-        self.tasks.clear()
+        self.tasks.cancel_all()
         if self.transport is not None:
             self._batcher.flush()
             self.transport.close()

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 BALANCE_POLICIES = ("round_robin", "weighted")
-DEFAULT_IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS"})
+DEFAULT_IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD"})
 _UNIX_PREFIX = "unix://"
 
 

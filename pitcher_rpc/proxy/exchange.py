@@ -70,6 +70,7 @@ class Exchange:
         "connection",
         "deadline",
         "head",
+        "idempotent",
         "keep_alive",
         "node",
         "path",
@@ -86,6 +87,7 @@ class Exchange:
         self.request = request
         self.snapshot = snapshot
         self.head = request.method == b"HEAD"
+        self.idempotent = False
         self.keep_alive = request.keep_alive
         self.node: Node | None = None
         self.tried: list[Node] = []
@@ -106,6 +108,7 @@ class Exchange:
             self.fail(404, "no route for this host and path")
             return
         self.route = route
+        self.idempotent = request.method in route.idempotent_methods
         if not route.cluster.nodes:
             self.fail(503, f"cluster {route.cluster.name!r} has no nodes")
             return
@@ -235,7 +238,7 @@ class Exchange:
             # Never reached a handler: safe whatever the method. A refused
             # connect is not retried on the same lone node (it is backing off).
             return not (isinstance(error, ConnectError) and len(route.cluster.nodes) <= 1)
-        return self.request.method in route.idempotent_methods
+        return self.idempotent
 
     # the answer -----------------------------------------------------------------------
 

@@ -147,7 +147,7 @@ def test_minimal_config_takes_every_default() -> None:
     assert route == RouteConfig(name="*/", host="*", prefix="/", cluster="echo")
     assert route.timeout == 30.0
     assert route.retries == 1
-    assert route.idempotent_methods == frozenset({"GET", "HEAD", "OPTIONS"})
+    assert route.idempotent_methods == frozenset({"GET", "HEAD"})
     assert route.strip_prefix is False
     assert config.clusters["echo"].balance == "round_robin"
 
