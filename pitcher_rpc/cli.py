@@ -116,6 +116,51 @@ def demo(listen: str | None) -> None:
 
 
 @main.command()
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=1.0, max=600.0),
+    default=20.0,
+    show_default=True,
+    help="Total time under load, shared by every measurement.",
+)
+@click.option(
+    "--transports",
+    "carriers",
+    default=",".join(("tcp", "unix", "udp", "zmq+tcp", "zmq+ipc")),
+    show_default=True,
+    help="Comma-separated carriers to measure.",
+)
+@click.option("--in-flight", type=click.IntRange(2, 1024), default=32, show_default=True)
+@click.option("--no-proxy", is_flag=True, help="Measure the transports only, not HTTP.")
+@click.option("--chart", type=click.Path(dir_okay=False), help="Write a PNG of the latencies.")
+def bench(seconds: float, carriers: str, in_flight: int, no_proxy: bool, chart: str | None) -> None:
+    """Compare the transports on this machine, each beside its raw floor (loopback only)."""
+    from .benchmark import report
+    from .benchmark.runner import CARRIERS, run
+
+    chosen = tuple(c.strip() for c in carriers.split(",") if c.strip())
+    unknown = [c for c in chosen if c not in CARRIERS]
+    if unknown or not chosen:
+        raise click.BadParameter(
+            f"unknown {', '.join(unknown)}; choose from {', '.join(CARRIERS)}",
+            param_hint="--transports",
+        )
+    rows = run(
+        chosen,
+        seconds,
+        in_flight,
+        with_proxy=not no_proxy,
+        progress=lambda step: click.echo(f"  measuring {step}", err=True),
+    )
+    click.echo(report.table(rows))
+    if chart:
+        if report.chart(rows, chart):
+            click.echo(f"chart written to {chart}")
+        else:
+            click.echo("no chart: matplotlib is not installed (pip install 'pitcher-rpc[chart]')")
+
+
+@main.command()
 @click.argument("app")
 @click.option("--listen", required=True, metavar="URI", help="e.g. tcp://127.0.0.1:7001")
 def backend(app: str, listen: str) -> None:
