@@ -9,6 +9,7 @@ Run from the repository root (loopback only; every load is bounded in time)::
     Pitcher echo server, beside the floor for that carrier: a plain uvloop
     client against a plain uvloop echo (no framing, no ids, no pool) in the
     same run. One request in flight (round trips/s, p50) and 64 in flight.
+    (`pitcher bench` does this for every transport; this script adds nginx.)
 
 (b) HTTP. wrk (or, without it, a bounded Python load generator) against:
     the HTTP echo service alone; the proxy in front of the Pitcher echo over
@@ -44,10 +45,11 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transports.registry import transport_for  # noqa: E402
+from pitcher_rpc.benchmark.probes import floor_probe, pitcher_probe  # noqa: E402
+from pitcher_rpc.benchmark.runner import address_for, server_process  # noqa: E402
 
-PAYLOAD = b"x" * 100
 PYTHON = sys.executable
+SERVERS = [PYTHON, "-m", "pitcher_rpc.benchmark.servers"]
 
 
 def free_port() -> int:
@@ -100,84 +102,18 @@ def cpu_seconds(pid: int) -> float:
 # ------------------------------------------------------------------------- (a) transports
 
 
-async def _raw_connection(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    if address.startswith("unix://"):
-        return await asyncio.open_unix_connection(address[len("unix://") :])
-    host, _, port = address[len("tcp://") :].rpartition(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return reader, writer
-
-
-async def raw_round_trips(address: str, seconds: float, in_flight: int) -> tuple[float, float]:
-    """Round trips/s and p50 µs of a plain echo: a window of messages on one connection."""
-    reader, writer = await _raw_connection(address)
-    size = len(PAYLOAD)
-    latencies: list[float] = []
-    done = 0
-    sent_at: list[float] = []
-    start = time.perf_counter()
-    stop = start + seconds
-    for _ in range(in_flight):
-        sent_at.append(time.perf_counter())
-        writer.write(PAYLOAD)
-    received = 0
-    while True:
-        data = await reader.read(65536)
-        if not data:
-            break
-        received += len(data)
-        while received >= size:
-            received -= size
-            now = time.perf_counter()
-            latencies.append(now - sent_at[done])
-            done += 1
-            if now < stop:
-                sent_at.append(time.perf_counter())
-                writer.write(PAYLOAD)
-        if done == len(sent_at):
-            break
-    elapsed = time.perf_counter() - start
-    writer.close()
-    return done / elapsed, statistics.median(latencies) * 1e6
-
-
-async def pitcher_round_trips(address: str, seconds: float, in_flight: int) -> tuple[float, float]:
-    client = transport_for(address).client(address)
-    await client.call(PAYLOAD, 2.0)
-    latencies: list[float] = []
-    stop = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        call = client.call
-        perf = time.perf_counter
-        while (began := perf()) < stop:
-            await call(PAYLOAD, 5.0)
-            latencies.append(perf() - began)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
-    elapsed = time.perf_counter() - start
-    await client.close(1.0)
-    return len(latencies) / elapsed, statistics.median(latencies) * 1e6
-
-
 def transport_bench(seconds: float) -> dict[str, float]:
     results: dict[str, float] = {}
     tmp = tempfile.mkdtemp(prefix="pitcher-bench-", dir="/tmp")
     try:
         for carrier in ("tcp", "unix"):
-            for kind in ("raw", "frames"):
-                if carrier == "tcp":
-                    address = f"tcp://127.0.0.1:{free_port()}"
-                else:
-                    address = f"unix://{tmp}/{kind}.sock"
-                with process([PYTHON, "bench/echo_backends.py", kind, address]):
-                    measure = raw_round_trips if kind == "raw" else pitcher_round_trips
+            for kind, probe in (("floor", floor_probe), ("frames", pitcher_probe)):
+                with server_process(kind, address_for(carrier, tmp, kind)) as address:
                     for in_flight in (1, 64):
-                        rps, p50 = uvloop.run(measure(address, seconds, in_flight))
-                        results[f"{carrier}.{kind}.{in_flight}.rps"] = rps
-                        results[f"{carrier}.{kind}.{in_flight}.p50"] = p50
+                        result = uvloop.run(probe(address, in_flight, seconds))
+                        name = "raw" if kind == "floor" else kind
+                        results[f"{carrier}.{name}.{in_flight}.rps"] = result.rate
+                        results[f"{carrier}.{name}.{in_flight}.p50"] = result.p50
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return results
@@ -288,7 +224,7 @@ def http_bench(seconds: float, with_nginx: bool) -> dict[str, HttpResult]:
     tmp = tempfile.mkdtemp(prefix="pitcher-bench-", dir="/tmp")
     try:
         backend_port = free_port()
-        with process([PYTHON, "bench/echo_backends.py", "http", f"127.0.0.1:{backend_port}"]):
+        with process([*SERVERS, "http", f"127.0.0.1:{backend_port}"]):
             results["backend alone"] = measure_http(backend_port, seconds, None)
             nginx = shutil.which("nginx") or (
                 "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
@@ -312,7 +248,7 @@ def http_bench(seconds: float, with_nginx: bool) -> dict[str, HttpResult]:
             conf = Path(tmp, f"proxy-{carrier}.toml")
             conf.write_text(PROXY_CONFIG.format(port=port, node=node))
             with (
-                process([PYTHON, "bench/echo_backends.py", "pitcher", node]),
+                process([*SERVERS, "pitcher", node]),
                 process(
                     [PYTHON, "-m", "pitcher_rpc.cli", "serve", "-c", str(conf)], ready=None
                 ) as proxy_pid,
