@@ -1,0 +1,592 @@
+"""The client side of the UDP carrier.
+
+One connected datagram socket per node carries every call; answers come back
+in any order and are matched by request id. There is no connection to set up,
+so the socket is made on the first send (the only send that waits) and kept
+for the client's life: a restarted server is reachable again at once.
+
+Loss is handled by the caller's deadline and, for idempotent calls only, by
+re-sending the very same datagram (same request id) a bounded number of times
+before that deadline; the server's replay cache makes sure it runs once.
+As on the stream carriers, a call's outcome goes to a receiver (see
+:mod:`transports.calls`), and one timer, armed for the earliest deadline or
+re-send, serves every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import math
+import random
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from .base import ClientOptions
+from .calls import FutureReceiver, Receiver
+from .control import ErrorInfo, GoAwayInfo
+from .datagram import (
+    CLIENT_ACCEPTS,
+    DATAGRAM_HEADER_SIZE,
+    MAX_UDP_PAYLOAD,
+    DatagramDropped,
+    DropReason,
+    decode_datagram,
+    encode_datagram,
+    encode_request_datagram,
+)
+from .errors import (
+    Closed,
+    ConnectError,
+    ConnectionLost,
+    DeadlineExceeded,
+    ErrorCode,
+    ProtocolError,
+    Rejected,
+    RemoteError,
+    RequestTooLarge,
+    TransportError,
+)
+from .frame import FrameType
+from .registry import Address, parse_address
+
+log = logging.getLogger("pitcher.transports")
+
+_RESPONSE = int(FrameType.RESPONSE)
+# uvloop's timers have millisecond resolution and may fire a little early.
+_TIMER_SLACK = 0.001
+# deadline_ms is a 32-bit field; a longer budget is sent as the largest one.
+_MAX_DEADLINE_MS = 0xFFFFFFFF
+# Room for a burst of answers while the loop is busy elsewhere; the kernel caps
+# it at net.core.rmem_max and a smaller buffer only means earlier loss.
+_SOCKET_BUFFER = 1 << 20
+_PING_TOKEN = struct.Struct(">Q")
+_MIN_RETRY_INTERVAL = 0.001
+# Above every request id (they are 64-bit): "no GOAWAY", in one int comparison.
+_NO_GOAWAY = 1 << 64
+# ICMP errors that a connected datagram socket reports besides "port unreachable".
+_UNREACHABLE = frozenset((errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN))
+
+
+class _Resend:
+    """What an idempotent call needs to be sent again."""
+
+    __slots__ = ("at", "datagram", "deadline", "interval", "left")
+
+    def __init__(self, datagram: bytes, at: float, interval: float, left: int, deadline: float):
+        self.datagram = datagram
+        self.at = at
+        self.interval = interval
+        self.left = left
+        self.deadline = deadline
+
+
+class _ClientProtocol(asyncio.DatagramProtocol):
+    """Thin glue from the event loop to the client."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: UdpClient) -> None:
+        self._client = client
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._client._datagram_received(data)
+
+    def error_received(self, exc: Exception) -> None:
+        self._client._error_received(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client._connection_lost(self, exc)
+
+
+class UdpClient:
+    """Multiplexed client for one node over UDP (``udp://host:port``)."""
+
+    def __init__(self, address: str, options: ClientOptions | None = None) -> None:
+        self.address = address
+        self._parsed: Address = parse_address(address)
+        self.options = options = options or ClientOptions()
+        # Larger than the carrier allows would fail inside sendto, where no
+        # call can be told; the ceiling keeps the error at the caller.
+        self.max_datagram = min(options.max_datagram, MAX_UDP_PAYLOAD)
+        self._max_payload = self.max_datagram - DATAGRAM_HEADER_SIZE
+        self._retries = max(0, options.retries)
+        # A floor, so that a zero interval cannot spin the timer.
+        self._retry_interval = max(_MIN_RETRY_INTERVAL, options.retry_interval)
+        self.dropped: Counter[str] = Counter()
+        self.late_responses = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._time: Callable[[], float] = time.monotonic  # the loop's clock once bound
+        self._transport: asyncio.DatagramTransport | None = None
+        self._protocol: _ClientProtocol | None = None
+        # transport.sendto while the socket is open, else None: one check per send.
+        self._sendto: Any = None
+        self._opening: asyncio.Task[None] | None = None
+        # Datagrams of calls made while the socket was being opened.
+        self._unsent: list[tuple[int, bytes]] = []
+        self._retry_open_at = 0.0
+        self._backoff = 0.0
+        self._last_open_error = ""
+        # A random first id: a client that comes back on the same port does not
+        # meet the replay-cache entries of its previous life on the server.
+        self._next_id = random.randrange(1, 1 << 62)
+        self._pending: dict[int, Receiver] = {}
+        self._resends: dict[int, _Resend] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self._ping_count = 0
+        # What a refusal (ICMP) means for a pending call: whether the node has
+        # answered since the socket opened or since it last refused, and the
+        # last_request_id of its GOAWAY while it drains (ids above it never run).
+        self._heard = False
+        self._goaway_last = _NO_GOAWAY
+        self._closed = False
+
+    # public ---------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    @property
+    def connection_count(self) -> int:
+        return 0 if self._transport is None else 1
+
+    def send(self, payload: bytes, receiver: Receiver) -> None:
+        """Send one request; its outcome goes to ``receiver`` (possibly before this returns)."""
+        sendto = self._sendto
+        if sendto is None or self._closed or len(payload) > self._max_payload:
+            self._send_slow(payload, receiver)
+            return
+        # The common case in one function: the socket is open and the call fits.
+        now = self._time()
+        deadline = receiver.deadline
+        remaining_ms = (deadline - now) * 1000
+        if not 0 < remaining_ms < _MAX_DEADLINE_MS:
+            self._send_slow(payload, receiver)
+            return
+        request_id = self._next_id
+        self._next_id = request_id + 1
+        datagram = encode_request_datagram(request_id, payload, int(remaining_ms) or 1)
+        self._pending[request_id] = receiver
+        if deadline < self._timer_at:
+            self._arm(deadline)
+        if receiver.idempotent and self._retries:
+            self._plan_resend(request_id, datagram, now, deadline)
+        sendto(datagram)
+
+    def cancel(self, receiver: Receiver) -> None:
+        """The caller gives up: forget the call and tell the node (CANCEL). No callback follows."""
+        request_id = next((rid for rid, r in self._pending.items() if r is receiver), 0)
+        if not request_id:
+            return
+        del self._pending[request_id]
+        self._resends.pop(request_id, None)
+        if self._sendto is not None:
+            self._sendto(encode_datagram(FrameType.CANCEL, request_id))
+
+    def start(
+        self, payload: bytes, timeout: float, idempotent: bool = False
+    ) -> asyncio.Future[bytes]:
+        """Send one request; the future gets the response payload or a CallError.
+
+        Cancelling the future gives the call up and tells the node (CANCEL).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        receiver = FutureReceiver(future, loop.time() + timeout, idempotent)
+        self.send(payload, receiver)
+        if not future.done():
+            future.add_done_callback(
+                lambda done: self.cancel(receiver) if done.cancelled() else None
+            )
+        return future
+
+    async def call(self, payload: bytes, timeout: float, idempotent: bool = False) -> bytes:
+        return await self.start(payload, timeout, idempotent)
+
+    async def ping(self, timeout: float = 1.0) -> None:
+        """PING the node until it answers PONG; ConnectError if it does not in ``timeout``."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + timeout
+        if self._closed:
+            raise Closed(f"client for {self.address} is closed")
+        while self._sendto is None:
+            self._open_soon(loop)
+            opening = self._opening
+            if opening is None:  # could not open, and backing off
+                raise ConnectError(f"{self.address} unreachable ({self._last_open_error})")
+            try:
+                await asyncio.wait_for(asyncio.shield(opening), give_up_at - loop.time())
+            except TimeoutError:
+                raise ConnectError(f"{self.address}: no socket within {timeout}s") from None
+            if self._closed:
+                raise Closed(f"client for {self.address} is closed")
+            if self._sendto is None:
+                raise ConnectError(f"{self.address} unreachable ({self._last_open_error})")
+        self._ping_count += 1
+        token = _PING_TOKEN.pack(self._ping_count)
+        future: asyncio.Future[None] = loop.create_future()
+        self._pings[token] = future
+        datagram = encode_datagram(FrameType.PING, 0, token)
+        interval = self._retry_interval
+        try:
+            # PING is harmless to repeat, so a lost one is simply sent again.
+            while True:
+                remaining = give_up_at - loop.time()
+                if remaining <= 0:
+                    raise ConnectError(f"{self.address}: no answer to PING within {timeout}s")
+                self._sendto(datagram)
+                done, _ = await asyncio.wait((future,), timeout=min(interval, remaining))
+                if done:
+                    future.result()
+                    return
+                if self._sendto is None:
+                    raise ConnectionLost(f"socket to {self.address} closed during PING")
+                interval *= 2
+        finally:
+            self._pings.pop(token, None)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop new calls, let in-flight ones finish (at most ``timeout``), then close."""
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        while (self._pending or self._opening is not None) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        self.abort()
+
+    def abort(self) -> None:
+        """Close the socket now; in-flight calls fail with ConnectionLost."""
+        self._closed = True
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            opening.cancel()
+        transport = self._transport
+        sendto = self._sendto
+        was_open = sendto is not None
+        if sendto is not None:
+            # A stream server cancels the handlers of a connection that ends;
+            # without a connection, the node learns it from these (best effort).
+            for request_id in self._pending:
+                sendto(encode_datagram(FrameType.CANCEL, request_id))
+        self._forget_socket()
+        if transport is not None:
+            transport.close()
+        if was_open:
+            error: TransportError = ConnectionLost(f"client for {self.address} closed")
+        else:
+            error = Closed(f"client for {self.address} closed before its socket opened")
+        self._fail_all(error)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = math.inf
+
+    # sending ----------------------------------------------------------------------------
+
+    def _register(self, payload: bytes, receiver: Receiver, now: float) -> bytes | None:
+        """Give a call its id and its place in the timer; its datagram, or None if it failed."""
+        if self._closed:
+            receiver.on_error(Closed(f"client for {self.address} is closed"))
+            return None
+        size = len(payload) + DATAGRAM_HEADER_SIZE
+        if size > self.max_datagram:
+            receiver.on_error(
+                RequestTooLarge(
+                    f"request of {len(payload)} bytes makes a datagram of {size} bytes, over"
+                    f" the limit of {self.max_datagram} bytes (max_datagram); not sent"
+                )
+            )
+            return None
+        deadline = receiver.deadline
+        remaining_ms = (deadline - now) * 1000
+        if remaining_ms <= 0:
+            receiver.on_error(DeadlineExceeded("deadline passed before sending", sent=False))
+            return None
+        request_id = self._next_id
+        self._next_id = request_id + 1
+        datagram = encode_request_datagram(
+            request_id,
+            payload,
+            _MAX_DEADLINE_MS if remaining_ms >= _MAX_DEADLINE_MS else max(1, int(remaining_ms)),
+        )
+        self._pending[request_id] = receiver
+        if deadline < self._timer_at:
+            self._arm(deadline)
+        if receiver.idempotent and self._retries:
+            self._plan_resend(request_id, datagram, now, deadline)
+        return datagram
+
+    def _plan_resend(self, request_id: int, datagram: bytes, now: float, deadline: float) -> None:
+        resend_at = now + self._retry_interval
+        if resend_at < deadline:
+            self._resends[request_id] = _Resend(
+                datagram, resend_at, self._retry_interval, self._retries, deadline
+            )
+            if resend_at < self._timer_at:
+                self._arm(resend_at)
+
+    def _send_slow(self, payload: bytes, receiver: Receiver) -> None:
+        """send() for every case but the common one: checks, failures, no socket yet."""
+        loop = self._loop or self._bind(asyncio.get_running_loop())
+        sendto = self._sendto
+        if sendto is not None:
+            datagram = self._register(payload, receiver, loop.time())
+            if datagram is not None:
+                sendto(datagram)
+            return
+        if not self._closed and self._opening is None:
+            now = loop.time()
+            if now < self._retry_open_at:
+                receiver.on_error(
+                    ConnectError(
+                        f"{self.address} unreachable, next try in {self._retry_open_at - now:.2f}s"
+                        f" (last error: {self._last_open_error})"
+                    )
+                )
+                return
+        datagram = self._register(payload, receiver, loop.time())
+        if datagram is None:
+            return
+        self._unsent.append((self._next_id - 1, datagram))
+        self._open_soon(loop)
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+        self._loop = loop
+        self._time = loop.time
+        return loop
+
+    def _open_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is None:
+            self._bind(loop)
+        if self._opening is None and self._sendto is None and not self._closed:
+            if loop.time() < self._retry_open_at:
+                return
+            self._opening = loop.create_task(self._open(), name=f"pitcher-udp-open {self.address}")
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        address = self._parsed
+        try:
+            transport, protocol = await loop.create_datagram_endpoint(
+                lambda: _ClientProtocol(self), remote_addr=(address.host, address.port)
+            )
+        except OSError as exc:
+            self._opening = None
+            self._backoff = min(
+                self.options.backoff_max, max(self.options.backoff_initial, self._backoff * 2)
+            )
+            self._retry_open_at = loop.time() + self._backoff
+            self._last_open_error = exc.strerror or str(exc)
+            self._unsent.clear()
+            self._fail_all(ConnectError(f"{self.address}: {self._last_open_error}"))
+            return
+        self._opening = None
+        # Even if close() began meanwhile: it waits for the calls queued here.
+        self._backoff = 0.0
+        self._transport = transport
+        self._protocol = protocol
+        enlarge_socket_buffers(transport)
+        self._sendto = sendto = transport.sendto
+        unsent, self._unsent = self._unsent, []
+        pending = self._pending
+        for request_id, datagram in unsent:
+            if request_id in pending:
+                sendto(datagram)
+
+    # the one timer ------------------------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._expire_due)  # type: ignore[union-attr]
+
+    def _expire_due(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        now = self._loop.time() + _TIMER_SLACK  # type: ignore[union-attr]
+        earliest = math.inf
+        pending = self._pending
+        resends = self._resends
+        expired: list[tuple[int, Receiver]] = []
+        for request_id, receiver in pending.items():
+            deadline = receiver.deadline
+            if deadline <= now:
+                expired.append((request_id, receiver))
+            elif deadline < earliest:
+                earliest = deadline
+        sendto = self._sendto
+        for request_id, _ in expired:
+            del pending[request_id]
+            resends.pop(request_id, None)
+            if sendto is not None:
+                # Best effort: the server stops the handler instead of finishing
+                # work nobody waits for. Lost, it costs only that work.
+                sendto(encode_datagram(FrameType.CANCEL, request_id))
+        if resends:
+            finished: list[int] = []
+            for request_id, resend in resends.items():
+                if resend.at <= now:
+                    if sendto is None:  # not open yet: its first copy is still queued
+                        resend.at = now + resend.interval
+                    else:
+                        sendto(resend.datagram)
+                        resend.left -= 1
+                        resend.interval *= 2
+                        resend.at = now + resend.interval
+                    if not resend.left or resend.at >= resend.deadline:
+                        finished.append(request_id)
+                        continue
+                if resend.at < earliest:
+                    earliest = resend.at
+            for request_id in finished:
+                del resends[request_id]
+        if expired:
+            sent = sendto is not None
+            for _, receiver in expired:
+                _deliver_error(
+                    receiver, DeadlineExceeded("no answer before the deadline", sent=sent)
+                )
+        # A receiver may have sent a new call and armed the timer meanwhile.
+        if earliest < self._timer_at:
+            self._arm(earliest)
+
+    # receiving ---------------------------------------------------------------------------
+
+    def _datagram_received(self, data: bytes) -> None:
+        try:
+            frame = decode_datagram(data, CLIENT_ACCEPTS)
+        except DatagramDropped as exc:
+            self.dropped[exc.reason] += 1
+            return
+        self._heard = True
+        if frame.type == _RESPONSE:
+            request_id = frame.request_id
+            receiver = self._pending.pop(request_id, None)
+            if receiver is None:
+                # Its caller gave up, or this is a second copy: never anyone else's.
+                self.late_responses += 1
+                return
+            if self._resends:
+                self._resends.pop(request_id, None)
+            if request_id > self._goaway_last:
+                # A draining node runs nothing above its GOAWAY: this is its successor.
+                self._goaway_last = _NO_GOAWAY
+            try:
+                receiver.on_response(frame.payload)
+            except Exception:
+                log.exception("a receiver failed on a response from %s", self.address)
+            return
+        try:
+            self._on_control(frame.type, frame.request_id, frame.payload)
+        except ProtocolError:
+            self.dropped[DropReason.BAD_PAYLOAD] += 1
+
+    def _on_control(self, kind: int, request_id: int, payload: bytes) -> None:
+        if kind == FrameType.ERROR:
+            error = ErrorInfo.decode(payload)
+            receiver = self._pending.pop(request_id, None)
+            if receiver is None:
+                self.late_responses += 1
+                return
+            self._resends.pop(request_id, None)
+            if error.code == ErrorCode.UNAVAILABLE:
+                _deliver_error(receiver, Rejected(f"node refused: {error.describe()}"))
+            elif error.code == ErrorCode.DEADLINE_EXCEEDED:
+                # The node's clock ran out a hair before ours: the same outcome.
+                _deliver_error(receiver, DeadlineExceeded(f"the node gave up: {error.message}"))
+            else:
+                _deliver_error(receiver, RemoteError(error.code, error.message))
+        elif kind == FrameType.GOAWAY:
+            info = GoAwayInfo.decode(payload)
+            self._goaway_last = info.last_request_id
+            reason = info.reason or "no reason given"
+            refused = [rid for rid in self._pending if rid > info.last_request_id]
+            failed = []
+            for request_id in refused:
+                failed.append(self._pending.pop(request_id))
+                self._resends.pop(request_id, None)
+            for receiver in failed:
+                _deliver_error(receiver, Rejected(f"node is going away ({reason})"))
+        elif kind == FrameType.PING:
+            if self._sendto is not None:
+                self._sendto(encode_datagram(FrameType.PONG, 0, payload))
+        elif kind == FrameType.PONG:
+            future = self._pings.get(payload)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    def _error_received(self, exc: Exception) -> None:
+        if isinstance(exc, ConnectionRefusedError):
+            what = "nothing listens there (port unreachable)"
+        elif getattr(exc, "errno", None) in _UNREACHABLE:
+            what = f"unreachable ({exc})"
+        else:
+            log.warning("UDP socket to %s: %s", self.address, exc)
+            return
+        # An ICMP error on the connected socket: the node's port (or host) takes
+        # nothing now, so no answer will come for any call; fail them at once,
+        # not at their deadline. A call never reached a handler if the node has
+        # not answered since we last knew it absent, or if its id is above the
+        # GOAWAY of a draining node. Otherwise the node went away with the call
+        # pending, and may have started it.
+        heard, self._heard = self._heard, False
+        goaway_last = self._goaway_last
+        refused = ConnectError(f"{self.address}: {what}")
+        lost = ConnectionLost(f"{self.address} stopped answering: {what}; the call may have run")
+        pending, self._pending = self._pending, {}
+        self._resends.clear()
+        for request_id, receiver in pending.items():
+            _deliver_error(receiver, lost if heard and request_id <= goaway_last else refused)
+        for future in self._pings.values():
+            if not future.done():
+                future.set_exception(refused)
+
+    def _connection_lost(self, protocol: _ClientProtocol, exc: Exception | None) -> None:
+        if protocol is not self._protocol:
+            return
+        self._forget_socket()
+        self._fail_all(ConnectionLost(f"socket to {self.address} closed: {exc or 'closed'}"))
+
+    # shared -----------------------------------------------------------------------------
+
+    def _forget_socket(self) -> None:
+        self._transport = None
+        self._protocol = None
+        self._sendto = None
+
+    def _fail_all(self, error: TransportError) -> None:
+        pending, self._pending = self._pending, {}
+        self._resends.clear()
+        for receiver in pending.values():
+            _deliver_error(receiver, error)
+        for future in self._pings.values():
+            if not future.done():
+                future.set_exception(error)
+
+
+def _deliver_error(receiver: Receiver, error: TransportError) -> None:
+    try:
+        receiver.on_error(error)
+    except Exception:
+        log.exception("a receiver failed on an error")
+
+
+def enlarge_socket_buffers(transport: asyncio.BaseTransport) -> None:
+    """Give a datagram socket room for a burst (both ends use this)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, option) < _SOCKET_BUFFER:
+                sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+        except OSError:
+            pass
