@@ -24,6 +24,8 @@ async def start_echo_services(run_dir: str) -> dict[str, Server]:
     return {
         "ECHO_TCP": await echo_app.serve("tcp://127.0.0.1:0"),
         "ECHO_UNIX": await echo_app.serve(f"unix://{run_dir}/echo.sock"),
+        "ECHO_UDP": await echo_app.serve("udp://127.0.0.1:0"),
+        "ECHO_ZMQ": await echo_app.serve("zmq+tcp://127.0.0.1:0"),
     }
 
 

@@ -9,6 +9,7 @@ fixture is torn down.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -42,8 +43,8 @@ def pitcher_command() -> list[str]:
     return [sys.executable, "-m", "pitcher_rpc.cli"]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
@@ -54,7 +55,13 @@ def short_tmpdir() -> str:
 
 
 def can_connect(uri: str) -> bool:
-    """Whether something accepts connections at a ``tcp://`` or ``unix://`` URI."""
+    """Whether something accepts connections at ``uri``.
+
+    A stream address is probed with a plain connect; a datagram or ZeroMQ one
+    has no connection to make, so a Pitcher PING must come back instead.
+    """
+    if not uri.startswith(("tcp://", "unix://")):
+        return _answers_ping(uri)
     if uri.startswith("unix://"):
         family, address = socket.AF_UNIX, uri[len("unix://") :]
     else:
@@ -67,6 +74,23 @@ def can_connect(uri: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def _answers_ping(uri: str) -> bool:
+    from transports.errors import TransportError
+    from transports.registry import transport_for
+
+    async def ping() -> bool:
+        client = transport_for(uri).client(uri)
+        try:
+            await client.ping(0.3)
+            return True
+        except TransportError:
+            return False
+        finally:
+            client.abort()
+
+    return asyncio.run(ping())
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.01) -> None:
@@ -317,9 +341,11 @@ class Launcher:
         return f"{stem}{self._counter}"
 
     def uri(self, transport: str) -> str:
-        if transport == "unix":
-            return f"unix://{self.tmpdir}/{self.unique('b')}.sock"
-        return f"tcp://127.0.0.1:{free_port()}"
+        if transport in ("unix", "zmq+ipc"):
+            return f"{transport}://{self.tmpdir}/{self.unique('b')}.sock"
+        if transport == "udp":
+            return f"udp://127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
+        return f"{transport}://127.0.0.1:{free_port()}"
 
     def spawn(self, args: Sequence[str], **kwargs: Any) -> Process:
         process = Process(args, **kwargs)

@@ -48,7 +48,7 @@ class Site:
     echo: Backend
 
 
-@pytest.fixture(scope="module", params=["tcp", "unix"])
+@pytest.fixture(scope="module", params=["tcp", "unix", "udp", "zmq+tcp"])
 def site(request: pytest.FixtureRequest, module_launcher: Launcher) -> Site:
     transport = request.param
     echo = module_launcher.echo_backend(transport)
@@ -556,7 +556,7 @@ def test_demo_serves_every_transport_and_stops_cleanly_on_sigterm(launcher: Laun
     wait_until(listening, 5.0, "the demo proxy")
     unix_line = demo.wait_for_line("unix://", stream="stdout")
     socket_path = unix_line.split("unix://", 1)[1].strip()
-    for route in ("tcp", "unix"):
+    for route in ("tcp", "unix", "udp", "zmq"):
         status, body = fetch(f"http://127.0.0.1:{port}/{route}/hello?name=demo")
         assert status == 200, body
         answer = json.loads(body)

@@ -1,0 +1,609 @@
+"""The client side of the ZeroMQ carrier: one DEALER socket per node.
+
+The socket carries many calls at once, matched by request id; answers may
+come back in any order. ZeroMQ connects and reconnects in the background and
+has no handshake, so there is no connection to pool: :meth:`ZmqClient.ping`
+is how a caller learns that the node answers.
+
+A request is handed to ZeroMQ with a non-blocking send straight from the
+caller. ``IMMEDIATE`` is set, so ZeroMQ takes a message only when a node is
+connected and its queue has room; otherwise (``zmq.Again``) the request
+waits in zmq.asyncio's send queue, in order, at most ``connect_timeout``
+(then ``ConnectError``) or until its deadline (then ``DeadlineExceeded``),
+both with ``sent=False``. Once a request has waited ``connect_timeout`` in
+vain, the node counts as unreachable and later ones fail at once with
+``ConnectError`` until ZeroMQ takes a message again.
+
+One task per socket reads answers and hands them to the calls' receivers;
+one timer, armed for the earliest deadline, expires calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from .base import ClientOptions
+from .calls import FutureReceiver, Receiver
+from .control import ErrorInfo, GoAwayInfo
+from .errors import (
+    Closed,
+    ConnectError,
+    ConnectionLost,
+    DeadlineExceeded,
+    ErrorCode,
+    ProtocolError,
+    Rejected,
+    RemoteError,
+    RequestTooLarge,
+    TransportError,
+)
+from .frame import HEADER, HEADER_SIZE, VERSION, FrameType, encode_frame, encode_request
+from .zeromq import endpoint_of, new_socket, parse_zmq_address, read_header, shared_context
+from .zeromq import should_log as _should_log
+
+log = logging.getLogger("pitcher.transports")
+
+# Plain ints: pyzmq's constants are enums, whose operators run in Python.
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_RESPONSE = FrameType.RESPONSE
+_unpack_header = HEADER.unpack_from
+# uvloop's timers have millisecond resolution and may fire a little early.
+_TIMER_SLACK = 0.001
+# deadline_ms is a uint32; a budget beyond it is sent as 0, "no deadline".
+_MAX_DEADLINE_MS = 0xFFFFFFFF
+# ClientOptions.backoff_max (2 s) paces the stream carrier's connect attempts,
+# each of which fails calls. Here a reconnect attempt is a background SYN and
+# waiting longer than needed only delays a restarted node, so keep it short.
+_RECONNECT_IVL_MAX = 0.5
+_NOTHING_PENDING = GoAwayInfo(0, "no call pending").encode()
+
+
+class ZmqClient:
+    """Multiplexed client for one node over a ZeroMQ DEALER socket."""
+
+    def __init__(self, address: str, options: ClientOptions | None = None) -> None:
+        self.address = address
+        self.options = options or ClientOptions()
+        self._endpoint, self._ipv6 = endpoint_of(parse_zmq_address(address))
+        self._max_request = self.options.max_frame_size
+        self._context: zmq.asyncio.Context | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+        # The synchronous send of a plain socket sharing the DEALER: a future
+        # per request (what zmq.asyncio's send returns) costs time for nothing
+        # when ZeroMQ takes the message at once, as it nearly always does.
+        self._send: Callable[..., Any] | None = None
+        self._events: Callable[[int], Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: asyncio.Task[None] | None = None
+        # True while the reader awaits the socket: a send made then must
+        # re-check the socket's events (see _poke_reader).
+        self._reader_waiting = False
+        self._next_id = 1
+        self._pending: dict[int, Receiver] = {}
+        # Requests ZeroMQ did not take at once: id -> (send future, give up at).
+        self._queued: dict[int, tuple[asyncio.Future[Any], float]] = {}
+        # Since when ZeroMQ has refused to take a message, if it does now.
+        self._blocked_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self._ping_count = 0
+        # The node said GOAWAY and waits for ours: sent once no request that
+        # left is unanswered, so that it knows we have read every answer.
+        self._goaway_seen = False
+        self._closed = False
+        self.late_responses = 0
+        # Malformed messages received and dropped.
+        self.dropped = 0
+
+    # public ---------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    @property
+    def connection_count(self) -> int:
+        """1 while the socket is open: ZeroMQ hides the connection behind it."""
+        return 0 if self._socket is None or self._socket.closed else 1
+
+    def send(self, payload: bytes, receiver: Receiver) -> None:
+        """Send one request; its outcome goes to ``receiver`` (possibly before this returns)."""
+        if self._closed:
+            receiver.on_error(Closed(f"client for {self.address} is closed"))
+            return
+        if len(payload) > self._max_request:
+            receiver.on_error(
+                RequestTooLarge(
+                    f"request of {len(payload)} bytes exceeds the frame limit"
+                    f" of {self._max_request} bytes"
+                )
+            )
+            return
+        send = self._send
+        if send is None:
+            try:
+                send = self._open()
+            except ConnectError as exc:
+                receiver.on_error(exc)
+                return
+        loop = self._loop
+        assert loop is not None
+        deadline = receiver.deadline
+        remaining_ms = (deadline - loop.time()) * 1000
+        if remaining_ms <= 0:
+            receiver.on_error(DeadlineExceeded("deadline passed before sending", sent=False))
+            return
+        request_id = self._next_id
+        self._next_id = request_id + 1
+        frame = encode_request(
+            request_id,
+            payload,
+            (int(remaining_ms) or 1) if remaining_ms < _MAX_DEADLINE_MS else 0,
+        )
+        if self._queued:
+            # Stay behind the requests already waiting for the node.
+            if not self._enqueue(request_id, frame, receiver):
+                return
+        else:
+            try:
+                send(frame, _NOBLOCK)
+            except zmq.Again:
+                if not self._enqueue(request_id, frame, receiver):
+                    return
+            except zmq.ZMQError as exc:
+                receiver.on_error(self._connect_error(f"cannot send: {exc}"))
+                return
+            else:
+                self._blocked_since = None
+                if self._reader_waiting:
+                    self._poke_reader()
+        self._pending[request_id] = receiver
+        if deadline < self._timer_at:
+            self._arm(deadline)
+
+    def cancel(self, receiver: Receiver) -> None:
+        """The caller gives up: forget the call and tell the node (CANCEL). No callback follows."""
+        for request_id, pending in self._pending.items():
+            if pending is receiver:
+                self._give_up(request_id)
+                return
+
+    def start(
+        self, payload: bytes, timeout: float, idempotent: bool = False
+    ) -> asyncio.Future[bytes]:
+        """Send one request; the future gets the response payload or a CallError.
+
+        Cancelling the future gives the call up and tells the node (CANCEL).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        receiver = FutureReceiver(future, loop.time() + timeout, idempotent)
+        self.send(payload, receiver)
+        if not future.done():
+            future.add_done_callback(
+                lambda done: self.cancel(receiver) if done.cancelled() else None
+            )
+        return future
+
+    async def call(self, payload: bytes, timeout: float, idempotent: bool = False) -> bytes:
+        return await self.start(payload, timeout, idempotent)
+
+    async def ping(self, timeout: float = 1.0) -> None:
+        """Wait for the node to answer a PING; ConnectError if no PONG comes within ``timeout``."""
+        if self._closed:
+            raise Closed(f"client for {self.address} is closed")
+        if self._send is None:
+            self._open()
+        socket = self._socket
+        assert socket is not None and self._loop is not None
+        self._ping_count += 1
+        token = self._ping_count.to_bytes(8, "big")
+        pong: asyncio.Future[None] = self._loop.create_future()
+        self._pings[token] = pong
+        try:
+            async with asyncio.timeout(timeout):
+                # zmq.asyncio's send waits until a node is connected.
+                await socket.send(encode_frame(FrameType.PING, 0, token))
+                if self._reader_waiting:
+                    self._poke_reader()
+                await pong
+        except TimeoutError:
+            raise ConnectError(f"{self.address}: no answer to a ping within {timeout}s") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                # The socket was closed under the pending send, not this task cancelled.
+                raise Closed(f"client for {self.address} closed") from None
+            raise
+        finally:
+            self._pings.pop(token, None)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop new calls, let in-flight ones finish (at most ``timeout``), then close."""
+        self._closed = True
+        give_up_at = time.monotonic() + timeout
+        while self._pending and time.monotonic() < give_up_at:
+            await asyncio.sleep(0.005)
+        reader = self._reader
+        self.abort()
+        if reader is not None:
+            # wait() rather than awaiting the task: its CancelledError is not ours.
+            await asyncio.wait((reader,))
+
+    def abort(self) -> None:
+        """Close the socket now; calls in flight fail with ConnectionLost."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = math.inf
+        pending, self._pending = self._pending, {}
+        queued, self._queued = self._queued, {}
+        for future, _ in queued.values():
+            future.cancel()
+        lost = ConnectionLost(f"client for {self.address} closed with the call in flight")
+        not_sent = Closed(f"client for {self.address} closed before the request left")
+        for request_id, receiver in pending.items():
+            _deliver_error(receiver, not_sent if request_id in queued else lost)
+        pings, self._pings = self._pings, {}
+        for pong in pings.values():
+            if not pong.done():
+                pong.set_exception(Closed(f"client for {self.address} closed"))
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        socket, context = self._socket, self._context
+        self._send = self._events = None
+        self._context = None
+        if socket is not None and not socket.closed:
+            # LINGER is 0: what ZeroMQ still holds is CANCELs and requests
+            # nobody waits for any more.
+            socket.close(linger=0)
+        if context is not None:
+            shared_context.release(context)
+
+    # socket ---------------------------------------------------------------------------
+
+    def _open(self) -> Callable[..., Any]:
+        loop = asyncio.get_running_loop()
+        options = self.options
+        context = shared_context.acquire()
+        try:
+            socket = new_socket(
+                context,
+                zmq.DEALER,
+                max_frame_size=options.max_frame_size,
+                high_water_mark=options.high_water_mark,
+                ipv6=self._ipv6,
+            )
+        except zmq.ZMQError as exc:
+            shared_context.release(context)
+            raise self._connect_error(f"cannot open a socket: {exc}") from exc
+        try:
+            # Queue nothing for a node that is not connected: a request would
+            # otherwise wait inside ZeroMQ for a restarted node and reach it
+            # long after its caller gave up (deadline_ms counts from arrival).
+            # With IMMEDIATE a send fails at once (zmq.Again) and we decide.
+            socket.setsockopt(zmq.IMMEDIATE, 1)
+            socket.setsockopt(zmq.RECONNECT_IVL, max(1, int(options.backoff_initial * 1000)))
+            socket.setsockopt(
+                zmq.RECONNECT_IVL_MAX,
+                max(1, int(min(options.backoff_max, _RECONNECT_IVL_MAX) * 1000)),
+            )
+            # A SYN into a black hole is retried after this, not after the
+            # kernel's minutes-long TCP timeout.
+            socket.setsockopt(zmq.CONNECT_TIMEOUT, max(1, int(options.connect_timeout * 1000)))
+            socket.connect(self._endpoint)
+        except zmq.ZMQError as exc:
+            socket.close(linger=0)
+            shared_context.release(context)
+            raise self._connect_error(f"cannot connect: {exc}") from exc
+        shadow: zmq.Socket[Any] = zmq.Socket.shadow(socket.underlying)
+        self._loop = loop
+        self._context = context
+        self._socket = socket
+        self._send = send = shadow.send
+        self._events = shadow.get
+        self._reader = loop.create_task(
+            self._receive_loop(socket, shadow), name=f"pitcher-zmq-client {self.address}"
+        )
+        return send
+
+    def _connect_error(self, message: str) -> ConnectError:
+        return ConnectError(f"{self.address}: {message}")
+
+    def _poke_reader(self) -> None:
+        # A send may consume the wake-up that ZeroMQ's (edge-triggered) file
+        # descriptor had pending for an answer that arrived meanwhile. If an
+        # answer is there, zmq.asyncio's get() re-checks the events and wakes
+        # the waiting reader.
+        events = self._events
+        if events is not None and events(_EVENTS) & _POLLIN and self._socket is not None:
+            self._socket.get(_EVENTS)
+
+    async def _receive_loop(self, socket: zmq.asyncio.Socket, shadow: zmq.Socket[Any]) -> None:
+        recv = shadow.recv
+        more = shadow.get
+        on_message = self._on_message
+        while True:
+            try:
+                # Take what is there without a future per message, and await
+                # only when the socket is empty: an exception per idle turn
+                # is cheaper than an EVENTS check per message under load.
+                # With no call pending no answer is due, so wait at once.
+                if self._pending:
+                    try:
+                        data = recv(_NOBLOCK)
+                    except zmq.Again:
+                        data = None
+                else:
+                    data = None
+                if data is None:
+                    self._reader_waiting = True
+                    try:
+                        data = await socket.recv()
+                    finally:
+                        self._reader_waiting = False
+                if more(_RCVMORE):
+                    while more(_RCVMORE):
+                        recv(_NOBLOCK)
+                    self._drop("a message of several parts; a frame is one part")
+                    continue
+                on_message(data)
+            except zmq.ZMQError as exc:
+                if self._closed:
+                    return
+                log.error("receiving from %s failed: %s", self.address, exc)
+                return
+            except Exception:
+                log.exception("handling a message from %s failed", self.address)
+
+    # calls ----------------------------------------------------------------------------
+
+    def _enqueue(self, request_id: int, frame: bytes, receiver: Receiver) -> bool:
+        """Let a request wait for ZeroMQ to take it; False if it failed at once."""
+        loop = self._loop
+        socket = self._socket
+        assert loop is not None and socket is not None
+        now = loop.time()
+        blocked_since = self._blocked_since
+        if blocked_since is None:
+            self._blocked_since = blocked_since = now
+        give_up_at = blocked_since + self.options.connect_timeout
+        if give_up_at <= now:
+            receiver.on_error(
+                self._connect_error(
+                    "unreachable: no node connected, or its queue is full,"
+                    f" for {self.options.connect_timeout}s"
+                )
+            )
+            return False
+        # zmq.asyncio queues it and sends when the socket can take it, in order.
+        future = socket.send(frame)
+        assert isinstance(future, asyncio.Future)
+        self._queued[request_id] = (future, give_up_at)
+        future.add_done_callback(functools.partial(self._on_queued_sent, request_id))
+        if give_up_at < self._timer_at:
+            self._arm(give_up_at)
+        return True
+
+    def _on_queued_sent(self, request_id: int, future: asyncio.Future[Any]) -> None:
+        if self._queued.pop(request_id, None) is None or future.cancelled():
+            return  # given up and cancelled by us
+        error = future.exception()
+        if error is None:
+            self._blocked_since = None
+            return
+        receiver = self._pending.pop(request_id, None)
+        if receiver is not None:
+            _deliver_error(receiver, self._connect_error(f"cannot send: {error}"))
+
+    def _give_up(self, request_id: int) -> bool | None:
+        """Forget a call: True if the node may have it (a CANCEL goes out),
+        False if it never left, None if it was not pending."""
+        if self._pending.pop(request_id, None) is None:
+            return None
+        queued = self._queued.pop(request_id, None)
+        if queued is not None and queued[0].cancel():
+            return False
+        send = self._send
+        if send is not None:
+            # Best effort: the node's own deadline stops the handler anyway.
+            with contextlib.suppress(zmq.ZMQError):
+                send(encode_frame(FrameType.CANCEL, request_id), _NOBLOCK)
+            if self._reader_waiting:
+                self._poke_reader()
+        if self._goaway_seen:
+            self._maybe_say_goaway()
+        return True
+
+    def _maybe_say_goaway(self) -> None:
+        """After the node's GOAWAY: tell it once nothing that left is unanswered.
+
+        With IMMEDIATE set, ZeroMQ drops the answers a DEALER has received but
+        not yet read when the connection ends; a closing node waits for this
+        GOAWAY before closing its socket, so no answer is lost that way.
+        """
+        queued = self._queued
+        if any(request_id not in queued for request_id in self._pending):
+            return
+        self._goaway_seen = False
+        send = self._send
+        if send is not None:
+            # Best effort: a node that does not get it waits until its grace ends.
+            with contextlib.suppress(zmq.ZMQError):
+                send(encode_frame(FrameType.GOAWAY, 0, _NOTHING_PENDING), _NOBLOCK)
+            if self._reader_waiting:
+                self._poke_reader()
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self._loop is not None
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._expire_due)
+
+    def _expire_due(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        assert self._loop is not None
+        now = self._loop.time() + _TIMER_SLACK
+        earliest = math.inf
+        expired: list[tuple[int, Receiver]] = []
+        for request_id, receiver in self._pending.items():
+            deadline = receiver.deadline
+            if deadline <= now:
+                expired.append((request_id, receiver))
+            elif deadline < earliest:
+                earliest = deadline
+        for request_id, receiver in expired:
+            sent = self._give_up(request_id)
+            if sent is not None:
+                message = "no answer before the deadline" if sent else "deadline passed unsent"
+                _deliver_error(receiver, DeadlineExceeded(message, sent=sent))
+        stalled: list[int] = []
+        for request_id, (future, give_up_at) in self._queued.items():
+            if give_up_at <= now and not future.done():
+                stalled.append(request_id)
+            elif give_up_at < earliest:
+                earliest = give_up_at
+        for request_id in stalled:
+            waiting = self._pending.get(request_id)
+            if waiting is None:
+                self._queued.pop(request_id)[0].cancel()
+            elif self._give_up(request_id) is False:
+                _deliver_error(
+                    waiting,
+                    self._connect_error(
+                        "no node connected (or its queue stayed full)"
+                        f" for {self.options.connect_timeout}s"
+                    ),
+                )
+        if earliest < math.inf and not self._closed:
+            self._arm(earliest)
+
+    # answers --------------------------------------------------------------------------
+
+    def _on_message(self, data: bytes) -> None:
+        size = len(data)
+        if size >= HEADER_SIZE:
+            version, frame_type, _flags, length, request_id, _deadline = _unpack_header(data)
+            # Fast path for the frame that makes up nearly all traffic; the
+            # exact length also bounds it, since ZeroMQ enforces MAXMSGSIZE.
+            if (
+                frame_type == _RESPONSE
+                and version == VERSION
+                and request_id
+                and length == size - HEADER_SIZE
+            ):
+                receiver = self._pending.pop(request_id, None)
+                if receiver is None:
+                    # Its caller gave up (deadline, cancel): drop it.
+                    self.late_responses += 1
+                    return
+                _deliver_response(receiver, data[HEADER_SIZE:])
+                if self._goaway_seen:
+                    self._maybe_say_goaway()
+                return
+        try:
+            frame_type, request_id, _deadline = read_header(data, self.options.max_frame_size)
+            self._on_frame(frame_type, request_id, data[HEADER_SIZE:])
+        except ProtocolError as exc:
+            self._drop(str(exc))
+        if self._goaway_seen:
+            self._maybe_say_goaway()
+
+    def _on_frame(self, frame_type: int, request_id: int, payload: bytes) -> None:
+        if frame_type == FrameType.ERROR:
+            error = ErrorInfo.decode(payload)
+            if request_id == 0:
+                # The node dropped something we sent; it keeps serving the rest.
+                log.warning("node %s reported: %s", self.address, error.describe())
+                return
+            receiver = self._pending.pop(request_id, None)
+            if receiver is None:
+                self.late_responses += 1
+            elif error.code == ErrorCode.UNAVAILABLE:
+                _deliver_error(receiver, Rejected(f"node refused: {error.describe()}"))
+            elif error.code == ErrorCode.DEADLINE_EXCEEDED:
+                # The node's clock ran out a hair before ours: the same outcome.
+                _deliver_error(receiver, DeadlineExceeded(f"the node gave up: {error.message}"))
+            else:
+                remote = RemoteError(error.code, error.message)
+                if error.code == ErrorCode.TOO_MANY_IN_FLIGHT:
+                    # The node refused this request without starting it.
+                    remote.sent = False
+                _deliver_error(receiver, remote)
+        elif frame_type == _RESPONSE:
+            receiver = self._pending.pop(request_id, None)
+            if receiver is None:
+                self.late_responses += 1
+            else:
+                _deliver_response(receiver, payload)
+        elif frame_type == FrameType.GOAWAY:
+            info = GoAwayInfo.decode(payload)
+            reason = info.reason or "no reason given"
+            # Requests past the node's last one crossed its GOAWAY: it will not
+            # run them. Later requests still go out; a restarted node takes them.
+            refused = [
+                request_id
+                for request_id in self._pending
+                if request_id > info.last_request_id and request_id not in self._queued
+            ]
+            for request_id in refused:
+                _deliver_error(
+                    self._pending.pop(request_id), Rejected(f"node is going away ({reason})")
+                )
+            self._goaway_seen = True
+        elif frame_type == FrameType.PONG:
+            pong = self._pings.pop(payload, None)
+            if pong is not None and not pong.done():
+                pong.set_result(None)
+        elif frame_type == FrameType.PING:
+            send = self._send
+            if send is not None:
+                # Best effort: the node asks again if it cares.
+                with contextlib.suppress(zmq.ZMQError):
+                    send(encode_frame(FrameType.PONG, 0, payload), _NOBLOCK)
+        elif frame_type == FrameType.SETTINGS:
+            pass  # nothing to learn: both ends are configured with the same limits
+        else:
+            raise ProtocolError(f"a client does not accept {FrameType(frame_type).name} frames")
+
+    def _drop(self, reason: str) -> None:
+        self.dropped += 1
+        if _should_log(self.dropped):
+            log.warning(
+                "dropped a malformed message from %s (%d so far): %s",
+                self.address,
+                self.dropped,
+                reason,
+            )
+
+
+def _deliver_response(receiver: Receiver, payload: bytes) -> None:
+    try:
+        receiver.on_response(payload)
+    except Exception:
+        log.exception("a receiver failed on a response")
+
+
+def _deliver_error(receiver: Receiver, error: TransportError) -> None:
+    try:
+        receiver.on_error(error)
+    except Exception:
+        log.exception("a receiver failed on an error")
