@@ -36,7 +36,7 @@ class ClientOptions:
     max_datagram: int = 65507
     retries: int = 2
     retry_interval: float = 0.05
-    # Message carriers (ZeroMQ): messages queued per socket before sends block.
+    # Message carriers (ZeroMQ): messages queued per socket before a send is refused.
     high_water_mark: int = 10000
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -51,7 +51,7 @@ class ServerOptions:
     max_datagram: int = 65507
     replay_cache_size: int = 10000
     replay_ttl: float = 30.0
-    # Message carriers (ZeroMQ): messages queued per socket before sends block.
+    # Message carriers (ZeroMQ): messages queued per socket before a send is refused.
     high_water_mark: int = 10000
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -13,9 +13,20 @@ Deadlines are checked by one timer per connection, armed for the earliest.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Protocol
 
-from .errors import TransportError
+from .control import ErrorInfo
+from .errors import (
+    CallError,
+    DeadlineExceeded,
+    ErrorCode,
+    Rejected,
+    RemoteError,
+    TransportError,
+)
+
+log = logging.getLogger("pitcher.transports")
 
 
 class Receiver(Protocol):
@@ -51,3 +62,44 @@ class FutureReceiver:
     def on_error(self, error: TransportError) -> None:
         if not self.future.done():
             self.future.set_exception(error)
+
+
+# The header's deadline_ms is a uint32; a budget beyond it (or none) is sent as 0.
+MAX_DEADLINE_MS = 0xFFFFFFFF
+
+
+def deadline_ms(remaining: float) -> int:
+    """The header value for ``remaining`` seconds: at least 1, 0 when it does not fit."""
+    milliseconds = remaining * 1000
+    if milliseconds >= MAX_DEADLINE_MS:
+        return 0
+    return max(1, int(milliseconds))
+
+
+def error_for(info: ErrorInfo) -> CallError:
+    """The CallError a caller gets for a per-request ERROR frame, on every carrier."""
+    code = info.code
+    if code == ErrorCode.UNAVAILABLE:
+        return Rejected(f"node refused: {info.describe()}")
+    if code == ErrorCode.DEADLINE_EXCEEDED:
+        # The node's clock ran out a hair before ours: the same outcome.
+        return DeadlineExceeded(f"the node gave up: {info.message}")
+    error = RemoteError(code, info.message)
+    if code == ErrorCode.TOO_MANY_IN_FLIGHT:
+        error.sent = False  # refused without being started
+    return error
+
+
+def deliver_response(receiver: Receiver, payload: bytes) -> None:
+    """Hand over an answer; a receiver's own failure is logged, not raised into the carrier."""
+    try:
+        receiver.on_response(payload)
+    except Exception:
+        log.exception("a receiver failed on a response")
+
+
+def deliver_error(receiver: Receiver, error: TransportError) -> None:
+    try:
+        receiver.on_error(error)
+    except Exception:
+        log.exception("a receiver failed on an error")

@@ -21,7 +21,14 @@ from collections import deque
 from typing import Any, cast
 
 from .base import ClientOptions
-from .calls import FutureReceiver, Receiver
+from .calls import (
+    FutureReceiver,
+    Receiver,
+    deadline_ms,
+    deliver_error,
+    deliver_response,
+    error_for,
+)
 from .control import ErrorInfo, GoAwayInfo, Settings
 from .decoder import FrameDecoder
 from .errors import (
@@ -33,7 +40,6 @@ from .errors import (
     ErrorCode,
     ProtocolError,
     Rejected,
-    RemoteError,
     RequestTooLarge,
     TransportError,
 )
@@ -147,7 +153,7 @@ class _ClientConnection(asyncio.Protocol):
             if receiver is None:
                 self.late_responses += 1
             else:
-                _deliver_response(receiver, frame.payload)
+                deliver_response(receiver, frame.payload)
         elif kind == _ERROR:
             error = ErrorInfo.decode(frame.payload)
             if frame.request_id == 0:
@@ -156,13 +162,7 @@ class _ClientConnection(asyncio.Protocol):
                 return
             receiver = self.pending.pop(frame.request_id, None)
             if receiver is not None:
-                if error.code == ErrorCode.UNAVAILABLE:
-                    _deliver_error(receiver, Rejected(f"node refused: {error.describe()}"))
-                elif error.code == ErrorCode.DEADLINE_EXCEEDED:
-                    # The node's clock ran out a hair before ours: the same outcome.
-                    _deliver_error(receiver, DeadlineExceeded(f"the node gave up: {error.message}"))
-                else:
-                    _deliver_error(receiver, RemoteError(error.code, error.message))
+                deliver_error(receiver, error_for(error))
         elif kind == FrameType.SETTINGS:
             settings = Settings.decode(frame.payload)
             if settings.max_in_flight:
@@ -176,7 +176,7 @@ class _ClientConnection(asyncio.Protocol):
             self.draining = True
             reason = info.reason or "no reason given"
             for request_id in [rid for rid in self.pending if rid > info.last_request_id]:
-                _deliver_error(
+                deliver_error(
                     self.pending.pop(request_id), Rejected(f"node is going away ({reason})")
                 )
             if not self.pending:
@@ -232,7 +232,7 @@ class _ClientConnection(asyncio.Protocol):
         request_id = self._next_id
         self._next_id = request_id + 1
         self.pending[request_id] = receiver
-        self._batcher.write(encode_request(request_id, payload, max(1, int(remaining * 1000))))
+        self._batcher.write(encode_request(request_id, payload, deadline_ms(remaining)))
         if deadline < self._timer_at:
             self._arm(deadline)
 
@@ -273,7 +273,7 @@ class _ClientConnection(asyncio.Protocol):
                 earliest = deadline
         for request_id, receiver in expired:
             if self.give_up(request_id):
-                _deliver_error(receiver, DeadlineExceeded("no answer before the deadline"))
+                deliver_error(receiver, DeadlineExceeded("no answer before the deadline"))
         if earliest < math.inf and not self.closed:
             self._arm(earliest)
 
@@ -288,7 +288,7 @@ class _ClientConnection(asyncio.Protocol):
     def _fail_all(self, error: CallError) -> None:
         pending, self.pending = self.pending, {}
         for receiver in pending.values():
-            _deliver_error(receiver, error)
+            deliver_error(receiver, error)
         if not self.ready.done():
             self.ready.set_exception(ConnectError(str(error)))
 
@@ -297,20 +297,6 @@ class _ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self._batcher.flush()
             self.transport.close()
-
-
-def _deliver_response(receiver: Receiver, payload: bytes) -> None:
-    try:
-        receiver.on_response(payload)
-    except Exception:
-        log.exception("a receiver failed on a response")
-
-
-def _deliver_error(receiver: Receiver, error: TransportError) -> None:
-    try:
-        receiver.on_error(error)
-    except Exception:
-        log.exception("a receiver failed on an error")
 
 
 class StreamClient:
@@ -407,7 +393,7 @@ class StreamClient:
         starting, self._starting = self._starting, {}
         for receiver, task in starting.items():
             task.cancel()
-            _deliver_error(receiver, closed)
+            deliver_error(receiver, closed)
         deadline = time.monotonic() + timeout
         while any(c.pending for c in self._connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -436,7 +422,7 @@ class StreamClient:
             raise  # cancel() or close(): they answer the receiver themselves
         except TransportError as exc:
             if self._starting.pop(receiver, None) is not None:
-                _deliver_error(receiver, exc)
+                deliver_error(receiver, exc)
             return
         if self._starting.pop(receiver, None) is not None:
             connection.send(payload, receiver)

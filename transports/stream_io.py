@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import stat
+
+from .errors import ConnectError
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -57,3 +61,24 @@ class Batcher:
         if pending and self.transport is not None and not self.transport.is_closing():
             self._pending_writes = []
             self.transport.write(b"".join(pending))
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead server, but nothing else."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConnectError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    except OSError:
+        pass
+    else:
+        raise ConnectError(f"{path} is in use by a running server")
+    finally:
+        probe.close()

@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
-import stat
 import time
 from typing import Any, cast
 
@@ -30,7 +28,7 @@ from .frame import (
 )
 from .handlers import HandlerRunner
 from .registry import parse_address
-from .stream_io import Batcher, set_nodelay
+from .stream_io import Batcher, remove_stale_socket, set_nodelay
 
 log = logging.getLogger("pitcher.transports")
 
@@ -245,7 +243,7 @@ class StreamServer:
 
         try:
             if address.scheme == "unix":
-                _remove_stale_socket(address.path)
+                remove_stale_socket(address.path)
                 self._server = await loop.create_unix_server(
                     factory, address.path, backlog=self.options.backlog
                 )
@@ -294,24 +292,3 @@ class StreamServer:
 
 def _format_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket file left by a dead server, but nothing else."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ConnectError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-    except OSError:
-        pass
-    else:
-        raise ConnectError(f"{path} is in use by a running server")
-    finally:
-        probe.close()

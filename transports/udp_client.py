@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import ClientOptions
-from .calls import FutureReceiver, Receiver
+from .calls import FutureReceiver, Receiver, deliver_error, error_for
 from .control import ErrorInfo, GoAwayInfo
 from .datagram import (
     CLIENT_ACCEPTS,
@@ -45,10 +45,8 @@ from .errors import (
     ConnectError,
     ConnectionLost,
     DeadlineExceeded,
-    ErrorCode,
     ProtocolError,
     Rejected,
-    RemoteError,
     RequestTooLarge,
     TransportError,
 )
@@ -451,7 +449,7 @@ class UdpClient:
         if expired:
             sent = sendto is not None
             for _, receiver in expired:
-                _deliver_error(
+                deliver_error(
                     receiver, DeadlineExceeded("no answer before the deadline", sent=sent)
                 )
         # A receiver may have sent a new call and armed the timer meanwhile.
@@ -497,13 +495,7 @@ class UdpClient:
                 self.late_responses += 1
                 return
             self._resends.pop(request_id, None)
-            if error.code == ErrorCode.UNAVAILABLE:
-                _deliver_error(receiver, Rejected(f"node refused: {error.describe()}"))
-            elif error.code == ErrorCode.DEADLINE_EXCEEDED:
-                # The node's clock ran out a hair before ours: the same outcome.
-                _deliver_error(receiver, DeadlineExceeded(f"the node gave up: {error.message}"))
-            else:
-                _deliver_error(receiver, RemoteError(error.code, error.message))
+            deliver_error(receiver, error_for(error))
         elif kind == FrameType.GOAWAY:
             info = GoAwayInfo.decode(payload)
             self._goaway_last = info.last_request_id
@@ -514,7 +506,7 @@ class UdpClient:
                 failed.append(self._pending.pop(request_id))
                 self._resends.pop(request_id, None)
             for receiver in failed:
-                _deliver_error(receiver, Rejected(f"node is going away ({reason})"))
+                deliver_error(receiver, Rejected(f"node is going away ({reason})"))
         elif kind == FrameType.PING:
             if self._sendto is not None:
                 self._sendto(encode_datagram(FrameType.PONG, 0, payload))
@@ -544,7 +536,7 @@ class UdpClient:
         pending, self._pending = self._pending, {}
         self._resends.clear()
         for request_id, receiver in pending.items():
-            _deliver_error(receiver, lost if heard and request_id <= goaway_last else refused)
+            deliver_error(receiver, lost if heard and request_id <= goaway_last else refused)
         for future in self._pings.values():
             if not future.done():
                 future.set_exception(refused)
@@ -566,17 +558,10 @@ class UdpClient:
         pending, self._pending = self._pending, {}
         self._resends.clear()
         for receiver in pending.values():
-            _deliver_error(receiver, error)
+            deliver_error(receiver, error)
         for future in self._pings.values():
             if not future.done():
                 future.set_exception(error)
-
-
-def _deliver_error(receiver: Receiver, error: TransportError) -> None:
-    try:
-        receiver.on_error(error)
-    except Exception:
-        log.exception("a receiver failed on an error")
 
 
 def enlarge_socket_buffers(transport: asyncio.BaseTransport) -> None:

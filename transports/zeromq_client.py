@@ -33,19 +33,16 @@ import zmq
 import zmq.asyncio
 
 from .base import ClientOptions
-from .calls import FutureReceiver, Receiver
+from .calls import FutureReceiver, Receiver, deliver_error, deliver_response, error_for
 from .control import ErrorInfo, GoAwayInfo
 from .errors import (
     Closed,
     ConnectError,
     ConnectionLost,
     DeadlineExceeded,
-    ErrorCode,
     ProtocolError,
     Rejected,
-    RemoteError,
     RequestTooLarge,
-    TransportError,
 )
 from .frame import HEADER, HEADER_SIZE, VERSION, FrameType, encode_frame, encode_request
 from .zeromq import endpoint_of, new_socket, parse_zmq_address, read_header, shared_context
@@ -258,7 +255,7 @@ class ZmqClient:
         lost = ConnectionLost(f"client for {self.address} closed with the call in flight")
         not_sent = Closed(f"client for {self.address} closed before the request left")
         for request_id, receiver in pending.items():
-            _deliver_error(receiver, not_sent if request_id in queued else lost)
+            deliver_error(receiver, not_sent if request_id in queued else lost)
         pings, self._pings = self._pings, {}
         for pong in pings.values():
             if not pong.done():
@@ -410,7 +407,7 @@ class ZmqClient:
             return
         receiver = self._pending.pop(request_id, None)
         if receiver is not None:
-            _deliver_error(receiver, self._connect_error(f"cannot send: {error}"))
+            deliver_error(receiver, self._connect_error(f"cannot send: {error}"))
 
     def _give_up(self, request_id: int) -> bool | None:
         """Forget a call: True if the node may have it (a CANCEL goes out),
@@ -474,7 +471,7 @@ class ZmqClient:
             sent = self._give_up(request_id)
             if sent is not None:
                 message = "no answer before the deadline" if sent else "deadline passed unsent"
-                _deliver_error(receiver, DeadlineExceeded(message, sent=sent))
+                deliver_error(receiver, DeadlineExceeded(message, sent=sent))
         stalled: list[int] = []
         for request_id, (future, give_up_at) in self._queued.items():
             if give_up_at <= now and not future.done():
@@ -486,7 +483,7 @@ class ZmqClient:
             if waiting is None:
                 self._queued.pop(request_id)[0].cancel()
             elif self._give_up(request_id) is False:
-                _deliver_error(
+                deliver_error(
                     waiting,
                     self._connect_error(
                         "no node connected (or its queue stayed full)"
@@ -515,7 +512,7 @@ class ZmqClient:
                     # Its caller gave up (deadline, cancel): drop it.
                     self.late_responses += 1
                     return
-                _deliver_response(receiver, data[HEADER_SIZE:])
+                deliver_response(receiver, data[HEADER_SIZE:])
                 if self._goaway_seen:
                     self._maybe_say_goaway()
                 return
@@ -537,23 +534,14 @@ class ZmqClient:
             receiver = self._pending.pop(request_id, None)
             if receiver is None:
                 self.late_responses += 1
-            elif error.code == ErrorCode.UNAVAILABLE:
-                _deliver_error(receiver, Rejected(f"node refused: {error.describe()}"))
-            elif error.code == ErrorCode.DEADLINE_EXCEEDED:
-                # The node's clock ran out a hair before ours: the same outcome.
-                _deliver_error(receiver, DeadlineExceeded(f"the node gave up: {error.message}"))
             else:
-                remote = RemoteError(error.code, error.message)
-                if error.code == ErrorCode.TOO_MANY_IN_FLIGHT:
-                    # The node refused this request without starting it.
-                    remote.sent = False
-                _deliver_error(receiver, remote)
+                deliver_error(receiver, error_for(error))
         elif frame_type == _RESPONSE:
             receiver = self._pending.pop(request_id, None)
             if receiver is None:
                 self.late_responses += 1
             else:
-                _deliver_response(receiver, payload)
+                deliver_response(receiver, payload)
         elif frame_type == FrameType.GOAWAY:
             info = GoAwayInfo.decode(payload)
             reason = info.reason or "no reason given"
@@ -565,7 +553,7 @@ class ZmqClient:
                 if request_id > info.last_request_id and request_id not in self._queued
             ]
             for request_id in refused:
-                _deliver_error(
+                deliver_error(
                     self._pending.pop(request_id), Rejected(f"node is going away ({reason})")
                 )
             self._goaway_seen = True
@@ -593,17 +581,3 @@ class ZmqClient:
                 self.dropped,
                 reason,
             )
-
-
-def _deliver_response(receiver: Receiver, payload: bytes) -> None:
-    try:
-        receiver.on_response(payload)
-    except Exception:
-        log.exception("a receiver failed on a response")
-
-
-def _deliver_error(receiver: Receiver, error: TransportError) -> None:
-    try:
-        receiver.on_error(error)
-    except Exception:
-        log.exception("a receiver failed on an error")

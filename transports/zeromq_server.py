@@ -40,7 +40,7 @@ from .frame import (
     encode_response,
 )
 from .handlers import HandlerRunner
-from .stream_server import _remove_stale_socket
+from .stream_io import remove_stale_socket
 from .zeromq import endpoint_of, new_socket, parse_zmq_address, read_header, shared_context
 from .zeromq import should_log as _should_log
 
@@ -141,7 +141,7 @@ class ZmqServer:
         if parsed.scheme == "zmq+ipc":
             # ZeroMQ unlinks whatever is at the path before binding, even a
             # live server's socket: refuse that, remove only a dead one.
-            _remove_stale_socket(parsed.path)
+            remove_stale_socket(parsed.path)
         context = shared_context.acquire()
         try:
             socket = new_socket(

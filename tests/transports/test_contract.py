@@ -359,3 +359,16 @@ def test_an_oversize_answer_fails_that_call_only(carrier: str, directory: str) -
         assert await client.call(b"small", 2.0) == b"small"
 
     scenario(carrier, directory, body)
+
+
+def test_a_budget_beyond_the_header_field_is_sent_as_no_deadline(
+    carrier: str, directory: str
+) -> None:
+    # deadline_ms is a uint32 (~49.7 days); a longer budget must not break the call.
+    async def body(e: Endpoints) -> None:
+        server = await e.serve()
+        client = e.client(server.address)
+        assert await client.call(b"patient", 10.0 * 365 * 86400) == b"patient"
+        assert client.in_flight == 0
+
+    scenario(carrier, directory, body)

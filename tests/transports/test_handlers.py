@@ -108,3 +108,12 @@ def test_a_handler_may_catch_the_cancellation_and_answer() -> None:
         return await task
 
     assert asyncio.run(scenario()) == b"partial"
+
+
+def test_deadline_ms_fits_the_header_field() -> None:
+    from transports.calls import MAX_DEADLINE_MS, deadline_ms
+
+    assert deadline_ms(0.0001) == 1  # never 0, which means "none"
+    assert deadline_ms(1.5) == 1500
+    assert deadline_ms(MAX_DEADLINE_MS / 1000) == 0
+    assert deadline_ms(float("inf")) == 0
