@@ -647,9 +647,12 @@ def test_a_message_over_maxmsgsize_disconnects_its_sender_only(net: Net) -> None
             return payload
 
         server = await net.serve(handler, max_frame_size=1024)
-        dealer = net.raw_dealer(server.address)
+        dealer = net.raw_socket(zmq.DEALER)
+        # The monitor must exist before the connect, or a quick connection's
+        # CONNECTED event is gone before anyone listens for it.
         monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         net._raw.append(monitor)
+        dealer.connect(server.address.removeprefix("zmq+"))
 
         async def next_event() -> int:
             message = await asyncio.wait_for(recv_monitor_message(monitor), FRAME_WAIT)
