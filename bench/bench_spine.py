@@ -250,7 +250,8 @@ def http_bench(seconds: float, with_nginx: bool) -> dict[str, HttpResult]:
             with (
                 process([*SERVERS, "pitcher", node]),
                 process(
-                    [PYTHON, "-m", "pitcher_rpc.cli", "serve", "-c", str(conf)], ready=None
+                    [PYTHON, "-m", "pitcher_rpc.cli", "serve", "-c", str(conf), "--workers", "0"],
+                    ready=None,
                 ) as proxy_pid,
             ):
                 results[f"pitcher -> {carrier}"] = measure_http(port, seconds, proxy_pid)

@@ -58,9 +58,37 @@ def check(path: str) -> None:
 
 @main.command()
 @click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
-def serve(path: str) -> None:
-    """Run the proxy on a configuration file (SIGTERM drains, SIGHUP reloads)."""
-    _run(_serve(path, _load_or_exit(path)))
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 256),
+    default=None,
+    help="Worker processes (default: the config's server.workers, else one per CPU);"
+    " 0 runs everything in this one process.",
+)
+def serve(path: str, workers: int | None) -> None:
+    """Run the proxy on a configuration file (SIGTERM drains, SIGINT stops, SIGHUP reloads)."""
+    config = _load_or_exit(path)
+    if workers is None:
+        workers = config.server.workers
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers == 0:
+        _run(_serve(path, config))
+        return
+    _run(_serve_with_workers(path, config, workers))
+
+
+async def _serve_with_workers(path: str, config: Config, workers: int) -> None:
+    from .process.master import Master
+
+    try:
+        master = Master(os.path.abspath(path), config, workers)
+    except OSError as exc:
+        click.echo(
+            f"pitcher: cannot listen on {config.server.listen}: {exc.strerror or exc}", err=True
+        )
+        raise SystemExit(1) from None
+    await master.run()
 
 
 async def _serve(path: str, config: Config) -> None:
@@ -75,7 +103,6 @@ async def _serve(path: str, config: Config) -> None:
             f"pitcher: cannot listen on {config.server.listen}: {exc.strerror or exc}", err=True
         )
         raise SystemExit(1) from None
-    log.info("listening on %s (config %s, sha256 %s)", proxy.address, path, config.checksum[:12])
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -90,9 +117,11 @@ async def _serve(path: str, config: Config) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    # Announced only once the signal handlers are in place.
+    log.info("listening on %s (config %s, sha256 %s)", proxy.address, path, config.checksum[:12])
     await stop.wait()
     log.info("draining")
-    await proxy.stop(grace=10.0)
+    await proxy.stop(grace=config.server.drain_timeout)
 
 
 @main.command()

@@ -74,7 +74,7 @@ def proxy_process(node: str, directory: str) -> Iterator[int]:
         f'[clusters.echo]\nnodes = ["{node}"]\n'
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "pitcher_rpc.cli", "serve", "-c", str(config)],
+        [sys.executable, "-m", "pitcher_rpc.cli", "serve", "-c", str(config), "--workers", "0"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

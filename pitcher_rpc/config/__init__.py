@@ -10,6 +10,7 @@ from .lines import LineIndex, find_line, format_key_path
 from .model import (
     BALANCE_POLICIES,
     DEFAULT_IDEMPOTENT_METHODS,
+    AdminConfig,
     ClusterConfig,
     Config,
     ListenAddress,
@@ -24,6 +25,7 @@ from .validate import ConfigError, ConfigIssue, load_config, parse_config, valid
 __all__ = [
     "BALANCE_POLICIES",
     "DEFAULT_IDEMPOTENT_METHODS",
+    "AdminConfig",
     "ClusterConfig",
     "Config",
     "ConfigError",

@@ -17,6 +17,7 @@ from types import MappingProxyType
 __all__ = [
     "BALANCE_POLICIES",
     "DEFAULT_IDEMPOTENT_METHODS",
+    "AdminConfig",
     "ClusterConfig",
     "Config",
     "ListenAddress",
@@ -98,6 +99,21 @@ class ServerConfig:
     max_headers: int = 100
     max_body_size: int = 1048576
     request_id_header: str = "x-request-id"
+    # Worker processes; None means one per CPU, 0 runs the proxy in a single process.
+    workers: int | None = None
+    # How long a draining process lets in-flight requests finish before it exits.
+    drain_timeout: float = 30.0
+
+    @property
+    def listen_address(self) -> ListenAddress:
+        return parse_listen(self.listen)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The master's admin HTTP listener; loopback by default, never the proxy's port."""
+
+    listen: str = "127.0.0.1:9180"
 
     @property
     def listen_address(self) -> ListenAddress:
@@ -170,6 +186,7 @@ class Config:
     clusters: Mapping[str, ClusterConfig] = field(hash=False)
     source: str
     checksum: str
+    admin: AdminConfig = AdminConfig()
 
     def __post_init__(self) -> None:
         if not isinstance(self.routes, tuple):

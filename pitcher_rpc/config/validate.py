@@ -32,6 +32,7 @@ from .lines import KeyPath, LineIndex, format_key_path
 from .model import (
     BALANCE_POLICIES,
     DEFAULT_IDEMPOTENT_METHODS,
+    AdminConfig,
     ClusterConfig,
     Config,
     NodeConfig,
@@ -49,9 +50,12 @@ __all__ = [
     "validate_config",
 ]
 
-_TOP_LEVEL_KEYS = ("server", "upstream", "routes", "clusters")
+_TOP_LEVEL_KEYS = ("server", "upstream", "admin", "routes", "clusters")
+_ADMIN_KEYS = ("listen",)
 _SERVER_KEYS = (
     "listen",
+    "workers",
+    "drain_timeout",
     "backlog",
     "header_timeout",
     "keepalive_timeout",
@@ -184,6 +188,7 @@ class _Validator:
         self._check_keys(document, (), _TOP_LEVEL_KEYS)
         server = self._server(document)
         upstream = self._upstream(document)
+        admin = self._admin(document)
         clusters, cluster_names = self._clusters(document)
         routes = self._routes(document, cluster_names)
         checksum = hashlib.sha256(self._text.encode("utf-8", "surrogatepass")).hexdigest()
@@ -194,6 +199,7 @@ class _Validator:
             clusters=clusters,
             source=self._source,
             checksum=checksum,
+            admin=admin,
         )
 
     # -- generic checks ------------------------------------------------------
@@ -315,7 +321,29 @@ class _Validator:
             max_headers=self._integer(table, (*path, "max_headers"), defaults.max_headers, 1),
             max_body_size=self._integer(table, (*path, "max_body_size"), defaults.max_body_size, 1),
             request_id_header=header.lower(),
+            workers=self._integer(table, (*path, "workers"), 0, 0, 256)
+            if "workers" in table
+            else None,
+            drain_timeout=self._seconds(table, (*path, "drain_timeout"), defaults.drain_timeout),
         )
+
+    def _admin(self, document: Mapping[str, Any]) -> AdminConfig:
+        path: KeyPath = ("admin",)
+        table = self._table(document, path)
+        if table is None:
+            return AdminConfig()
+        self._check_keys(table, path, _ADMIN_KEYS)
+        listen = self._string(table, (*path, "listen"))
+        if listen is None:
+            return AdminConfig()
+        try:
+            address = parse_listen(listen)
+        except ValueError as exc:
+            self.report((*path, "listen"), f"{exc}, got {show(listen)}")
+            return AdminConfig()
+        if address.is_unix:
+            self.report((*path, "listen"), f"must be host:port, got {show(listen)}")
+        return AdminConfig(listen=listen)
 
     def _upstream(self, document: Mapping[str, Any]) -> UpstreamConfig:
         path: KeyPath = ("upstream",)

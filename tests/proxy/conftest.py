@@ -120,7 +120,8 @@ def toml_config(
         return header + "\n" + "".join(f"{k} = {value(v)}\n" for k, v in items.items())
 
     server = {"listen": "127.0.0.1:0", **(server or {})}
-    parts = [table("[server]", server)]
+    # Port 0 for the master's admin API too: tests run side by side.
+    parts = [table("[server]", server), table("[admin]", {"listen": "127.0.0.1:0"})]
     if upstream:
         parts.append(table("[upstream]", upstream))
     parts += [table("[[routes]]", route) for route in routes]
@@ -401,10 +402,14 @@ class Launcher:
         self._wait_listening(process, uri)
         return Backend(process, uri)
 
-    def proxy(self, config_text: str) -> Proxy:
-        """``pitcher serve`` on ``config_text``; the port is read from its log."""
+    def proxy(self, config_text: str, workers: int = 0) -> Proxy:
+        """``pitcher serve`` on ``config_text``; the port is read from its log.
+
+        One process unless ``workers`` says otherwise: most tests are about the
+        proxy's behaviour, not its process model.
+        """
         path = self.write(self.unique("proxy") + ".toml", config_text)
-        process = self.spawn([*pitcher_command(), "serve", "-c", path])
+        process = self.spawn([*pitcher_command(), "serve", "-c", path, "--workers", str(workers)])
         line = process.wait_for_line("listening on ")
         address = line.split("listening on ", 1)[1].split()[0]
         host, _, port = address.rpartition(":")

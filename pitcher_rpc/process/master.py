@@ -1,0 +1,315 @@
+"""The master: owns the listening socket, runs N workers, answers for the whole proxy.
+
+The master binds the proxy's listener once, with the configured backlog, and
+every worker inherits that one socket, so no connection waiting in the accept
+queue belongs to a worker that might die or drain: whichever worker accepts
+next gets it. (SO_REUSEPORT would give each worker its own queue, and a
+draining worker's queued connections would be lost.)
+
+A worker that dies is replaced, with a back-off that doubles while workers
+keep dying young. A reload is validated once here, then every worker builds
+and swaps its own snapshot; the answer says when all have it. The admin API
+listens on its own loopback port and speaks for all workers at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Config, ConfigError, load_config
+from .admin import AdminError, AdminRequest, AdminResponse, AdminServer
+from .control import ControlError, WorkerLink, read_message
+
+log = logging.getLogger("pitcher.master")
+
+# A worker that exits sooner than this after its start counts as dying young.
+_YOUNG = 5.0
+_BACKOFF_MAX = 30.0
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    process: asyncio.subprocess.Process | None = None
+    link: WorkerLink | None = None
+    started: float = 0.0
+    backoff: float = 0.0
+    restarts: int = 0
+    linked: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def bind_listener(config: Config) -> socket.socket:
+    """The proxy's listening socket, inheritable by the workers."""
+    address = config.server.listen_address
+    if address.is_unix:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(address.path)
+    else:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address.host, address.port))
+    sock.listen(config.server.backlog)
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Master:
+    def __init__(self, config_path: str, config: Config, workers: int) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.generation = 1
+        self.slots = [WorkerSlot(index) for index in range(workers)]
+        self.listener = bind_listener(config)
+        self.run_dir = tempfile.mkdtemp(prefix="pitcher-", dir="/tmp")
+        self.control_path = os.path.join(self.run_dir, "control.sock")
+        self.draining = False
+        self.stopping = asyncio.Event()
+        self.fast = False
+        self.admin = AdminServer()
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._control: asyncio.AbstractServer | None = None
+
+    @property
+    def address(self) -> str:
+        name = self.listener.getsockname()
+        if isinstance(name, str):
+            return f"unix://{name}"
+        host, port = name[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    # -- lifetime ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Before anything is announced: a signal sent as soon as the log says
+        # "listening" must find its handler, not the default action.
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop_fast)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
+        self._control = await asyncio.start_unix_server(self._on_worker, self.control_path)
+        for slot in self.slots:
+            await self._spawn(slot)
+        await asyncio.gather(*(asyncio.wait_for(s.linked.wait(), 10.0) for s in self.slots))
+        self._routes()
+        admin = self.config.admin.listen_address
+        await self.admin.start(admin.host, admin.port)
+        host, port = self.admin.address
+        log.info(
+            "listening on %s with %d workers (admin on %s:%d, config %s, sha256 %s)",
+            self.address,
+            len(self.slots),
+            host,
+            port,
+            self.config_path,
+            self.config.checksum[:12],
+        )
+        try:
+            await self.stopping.wait()
+        finally:
+            await self._shutdown()
+
+    def _stop_fast(self) -> None:
+        self.fast = True
+        self.stopping.set()
+
+    async def _shutdown(self) -> None:
+        self.draining = True
+        log.info("%s: stopping %d workers", "fast" if self.fast else "draining", len(self.slots))
+        signum = signal.SIGINT if self.fast else signal.SIGTERM
+        for slot in self.slots:
+            if slot.process is not None and slot.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    slot.process.send_signal(signum)
+        grace = (0.0 if self.fast else self.config.server.drain_timeout) + 5.0
+        waits = [s.process.wait() for s in self.slots if s.process is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), grace)
+        except TimeoutError:
+            for slot in self.slots:
+                if slot.process is not None and slot.process.returncode is None:
+                    slot.process.kill()
+            await asyncio.gather(*waits, return_exceptions=True)
+        for task in self._watchers:
+            task.cancel()
+        await self.admin.stop()
+        if self._control is not None:
+            self._control.close()
+        self.listener.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # -- workers -----------------------------------------------------------------
+
+    async def _spawn(self, slot: WorkerSlot) -> None:
+        slot.linked.clear()
+        slot.link = None
+        fd = self.listener.fileno()
+        slot.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pitcher_rpc.process.worker",
+            "--index",
+            str(slot.index),
+            "--config",
+            self.config_path,
+            "--listen-fd",
+            str(fd),
+            "--control",
+            self.control_path,
+            pass_fds=(fd,),
+        )
+        slot.started = time.monotonic()
+        watcher = asyncio.get_running_loop().create_task(
+            self._watch(slot, slot.process), name=f"pitcher-watch-{slot.index}"
+        )
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, slot: WorkerSlot, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
+        if self.stopping.is_set() or self.draining:
+            return
+        lived = time.monotonic() - slot.started
+        slot.backoff = min(_BACKOFF_MAX, max(0.1, slot.backoff * 2)) if lived < _YOUNG else 0.0
+        slot.restarts += 1
+        log.error(
+            "worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
+            slot.index,
+            process.pid,
+            _describe_exit(code),
+            lived,
+            slot.backoff,
+        )
+        await asyncio.sleep(slot.backoff)
+        if not (self.stopping.is_set() or self.draining):
+            await self._spawn(slot)
+
+    async def _on_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            hello = await asyncio.wait_for(read_message(reader), 10.0)
+        except (TimeoutError, ControlError):
+            writer.close()
+            return
+        if not hello or hello.get("op") != "hello":
+            writer.close()
+            return
+        index = int(hello.get("index", -1))
+        if not 0 <= index < len(self.slots):
+            writer.close()
+            return
+        slot = self.slots[index]
+        slot.link = link = WorkerLink(index, int(hello.get("pid", 0)), reader, writer)
+        slot.linked.set()
+        try:
+            # A worker started from an older file catches up with the current one.
+            status = await link.command("status")
+            if status.get("checksum") != self.config.checksum:
+                await link.command("reload", path=self.config_path, checksum=self.config.checksum)
+        except (ControlError, ConfigError) as exc:
+            log.error("worker %d could not take the current configuration: %s", index, exc)
+
+    async def _each(self, op: str, **arguments: Any) -> list[dict[str, Any]]:
+        """Send a command to every live worker; a worker that fails is reported, not fatal."""
+
+        async def one(slot: WorkerSlot) -> dict[str, Any]:
+            if slot.link is None:
+                return {"index": slot.index, "error": "not running"}
+            try:
+                return await slot.link.command(op, **arguments)
+            except ControlError as exc:
+                return {"index": slot.index, "error": str(exc)}
+
+        return list(await asyncio.gather(*(one(slot) for slot in self.slots)))
+
+    # -- reload ------------------------------------------------------------------
+
+    async def reload(self) -> dict[str, Any]:
+        """Validate the file once here; then every worker swaps to it. ConfigError keeps the old."""
+        config = load_config(self.config_path)
+        self.config = config
+        self.generation += 1
+        results = await self._each("reload", path=self.config_path, checksum=config.checksum)
+        failed = [r for r in results if "error" in r]
+        log.info(
+            "reloaded %s (sha256 %s): %d of %d workers",
+            self.config_path,
+            config.checksum[:12],
+            len(results) - len(failed),
+            len(results),
+        )
+        return {"checksum": config.checksum, "workers": results, "complete": not failed}
+
+    def _reload_in_background(self) -> None:
+        async def reload() -> None:
+            try:
+                await self.reload()
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays:\n%s", exc)
+
+        task = asyncio.get_running_loop().create_task(reload(), name="pitcher-reload")
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    # -- admin API ---------------------------------------------------------------
+
+    def _routes(self) -> None:
+        self.admin.route("GET", "/healthz", self._healthz)
+        self.admin.route("GET", "/admin/config", self._admin_config)
+        self.admin.route("POST", "/admin/reload", self._admin_reload)
+        self.admin.route("GET", "/admin/workers", self._admin_workers)
+
+    async def _healthz(self, request: AdminRequest) -> AdminResponse:
+        if self.draining:
+            return AdminResponse(503, {"status": "draining"})
+        return AdminResponse(200, {"status": "serving"})
+
+    async def _admin_config(self, request: AdminRequest) -> AdminResponse:
+        workers = await self._each("status")
+        return AdminResponse(
+            200,
+            {
+                "source": self.config.source,
+                "checksum": self.config.checksum,
+                "reloads": self.generation - 1,
+                "workers": [
+                    {k: w.get(k) for k in ("index", "generation", "checksum", "error") if k in w}
+                    for w in workers
+                ],
+            },
+        )
+
+    async def _admin_reload(self, request: AdminRequest) -> AdminResponse:
+        try:
+            result = await self.reload()
+        except ConfigError as exc:
+            raise AdminError(400, str(exc)) from None
+        return AdminResponse(200 if result["complete"] else 500, result)
+
+    async def _admin_workers(self, request: AdminRequest) -> AdminResponse:
+        statuses = await self._each("status")
+        for slot, status in zip(self.slots, statuses, strict=True):
+            status["restarts"] = slot.restarts
+        return AdminResponse(200, {"workers": statuses})
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"

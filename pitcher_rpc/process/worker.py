@@ -1,0 +1,132 @@
+"""A worker process: the whole proxy on its own uvloop, on a listening socket it inherited.
+
+Started by the master as ``python -m pitcher_rpc.process.worker``; not for
+running by hand. It serves until told to drain (control command or SIGTERM),
+stops at once on SIGINT, and drains when its master goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from ..config import ConfigError, load_config
+from ..proxy.server import ProxyServer
+from .control import ControlError, encode_message, read_message
+
+log = logging.getLogger("pitcher.worker")
+
+
+class Worker:
+    def __init__(self, index: int, config_path: str, listener: socket.socket) -> None:
+        self.index = index
+        self.config_path = config_path
+        self.listener = listener
+        self.proxy: ProxyServer | None = None
+        self.stopping = asyncio.Event()
+        self.fast = False
+
+    async def run(self, control_path: str) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop_fast)
+        # The master handles SIGHUP for the whole proxy (a terminal's hangup
+        # reaches the whole process group).
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        config = load_config(self.config_path)
+        self.proxy = proxy = ProxyServer(config)
+        await proxy.start(sock=self.listener)
+        reader, writer = await asyncio.open_unix_connection(control_path)
+        writer.write(encode_message({"op": "hello", "index": self.index, "pid": os.getpid()}))
+        control = loop.create_task(self._serve_control(reader, writer), name="pitcher-control")
+        try:
+            await self.stopping.wait()
+        finally:
+            control.cancel()
+            grace = 0.0 if self.fast else config.server.drain_timeout
+            await proxy.stop(grace=grace)
+            writer.close()
+
+    def _stop_fast(self) -> None:
+        self.fast = True
+        self.stopping.set()
+
+    async def _serve_control(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while (message := await read_message(reader)) is not None:
+                answer: dict[str, Any] = {"id": message.get("id", 0)}
+                try:
+                    answer["result"] = self.handle(message)
+                    answer["ok"] = True
+                except (ConfigError, ControlError, ValueError) as exc:
+                    answer.update(ok=False, error=str(exc))
+                writer.write(encode_message(answer))
+        except (ControlError, ConnectionError) as exc:
+            log.error("control channel failed: %s", exc)
+        # The master is gone (or told us to go): never outlive it.
+        self.stopping.set()
+
+    def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        proxy = self.proxy
+        assert proxy is not None
+        op = message.get("op")
+        if op == "status":
+            return self.status()
+        if op == "reload":
+            config = load_config(str(message["path"]))
+            if config.checksum != message.get("checksum"):
+                raise ControlError("the file changed after the master checked it; not reloaded")
+            proxy.reload(config)
+            return self.status()
+        if op == "drain":
+            self.stopping.set()
+            return {"draining": True}
+        raise ControlError(f"unknown command {op!r}")
+
+    def status(self) -> dict[str, Any]:
+        proxy = self.proxy
+        assert proxy is not None
+        snapshot = proxy.snapshot
+        return {
+            "index": self.index,
+            "pid": os.getpid(),
+            "generation": snapshot.generation,
+            "checksum": snapshot.config.checksum,
+            "requests": proxy.requests_served,
+            "connections": len(proxy.connections),
+            "draining": proxy.draining,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="pitcher worker")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--control", required=True)
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s worker[{args.index}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    listener = socket.socket(fileno=args.listen_fd)
+    import uvloop
+
+    try:
+        uvloop.run(Worker(args.index, args.config, listener).run(args.control))
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""Real processes for the process-model tests, from the proxy tests' launcher."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.proxy.conftest import Launcher
+
+
+@pytest.fixture
+def launcher() -> Iterator[Launcher]:
+    launcher = Launcher()
+    try:
+        yield launcher
+    finally:
+        launcher.close()
