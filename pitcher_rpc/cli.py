@@ -65,7 +65,8 @@ def check(path: str) -> None:
     help="Worker processes (default: the config's server.workers, else one per CPU);"
     " 0 runs everything in this one process.",
 )
-def serve(path: str, workers: int | None) -> None:
+@click.option("--takeover", hidden=True, help="Take the sockets of a predecessor (restart).")
+def serve(path: str, workers: int | None, takeover: str | None) -> None:
     """Run the proxy on a configuration file (SIGTERM drains, SIGINT stops, SIGHUP reloads)."""
     config = _load_or_exit(path)
     if workers is None:
@@ -75,14 +76,20 @@ def serve(path: str, workers: int | None) -> None:
     if workers == 0:
         _run(_serve(path, config))
         return
-    _run(_serve_with_workers(path, config, workers))
+    _run(_serve_with_workers(path, config, workers, takeover))
 
 
-async def _serve_with_workers(path: str, config: Config, workers: int) -> None:
+async def _serve_with_workers(
+    path: str, config: Config, workers: int, takeover: str | None
+) -> None:
+    from .process.handoff import HandoffError
     from .process.master import Master
 
     try:
-        master = Master(os.path.abspath(path), config, workers)
+        master = Master(os.path.abspath(path), config, workers, takeover)
+    except HandoffError as exc:
+        click.echo(f"pitcher: {exc}", err=True)
+        raise SystemExit(1) from None
     except OSError as exc:
         click.echo(
             f"pitcher: cannot listen on {config.server.listen}: {exc.strerror or exc}", err=True
@@ -142,6 +149,43 @@ def demo(listen: str | None) -> None:
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--listen") from None
     _run(run_demo(listen))
+
+
+@main.command()
+@click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
+def restart(path: str) -> None:
+    """Restart the proxy gracefully: a new generation takes over, no connection is lost."""
+    _admin_call(_load_or_exit(path), "POST", "/admin/restart")
+
+
+@main.command()
+@click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
+def reload(path: str) -> None:
+    """Reload the configuration in every worker (validated first; a bad file changes nothing)."""
+    _admin_call(_load_or_exit(path), "POST", "/admin/reload")
+
+
+def _admin_call(config: Config, method: str, route: str) -> None:
+    import http.client
+    import json
+
+    address = config.admin.listen_address
+    connection = http.client.HTTPConnection(address.host, address.port, timeout=60)
+    try:
+        connection.request(method, route)
+        response = connection.getresponse()
+        body = response.read().decode("utf-8", "replace")
+    except OSError as exc:
+        click.echo(f"pitcher: no admin API at {config.admin.listen}: {exc}", err=True)
+        sys.exit(1)
+    finally:
+        connection.close()
+    try:
+        click.echo(json.dumps(json.loads(body), indent=2))
+    except ValueError:
+        click.echo(body)
+    if response.status >= 300:
+        sys.exit(1)
 
 
 @main.command()

@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import re
+import socket
 import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -583,11 +584,17 @@ class AdminServer:
         """
         self._router.add(method, pattern, handler)
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None
+    ) -> None:
+        """Listen on host:port, or on ``sock``, a listening socket handed over by a predecessor."""
         if self._server is not None:
             raise RuntimeError("the admin server is already started")
         loop = asyncio.get_running_loop()
         self._stopping = False
+        if sock is not None:
+            self._server = await loop.create_server(lambda: _AdminConnection(self, loop), sock=sock)
+            return
         self._server = await loop.create_server(
             lambda: _AdminConnection(self, loop), host, port, reuse_address=True
         )

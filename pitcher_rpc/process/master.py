@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,12 +31,15 @@ from typing import Any
 from ..config import Config, ConfigError, load_config
 from .admin import AdminError, AdminRequest, AdminResponse, AdminServer
 from .control import ControlError, WorkerLink, read_message
+from .handoff import HandoffError, offer, ready, take
 
 log = logging.getLogger("pitcher.master")
 
 # A worker that exits sooner than this after its start counts as dying young.
 _YOUNG = 5.0
 _BACKOFF_MAX = 30.0
+# How long a new generation may take to start its workers and take over.
+_HANDOFF_TIMEOUT = 30.0
 
 
 @dataclass
@@ -68,13 +72,37 @@ def bind_listener(config: Config) -> socket.socket:
     return sock
 
 
+def bind_admin(config: Config) -> socket.socket:
+    address = config.admin.listen_address
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address.host, address.port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
 class Master:
-    def __init__(self, config_path: str, config: Config, workers: int) -> None:
+    def __init__(
+        self, config_path: str, config: Config, workers: int, takeover: str | None = None
+    ) -> None:
         self.config_path = config_path
         self.config = config
         self.generation = 1
         self.slots = [WorkerSlot(index) for index in range(workers)]
-        self.listener = bind_listener(config)
+        # A successor takes its predecessor's sockets instead of binding its own.
+        self._ready_line: socket.socket | None = None
+        if takeover is not None:
+            self._ready_line, (self.listener, self.admin_socket) = take(takeover, 2)
+        else:
+            self.listener = bind_listener(config)
+            try:
+                self.admin_socket = bind_admin(config)
+            except OSError:
+                self.listener.close()
+                raise
+        self._restarting = False
         self.run_dir = tempfile.mkdtemp(prefix="pitcher-", dir="/tmp")
         self.control_path = os.path.join(self.run_dir, "control.sock")
         self.draining = False
@@ -101,14 +129,18 @@ class Master:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stop_fast)
         loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
+        loop.add_signal_handler(signal.SIGUSR2, self._restart_in_background)
         self._control = await asyncio.start_unix_server(self._on_worker, self.control_path)
         for slot in self.slots:
             await self._spawn(slot)
         await asyncio.gather(*(asyncio.wait_for(s.linked.wait(), 10.0) for s in self.slots))
         self._routes()
-        admin = self.config.admin.listen_address
-        await self.admin.start(admin.host, admin.port)
+        await self.admin.start(sock=self.admin_socket)
         host, port = self.admin.address
+        if self._ready_line is not None:
+            # The predecessor drains from here on.
+            ready(self._ready_line)
+            self._ready_line = None
         log.info(
             "listening on %s with %d workers (admin on %s:%d, config %s, sha256 %s)",
             self.address,
@@ -150,6 +182,7 @@ class Master:
         if self._control is not None:
             self._control.close()
         self.listener.close()
+        self.admin_socket.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # -- workers -----------------------------------------------------------------
@@ -264,6 +297,65 @@ class Master:
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 
+    # -- graceful restart ----------------------------------------------------------
+
+    async def restart(self) -> dict[str, Any]:
+        """Start a successor master on our sockets; once it is ready, drain and exit.
+
+        If the successor fails to start or is not ready in time, it is stopped
+        and this generation keeps serving; HandoffError says why.
+        """
+        if self._restarting or self.draining:
+            raise HandoffError("a restart or a shutdown is already under way")
+        self._restarting = True
+        loop = asyncio.get_running_loop()
+        path = os.path.join(self.run_dir, "handoff.sock")
+        successor = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pitcher_rpc.cli",
+            "serve",
+            "-c",
+            self.config_path,
+            "--workers",
+            str(len(self.slots)),
+            "--takeover",
+            path,
+        )
+        abort = threading.Event()
+        handing: asyncio.Future[Any] = loop.run_in_executor(
+            None, offer, path, [self.listener, self.admin_socket], _HANDOFF_TIMEOUT, abort
+        )
+        died: asyncio.Future[Any] = asyncio.ensure_future(successor.wait())
+        try:
+            done, _ = await asyncio.wait({handing, died}, return_when=asyncio.FIRST_COMPLETED)
+            if handing not in done:
+                raise HandoffError(
+                    f"the new master exited with {_describe_exit(successor.returncode or 0)}"
+                )
+            handing.result()
+        except HandoffError as exc:
+            self._restarting = False
+            abort.set()
+            if successor.returncode is None:
+                successor.kill()
+            await asyncio.gather(died, handing, return_exceptions=True)
+            log.error("restart failed, this generation keeps serving: %s", exc)
+            raise
+        died.cancel()
+        log.info("the new master (pid %d) is serving; draining this generation", successor.pid)
+        self.stopping.set()
+        return {"new_master_pid": successor.pid}
+
+    def _restart_in_background(self) -> None:
+        async def restart() -> None:
+            with contextlib.suppress(HandoffError):
+                await self.restart()
+
+        task = asyncio.get_running_loop().create_task(restart(), name="pitcher-restart")
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
     # -- admin API ---------------------------------------------------------------
 
     def _routes(self) -> None:
@@ -271,6 +363,7 @@ class Master:
         self.admin.route("GET", "/admin/config", self._admin_config)
         self.admin.route("POST", "/admin/reload", self._admin_reload)
         self.admin.route("GET", "/admin/workers", self._admin_workers)
+        self.admin.route("POST", "/admin/restart", self._admin_restart)
 
     async def _healthz(self, request: AdminRequest) -> AdminResponse:
         if self.draining:
@@ -298,6 +391,12 @@ class Master:
         except ConfigError as exc:
             raise AdminError(400, str(exc)) from None
         return AdminResponse(200 if result["complete"] else 500, result)
+
+    async def _admin_restart(self, request: AdminRequest) -> AdminResponse:
+        try:
+            return AdminResponse(200, await self.restart())
+        except HandoffError as exc:
+            raise AdminError(500, f"restart failed, still serving: {exc}") from None
 
     async def _admin_workers(self, request: AdminRequest) -> AdminResponse:
         statuses = await self._each("status")

@@ -33,6 +33,9 @@ _PIPELINE_LOW = 8
 # client is still sending for a while, so the refusal is not destroyed by a
 # reset before the client reads it (RFC 9112 §9.6, nginx's lingering close).
 LINGER_SECONDS = 2.0
+# While draining, an idle keep-alive connection is closed once it has been
+# quiet this long.
+_DRAIN_QUIET = 0.5
 LINGER_BYTES = 1 << 20
 
 
@@ -274,8 +277,14 @@ class HttpConnection(asyncio.Protocol):
         elif now - self.last_activity > snapshot.keepalive_timeout:
             self._close()
 
-    def close_if_idle(self) -> None:
-        if self.current is None and not self.queue and not self.parser.in_request:
+    def close_if_idle(self, now: float, quiet_for: float) -> None:
+        """Close if no request is running or arriving, and none came for ``quiet_for`` seconds."""
+        if (
+            self.current is None
+            and not self.queue
+            and not self.parser.in_request
+            and now - self.last_activity >= quiet_for
+        ):
             self._close()
 
 
@@ -350,13 +359,16 @@ class ProxyServer:
         self.draining = True
         if self._server is not None:
             self._server.close()
-        for connection in list(self.connections):
-            connection.close_if_idle()
+        # A busy keep-alive client gets its next answer with "connection: close"
+        # and goes elsewhere; only a connection that has been quiet for a moment
+        # is closed under it, since a request may be on its way on one that just
+        # answered (closing then would reset it).
         deadline = self.loop.time() + grace
         while self.connections and self.loop.time() < deadline:
-            await asyncio.sleep(0.01)
+            now = self.loop.time()
             for connection in list(self.connections):
-                connection.close_if_idle()
+                connection.close_if_idle(now, _DRAIN_QUIET)
+            await asyncio.sleep(0.01)
         for connection in list(self.connections):
             connection._close()
         if self._sweeper is not None:
