@@ -124,6 +124,9 @@ async def _serve(path: str, config: Config) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    from .process.gc_tuning import GcSettings, apply
+
+    apply(GcSettings(config.server.gc_freeze, config.server.gc_thresholds))
     # Announced only once the signal handlers are in place.
     log.info("listening on %s (config %s, sha256 %s)", proxy.address, path, config.checksum[:12])
     await stop.wait()

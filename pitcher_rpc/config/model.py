@@ -103,6 +103,10 @@ class ServerConfig:
     workers: int | None = None
     # How long a draining process lets in-flight requests finish before it exits.
     drain_timeout: float = 30.0
+    # After start-up each process moves its long-lived objects out of the
+    # collector's way (gc.freeze); thresholds as gc.set_threshold, None = CPython's.
+    gc_freeze: bool = True
+    gc_thresholds: tuple[int, int, int] | None = None
 
     @property
     def listen_address(self) -> ListenAddress:

@@ -56,6 +56,8 @@ _SERVER_KEYS = (
     "listen",
     "workers",
     "drain_timeout",
+    "gc_freeze",
+    "gc_thresholds",
     "backlog",
     "header_timeout",
     "keepalive_timeout",
@@ -325,7 +327,34 @@ class _Validator:
             if "workers" in table
             else None,
             drain_timeout=self._seconds(table, (*path, "drain_timeout"), defaults.drain_timeout),
+            gc_freeze=self._gc_freeze(table, (*path, "gc_freeze")),
+            gc_thresholds=self._gc_thresholds(table, (*path, "gc_thresholds")),
         )
+
+    def _gc_freeze(self, table: Mapping[str, Any], path: KeyPath) -> bool:
+        value = table.get("gc_freeze", True)
+        if not isinstance(value, bool):
+            self.report(path, type_message("a boolean", value))
+            return True
+        return value
+
+    def _gc_thresholds(
+        self, table: Mapping[str, Any], path: KeyPath
+    ) -> tuple[int, int, int] | None:
+        value = table.get("gc_thresholds")
+        if value is None:
+            return None
+        if (
+            not isinstance(value, list)
+            or len(value) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
+            self.report(path, type_message("an array of three integers", value))
+            return None
+        if value[0] < 1 or value[1] < 0 or value[2] < 0:
+            self.report(path, f"the first must be >= 1 and the others >= 0, got {value}")
+            return None
+        return (value[0], value[1], value[2])
 
     def _admin(self, document: Mapping[str, Any]) -> AdminConfig:
         path: KeyPath = ("admin",)

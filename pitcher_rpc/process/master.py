@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config, ConfigError, load_config
+from . import metrics
 from .admin import AdminError, AdminRequest, AdminResponse, AdminServer
 from .control import ControlError, WorkerLink, read_message
 from .handoff import HandoffError, offer, ready, take
+from .notify import notify
 
 log = logging.getLogger("pitcher.master")
 
@@ -103,6 +105,7 @@ class Master:
                 self.listener.close()
                 raise
         self._restarting = False
+        self.handed_over = False
         self.run_dir = tempfile.mkdtemp(prefix="pitcher-", dir="/tmp")
         self.control_path = os.path.join(self.run_dir, "control.sock")
         self.draining = False
@@ -138,9 +141,12 @@ class Master:
         await self.admin.start(sock=self.admin_socket)
         host, port = self.admin.address
         if self._ready_line is not None:
-            # The predecessor drains from here on.
+            # The predecessor drains from here on; the service manager watches us.
+            notify(MAINPID=os.getpid(), READY=1)
             ready(self._ready_line)
             self._ready_line = None
+        else:
+            notify(READY=1, MAINPID=os.getpid())
         log.info(
             "listening on %s with %d workers (admin on %s:%d, config %s, sha256 %s)",
             self.address,
@@ -161,6 +167,13 @@ class Master:
 
     async def _shutdown(self) -> None:
         self.draining = True
+        if not self.handed_over:
+            notify(STOPPING=1)
+        if self.handed_over:
+            # The successor answers for the proxy on the same admin socket now;
+            # a draining generation must not answer a health check beside it.
+            await asyncio.sleep(0.1)  # let the restart request's answer go out
+            await self.admin.stop()
         log.info("%s: stopping %d workers", "fast" if self.fast else "draining", len(self.slots))
         signum = signal.SIGINT if self.fast else signal.SIGTERM
         for slot in self.slots:
@@ -344,6 +357,7 @@ class Master:
             raise
         died.cancel()
         log.info("the new master (pid %d) is serving; draining this generation", successor.pid)
+        self.handed_over = True
         self.stopping.set()
         return {"new_master_pid": successor.pid}
 
@@ -364,6 +378,7 @@ class Master:
         self.admin.route("POST", "/admin/reload", self._admin_reload)
         self.admin.route("GET", "/admin/workers", self._admin_workers)
         self.admin.route("POST", "/admin/restart", self._admin_restart)
+        self.admin.route("GET", "/metrics", self._metrics)
 
     async def _healthz(self, request: AdminRequest) -> AdminResponse:
         if self.draining:
@@ -391,6 +406,13 @@ class Master:
         except ConfigError as exc:
             raise AdminError(400, str(exc)) from None
         return AdminResponse(200 if result["complete"] else 500, result)
+
+    async def _metrics(self, request: AdminRequest) -> AdminResponse:
+        workers = await self._each("status")
+        body = metrics.render(
+            workers, [slot.restarts for slot in self.slots], self.generation - 1, self.draining
+        )
+        return AdminResponse(200, body, (("content-type", metrics.CONTENT_TYPE_LATEST),))
 
     async def _admin_restart(self, request: AdminRequest) -> AdminResponse:
         try:

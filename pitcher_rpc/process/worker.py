@@ -19,6 +19,7 @@ from typing import Any
 from ..config import ConfigError, load_config
 from ..proxy.server import ProxyServer
 from .control import ControlError, encode_message, read_message
+from .gc_tuning import GcPauses, GcSettings, apply
 
 log = logging.getLogger("pitcher.worker")
 
@@ -31,6 +32,7 @@ class Worker:
         self.proxy: ProxyServer | None = None
         self.stopping = asyncio.Event()
         self.fast = False
+        self.pauses = GcPauses()
 
     async def run(self, control_path: str) -> None:
         loop = asyncio.get_running_loop()
@@ -42,6 +44,9 @@ class Worker:
         config = load_config(self.config_path)
         self.proxy = proxy = ProxyServer(config)
         await proxy.start(sock=self.listener)
+        # Start-up is done: what exists now lives as long as the process.
+        apply(GcSettings(config.server.gc_freeze, config.server.gc_thresholds))
+        self.pauses.install()
         reader, writer = await asyncio.open_unix_connection(control_path)
         writer.write(encode_message({"op": "hello", "index": self.index, "pid": os.getpid()}))
         control = loop.create_task(self._serve_control(reader, writer), name="pitcher-control")
@@ -103,6 +108,7 @@ class Worker:
             "requests": proxy.requests_served,
             "connections": len(proxy.connections),
             "draining": proxy.draining,
+            "gc": self.pauses.snapshot(),
         }
 
 

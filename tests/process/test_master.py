@@ -159,3 +159,24 @@ def test_sigterm_stops_master_and_workers_leaving_no_process(
     assert proxy.process.popen.wait(10) == 0
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} outlived its master"
+
+
+def test_metrics_combine_every_worker_in_prometheus_text(
+    site: tuple[Launcher, Proxy, int, str],
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, proxy, port, _ = site
+    for _ in range(30):
+        assert get(proxy, "/counted").status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.headers["content-type"].startswith("text/plain")
+        text = response.read().decode()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    requests = families["pitcher_requests"]
+    assert sum(s.value for s in requests.samples if s.name == "pitcher_requests_total") >= 30
+    assert {s.labels["worker"] for s in requests.samples} == {"0", "1"}
+    assert families["pitcher_workers"].samples[0].value == 2
+    pauses = families["pitcher_gc_pause_seconds"]
+    generations = {s.labels["generation"] for s in pauses.samples}
+    assert generations == {"0", "1", "2"}
