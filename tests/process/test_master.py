@@ -180,3 +180,37 @@ def test_metrics_combine_every_worker_in_prometheus_text(
     pauses = families["pitcher_gc_pause_seconds"]
     generations = {s.labels["generation"] for s in pauses.samples}
     assert generations == {"0", "1", "2"}
+
+
+def test_healthz_turns_503_while_draining_and_in_flight_requests_finish(
+    launcher: Launcher,
+) -> None:
+    backend = launcher.test_backend("tcp")
+    proxy = launcher.proxy(config_text(backend.uri), workers=1)
+    port = admin_port(proxy)
+    outcome: dict[str, int] = {}
+
+    def slow() -> None:
+        with proxy.connect() as client:
+            outcome["status"] = client.request("GET", "/slow?sleep=1.0&mark=drain").status
+
+    request = threading.Thread(target=slow)
+    request.start()
+    launcher.wait_for_mark("drain")
+    proxy.process.signal(signal.SIGTERM)
+    wait_until(lambda: admin(port, "/healthz")[0] == 503, 2.0, "healthz to turn 503")
+    assert admin(port, "/healthz") == (503, {"status": "draining"})
+    request.join(5)
+    assert outcome == {"status": 200}
+    assert proxy.process.popen.wait(10) == 0
+
+
+def test_sigint_stops_everything_at_once(site: tuple[Launcher, Proxy, int, str]) -> None:
+    _, proxy, port, _ = site
+    pids = worker_pids(port)
+    started = time.monotonic()
+    proxy.process.signal(signal.SIGINT)
+    assert proxy.process.popen.wait(10) == 0
+    assert time.monotonic() - started < 3.0
+    for pid in pids:
+        wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 3.0, f"worker {pid}")
