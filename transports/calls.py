@@ -103,3 +103,35 @@ def deliver_error(receiver: Receiver, error: TransportError) -> None:
         receiver.on_error(error)
     except Exception:
         log.exception("a receiver failed on an error")
+
+
+class AwaitableCalls:
+    """``start()`` and ``await call()`` for a client that implements send() and cancel()."""
+
+    __slots__ = ()
+
+    def send(self, payload: bytes, receiver: Receiver) -> None:
+        raise NotImplementedError
+
+    def cancel(self, receiver: Receiver) -> None:
+        raise NotImplementedError
+
+    def start(
+        self, payload: bytes, timeout: float, idempotent: bool = False
+    ) -> asyncio.Future[bytes]:
+        """Send one request; the future gets the response payload or a CallError.
+
+        Cancelling the future gives the call up and tells the node (CANCEL).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        receiver = FutureReceiver(future, loop.time() + timeout, idempotent)
+        self.send(payload, receiver)
+        if not future.done():
+            future.add_done_callback(
+                lambda done: self.cancel(receiver) if done.cancelled() else None
+            )
+        return future
+
+    async def call(self, payload: bytes, timeout: float, idempotent: bool = False) -> bytes:
+        return await self.start(payload, timeout, idempotent)

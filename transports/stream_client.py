@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from .base import ClientOptions
 from .calls import (
-    FutureReceiver,
+    AwaitableCalls,
     Receiver,
     deadline_ms,
     deliver_error,
@@ -299,7 +299,7 @@ class _ClientConnection(asyncio.Protocol):
             self.transport.close()
 
 
-class StreamClient:
+class StreamClient(AwaitableCalls):
     """Pooled, multiplexed client for one node over TCP or a Unix socket."""
 
     def __init__(self, address: str, options: ClientOptions | None = None) -> None:
@@ -354,26 +354,6 @@ class StreamClient:
         for connection in self._connections:
             if connection.cancel(receiver):
                 return
-
-    def start(
-        self, payload: bytes, timeout: float, idempotent: bool = False
-    ) -> asyncio.Future[bytes]:
-        """Send one request; the future gets the response payload or a CallError.
-
-        Cancelling the future gives the call up and tells the node (CANCEL).
-        """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
-        receiver = FutureReceiver(future, loop.time() + timeout, idempotent)
-        self.send(payload, receiver)
-        if not future.done():
-            future.add_done_callback(
-                lambda done: self.cancel(receiver) if done.cancelled() else None
-            )
-        return future
-
-    async def call(self, payload: bytes, timeout: float, idempotent: bool = False) -> bytes:
-        return await self.start(payload, timeout, idempotent)
 
     async def ping(self, timeout: float = 1.0) -> None:
         """Open a connection if none is open; ConnectError if the node is not there."""

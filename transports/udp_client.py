@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import ClientOptions
-from .calls import FutureReceiver, Receiver, deliver_error, error_for
+from .calls import AwaitableCalls, Receiver, deliver_error, error_for
 from .control import ErrorInfo, GoAwayInfo
 from .datagram import (
     CLIENT_ACCEPTS,
@@ -102,7 +102,7 @@ class _ClientProtocol(asyncio.DatagramProtocol):
         self._client._connection_lost(self, exc)
 
 
-class UdpClient:
+class UdpClient(AwaitableCalls):
     """Multiplexed client for one node over UDP (``udp://host:port``)."""
 
     def __init__(self, address: str, options: ClientOptions | None = None) -> None:
@@ -188,26 +188,6 @@ class UdpClient:
         self._resends.pop(request_id, None)
         if self._sendto is not None:
             self._sendto(encode_datagram(FrameType.CANCEL, request_id))
-
-    def start(
-        self, payload: bytes, timeout: float, idempotent: bool = False
-    ) -> asyncio.Future[bytes]:
-        """Send one request; the future gets the response payload or a CallError.
-
-        Cancelling the future gives the call up and tells the node (CANCEL).
-        """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
-        receiver = FutureReceiver(future, loop.time() + timeout, idempotent)
-        self.send(payload, receiver)
-        if not future.done():
-            future.add_done_callback(
-                lambda done: self.cancel(receiver) if done.cancelled() else None
-            )
-        return future
-
-    async def call(self, payload: bytes, timeout: float, idempotent: bool = False) -> bytes:
-        return await self.start(payload, timeout, idempotent)
 
     async def ping(self, timeout: float = 1.0) -> None:
         """PING the node until it answers PONG; ConnectError if it does not in ``timeout``."""

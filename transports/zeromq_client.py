@@ -33,7 +33,13 @@ import zmq
 import zmq.asyncio
 
 from .base import ClientOptions
-from .calls import FutureReceiver, Receiver, deliver_error, deliver_response, error_for
+from .calls import (
+    AwaitableCalls,
+    Receiver,
+    deliver_error,
+    deliver_response,
+    error_for,
+)
 from .control import ErrorInfo, GoAwayInfo
 from .errors import (
     Closed,
@@ -68,7 +74,7 @@ _RECONNECT_IVL_MAX = 0.5
 _NOTHING_PENDING = GoAwayInfo(0, "no call pending").encode()
 
 
-class ZmqClient:
+class ZmqClient(AwaitableCalls):
     """Multiplexed client for one node over a ZeroMQ DEALER socket."""
 
     def __init__(self, address: str, options: ClientOptions | None = None) -> None:
@@ -178,26 +184,6 @@ class ZmqClient:
             if pending is receiver:
                 self._give_up(request_id)
                 return
-
-    def start(
-        self, payload: bytes, timeout: float, idempotent: bool = False
-    ) -> asyncio.Future[bytes]:
-        """Send one request; the future gets the response payload or a CallError.
-
-        Cancelling the future gives the call up and tells the node (CANCEL).
-        """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
-        receiver = FutureReceiver(future, loop.time() + timeout, idempotent)
-        self.send(payload, receiver)
-        if not future.done():
-            future.add_done_callback(
-                lambda done: self.cancel(receiver) if done.cancelled() else None
-            )
-        return future
-
-    async def call(self, payload: bytes, timeout: float, idempotent: bool = False) -> bytes:
-        return await self.start(payload, timeout, idempotent)
 
     async def ping(self, timeout: float = 1.0) -> None:
         """Wait for the node to answer a PING; ConnectError if no PONG comes within ``timeout``."""
