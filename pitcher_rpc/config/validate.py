@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import ipaddress
 import math
 import os
-import re
 import tomllib
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -41,6 +39,19 @@ from .model import (
     UpstreamConfig,
     parse_listen,
 )
+from .schema import (
+    ADMIN_KEYS,
+    CLUSTER_KEYS,
+    CLUSTER_NAME,
+    NODE_KEYS,
+    ROUTE_KEYS,
+    SERVER_KEYS,
+    TOKEN,
+    TOML_POSITION,
+    TOP_LEVEL_KEYS,
+    UPSTREAM_KEYS,
+    host_problem,
+)
 
 __all__ = [
     "ConfigError",
@@ -49,45 +60,6 @@ __all__ = [
     "parse_config",
     "validate_config",
 ]
-
-_TOP_LEVEL_KEYS = ("server", "upstream", "admin", "routes", "clusters")
-_ADMIN_KEYS = ("listen",)
-_SERVER_KEYS = (
-    "listen",
-    "workers",
-    "drain_timeout",
-    "gc_freeze",
-    "gc_thresholds",
-    "backlog",
-    "header_timeout",
-    "keepalive_timeout",
-    "max_request_line",
-    "max_header_size",
-    "max_headers",
-    "max_body_size",
-    "request_id_header",
-)
-_UPSTREAM_KEYS = ("connect_timeout", "max_connections", "max_frame_size")
-_ROUTE_KEYS = (
-    "name",
-    "host",
-    "prefix",
-    "cluster",
-    "timeout",
-    "retries",
-    "idempotent_methods",
-    "strip_prefix",
-)
-_CLUSTER_KEYS = ("balance", "nodes")
-_NODE_KEYS = ("uri", "weight")
-
-# RFC 9110 token: header field names and methods.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HOST_LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
-_HOST_NAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
-# Cluster names appear in metrics labels, admin URLs and CLI arguments.
-_CLUSTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column \d+\)$|\s*\(at end of document\)$")
 
 _SERVER_DEFAULTS = ServerConfig()
 _UPSTREAM_DEFAULTS = UpstreamConfig()
@@ -134,7 +106,7 @@ def validate_config(
 def _syntax_issue(exc: tomllib.TOMLDecodeError, text: str, source: str) -> ConfigIssue:
     message = str(exc)
     line: int | None = getattr(exc, "lineno", None)
-    match = _TOML_POSITION.search(message)
+    match = TOML_POSITION.search(message)
     if match is not None:
         message = message[: match.start()]
         if line is None:
@@ -143,27 +115,6 @@ def _syntax_issue(exc: tomllib.TOMLDecodeError, text: str, source: str) -> Confi
 
 
 # -- describing values -------------------------------------------------------
-
-
-def _host_problem(host: str) -> str | None:
-    """Why a route host pattern is unusable, or None if it is fine (already lower-cased)."""
-    if host == "*":
-        return None
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            return f"the part in brackets is not an IPv6 address, got {show(host)}"
-        return None
-    name = host[2:] if host.startswith("*.") else host
-    if ":" in name:
-        return f"must not include a port (ports are ignored when matching), got {show(host)}"
-    if _HOST_NAME.fullmatch(name) is None:
-        return (
-            'must be "*", a host name such as "api.example.com", '
-            f'or a wildcard such as "*.example.com", got {show(host)}'
-        )
-    return None
 
 
 # -- the validator -----------------------------------------------------------
@@ -187,7 +138,7 @@ class _Validator:
     # -- document ------------------------------------------------------------
 
     def config(self, document: Mapping[str, Any]) -> Config:
-        self._check_keys(document, (), _TOP_LEVEL_KEYS)
+        self._check_keys(document, (), TOP_LEVEL_KEYS)
         server = self._server(document)
         upstream = self._upstream(document)
         admin = self._admin(document)
@@ -291,7 +242,7 @@ class _Validator:
         table = self._table(document, path)
         if table is None:
             return _SERVER_DEFAULTS
-        self._check_keys(table, path, _SERVER_KEYS)
+        self._check_keys(table, path, SERVER_KEYS)
         defaults = _SERVER_DEFAULTS
         listen = self._string(table, (*path, "listen"))
         if listen is None:
@@ -304,7 +255,7 @@ class _Validator:
         header = self._string(table, (*path, "request_id_header"))
         if header is None:
             header = defaults.request_id_header
-        elif _TOKEN.fullmatch(header) is None:
+        elif TOKEN.fullmatch(header) is None:
             message = f"must be an HTTP header name, got {show(header)}"
             self.report((*path, "request_id_header"), message)
         return ServerConfig(
@@ -361,7 +312,7 @@ class _Validator:
         table = self._table(document, path)
         if table is None:
             return AdminConfig()
-        self._check_keys(table, path, _ADMIN_KEYS)
+        self._check_keys(table, path, ADMIN_KEYS)
         listen = self._string(table, (*path, "listen"))
         if listen is None:
             return AdminConfig()
@@ -379,7 +330,7 @@ class _Validator:
         table = self._table(document, path)
         if table is None:
             return _UPSTREAM_DEFAULTS
-        self._check_keys(table, path, _UPSTREAM_KEYS)
+        self._check_keys(table, path, UPSTREAM_KEYS)
         defaults = _UPSTREAM_DEFAULTS
         return UpstreamConfig(
             connect_timeout=self._seconds(
@@ -413,13 +364,13 @@ class _Validator:
         return clusters, set(table)
 
     def _cluster(self, name: str, value: Any, path: KeyPath) -> ClusterConfig | None:
-        if _CLUSTER_NAME.fullmatch(name) is None:
+        if CLUSTER_NAME.fullmatch(name) is None:
             message = "a cluster name is letters, digits, '_', '-' and '.', not starting with '-'"
             self.report(path, f"{message}; got {show(name)}")
         if not isinstance(value, dict):
             self.report(path, type_message("a table", value))
             return None
-        self._check_keys(value, path, _CLUSTER_KEYS)
+        self._check_keys(value, path, CLUSTER_KEYS)
         balance = self._string(value, (*path, "balance"))
         if balance is None:
             balance = "round_robin"
@@ -458,7 +409,7 @@ class _Validator:
         if not isinstance(item, dict):
             self.report(path, type_message("a node URI or a table {uri = ..., weight = ...}", item))
             return None
-        self._check_keys(item, path, _NODE_KEYS)
+        self._check_keys(item, path, NODE_KEYS)
         uri_path = (*path, "uri")
         uri = self._string(item, uri_path)
         if uri is None:
@@ -549,14 +500,14 @@ class _Validator:
     def _route(
         self, item: Mapping[str, Any], path: KeyPath, cluster_names: set[str]
     ) -> RouteConfig:
-        self._check_keys(item, path, _ROUTE_KEYS)
+        self._check_keys(item, path, ROUTE_KEYS)
 
         host = self._string(item, (*path, "host"))
         if host is None:
             host = "*"
         else:
             host = host.lower()
-            problem = _host_problem(host)
+            problem = host_problem(host)
             if problem is not None:
                 self.report((*path, "host"), problem)
 
@@ -615,7 +566,7 @@ class _Validator:
         for index, method in enumerate(value):
             if not isinstance(method, str):
                 self.report((*path, index), type_message("an HTTP method name", method))
-            elif _TOKEN.fullmatch(method) is None:
+            elif TOKEN.fullmatch(method) is None:
                 self.report((*path, index), f"must be an HTTP method name, got {show(method)}")
             else:
                 methods.add(method.upper())

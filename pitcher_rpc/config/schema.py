@@ -1,0 +1,68 @@
+"""What a configuration file may contain: the keys of each table and the shape of names."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from .issues import show
+
+TOP_LEVEL_KEYS = ("server", "upstream", "admin", "routes", "clusters")
+ADMIN_KEYS = ("listen",)
+SERVER_KEYS = (
+    "listen",
+    "workers",
+    "drain_timeout",
+    "gc_freeze",
+    "gc_thresholds",
+    "backlog",
+    "header_timeout",
+    "keepalive_timeout",
+    "max_request_line",
+    "max_header_size",
+    "max_headers",
+    "max_body_size",
+    "request_id_header",
+)
+UPSTREAM_KEYS = ("connect_timeout", "max_connections", "max_frame_size")
+ROUTE_KEYS = (
+    "name",
+    "host",
+    "prefix",
+    "cluster",
+    "timeout",
+    "retries",
+    "idempotent_methods",
+    "strip_prefix",
+)
+CLUSTER_KEYS = ("balance", "nodes")
+NODE_KEYS = ("uri", "weight")
+
+# RFC 9110 token: header field names and methods.
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+HOST_LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
+HOST_NAME = re.compile(rf"{HOST_LABEL}(?:\.{HOST_LABEL})*")
+# Cluster names appear in metrics labels, admin URLs and CLI arguments.
+CLUSTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+TOML_POSITION = re.compile(r"\s*\(at line (\d+), column \d+\)$|\s*\(at end of document\)$")
+
+
+def host_problem(host: str) -> str | None:
+    """Why a route host pattern is unusable, or None if it is fine (already lower-cased)."""
+    if host == "*":
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"the part in brackets is not an IPv6 address, got {show(host)}"
+        return None
+    name = host[2:] if host.startswith("*.") else host
+    if ":" in name:
+        return f"must not include a port (ports are ignored when matching), got {show(host)}"
+    if HOST_NAME.fullmatch(name) is None:
+        return (
+            'must be "*", a host name such as "api.example.com", '
+            f'or a wildcard such as "*.example.com", got {show(host)}'
+        )
+    return None
