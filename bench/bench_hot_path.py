@@ -7,7 +7,10 @@ response is written. The transports are stand-ins that only keep what is
 written, so what is timed is Python work only, not system calls; compare it
 with the proxy's CPU time per request in bench_spine.py to see the split.
 
-    python bench/bench_hot_path.py [--requests 200000] [--profile]
+    python bench/bench_hot_path.py [--requests 200000] [--profile] [--modules N]
+
+``--modules N`` attaches N trivial modules to every request hook, to measure
+what the hook dispatch costs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from pitcher_rpc.codec import encode_response  # noqa: E402
 from pitcher_rpc.config import parse_config  # noqa: E402
+from pitcher_rpc.modules import HookChains, Module  # noqa: E402
 from pitcher_rpc.proxy.server import HttpConnection, ProxyServer  # noqa: E402
 from transports.control import Settings  # noqa: E402
 from transports.frame import PREFACE, FrameType, encode_frame  # noqa: E402
@@ -78,8 +82,32 @@ class SinkTransport:
         pass
 
 
-async def run(requests: int, profile: bool) -> None:
-    proxy = ProxyServer(parse_config(CONFIG))
+class _Trivial(Module):
+    """Subscribes to every per-request hook and does nothing."""
+
+    def before_cluster(self, exchange: object) -> None:
+        return None
+
+    def after_cluster(self, exchange: object) -> None:
+        return None
+
+    def backend_response(self, exchange: object) -> None:
+        return None
+
+    def request_finish(self, exchange: object) -> None:
+        return None
+
+
+def trivial_modules(count: int) -> HookChains:
+    modules = [
+        type(f"Trivial{n}", (_Trivial,), {"name": f"trivial{n}", "priority": n})({})
+        for n in range(count)
+    ]
+    return HookChains(modules)
+
+
+async def run(requests: int, profile: bool, modules: int = 0) -> None:
+    proxy = ProxyServer(parse_config(CONFIG), modules=trivial_modules(modules))
     node = proxy.snapshot.clusters["echo"].nodes[0]
     client: Any = node.client
     loop = asyncio.get_running_loop()
@@ -118,7 +146,10 @@ async def run(requests: int, profile: bool) -> None:
         timings.append(elapsed / batch * 1e6)
         await asyncio.sleep(0)
     assert http_transport.last.startswith(b"HTTP/1.1 200 OK"), http_transport.last
-    print(f"proxy hot path: {statistics.median(timings):.2f} µs per request (median of 5 batches)")
+    print(
+        f"proxy hot path with {modules} modules: {statistics.median(timings):.2f} µs per request"
+        " (median of 5 batches)"
+    )
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
     http.transport = None
@@ -128,8 +159,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--modules", type=int, default=0, help="trivial modules on every hook")
     args = parser.parse_args()
-    uvloop.run(run(args.requests, args.profile))
+    uvloop.run(run(args.requests, args.profile, args.modules))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import itertools
 import logging
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transports.errors import (
     CallError,
@@ -67,6 +67,7 @@ def new_request_id() -> bytes:
 class Exchange:
     __slots__ = (
         "attempts",
+        "chains",
         "connection",
         "deadline",
         "head",
@@ -79,6 +80,7 @@ class Exchange:
         "request_id",
         "route",
         "snapshot",
+        "status",
         "tried",
     )
 
@@ -86,6 +88,9 @@ class Exchange:
         self.connection = connection
         self.request = request
         self.snapshot = snapshot
+        # The module chains this request runs: the default ones until routed.
+        self.chains = snapshot.modules.default
+        self.status = 0
         self.head = request.method == b"HEAD"
         self.idempotent = False
         self.keep_alive = request.keep_alive
@@ -103,11 +108,17 @@ class Exchange:
     def start(self) -> None:
         request = self.request
         self.path = path = normalize_path(request.path)
+        modules = self.snapshot.modules
+        if self.chains.before_cluster and self._answered(self.chains.before_cluster):
+            return
         route = self.snapshot.router.match(request.host, path)
         if route is None:
             self.fail(404, "no route for this host and path")
             return
         self.route = route
+        self.chains = chains = modules.for_route(route.name)
+        if chains.after_cluster and self._answered(chains.after_cluster):
+            return
         self.idempotent = request.method in route.idempotent_methods
         if not route.cluster.nodes:
             self.fail(503, f"cluster {route.cluster.name!r} has no nodes")
@@ -193,8 +204,31 @@ class Exchange:
     # the receiver interface (transports.calls.Receiver) ------------------------------
 
     def on_response(self, payload: bytes) -> None:
-        if not self.connection.closed:
-            self._respond(payload)
+        if self.connection.closed:
+            return
+        if self.chains.backend_response and self._answered(self.chains.backend_response):
+            return
+        self._respond(payload)
+
+    def _answered(self, handlers: tuple[Any, ...]) -> bool:
+        """Run one hook's handlers; True if a module answered the request itself."""
+        answer = self.snapshot.modules.run(handlers, self)
+        if answer is None:
+            return False
+        extra = b"".join(name + b": " + value + b"\r\n" for name, value in answer.headers)
+        self.connection.finish(
+            self,
+            error_response(
+                answer.status,
+                answer.message or "answered by a module",
+                keep_alive=self._keep_alive(),
+                head=self.head,
+                extra=extra,
+                http10=self.request.version == "1.0",
+            ),
+            answer.status,
+        )
+        return True
 
     def on_error(self, error: TransportError) -> None:
         if self.connection.closed:

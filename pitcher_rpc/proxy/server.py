@@ -18,6 +18,9 @@ from collections import deque
 from ..config import Config
 from ..http.parser import HttpError, HttpRequest, RequestParser
 from ..http.response import error_response
+from ..modules.base import Answer
+from ..modules.chain import EMPTY as EMPTY_MODULES
+from ..modules.chain import HookChains
 from .exchange import Exchange
 from .snapshot import Snapshot
 from .upstream import Upstreams
@@ -101,6 +104,16 @@ class HttpConnection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.connections.add(self)
+        snapshot = self.server.snapshot
+        accept = snapshot.modules.default.on_accept
+        if accept:
+            answer = snapshot.modules.run(accept, self)
+            if answer is not None:
+                self._refuse_with(answer)
+
+    def _refuse_with(self, answer: Answer) -> None:
+        self._write(error_response(answer.status, answer.message or "refused"))
+        self._close()
 
     def data_received(self, data: bytes) -> None:
         if self._linger_until:
@@ -166,6 +179,9 @@ class HttpConnection(asyncio.Protocol):
             self.current = None
         self.queue.clear()
         self.server.connections.discard(self)
+        modules = self.server.snapshot.modules
+        if modules.default.on_finish:
+            modules.run(modules.default.on_finish, self)
 
     # request flow ----------------------------------------------------------------------
 
@@ -209,6 +225,10 @@ class HttpConnection(asyncio.Protocol):
         self.current = None
         self.server.requests_served += 1
         self._write(response)
+        exchange.status = status
+        finished = exchange.chains.request_finish
+        if finished:
+            exchange.snapshot.modules.run(finished, exchange)
         if not exchange.keep_alive or self.server.draining:
             self._close()
         elif self.queue:
@@ -291,10 +311,15 @@ class HttpConnection(asyncio.Protocol):
 class ProxyServer:
     """One proxy: a listening socket, its connections, the current snapshot."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop | None = None,
+        modules: HookChains = EMPTY_MODULES,
+    ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.upstreams = Upstreams(config.upstream)
-        self.snapshot = Snapshot(config, self.upstreams, generation=1)
+        self.snapshot = Snapshot(config, self.upstreams, generation=1, modules=modules)
         self.connections: set[HttpConnection] = set()
         self.requests_served = 0
         self.draining = False
@@ -337,7 +362,9 @@ class ProxyServer:
 
     def reload(self, config: Config) -> Snapshot:
         """Swap in a new snapshot; requests already running keep theirs."""
-        snapshot = Snapshot(config, self.upstreams, self.snapshot.generation + 1)
+        snapshot = Snapshot(
+            config, self.upstreams, self.snapshot.generation + 1, self.snapshot.modules
+        )
         self.snapshot = snapshot
         self.upstreams.retain_only(snapshot.node_uris())
         return snapshot

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from ..config import Config, RouteConfig
 from ..http.parser import HttpLimits
+from ..modules.chain import EMPTY as EMPTY_MODULES
+from ..modules.chain import HookChains
 from .exchange import REQUEST_DROP
 from .routing import Router
 from .upstream import Cluster, Upstreams
@@ -48,14 +50,22 @@ class Snapshot:
         "header_timeout",
         "keepalive_timeout",
         "limits",
+        "modules",
         "request_id_header",
         "router",
         "watch",
     )
 
-    def __init__(self, config: Config, upstreams: Upstreams, generation: int) -> None:
+    def __init__(
+        self,
+        config: Config,
+        upstreams: Upstreams,
+        generation: int,
+        modules: HookChains = EMPTY_MODULES,
+    ) -> None:
         self.config = config
         self.generation = generation
+        self.modules = modules
         self.clusters = {name: upstreams.cluster(c) for name, c in config.clusters.items()}
         self.router: Router[Route] = Router(
             Route(route, self.clusters[route.cluster]) for route in config.routes

@@ -1,0 +1,80 @@
+"""The module contract: hook points, priorities, answers.
+
+A module is a class. It declares a unique ``name``, an explicit integer
+``priority`` (handlers run highest first; two modules of the same priority
+on one hook are refused at load, so order is never accidental), whether it
+is ``essential`` (only non-essential modules are shed under overload) and its
+``failure_policy``: when a handler raises, "skip" logs, counts and goes on
+without it, "fail" answers 500.
+
+It subscribes to a hook by defining the method of that hook's name:
+
+=================  ==============================  ==================================
+hook               runs                            handler
+=================  ==============================  ==================================
+ACCEPT             a connection is accepted        ``on_accept(connection)``
+BEFORE_CLUSTER     request parsed, before routing  ``before_cluster(exchange)``
+AFTER_CLUSTER      route and cluster chosen        ``after_cluster(exchange)``
+BACKEND_RESPONSE   the backend answered or failed  ``backend_response(exchange)``
+REQUEST_FINISH     the response was written        ``request_finish(exchange)``
+FINISH             the connection closed           ``on_finish(connection)``
+=================  ==============================  ==================================
+
+A request handler returns None to let the request go on, or an
+:class:`Answer` to end it there (a 403, a 429 ...). ACCEPT may refuse a
+connection the same way (it is answered and closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar
+
+
+class Hook(Enum):
+    ACCEPT = "on_accept"
+    BEFORE_CLUSTER = "before_cluster"
+    AFTER_CLUSTER = "after_cluster"
+    BACKEND_RESPONSE = "backend_response"
+    REQUEST_FINISH = "request_finish"
+    FINISH = "on_finish"
+
+    @property
+    def method(self) -> str:
+        """The name of the handler method a module defines to subscribe."""
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A response a module gives instead of forwarding the request."""
+
+    status: int
+    message: str = ""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class Module:
+    """Base of every module; subclasses set the class attributes and define handlers."""
+
+    name: ClassVar[str] = ""
+    priority: ClassVar[int] = 0
+    essential: ClassVar[bool] = False
+    failure_policy: ClassVar[str] = "skip"  # or "fail"
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.settings = settings
+
+    @classmethod
+    def validate(cls, settings: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Check this module's config section; raise ValueError naming the key if it is wrong."""
+        if settings:
+            raise ValueError(f"unknown key {next(iter(settings))!r}")
+        return settings
+
+    @classmethod
+    def hooks(cls) -> tuple[Hook, ...]:
+        """The hooks this module subscribes to: the handler methods it defines."""
+        return tuple(hook for hook in Hook if callable(getattr(cls, hook.method, None)))
