@@ -168,6 +168,21 @@ def reload(path: str) -> None:
     _admin_call(_load_or_exit(path), "POST", "/admin/reload")
 
 
+@main.command()
+@click.argument("action", type=click.Choice(["list", "enable", "disable"]))
+@click.argument("name", required=False)
+@click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
+def modules(action: str, name: str | None, path: str) -> None:
+    """List the modules, or switch one on or off in every worker."""
+    config = _load_or_exit(path)
+    if action == "list":
+        _admin_call(config, "GET", "/admin/modules")
+        return
+    if not name:
+        raise click.BadParameter(f"'{action}' needs a module name", param_hint="NAME")
+    _admin_call(config, "POST", f"/admin/modules/{name}/{action}")
+
+
 def _admin_call(config: Config, method: str, route: str) -> None:
     import http.client
     import json

@@ -13,6 +13,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 __all__ = [
     "BALANCE_POLICIES",
@@ -169,6 +170,9 @@ class RouteConfig:
     retries: int = 1
     idempotent_methods: frozenset[str] = DEFAULT_IDEMPOTENT_METHODS
     strip_prefix: bool = False
+    # This route's own module list, in the order given; None runs every module
+    # that is on, by priority.
+    modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Frozen: the generated __setattr__ refuses, the slot itself does not.
@@ -176,6 +180,16 @@ class RouteConfig:
             object.__setattr__(self, "name", f"{self.host}{self.prefix}")
         if not isinstance(self.idempotent_methods, frozenset):
             object.__setattr__(self, "idempotent_methods", frozenset(self.idempotent_methods))
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleConfig:
+    """One ``[modules.NAME]`` table: whether the module is on, and its own settings."""
+
+    name: str
+    enabled: bool = True
+    # Read-only: what the module's own validate() returned.
+    settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +205,7 @@ class Config:
     source: str
     checksum: str
     admin: AdminConfig = AdminConfig()
+    modules: tuple[ModuleConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.routes, tuple):

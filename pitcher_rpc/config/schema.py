@@ -7,7 +7,7 @@ import re
 
 from .issues import show
 
-TOP_LEVEL_KEYS = ("server", "upstream", "admin", "routes", "clusters")
+TOP_LEVEL_KEYS = ("server", "upstream", "admin", "modules", "routes", "clusters")
 ADMIN_KEYS = ("listen",)
 SERVER_KEYS = (
     "listen",
@@ -34,6 +34,7 @@ ROUTE_KEYS = (
     "retries",
     "idempotent_methods",
     "strip_prefix",
+    "modules",
 )
 CLUSTER_KEYS = ("balance", "nodes")
 NODE_KEYS = ("uri", "weight")

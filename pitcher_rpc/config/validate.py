@@ -14,10 +14,12 @@ import math
 import os
 import tomllib
 from collections.abc import Collection, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from transports.registry import AddressError, get_transport, parse_address
 
+from ..modules.registry import module_class
 from .issues import (
     ConfigError,
     ConfigIssue,
@@ -33,6 +35,7 @@ from .model import (
     AdminConfig,
     ClusterConfig,
     Config,
+    ModuleConfig,
     NodeConfig,
     RouteConfig,
     ServerConfig,
@@ -123,13 +126,14 @@ def _syntax_issue(exc: tomllib.TOMLDecodeError, text: str, source: str) -> Confi
 class _Validator:
     """Walks a parsed document once, recording issues and building the model."""
 
-    __slots__ = ("_index", "_source", "_text", "issues")
+    __slots__ = ("_index", "_module_names", "_source", "_text", "issues")
 
     def __init__(self, text: str, source: str) -> None:
         self._text = text
         self._source = source
         self._index = LineIndex(text)
         self.issues: list[ConfigIssue] = []
+        self._module_names: set[str] = set()
 
     def report(self, path: KeyPath, message: str) -> None:
         line = self._index.line_of(path)
@@ -142,6 +146,8 @@ class _Validator:
         server = self._server(document)
         upstream = self._upstream(document)
         admin = self._admin(document)
+        modules = self._modules(document)
+        self._module_names = {module.name for module in modules}
         clusters, cluster_names = self._clusters(document)
         routes = self._routes(document, cluster_names)
         checksum = hashlib.sha256(self._text.encode("utf-8", "surrogatepass")).hexdigest()
@@ -153,6 +159,7 @@ class _Validator:
             source=self._source,
             checksum=checksum,
             admin=admin,
+            modules=modules,
         )
 
     # -- generic checks ------------------------------------------------------
@@ -543,7 +550,54 @@ class _Validator:
             retries=self._integer(item, (*path, "retries"), 1, 0, 5),
             idempotent_methods=self._methods(item, (*path, "idempotent_methods")),
             strip_prefix=bool(strip_prefix),
+            modules=self._route_modules(item, (*path, "modules")),
         )
+
+    def _route_modules(self, item: Mapping[str, Any], path: KeyPath) -> tuple[str, ...] | None:
+        value = item.get("modules")
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+            self.report(path, type_message("an array of module names", value))
+            return None
+        for index, name in enumerate(value):
+            if name not in self._module_names:
+                self.report((*path, index), f"no [modules.{name}] table configures {show(name)}")
+        if len(set(value)) != len(value):
+            self.report(path, "names a module twice")
+        return tuple(value)
+
+    def _modules(self, document: Mapping[str, Any]) -> tuple[ModuleConfig, ...]:
+        path: KeyPath = ("modules",)
+        table = self._table(document, path)
+        if table is None:
+            return ()
+        modules = []
+        for name, section in table.items():
+            section_path = (*path, name)
+            if not isinstance(section, Mapping):
+                self.report(section_path, type_message("a table", section))
+                continue
+            try:
+                cls = module_class(name)
+            except LookupError as exc:
+                self.report(section_path, str(exc))
+                continue
+            enabled = self._boolean(section, (*section_path, "enabled"))
+            settings = {key: value for key, value in section.items() if key != "enabled"}
+            try:
+                checked = cls.validate(settings)
+            except (ValueError, TypeError) as exc:
+                self.report(section_path, f"module {name}: {exc}")
+                continue
+            modules.append(
+                ModuleConfig(
+                    name=name,
+                    enabled=True if enabled is None else enabled,
+                    settings=MappingProxyType(dict(checked)),
+                )
+            )
+        return tuple(modules)
 
     @staticmethod
     def _no_cluster_message(cluster: str, cluster_names: set[str]) -> str:

@@ -379,6 +379,9 @@ class Master:
         self.admin.route("GET", "/admin/workers", self._admin_workers)
         self.admin.route("POST", "/admin/restart", self._admin_restart)
         self.admin.route("GET", "/metrics", self._metrics)
+        self.admin.route("GET", "/admin/modules", self._admin_modules)
+        self.admin.route("POST", "/admin/modules/{name}/enable", self._admin_enable)
+        self.admin.route("POST", "/admin/modules/{name}/disable", self._admin_disable)
 
     async def _healthz(self, request: AdminRequest) -> AdminResponse:
         if self.draining:
@@ -406,6 +409,26 @@ class Master:
         except ConfigError as exc:
             raise AdminError(400, str(exc)) from None
         return AdminResponse(200 if result["complete"] else 500, result)
+
+    async def _admin_modules(self, request: AdminRequest) -> AdminResponse:
+        return AdminResponse(200, {"workers": await self._each("modules")})
+
+    async def _admin_enable(self, request: AdminRequest) -> AdminResponse:
+        return await self._switch(request.params["name"], True)
+
+    async def _admin_disable(self, request: AdminRequest) -> AdminResponse:
+        return await self._switch(request.params["name"], False)
+
+    async def _switch(self, name: str, enabled: bool) -> AdminResponse:
+        """Switch a module in every worker; the answer comes once all have it."""
+        results = await self._each("modules", name=name, enabled=enabled)
+        failed = [r for r in results if "error" in r]
+        if failed and len(failed) == len(results):
+            raise AdminError(404, failed[0]["error"])
+        return AdminResponse(
+            200 if not failed else 500,
+            {"module": name, "enabled": enabled, "complete": not failed, "workers": results},
+        )
 
     async def _metrics(self, request: AdminRequest) -> AdminResponse:
         workers = await self._each("status")

@@ -91,6 +91,14 @@ class Worker:
                 raise ControlError("the file changed after the master checked it; not reloaded")
             proxy.reload(config)
             return self.status()
+        if op == "modules":
+            name = message.get("name")
+            if name is not None:
+                try:
+                    proxy.set_module(str(name), bool(message.get("enabled")))
+                except KeyError:
+                    raise ControlError(f"no module named {name!r} is loaded") from None
+            return {"index": self.index, "modules": proxy.snapshot.modules.describe()}
         if op == "drain":
             self.stopping.set()
             return {"draining": True}

@@ -14,13 +14,15 @@ import logging
 import os
 import socket
 from collections import deque
+from typing import Any
 
 from ..config import Config
 from ..http.parser import HttpError, HttpRequest, RequestParser
 from ..http.response import error_response
-from ..modules.base import Answer
+from ..modules.base import Answer, Module
 from ..modules.chain import EMPTY as EMPTY_MODULES
 from ..modules.chain import HookChains
+from ..modules.registry import module_class
 from .exchange import Exchange
 from .snapshot import Snapshot
 from .upstream import Upstreams
@@ -315,11 +317,19 @@ class ProxyServer:
         self,
         config: Config,
         loop: asyncio.AbstractEventLoop | None = None,
-        modules: HookChains = EMPTY_MODULES,
+        modules: HookChains | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.upstreams = Upstreams(config.upstream)
-        self.snapshot = Snapshot(config, self.upstreams, generation=1, modules=modules)
+        # Module instances by name with the settings they were made with: a
+        # reload that keeps a module's settings keeps the instance and its state.
+        self._module_instances: dict[str, tuple[dict[str, Any], Module]] = {}
+        # Runtime switches (admin API); they outlive reloads.
+        self.module_switches: dict[str, bool] = {}
+        self._fixed_modules = modules
+        self.snapshot = Snapshot(
+            config, self.upstreams, generation=1, modules=self._modules_for(config)
+        )
         self.connections: set[HttpConnection] = set()
         self.requests_served = 0
         self.draining = False
@@ -363,11 +373,41 @@ class ProxyServer:
     def reload(self, config: Config) -> Snapshot:
         """Swap in a new snapshot; requests already running keep theirs."""
         snapshot = Snapshot(
-            config, self.upstreams, self.snapshot.generation + 1, self.snapshot.modules
+            config, self.upstreams, self.snapshot.generation + 1, self._modules_for(config)
         )
         self.snapshot = snapshot
         self.upstreams.retain_only(snapshot.node_uris())
         return snapshot
+
+    def _modules_for(self, config: Config) -> HookChains:
+        """The module chains of a configuration; ModuleFailure if they cannot be ordered."""
+        if self._fixed_modules is not None:
+            return self._fixed_modules
+        if not config.modules:
+            return EMPTY_MODULES
+        instances: dict[str, tuple[dict[str, Any], Module]] = {}
+        for module_config in config.modules:
+            settings = dict(module_config.settings)
+            previous = self._module_instances.get(module_config.name)
+            if previous is not None and previous[0] == settings:
+                instance = previous[1]
+            else:
+                instance = module_class(module_config.name)(module_config.settings)
+            instances[module_config.name] = (settings, instance)
+        chains = HookChains(
+            [instance for _, instance in instances.values()],
+            disabled=[
+                m.name for m in config.modules if not self.module_switches.get(m.name, m.enabled)
+            ],
+            route_orders={r.name: r.modules for r in config.routes if r.modules is not None},
+        )
+        self._module_instances = instances
+        return chains
+
+    def set_module(self, name: str, enabled: bool) -> None:
+        """Switch a module on or off now and for every later snapshot; KeyError if unknown."""
+        self.snapshot.modules.set_enabled(name, enabled)
+        self.module_switches[name] = enabled
 
     def _schedule_sweep(self) -> None:
         snapshot = self.snapshot

@@ -260,7 +260,7 @@ def test_negative_route_timeout() -> None:
         (
             "zzz = 1",
             "routes[0].zzz: unknown key (expected one of: cluster, host, "
-            "idempotent_methods, name, prefix, retries, strip_prefix, timeout)",
+            "idempotent_methods, modules, name, prefix, retries, strip_prefix, timeout)",
         ),
         ('timeout = "5s"', 'routes[0].timeout: expected a number of seconds, got a string "5s"'),
         ("timeout = 0", "routes[0].timeout: must be a positive number, got 0"),

@@ -426,15 +426,6 @@ class Launcher:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-@pytest.fixture
-def launcher() -> Iterator[Launcher]:
-    launcher = Launcher()
-    try:
-        yield launcher
-    finally:
-        launcher.close()
-
-
 @pytest.fixture(scope="module")
 def module_launcher() -> Iterator[Launcher]:
     launcher = Launcher()

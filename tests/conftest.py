@@ -1,4 +1,4 @@
-"""Real processes for the process-model tests, from the proxy tests' launcher."""
+"""Fixtures every test folder may use: the launcher of real processes (see tests/proxy)."""
 
 from __future__ import annotations
 
