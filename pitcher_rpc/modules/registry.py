@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "pitcher_rpc.modules"
 
 # Built-in modules, by the name a configuration uses; filled as they are written.
 _BUILTIN: dict[str, str] = {
+    "headers": "pitcher_rpc.modules.headers:Headers",
     "ip_filter": "pitcher_rpc.modules.ip_filter:IpFilter",
 }
 _registered: dict[str, type[Module]] = {}

@@ -60,6 +60,46 @@ _VALID_VALUES = re.compile(rb"%s(?:\n%s)*" % (_VALUE, _VALUE)).fullmatch
 _colon_join = b": ".join
 
 
+class HeaderChanges:
+    """Headers to remove, set (replace) and add, in that order; names lower-case."""
+
+    __slots__ = ("add", "remove", "set")
+
+    def __init__(
+        self,
+        add: tuple[tuple[bytes, bytes], ...] = (),
+        set: tuple[tuple[bytes, bytes], ...] = (),
+        remove: frozenset[bytes] = frozenset(),
+    ) -> None:
+        self.add = add
+        self.set = set
+        self.remove = remove | {name for name, _ in set}
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.set or self.remove)
+
+    def apply(self, names: list[bytes], values: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+        remove = self.remove
+        if remove:
+            kept = [(n, v) for n, v in zip(names, values, strict=True) if n.lower() not in remove]
+            names = [n for n, _ in kept]
+            values = [v for _, v in kept]
+        for name, value in (*self.set, *self.add):
+            names.append(name)
+            values.append(value)
+        return names, values
+
+
+class HeaderEdits:
+    """What a module changes in the headers of one route's requests and responses."""
+
+    __slots__ = ("request", "response")
+
+    def __init__(self, request: HeaderChanges, response: HeaderChanges) -> None:
+        self.request = request
+        self.response = response
+
+
 def new_request_id() -> bytes:
     return _REQUEST_ID_PREFIX + b"%x" % next(_request_counter)
 
@@ -70,6 +110,7 @@ class Exchange:
         "chains",
         "connection",
         "deadline",
+        "edits",
         "head",
         "idempotent",
         "keep_alive",
@@ -90,6 +131,8 @@ class Exchange:
         self.snapshot = snapshot
         # The module chains this request runs: the default ones until routed.
         self.chains = snapshot.modules.default
+        # Header changes a module asks for (see HeaderEdits); None for none.
+        self.edits: HeaderEdits | None = None
         self.status = 0
         self.head = request.method == b"HEAD"
         self.idempotent = False
@@ -160,6 +203,9 @@ class Exchange:
                 self.request_id = incoming_id
             else:
                 self.request_id = new_request_id()
+        edits = self.edits
+        if edits is not None and edits.request:
+            names, values = edits.request.apply(names, values)
         client_ip = self.connection.client_ip
         names += (b"x-forwarded-for", b"x-forwarded-proto", id_header)
         values += (
@@ -326,6 +372,9 @@ class Exchange:
         else:
             names = [id_header]
             values = [self.request_id]
+        edits = self.edits
+        if edits is not None and edits.response:
+            names, values = edits.response.apply(names, values)
         self.connection.finish(
             self,
             build_response(
