@@ -573,6 +573,7 @@ class _Validator:
         if table is None:
             return ()
         modules = []
+        priorities: dict[tuple[Any, int], str] = {}
         for name, section in table.items():
             section_path = (*path, name)
             if not isinstance(section, Mapping):
@@ -597,6 +598,14 @@ class _Validator:
                     settings=MappingProxyType(dict(checked)),
                 )
             )
+            # Two modules at one priority on one hook would run in no defined order.
+            for hook in cls.hooks():
+                other = priorities.setdefault((hook, cls.priority), name)
+                if other != name:
+                    self.report(
+                        section_path,
+                        f"shares priority {cls.priority} with module {other!r} on {hook.name}",
+                    )
         return tuple(modules)
 
     @staticmethod

@@ -242,3 +242,26 @@ def test_modules_answer_refuse_and_fail_without_breaking_the_proxy() -> None:
         assert status == 200
 
     with_proxy(modules, body)
+
+
+def test_a_priority_tie_is_refused_when_the_configuration_is_checked() -> None:
+    from pitcher_rpc.config import ConfigError
+    from pitcher_rpc.modules import registry
+
+    first = type("TieA", (Module,), {"name": "tie_a", "priority": 7, "on_accept": print})
+    second = type("TieB", (Module,), {"name": "tie_b", "priority": 7, "on_accept": print})
+    registry.register(first)
+    registry.register(second)
+    try:
+        text = (
+            "[modules.tie_a]\n[modules.tie_b]\n"
+            '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
+        )
+        with pytest.raises(ConfigError) as caught:
+            parse_config(text, "t.toml")
+        assert "t.toml:2: modules.tie_b: shares priority 7 with module 'tie_a' on ACCEPT" in str(
+            caught.value
+        )
+    finally:
+        registry.unregister("tie_a")
+        registry.unregister("tie_b")
