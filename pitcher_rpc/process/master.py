@@ -167,13 +167,13 @@ class Master:
 
     async def _shutdown(self) -> None:
         self.draining = True
-        if not self.handed_over:
-            notify(STOPPING=1)
         if self.handed_over:
             # The successor answers for the proxy on the same admin socket now;
             # a draining generation must not answer a health check beside it.
             await asyncio.sleep(0.1)  # let the restart request's answer go out
             await self.admin.stop()
+        else:
+            notify(STOPPING=1)
         log.info("%s: stopping %d workers", "fast" if self.fast else "draining", len(self.slots))
         signum = signal.SIGINT if self.fast else signal.SIGTERM
         for slot in self.slots:
@@ -181,14 +181,15 @@ class Master:
                 with contextlib.suppress(ProcessLookupError):
                     slot.process.send_signal(signum)
         grace = (0.0 if self.fast else self.config.server.drain_timeout) + 5.0
-        waits = [s.process.wait() for s in self.slots if s.process is not None]
+        processes = [slot.process for slot in self.slots if slot.process is not None]
         try:
-            await asyncio.wait_for(asyncio.gather(*waits), grace)
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in processes)), grace)
         except TimeoutError:
-            for slot in self.slots:
-                if slot.process is not None and slot.process.returncode is None:
-                    slot.process.kill()
-            await asyncio.gather(*waits, return_exceptions=True)
+            log.error("workers still running %.0fs after the drain began: killing them", grace)
+            for process in processes:
+                if process.returncode is None:
+                    process.kill()
+            await asyncio.gather(*(p.wait() for p in processes), return_exceptions=True)
         for task in self._watchers:
             task.cancel()
         await self.admin.stop()

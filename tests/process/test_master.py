@@ -214,3 +214,24 @@ def test_sigint_stops_everything_at_once(site: tuple[Launcher, Proxy, int, str])
     assert time.monotonic() - started < 3.0
     for pid in pids:
         wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 3.0, f"worker {pid}")
+
+
+def test_a_worker_that_does_not_drain_is_killed_after_the_grace(launcher: Launcher) -> None:
+    echo = launcher.echo_backend("tcp")
+    text = toml_config(
+        [{"prefix": "/", "cluster": "echo"}],
+        {"echo": {"nodes": [echo.uri]}},
+        server={"drain_timeout": 0.2},
+    )
+    proxy = launcher.proxy(text, workers=1)
+    port = admin_port(proxy)
+    (stuck,) = worker_pids(port)
+    os.kill(stuck, signal.SIGSTOP)  # it can no longer act on SIGTERM
+    try:
+        proxy.process.signal(signal.SIGTERM)
+        # drain_timeout plus the master's 5 s of patience, then SIGKILL.
+        assert proxy.process.popen.wait(15) == 0
+        wait_until(lambda: not os.path.exists(f"/proc/{stuck}"), 3.0, "the stuck worker")
+    finally:
+        if os.path.exists(f"/proc/{stuck}"):
+            os.kill(stuck, signal.SIGKILL)
