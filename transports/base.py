@@ -118,3 +118,43 @@ class Transport(Protocol):
     async def serve(
         cls, address: str, handler: Handler, options: ServerOptions | None = None
     ) -> Server: ...
+
+
+class CarrierTransport:
+    """The registry's view of one carrier: check the scheme, make clients, start servers.
+
+    Subclasses name their ``schemes`` and their client and server classes
+    (``client_class``/``server_class``, or ``_classes()`` where the classes
+    must be imported late).
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+    client_class: ClassVar[Any] = None
+    server_class: ClassVar[Any] = None
+
+    @classmethod
+    def _classes(cls) -> tuple[Any, Any]:
+        return cls.client_class, cls.server_class
+
+    @classmethod
+    def client(cls, address: str, options: ClientOptions | None = None) -> Any:
+        cls.check(address)
+        return cls._classes()[0](address, options)
+
+    @classmethod
+    async def serve(
+        cls, address: str, handler: Handler, options: ServerOptions | None = None
+    ) -> Any:
+        cls.check(address)
+        server = cls._classes()[1](address, handler, options)
+        await server.start()
+        return server
+
+    @classmethod
+    def check(cls, address: str) -> None:
+        """AddressError unless ``address`` is one of this carrier's schemes."""
+        from .registry import AddressError, parse_address
+
+        scheme = parse_address(address).scheme
+        if scheme not in cls.schemes:
+            raise AddressError(f"{cls.__name__} does not serve {scheme!r} addresses")

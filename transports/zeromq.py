@@ -18,20 +18,16 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from .base import ClientOptions, Handler, ServerOptions
+from .base import CarrierTransport
 from .decoder import check_header
 from .errors import ProtocolError
 from .frame import HEADER, HEADER_SIZE
 from .registry import Address, AddressError, parse_address
-
-if TYPE_CHECKING:
-    from .zeromq_client import ZmqClient
-    from .zeromq_server import ZmqServer
 
 __all__ = ["ZmqTransport", "endpoint_of", "parse_zmq_address", "read_header", "shared_context"]
 
@@ -165,24 +161,15 @@ def should_log(count: int) -> bool:
     return count & (count - 1) == 0
 
 
-class ZmqTransport:
+class ZmqTransport(CarrierTransport):
     """The ZeroMQ carrier, registered for ``zmq+tcp`` and ``zmq+ipc``."""
 
-    schemes: ClassVar[tuple[str, ...]] = SCHEMES
+    schemes = SCHEMES
 
     @classmethod
-    def client(cls, address: str, options: ClientOptions | None = None) -> ZmqClient:
+    def _classes(cls) -> tuple[Any, Any]:
         # Imported here because the client and server modules import this one.
         from .zeromq_client import ZmqClient
-
-        return ZmqClient(address, options)
-
-    @classmethod
-    async def serve(
-        cls, address: str, handler: Handler, options: ServerOptions | None = None
-    ) -> ZmqServer:
         from .zeromq_server import ZmqServer
 
-        server = ZmqServer(address, handler, options)
-        await server.start()
-        return server
+        return ZmqClient, ZmqServer
