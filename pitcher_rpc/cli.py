@@ -67,7 +67,11 @@ def check(path: str) -> None:
 )
 @click.option("--takeover", hidden=True, help="Take the sockets of a predecessor (restart).")
 def serve(path: str, workers: int | None, takeover: str | None) -> None:
-    """Run the proxy on a configuration file (SIGTERM drains, SIGINT stops, SIGHUP reloads)."""
+    """Run the proxy on a configuration file.
+
+    SIGTERM drains, SIGINT stops, SIGHUP reloads, SIGUSR1 reopens log files,
+    SIGUSR2 restarts gracefully (with workers).
+    """
     config = _load_or_exit(path)
     if workers is None:
         workers = config.server.workers
@@ -124,6 +128,7 @@ async def _serve(path: str, config: Config) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGUSR1, proxy.reopen_modules)
     from .process.gc_tuning import GcSettings, apply
 
     apply(GcSettings(config.server.gc_freeze, config.server.gc_thresholds))

@@ -99,7 +99,6 @@ class ServerConfig:
     max_header_size: int = 32768
     max_headers: int = 100
     max_body_size: int = 1048576
-    request_id_header: str = "x-request-id"
     # Worker processes; None means one per CPU, 0 runs the proxy in a single process.
     workers: int | None = None
     # How long a draining process lets in-flight requests finish before it exits.
@@ -188,8 +187,8 @@ class ModuleConfig:
 
     name: str
     enabled: bool = True
-    # Read-only: what the module's own validate() returned.
-    settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # Read-only: what the module's own validate() returned (compared, not hashed).
+    settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ SERVER_KEYS = (
     "max_header_size",
     "max_headers",
     "max_body_size",
-    "request_id_header",
+    "request_id_header",  # refused with a pointer to [modules.request_id]
 )
 UPSTREAM_KEYS = ("connect_timeout", "max_connections", "max_frame_size")
 ROUTE_KEYS = (

@@ -19,7 +19,7 @@ from typing import Any
 
 from transports.registry import AddressError, get_transport, parse_address
 
-from ..modules.registry import module_class
+from ..modules.registry import DEFAULT_MODULES, module_class
 from .issues import (
     ConfigError,
     ConfigIssue,
@@ -259,12 +259,11 @@ class _Validator:
                 parse_listen(listen)
             except ValueError as exc:
                 self.report((*path, "listen"), f"{exc}, got {show(listen)}")
-        header = self._string(table, (*path, "request_id_header"))
-        if header is None:
-            header = defaults.request_id_header
-        elif TOKEN.fullmatch(header) is None:
-            message = f"must be an HTTP header name, got {show(header)}"
-            self.report((*path, "request_id_header"), message)
+        if "request_id_header" in table:
+            self.report(
+                (*path, "request_id_header"),
+                "moved: request ids are the request_id module's, set [modules.request_id] header",
+            )
         return ServerConfig(
             listen=listen,
             backlog=self._integer(table, (*path, "backlog"), defaults.backlog, 1, 65535),
@@ -280,7 +279,6 @@ class _Validator:
             ),
             max_headers=self._integer(table, (*path, "max_headers"), defaults.max_headers, 1),
             max_body_size=self._integer(table, (*path, "max_body_size"), defaults.max_body_size, 1),
-            request_id_header=header.lower(),
             workers=self._integer(table, (*path, "workers"), 0, 0, 256)
             if "workers" in table
             else None,
@@ -569,9 +567,10 @@ class _Validator:
 
     def _modules(self, document: Mapping[str, Any]) -> tuple[ModuleConfig, ...]:
         path: KeyPath = ("modules",)
-        table = self._table(document, path)
-        if table is None:
-            return ()
+        table = dict(self._table(document, path) or {})
+        # Modules loaded without a table of their own (they can be switched off in one).
+        for name in DEFAULT_MODULES:
+            table.setdefault(name, {})
         modules = []
         priorities: dict[tuple[Any, int], str] = {}
         for name, section in table.items():

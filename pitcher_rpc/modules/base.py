@@ -20,6 +20,11 @@ REQUEST_FINISH     the response was written        ``request_finish(exchange)``
 FINISH             the connection closed           ``on_finish(connection)``
 =================  ==============================  ==================================
 
+A module may also keep state and background work: ``reopen()`` is called on
+SIGUSR1 (log rotation), ``stats()`` reports its numbers to the admin API and
+metrics, and ``aclose()`` is awaited when a reload drops the instance (its
+settings changed, or its table is gone) and when the proxy stops.
+
 A request handler returns None to let the request go on, or an
 :class:`Answer` to end it there (a 403, a 429 ...). ACCEPT may refuse a
 connection the same way (it is answered and closed).
@@ -64,6 +69,11 @@ class Module:
     essential: ClassVar[bool] = False
     failure_policy: ClassVar[str] = "skip"  # or "fail"
 
+    # Lower-case request header names this module reads: a request carrying
+    # one of them is flagged by the parser (HttpRequest.watched), so a module
+    # can skip looking through the headers of every other request.
+    watch: frozenset[bytes] = frozenset()
+
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = settings
 
@@ -73,6 +83,16 @@ class Module:
         if settings:
             raise ValueError(f"unknown key {next(iter(settings))!r}")
         return settings
+
+    def reopen(self) -> None:
+        """Reopen files the module writes (SIGUSR1, after a log rotation)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Numbers worth reporting (counters, histograms); JSON-serialisable."""
+        return {}
+
+    async def aclose(self) -> None:
+        """Release what the module holds: flush buffers, close files, stop tasks."""
 
     @classmethod
     def hooks(cls) -> tuple[Hook, ...]:

@@ -18,7 +18,10 @@ ENTRY_POINT_GROUP = "pitcher_rpc.modules"
 _BUILTIN: dict[str, str] = {
     "headers": "pitcher_rpc.modules.headers:Headers",
     "ip_filter": "pitcher_rpc.modules.ip_filter:IpFilter",
+    "request_id": "pitcher_rpc.modules.request_id:RequestId",
 }
+# Loaded even when the configuration has no table for them.
+DEFAULT_MODULES = ("request_id",)
 _registered: dict[str, type[Module]] = {}
 
 

@@ -133,6 +133,7 @@ class Master:
         loop.add_signal_handler(signal.SIGINT, self._stop_fast)
         loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
         loop.add_signal_handler(signal.SIGUSR2, self._restart_in_background)
+        loop.add_signal_handler(signal.SIGUSR1, self._reopen_files)
         self._control = await asyncio.start_unix_server(self._on_worker, self.control_path)
         for slot in self.slots:
             await self._spawn(slot)
@@ -164,6 +165,14 @@ class Master:
     def _stop_fast(self) -> None:
         self.fast = True
         self.stopping.set()
+
+    def _reopen_files(self) -> None:
+        """SIGUSR1 (log rotation): every worker reopens the files its modules write."""
+        log.info("reopening log files in %d workers", len(self.slots))
+        for slot in self.slots:
+            if slot.process is not None and slot.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    slot.process.send_signal(signal.SIGUSR1)
 
     async def _shutdown(self) -> None:
         self.draining = True

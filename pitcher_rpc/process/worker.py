@@ -43,6 +43,8 @@ class Worker:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
         config = load_config(self.config_path)
         self.proxy = proxy = ProxyServer(config)
+        # Log rotation: the master passes SIGUSR1 on to every worker.
+        loop.add_signal_handler(signal.SIGUSR1, proxy.reopen_modules)
         await proxy.start(sock=self.listener)
         # Start-up is done: what exists now lives as long as the process.
         apply(GcSettings(config.server.gc_freeze, config.server.gc_thresholds))
@@ -117,6 +119,7 @@ class Worker:
             "connections": len(proxy.connections),
             "draining": proxy.draining,
             "gc": self.pauses.snapshot(),
+            "modules": proxy.module_stats(),
         }
 
 

@@ -9,10 +9,9 @@ microseconds, a large share of the time a request spends in the proxy.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 import re
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from transports.errors import (
@@ -37,12 +36,6 @@ if TYPE_CHECKING:
     from .upstream import Node
 
 log = logging.getLogger("pitcher.proxy")
-
-# A request id we accept from a client: short and plainly printable, so it is
-# safe in logs and in the response header we echo it in.
-_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}").fullmatch
-_REQUEST_ID_PREFIX = os.urandom(6).hex().encode() + b"-"
-_request_counter = itertools.count(1)
 
 # Response headers the proxy itself owns: the HTTP framing is ours to write.
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
@@ -100,18 +93,29 @@ class HeaderEdits:
         self.response = response
 
 
-def new_request_id() -> bytes:
-    return _REQUEST_ID_PREFIX + b"%x" % next(_request_counter)
-
-
 class Exchange:
+    """One request's way through the proxy.
+
+    What modules may read: ``request``, ``route``, ``node`` (the last one
+    tried), ``status`` and ``response_bytes`` once answered, ``request_id``,
+    and the ``perf_counter()`` times ``started`` (the request was read and
+    begins), ``backend_started`` / ``backend_ended`` (the last attempt was
+    sent / its answer or error came; 0.0 if no backend was called) and
+    ``finished`` (the response was handed to the socket).
+    """
+
     __slots__ = (
         "attempts",
+        "backend_ended",
+        "backend_started",
         "chains",
         "connection",
         "deadline",
+        "echo_id",
         "edits",
+        "finished",
         "head",
+        "id_header",
         "idempotent",
         "keep_alive",
         "node",
@@ -119,14 +123,17 @@ class Exchange:
         "payload",
         "request",
         "request_id",
+        "response_bytes",
         "route",
         "snapshot",
+        "started",
         "status",
         "tried",
     )
 
     def __init__(self, connection: HttpConnection, request: HttpRequest, snapshot: Snapshot):
         self.connection = connection
+        self.started = perf_counter()
         self.request = request
         self.snapshot = snapshot
         # The module chains this request runs: the default ones until routed.
@@ -143,8 +150,16 @@ class Exchange:
         self.route: Route | None = None
         self.payload = b""
         self.path = b""
+        # Set by the request_id module: the id, the header that carries it to
+        # the backend, and whether the client gets it back.
         self.request_id = b""
+        self.id_header = b""
+        self.echo_id = False
         self.deadline = 0.0
+        self.backend_started = 0.0
+        self.backend_ended = 0.0
+        self.finished = 0.0
+        self.response_bytes = 0
 
     # start -----------------------------------------------------------------------------
 
@@ -172,47 +187,22 @@ class Exchange:
 
     def _encode(self, route: Route) -> bytes:
         request = self.request
-        headers = request.headers
-        id_header = self.snapshot.request_id_header
         forwarded_for = b""
         if not request.watched and self.connection.watch is self.snapshot.watch:
             # No header to drop, rewrite or read: the common case, in C loops.
-            names = [header[0] for header in headers]
-            values = [header[1] for header in headers]
-            self.request_id = new_request_id()
+            names = [header[0] for header in request.headers]
+            values = [header[1] for header in request.headers]
         else:
-            drop = REQUEST_DROP
-            # Headers the client named in Connection are hop-by-hop too.
-            tokens = connection_tokens(headers)
-            if tokens:
-                drop = drop | tokens
-            names = []
-            values = []
-            incoming_id = None
-            for name, value in headers:
-                if name in drop or name == id_header:
-                    if name == b"x-forwarded-for":
-                        # Every hop of every field, in order (RFC 9110 §5.3).
-                        forwarded_for = forwarded_for + b", " + value if forwarded_for else value
-                    elif name == id_header and incoming_id is None:
-                        incoming_id = value
-                    continue
-                names.append(name)
-                values.append(value)
-            if incoming_id is not None and _VALID_REQUEST_ID(incoming_id):
-                self.request_id = incoming_id
-            else:
-                self.request_id = new_request_id()
+            names, values, forwarded_for = self._forwarded_headers()
         edits = self.edits
         if edits is not None and edits.request:
             names, values = edits.request.apply(names, values)
         client_ip = self.connection.client_ip
-        names += (b"x-forwarded-for", b"x-forwarded-proto", id_header)
-        values += (
-            forwarded_for + b", " + client_ip if forwarded_for else client_ip,
-            b"http",
-            self.request_id,
-        )
+        names += (b"x-forwarded-for", b"x-forwarded-proto")
+        values += (forwarded_for + b", " + client_ip if forwarded_for else client_ip, b"http")
+        if self.request_id:
+            names.append(self.id_header)
+            values.append(self.request_id)
         path = self.path
         if route.strip_prefix:
             path = b"/" + path[len(route.prefix_bytes) :].lstrip(b"/")
@@ -226,6 +216,28 @@ class Exchange:
             route.name,
             self.connection.client_text,
         )
+
+    def _forwarded_headers(self) -> tuple[list[bytes], list[bytes], bytes]:
+        """The request headers minus hop-by-hop ones, and the X-Forwarded-For chain."""
+        headers = self.request.headers
+        drop = REQUEST_DROP
+        # Headers the client named in Connection are hop-by-hop too.
+        tokens = connection_tokens(headers)
+        if tokens:
+            drop = drop | tokens
+        id_header = self.id_header if self.request_id else None
+        names = []
+        values = []
+        forwarded_for = b""
+        for name, value in headers:
+            if name in drop or name == id_header:
+                if name == b"x-forwarded-for":
+                    # Every hop of every field, in order (RFC 9110 §5.3).
+                    forwarded_for = forwarded_for + b", " + value if forwarded_for else value
+                continue
+            names.append(name)
+            values.append(value)
+        return names, values, forwarded_for
 
     # the call -----------------------------------------------------------------------
 
@@ -244,12 +256,14 @@ class Exchange:
         self.tried.append(node)
         self.attempts += 1
         self.node = node
+        self.backend_started = perf_counter()
         # The answer may come back before send() returns (an error found at once).
         node.client.send(self.payload, self)
 
     # the receiver interface (transports.calls.Receiver) ------------------------------
 
     def on_response(self, payload: bytes) -> None:
+        self.backend_ended = perf_counter()
         if self.connection.closed:
             return
         if self.chains.backend_response and self._answered(self.chains.backend_response):
@@ -277,6 +291,7 @@ class Exchange:
         return True
 
     def on_error(self, error: TransportError) -> None:
+        self.backend_ended = perf_counter()
         if self.connection.closed:
             return
         route = self.route
@@ -289,7 +304,7 @@ class Exchange:
         # for the log (node addresses are internal: nginx does not show them either).
         log.warning(
             "request %s (route %s) to %s failed: %s",
-            self.request_id.decode(),
+            self.request_id.decode() or "-",
             route.name,
             node.uri,
             error,
@@ -328,7 +343,7 @@ class Exchange:
         except BadPayload as exc:
             log.warning(
                 "request %s: bad answer from %s: %s",
-                self.request_id.decode(),
+                self.request_id.decode() or "-",
                 self.tried[-1].uri,
                 exc,
             )
@@ -339,7 +354,7 @@ class Exchange:
             # 1xx cannot be relayed as a final answer (and 101 would need an upgrade).
             self.fail(502, f"backend answered with status {status}")
             return
-        id_header = self.snapshot.request_id_header
+        id_header = self.id_header if self.echo_id else None
         names = list(response.header_names)
         if names:
             values = list(response.header_values)
@@ -366,12 +381,14 @@ class Exchange:
                 ]
                 names = [name for name, _ in kept]
                 values = [value for _, value in kept]
-            if id_header not in lowered:
+            if id_header is not None and id_header not in lowered:
                 names.append(id_header)
                 values.append(self.request_id)
-        else:
+        elif id_header is not None:
             names = [id_header]
             values = [self.request_id]
+        else:
+            values = []
         edits = self.edits
         if edits is not None and edits.response:
             names, values = edits.response.apply(names, values)
@@ -391,8 +408,8 @@ class Exchange:
 
     def fail(self, status: int, message: str) -> None:
         extra = b""
-        if self.request_id:
-            extra = self.snapshot.request_id_header + b": " + self.request_id + b"\r\n"
+        if self.echo_id:
+            extra = self.id_header + b": " + self.request_id + b"\r\n"
         self.connection.finish(
             self,
             error_response(

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from collections import deque
+from time import perf_counter
 from typing import Any
 
 from ..config import Config
@@ -228,6 +229,8 @@ class HttpConnection(asyncio.Protocol):
         self.server.requests_served += 1
         self._write(response)
         exchange.status = status
+        exchange.response_bytes = len(response)
+        exchange.finished = perf_counter()
         finished = exchange.chains.request_finish
         if finished:
             exchange.snapshot.modules.run(finished, exchange)
@@ -327,6 +330,10 @@ class ProxyServer:
         # Runtime switches (admin API); they outlive reloads.
         self.module_switches: dict[str, bool] = {}
         self._fixed_modules = modules
+        # Instances a reload dropped, closed once requests that may use them are
+        # done (or when the proxy stops): module -> its close timer.
+        self._retired: dict[Module, asyncio.TimerHandle] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self.snapshot = Snapshot(
             config, self.upstreams, generation=1, modules=self._modules_for(config)
         )
@@ -394,6 +401,8 @@ class ProxyServer:
             else:
                 instance = module_class(module_config.name)(module_config.settings)
             instances[module_config.name] = (settings, instance)
+        kept = {id(instance) for _, instance in instances.values()}
+        dropped = [m for _, m in self._module_instances.values() if id(m) not in kept]
         chains = HookChains(
             [instance for _, instance in instances.values()],
             disabled=[
@@ -402,7 +411,54 @@ class ProxyServer:
             route_orders={r.name: r.modules for r in config.routes if r.modules is not None},
         )
         self._module_instances = instances
+        if dropped:
+            # Requests of the old snapshot may still use them, for at most
+            # their route's timeout; then they are closed.
+            old = self.snapshot.config.routes
+            grace = min(60.0, max((route.timeout for route in old), default=0.0) + 1.0)
+            for module in dropped:
+                self._close_module_later(module, grace)
         return chains
+
+    def _close_module_later(self, module: Module, delay: float) -> None:
+        def close() -> None:
+            self._retired.pop(module, None)
+            task = self.loop.create_task(self._close_module(module))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+        self._retired[module] = self.loop.call_later(delay, close)
+
+    @staticmethod
+    async def _close_module(module: Module) -> None:
+        try:
+            await module.aclose()
+        except Exception:
+            log.exception("module %s failed to close", module.name)
+
+    def reopen_modules(self) -> None:
+        """SIGUSR1: every loaded module reopens its files (after a log rotation)."""
+        for _, module in self._current_modules():
+            try:
+                module.reopen()
+            except Exception:
+                log.exception("module %s failed to reopen its files", module.name)
+
+    def module_stats(self) -> dict[str, dict[str, Any]]:
+        """The numbers each loaded module reports, by module name."""
+        stats = {}
+        for name, module in self._current_modules():
+            try:
+                numbers = module.stats()
+            except Exception:
+                log.exception("module %s failed to report", name)
+                continue
+            if numbers:
+                stats[name] = numbers
+        return stats
+
+    def _current_modules(self) -> list[tuple[str, Module]]:
+        return list(self.snapshot.modules.modules.items())
 
     def set_module(self, name: str, enabled: bool) -> None:
         """Switch a module on or off now and for every later snapshot; KeyError if unknown."""
@@ -441,6 +497,14 @@ class ProxyServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.upstreams.close(timeout=1.0)
+        retired = list(self._retired)
+        for handle in self._retired.values():
+            handle.cancel()
+        self._retired.clear()
+        for module in [*retired, *(m for _, m in self._current_modules())]:
+            await self._close_module(module)
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=1.0)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)

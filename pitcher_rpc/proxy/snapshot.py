@@ -51,7 +51,6 @@ class Snapshot:
         "keepalive_timeout",
         "limits",
         "modules",
-        "request_id_header",
         "router",
         "watch",
     )
@@ -79,9 +78,9 @@ class Snapshot:
         )
         self.header_timeout = server.header_timeout
         self.keepalive_timeout = server.keepalive_timeout
-        self.request_id_header = server.request_id_header.lower().encode()
-        # Headers whose presence sends a request down the exchange's slow path.
-        self.watch = REQUEST_DROP | {self.request_id_header}
+        # Headers whose presence sends a request down the exchange's slow path:
+        # the ones the proxy drops or rewrites, and the ones modules read.
+        self.watch = REQUEST_DROP.union(*(module.watch for module in modules.modules.values()))
 
     def node_uris(self) -> set[str]:
         return {node.uri for cluster in self.clusters.values() for node in cluster.nodes}

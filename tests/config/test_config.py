@@ -35,7 +35,10 @@ max_request_line = 4096
 max_header_size = 16384
 max_headers = 50
 max_body_size = 65536
-request_id_header = "X-Trace-Id"
+
+[modules.request_id]
+header = "X-Trace-Id"
+trust_incoming = false
 
 [upstream]
 connect_timeout = 0.25
@@ -102,8 +105,10 @@ def test_full_config_round_trip() -> None:
         max_header_size=16384,
         max_headers=50,
         max_body_size=65536,
-        request_id_header="x-trace-id",
     )
+    assert [(m.name, dict(m.settings)) for m in config.modules] == [
+        ("request_id", {"header": "x-trace-id", "trust_incoming": False, "echo": True})
+    ]
     assert type(config.server.header_timeout) is float
     assert config.server.listen_address == ListenAddress(host="::1", port=9090)
     assert config.upstream == UpstreamConfig(
@@ -351,8 +356,9 @@ def test_bad_route_key(snippet: str, expected: str) -> None:
         ("max_headers = 1.5", "server.max_headers: expected an integer, got a float 1.5"),
         ("max_body_size = false", "server.max_body_size: expected an integer, got a boolean"),
         (
-            'request_id_header = "x request id"',
-            'server.request_id_header: must be an HTTP header name, got "x request id"',
+            'request_id_header = "x-id"',
+            "server.request_id_header: moved: request ids are the request_id module's,"
+            " set [modules.request_id] header",
         ),
         ("lisen = 1", "server.lisen: unknown key; did you mean 'listen'?"),
     ],
@@ -680,9 +686,9 @@ def test_inline_route_tables_report_their_own_line() -> None:
 def test_multiline_strings_do_not_shift_lines() -> None:
     assert issues(
         '''\
-        [server]
-        listen = """127.0.0.1:8080"""
-        request_id_header = \'\'\'x-id\'\'\'
+        [modules.request_id]
+        header = """x-id"""
+        echo = false
 
         [[routes]]
         name = """

@@ -75,8 +75,16 @@ def test_switching_a_module_reaches_every_worker_and_outlives_a_reload(
     assert status == 200 and answer["complete"] is True
     assert {status_of(proxy.host, proxy.port) for _ in range(6)} == {200}
     status, listing = admin(port, "/admin/modules")
-    states = [m["enabled"] for w in listing["workers"] for m in w["modules"]]
-    assert states == [False, False]
+    states = {
+        (w["index"], m["name"]): m["enabled"] for w in listing["workers"] for m in w["modules"]
+    }
+    # request_id is loaded by default and stays on.
+    assert states == {
+        (0, "request_id"): True,
+        (0, "ip_filter"): False,
+        (1, "request_id"): True,
+        (1, "ip_filter"): False,
+    }
 
     status, _ = admin(port, "/admin/reload", "POST")
     assert status == 200
