@@ -172,6 +172,8 @@ class RouteConfig:
     # This route's own module list, in the order given; None runs every module
     # that is on, by priority.
     modules: tuple[str, ...] | None = None
+    # The business (tenant) the route's traffic is counted to, for quotas.
+    business: str = "default"
 
     def __post_init__(self) -> None:
         # Frozen: the generated __setattr__ refuses, the slot itself does not.

@@ -35,6 +35,7 @@ ROUTE_KEYS = (
     "idempotent_methods",
     "strip_prefix",
     "modules",
+    "business",
 )
 CLUSTER_KEYS = ("balance", "nodes")
 NODE_KEYS = ("uri", "weight")

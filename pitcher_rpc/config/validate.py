@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import math
 import os
+import re
 import tomllib
 from collections.abc import Collection, Mapping
 from types import MappingProxyType
@@ -121,6 +122,9 @@ def _syntax_issue(exc: tomllib.TOMLDecodeError, text: str, source: str) -> Confi
 
 
 # -- the validator -----------------------------------------------------------
+
+
+_BUSINESS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class _Validator:
@@ -549,7 +553,16 @@ class _Validator:
             idempotent_methods=self._methods(item, (*path, "idempotent_methods")),
             strip_prefix=bool(strip_prefix),
             modules=self._route_modules(item, (*path, "modules")),
+            business=self._business(item, (*path, "business")),
         )
+
+    def _business(self, item: Mapping[str, Any], path: KeyPath) -> str:
+        value = self._string(item, path)
+        if value is None:
+            return "default"
+        if _BUSINESS_NAME.fullmatch(value) is None:
+            self.report(path, f"must be a name of letters, digits, - and _, got {show(value)}")
+        return value
 
     def _route_modules(self, item: Mapping[str, Any], path: KeyPath) -> tuple[str, ...] | None:
         value = item.get("modules")

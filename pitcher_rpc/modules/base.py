@@ -91,6 +91,20 @@ class Module:
         """Numbers worth reporting (counters, histograms); JSON-serialisable."""
         return {}
 
+    def demand(self) -> dict[str, float]:
+        """For limits that hold for the whole proxy: demand per limit since the last call.
+
+        With several workers the master collects this every tick and answers
+        with :meth:`set_shares` (see pitcher_rpc.degrade.shares).
+        """
+        return {}
+
+    def set_shares(self, shares: Mapping[str, float]) -> None:
+        """This process's share (0-1] of each proxy-wide limit, by the keys of demand().
+
+        The key ``"*"``, when present, is the share of every limit not named.
+        """
+
     async def aclose(self) -> None:
         """Release what the module holds: flush buffers, close files, stop tasks."""
 

@@ -155,9 +155,18 @@ class HookChains:
                 "enabled": module.name not in self.disabled,
                 "hooks": [hook.name for hook in module.hooks()],
                 "failures": self.failures[module.name],
+                "stats": _stats(module),
             }
             for module in sorted(self.modules.values(), key=lambda m: -m.priority)
         ]
+
+
+def _stats(module: Module) -> dict[str, Any]:
+    try:
+        return module.stats()
+    except Exception:
+        log.exception("module %s failed to report", module.name)
+        return {"error": "failed to report"}
 
 
 EMPTY = HookChains(())

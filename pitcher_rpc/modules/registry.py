@@ -19,6 +19,7 @@ _BUILTIN: dict[str, str] = {
     "headers": "pitcher_rpc.modules.headers:Headers",
     "ip_filter": "pitcher_rpc.modules.ip_filter:IpFilter",
     "request_id": "pitcher_rpc.modules.request_id:RequestId",
+    "throttle": "pitcher_rpc.modules.throttle:Throttle",
 }
 # Loaded even when the configuration has no table for them.
 DEFAULT_MODULES = ("request_id",)

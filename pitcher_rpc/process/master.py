@@ -32,6 +32,7 @@ from ..config import Config, ConfigError, load_config
 from . import metrics
 from .admin import AdminError, AdminRequest, AdminResponse, AdminServer
 from .control import ControlError, WorkerLink, read_message
+from .coordination import Coordination
 from .handoff import HandoffError, offer, ready, take
 from .notify import notify
 
@@ -113,6 +114,9 @@ class Master:
         self.fast = False
         self.admin = AdminServer()
         self._watchers: set[asyncio.Task[None]] = set()
+        # Proxy-wide limits split between the workers, moved every tick.
+        self.coordination = Coordination(lambda: [(s.index, s.link) for s in self.slots])
+        self._coordinator: asyncio.Task[None] | None = None
         self._control: asyncio.AbstractServer | None = None
 
     @property
@@ -139,6 +143,7 @@ class Master:
             await self._spawn(slot)
         await asyncio.gather(*(asyncio.wait_for(s.linked.wait(), 10.0) for s in self.slots))
         self._routes()
+        self._coordinator = loop.create_task(self.coordination.run(), name="pitcher-tick")
         await self.admin.start(sock=self.admin_socket)
         host, port = self.admin.address
         if self._ready_line is not None:
@@ -176,6 +181,8 @@ class Master:
 
     async def _shutdown(self) -> None:
         self.draining = True
+        if self._coordinator is not None:
+            self._coordinator.cancel()
         if self.handed_over:
             # The successor answers for the proxy on the same admin socket now;
             # a draining generation must not answer a health check beside it.
@@ -226,6 +233,8 @@ class Master:
             str(fd),
             "--control",
             self.control_path,
+            "--workers",
+            str(len(self.slots)),
             pass_fds=(fd,),
         )
         slot.started = time.monotonic()

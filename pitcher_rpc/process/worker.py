@@ -25,8 +25,11 @@ log = logging.getLogger("pitcher.worker")
 
 
 class Worker:
-    def __init__(self, index: int, config_path: str, listener: socket.socket) -> None:
+    def __init__(
+        self, index: int, config_path: str, listener: socket.socket, workers: int = 1
+    ) -> None:
         self.index = index
+        self.workers = workers
         self.config_path = config_path
         self.listener = listener
         self.proxy: ProxyServer | None = None
@@ -42,7 +45,8 @@ class Worker:
         # reaches the whole process group).
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
         config = load_config(self.config_path)
-        self.proxy = proxy = ProxyServer(config)
+        # Until the master's first tick, each proxy-wide limit is split evenly.
+        self.proxy = proxy = ProxyServer(config, default_share=1.0 / max(1, self.workers))
         # Log rotation: the master passes SIGUSR1 on to every worker.
         loop.add_signal_handler(signal.SIGUSR1, proxy.reopen_modules)
         await proxy.start(sock=self.listener)
@@ -85,6 +89,9 @@ class Worker:
         proxy = self.proxy
         assert proxy is not None
         op = message.get("op")
+        if op == "tick":
+            proxy.apply_shares(message.get("shares") or {})
+            return {"index": self.index, "demand": proxy.module_demand()}
         if op == "status":
             return self.status()
         if op == "reload":
@@ -129,6 +136,7 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--control", required=True)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO,
@@ -139,7 +147,7 @@ def main() -> None:
     import uvloop
 
     try:
-        uvloop.run(Worker(args.index, args.config, listener).run(args.control))
+        uvloop.run(Worker(args.index, args.config, listener, args.workers).run(args.control))
     except ConfigError as exc:
         log.error("cannot start: %s", exc)
         sys.exit(2)

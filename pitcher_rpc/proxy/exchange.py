@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pitcher.proxy")
 
+# The status of a request whose client went away before the answer (nginx's).
+CLIENT_CLOSED = 499
+
 # Response headers the proxy itself owns: the HTTP framing is ours to write.
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 # Request headers the proxy drops or rewrites. Content-Length is dropped too:
@@ -118,6 +121,7 @@ class Exchange:
         "id_header",
         "idempotent",
         "keep_alive",
+        "module_state",
         "node",
         "path",
         "payload",
@@ -160,6 +164,8 @@ class Exchange:
         self.backend_ended = 0.0
         self.finished = 0.0
         self.response_bytes = 0
+        # Per-request state modules keep, by module name; None until one does.
+        self.module_state: dict[str, Any] | None = None
 
     # start -----------------------------------------------------------------------------
 
@@ -433,6 +439,16 @@ class Exchange:
         return keep_alive
 
     def abandon(self) -> None:
-        """The client went away: stop waiting and let the node know (CANCEL)."""
+        """The client went away: stop waiting and let the node know (CANCEL).
+
+        The request still finishes for the modules, with nginx's status 499
+        (client closed request): a log line is written, a held slot released.
+        """
         if self.node is not None:
             self.node.client.cancel(self)
+        if not self.status:
+            self.status = CLIENT_CLOSED
+            self.finished = perf_counter()
+            finished = self.chains.request_finish
+            if finished:
+                self.snapshot.modules.run(finished, self)

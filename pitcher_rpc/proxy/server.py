@@ -321,8 +321,14 @@ class ProxyServer:
         config: Config,
         loop: asyncio.AbstractEventLoop | None = None,
         modules: HookChains | None = None,
+        default_share: float = 1.0,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
+        # This process's part of each proxy-wide limit (see Module.set_shares):
+        # the last shares the master sent, by module, and the even split
+        # a module starts with before it has any.
+        self.default_share = default_share
+        self._shares: dict[str, dict[str, float]] = {}
         self.upstreams = Upstreams(config.upstream)
         # Module instances by name with the settings they were made with: a
         # reload that keeps a module's settings keeps the instance and its state.
@@ -400,6 +406,10 @@ class ProxyServer:
                 instance = previous[1]
             else:
                 instance = module_class(module_config.name)(module_config.settings)
+                if self.default_share != 1.0 or module_config.name in self._shares:
+                    instance.set_shares(
+                        {"*": self.default_share, **self._shares.get(module_config.name, {})}
+                    )
             instances[module_config.name] = (settings, instance)
         kept = {id(instance) for _, instance in instances.values()}
         dropped = [m for _, m in self._module_instances.values() if id(m) not in kept]
@@ -456,6 +466,24 @@ class ProxyServer:
             if numbers:
                 stats[name] = numbers
         return stats
+
+    def module_demand(self) -> dict[str, dict[str, float]]:
+        """Each module's demand on its proxy-wide limits since the last call."""
+        demand = {}
+        for name, module in self._current_modules():
+            numbers = module.demand()
+            if numbers:
+                demand[name] = numbers
+        return demand
+
+    def apply_shares(self, shares: dict[str, dict[str, float]]) -> None:
+        """Take this process's shares of the proxy-wide limits, by module and limit."""
+        self._shares = shares
+        modules = self.snapshot.modules.modules
+        for name, module_shares in shares.items():
+            module = modules.get(name)
+            if module is not None:
+                module.set_shares(module_shares)
 
     def _current_modules(self) -> list[tuple[str, Module]]:
         return list(self.snapshot.modules.modules.items())

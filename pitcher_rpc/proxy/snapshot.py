@@ -19,6 +19,7 @@ class Route:
     """A route as the hot path uses it: bytes where bytes are compared, cluster resolved."""
 
     __slots__ = (
+        "business",
         "cluster",
         "host",
         "idempotent_methods",
@@ -40,6 +41,7 @@ class Route:
         self.retries = config.retries
         self.idempotent_methods = frozenset(m.encode() for m in config.idempotent_methods)
         self.strip_prefix = config.strip_prefix
+        self.business = config.business
 
 
 class Snapshot:

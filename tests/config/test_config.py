@@ -264,7 +264,7 @@ def test_negative_route_timeout() -> None:
         ("stripprefix = true", "routes[0].stripprefix: unknown key; did you mean 'strip_prefix'?"),
         (
             "zzz = 1",
-            "routes[0].zzz: unknown key (expected one of: cluster, host, "
+            "routes[0].zzz: unknown key (expected one of: business, cluster, host, "
             "idempotent_methods, modules, name, prefix, retries, strip_prefix, timeout)",
         ),
         ('timeout = "5s"', 'routes[0].timeout: expected a number of seconds, got a string "5s"'),

@@ -1,0 +1,1 @@
+"""Graceful degradation: pure, sans-IO policies for failing and overloaded backends."""

@@ -1,0 +1,262 @@
+"""``throttle``: proxy-wide rate and concurrency limits, and per-business quotas.
+
+    [modules.throttle]
+    rate = 1000            # requests per second for the whole proxy
+    burst = 200            # requests that may come at once above the rate (default: rate)
+    concurrency = 500      # requests in flight in the whole proxy
+    mode = "enforce"       # or "detect": count what would be refused, refuse nothing
+
+    [modules.throttle.business.shop]      # routes say `business = "shop"`
+    rate = 300
+    burst = 50
+    concurrency = 100
+    reserved = 0.2         # a share of the proxy-wide rate only this business may use
+
+Every key is optional; a limit that is not set is not enforced. A request
+passes, in order: its business's concurrency, its business's rate, the
+proxy's concurrency, then the proxy's rate, where a business with a
+``reserved`` share first draws on its own reserve and then on the common
+pool (the proxy-wide rate minus every reserve). So a business flooding the
+proxy exhausts its own quota and at most the common pool; another business's
+quota and reserve stay whole.
+
+A refusal is cheap and happens before any backend work (after routing, which
+tells the business): 429 with ``Retry-After`` (seconds until the bucket has a
+token) for a rate, 503 with ``Retry-After: 1`` for concurrency.
+
+With several workers every limit holds for the proxy as a whole: each worker
+enforces a share, and the master moves the shares with the load every 0.1 s
+(pitcher_rpc.degrade.shares). A concurrency limit is at least 1 per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from ..degrade.limits import Gate, TokenBucket
+from .base import Answer, Module
+
+log = logging.getLogger("pitcher.throttle")
+
+_LIMIT_KEYS = ("rate", "burst", "concurrency")
+_NAME = "throttle"
+
+
+def _number(settings: Mapping[str, Any], key: str, where: str, integer: bool = False) -> Any:
+    value = settings.get(key)
+    if value is None:
+        return None
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise ValueError(f"{where}{key} must be a {'whole ' if integer else ''}number")
+    if value <= 0:
+        raise ValueError(f"{where}{key} must be positive, got {value}")
+    return value
+
+
+def _limits(section: Mapping[str, Any], where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    unknown = set(section) - set(allowed)
+    if unknown:
+        raise ValueError(f"{where}unknown key {sorted(unknown)[0]!r}")
+    checked: dict[str, Any] = {
+        "rate": _number(section, "rate", where),
+        "burst": _number(section, "burst", where),
+        "concurrency": _number(section, "concurrency", where, integer=True),
+    }
+    if checked["burst"] is not None and checked["rate"] is None:
+        raise ValueError(f"{where}burst needs a rate")
+    if checked["rate"] is not None and checked["burst"] is None:
+        checked["burst"] = max(1.0, float(checked["rate"]))
+    if checked["burst"] is not None and checked["burst"] < 1:
+        raise ValueError(f"{where}burst must be at least 1")
+    return checked
+
+
+class _Business:
+    __slots__ = ("bucket", "gate", "name", "reserve")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bucket: TokenBucket | None = None
+        self.gate: Gate | None = None
+        self.reserve: TokenBucket | None = None
+
+
+class Throttle(Module):
+    name = _NAME
+    # Early: a refused request should cost as little as possible.
+    priority = 900
+    essential = True
+
+    @classmethod
+    def validate(cls, settings: Mapping[str, Any]) -> Mapping[str, Any]:
+        checked = _limits(
+            {k: v for k, v in settings.items() if k not in ("mode", "business")},
+            "",
+            _LIMIT_KEYS,
+        )
+        mode = settings.get("mode", "enforce")
+        if mode not in ("enforce", "detect"):
+            raise ValueError(f'mode must be "enforce" or "detect", got {mode!r}')
+        checked["mode"] = mode
+        businesses = settings.get("business", {})
+        if not isinstance(businesses, Mapping):
+            raise ValueError("business must be a table of business names")
+        checked_businesses = {}
+        reserved_total = 0.0
+        for name, section in businesses.items():
+            where = f"business.{name}."
+            if not isinstance(section, Mapping):
+                raise ValueError(f"business.{name} must be a table")
+            limits = _limits(section, where, (*_LIMIT_KEYS, "reserved"))
+            reserved = section.get("reserved")
+            if reserved is not None:
+                if isinstance(reserved, bool) or not isinstance(reserved, int | float):
+                    raise ValueError(f"{where}reserved must be a number between 0 and 1")
+                if not 0 < reserved < 1:
+                    raise ValueError(f"{where}reserved must be between 0 and 1, got {reserved}")
+                if checked["rate"] is None:
+                    raise ValueError(f"{where}reserved is a share of the proxy's rate: set rate")
+                reserved_total += reserved
+            limits["reserved"] = reserved
+            checked_businesses[name] = limits
+        if reserved_total >= 1:
+            raise ValueError(f"the reserved shares add up to {reserved_total:g}; must be below 1")
+        checked["business"] = checked_businesses
+        return checked
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        checked = self.validate(settings)
+        now = time.monotonic()
+        self.detect_only = checked["mode"] == "detect"
+        self.gate = Gate(checked["concurrency"]) if checked["concurrency"] else None
+        rate, burst = checked["rate"], checked["burst"]
+        common = 1.0 - sum(limits["reserved"] or 0.0 for limits in checked["business"].values())
+        self.pool = TokenBucket(rate * common, max(1.0, burst * common), now) if rate else None
+        self.businesses: dict[str, _Business] = {}
+        for name, limits in checked["business"].items():
+            business = self.businesses[name] = _Business(name)
+            if limits["rate"]:
+                business.bucket = TokenBucket(limits["rate"], limits["burst"], now)
+            if limits["concurrency"]:
+                business.gate = Gate(limits["concurrency"])
+            if limits["reserved"]:
+                share = limits["reserved"]
+                business.reserve = TokenBucket(rate * share, max(1.0, burst * share), now)
+        self.admitted = 0
+        self.refused: Counter[str] = Counter()
+        self.would_refuse: Counter[str] = Counter()
+        self._logged = 0.0
+
+    # the hot path ---------------------------------------------------------------------
+
+    def after_cluster(self, exchange: Any) -> Answer | None:
+        business = self.businesses.get(exchange.route.business)
+        now = time.monotonic()
+        held: list[Gate] = []
+        taken: TokenBucket | None = None
+        reason = ""
+        refused_by: TokenBucket | None = None
+        if business is not None:
+            gate = business.gate
+            if gate is not None and not self._enter(gate, held):
+                reason = f"{business.name}:concurrency"
+            elif business.bucket is not None:
+                if business.bucket.take(now):
+                    taken = business.bucket
+                else:
+                    reason, refused_by = f"{business.name}:rate", business.bucket
+        if not reason and self.gate is not None and not self._enter(self.gate, held):
+            reason = "proxy:concurrency"
+        pool = self.pool
+        if not reason and pool is not None:
+            reserve = business.reserve if business is not None else None
+            if (reserve is None or not reserve.take(now)) and not pool.take(now):
+                reason, refused_by = "proxy:rate", pool
+        if reason:
+            if not self.detect_only:
+                for gate in held:
+                    gate.leave()
+                if taken is not None:
+                    taken.give_back()
+                self.refused[reason] += 1
+                return _answer(refused_by)
+            self.would_refuse[reason] += 1
+            if now - self._logged >= 1.0:
+                self._logged = now
+                log.info("detect mode: would refuse a request (%s); counted, not refused", reason)
+        self.admitted += 1
+        if held:
+            state = exchange.module_state
+            if state is None:
+                exchange.module_state = {_NAME: held}
+            else:
+                state[_NAME] = held
+        return None
+
+    def _enter(self, gate: Gate, held: list[Gate]) -> bool:
+        # In detect mode a full gate still counts the request (force) so the
+        # in-flight numbers stay true; the request is then only counted.
+        entered = gate.enter(force=self.detect_only)
+        if entered or self.detect_only:
+            held.append(gate)
+        return entered
+
+    def request_finish(self, exchange: Any) -> None:
+        state = exchange.module_state
+        if state is not None:
+            held = state.pop(_NAME, None)
+            if held:
+                for gate in held:
+                    gate.leave()
+
+    # proxy-wide shares ----------------------------------------------------------------
+
+    def _limits(self) -> dict[str, Gate | TokenBucket]:
+        limits: dict[str, Gate | TokenBucket | None] = {"rate": self.pool, "concurrency": self.gate}
+        for name, business in self.businesses.items():
+            limits[f"{name}.rate"] = business.bucket
+            limits[f"{name}.reserve"] = business.reserve
+            limits[f"{name}.concurrency"] = business.gate
+        return {key: limit for key, limit in limits.items() if limit is not None}
+
+    def demand(self) -> dict[str, float]:
+        demand = {}
+        for key, limit in self._limits().items():
+            if isinstance(limit, Gate):
+                demand[key] = limit.demand()
+            else:
+                demand[key] = float(limit.asked)
+                limit.asked = 0
+        return demand
+
+    def set_shares(self, shares: Mapping[str, float]) -> None:
+        default = shares.get("*")
+        for key, limit in self._limits().items():
+            share = shares.get(key, default)
+            if share is not None:
+                limit.set_share(share)
+
+    def stats(self) -> dict[str, Any]:
+        limits = self._limits()
+        return {
+            "mode": "detect" if self.detect_only else "enforce",
+            "admitted": self.admitted,
+            "refused": dict(self.refused),
+            "would_refuse": dict(self.would_refuse),
+            "in_flight": {k: g.in_flight for k, g in limits.items() if isinstance(g, Gate)},
+            "shares": {key: round(limit.share, 4) for key, limit in limits.items()},
+        }
+
+
+def _answer(bucket: TokenBucket | None) -> Answer:
+    if bucket is None:
+        return Answer(503, "too many requests in flight", ((b"retry-after", b"1"),))
+    retry = str(bucket.retry_after()).encode()
+    return Answer(429, "rate limit exceeded", ((b"retry-after", retry),))
