@@ -103,7 +103,7 @@ async def _serve_with_workers(
 
 
 async def _serve(path: str, config: Config) -> None:
-    from .proxy.server import ProxyServer
+    from .proxy.server import ProxyServer, describe_backlog
 
     log = logging.getLogger("pitcher")
     proxy = ProxyServer(config)
@@ -133,7 +133,13 @@ async def _serve(path: str, config: Config) -> None:
 
     apply(GcSettings(config.server.gc_freeze, config.server.gc_thresholds))
     # Announced only once the signal handlers are in place.
-    log.info("listening on %s (config %s, sha256 %s)", proxy.address, path, config.checksum[:12])
+    log.info(
+        "listening on %s (%s; config %s, sha256 %s)",
+        proxy.address,
+        describe_backlog(config.server.backlog),
+        path,
+        config.checksum[:12],
+    )
     await stop.wait()
     log.info("draining")
     await proxy.stop(grace=config.server.drain_timeout)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config, ConfigError, load_config
+from ..proxy.server import describe_backlog
 from . import metrics
 from .admin import AdminError, AdminRequest, AdminResponse, AdminServer
 from .control import ControlError, WorkerLink, read_message
@@ -154,8 +155,9 @@ class Master:
         else:
             notify(READY=1, MAINPID=os.getpid())
         log.info(
-            "listening on %s with %d workers (admin on %s:%d, config %s, sha256 %s)",
+            "listening on %s (%s) with %d workers (admin on %s:%d, config %s, sha256 %s)",
             self.address,
+            describe_backlog(self.config.server.backlog),
             len(self.slots),
             host,
             port,
