@@ -125,6 +125,25 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OverloadConfig:
+    """When a worker sheds its non-essential modules, and when it takes them back.
+
+    Overloaded: event-loop lag above ``lag_high`` seconds, or more than
+    ``in_flight_high`` requests in flight (0: not used). Calm again: lag below
+    ``lag_low`` and in flight below ``in_flight_low`` for ``recover_after`` s.
+    """
+
+    mode: str = "enforce"  # "detect": log what would be shed, shed nothing; "off"
+    lag_high: float = 0.1
+    lag_low: float = 0.02
+    in_flight_high: int = 0
+    in_flight_low: int = 0
+    recover_after: float = 10.0
+    # How long a shedding step waits to see its effect before the next one.
+    step: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     """Defaults for every cluster's backend connections."""
 
@@ -207,6 +226,7 @@ class Config:
     checksum: str
     admin: AdminConfig = AdminConfig()
     modules: tuple[ModuleConfig, ...] = ()
+    overload: OverloadConfig = OverloadConfig()
 
     def __post_init__(self) -> None:
         if not isinstance(self.routes, tuple):

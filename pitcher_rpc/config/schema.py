@@ -7,7 +7,16 @@ import re
 
 from .issues import show
 
-TOP_LEVEL_KEYS = ("server", "upstream", "admin", "modules", "routes", "clusters")
+TOP_LEVEL_KEYS = ("server", "upstream", "admin", "overload", "modules", "routes", "clusters")
+OVERLOAD_KEYS = (
+    "mode",
+    "lag_high",
+    "lag_low",
+    "in_flight_high",
+    "in_flight_low",
+    "recover_after",
+    "step",
+)
 ADMIN_KEYS = ("listen",)
 SERVER_KEYS = (
     "listen",

@@ -38,6 +38,7 @@ from .model import (
     Config,
     ModuleConfig,
     NodeConfig,
+    OverloadConfig,
     RouteConfig,
     ServerConfig,
     UpstreamConfig,
@@ -48,6 +49,7 @@ from .schema import (
     CLUSTER_KEYS,
     CLUSTER_NAME,
     NODE_KEYS,
+    OVERLOAD_KEYS,
     ROUTE_KEYS,
     SERVER_KEYS,
     TOKEN,
@@ -150,6 +152,7 @@ class _Validator:
         server = self._server(document)
         upstream = self._upstream(document)
         admin = self._admin(document)
+        overload = self._overload(document)
         modules = self._modules(document)
         self._module_names = {module.name for module in modules}
         clusters, cluster_names = self._clusters(document)
@@ -164,6 +167,7 @@ class _Validator:
             checksum=checksum,
             admin=admin,
             modules=modules,
+            overload=overload,
         )
 
     # -- generic checks ------------------------------------------------------
@@ -333,6 +337,31 @@ class _Validator:
         if address.is_unix:
             self.report((*path, "listen"), f"must be host:port, got {show(listen)}")
         return AdminConfig(listen=listen)
+
+    def _overload(self, document: Mapping[str, Any]) -> OverloadConfig:
+        path: KeyPath = ("overload",)
+        table = self._table(document, path)
+        defaults = OverloadConfig()
+        if table is None:
+            return defaults
+        self._check_keys(table, path, OVERLOAD_KEYS)
+        mode = self._string(table, (*path, "mode")) or defaults.mode
+        if mode not in ("enforce", "detect", "off"):
+            self.report((*path, "mode"), f'must be "enforce", "detect" or "off", got {show(mode)}')
+        config = OverloadConfig(
+            mode=mode,
+            lag_high=self._seconds(table, (*path, "lag_high"), defaults.lag_high),
+            lag_low=self._seconds(table, (*path, "lag_low"), defaults.lag_low),
+            in_flight_high=self._integer(table, (*path, "in_flight_high"), 0, 0),
+            in_flight_low=self._integer(table, (*path, "in_flight_low"), 0, 0),
+            recover_after=self._seconds(table, (*path, "recover_after"), defaults.recover_after),
+            step=self._seconds(table, (*path, "step"), defaults.step),
+        )
+        if config.lag_low > config.lag_high:
+            self.report((*path, "lag_low"), "must not be above lag_high")
+        if config.in_flight_low > config.in_flight_high:
+            self.report((*path, "in_flight_low"), "must not be above in_flight_high")
+        return config
 
     def _upstream(self, document: Mapping[str, Any]) -> UpstreamConfig:
         path: KeyPath = ("upstream",)

@@ -63,6 +63,7 @@ class HookChains:
         modules: Iterable[Module],
         disabled: Iterable[str] = (),
         route_orders: Mapping[str, Sequence[str]] | None = None,
+        shed: Iterable[str] = (),
     ) -> None:
         self.modules: dict[str, Module] = {}
         for module in modules:
@@ -76,6 +77,8 @@ class HookChains:
                 raise ModuleFailure(f"route {route!r} names unknown modules {unknown}")
         self._check_priorities()
         self.disabled = {name for name in disabled if name in self.modules}
+        # Switched off for now by overload shedding (pitcher_rpc.degrade.overload).
+        self.shed = {name for name in shed if name in self.modules}
         self.failures: Counter[str] = Counter()
         self.default = Chains({})
         self.routes: dict[str, Chains] = {}
@@ -99,7 +102,9 @@ class HookChains:
                 hook: tuple(
                     (module, getattr(module, hook.method))
                     for module in ordered
-                    if module.name not in self.disabled and hook in module.hooks()
+                    if module.name not in self.disabled
+                    and module.name not in self.shed
+                    and hook in module.hooks()
                 )
                 for hook in Hook
             }
@@ -124,7 +129,23 @@ class HookChains:
             self.disabled.discard(name)
         else:
             self.disabled.add(name)
+        self.shed.discard(name)
         self._build()
+
+    def set_shed(self, shed: Iterable[str]) -> None:
+        """The modules overload shedding has switched off now."""
+        self.shed = {name for name in shed if name in self.modules}
+        self._build()
+
+    def sheddable(self) -> list[str]:
+        """Modules on now that are not essential, lowest priority first."""
+        return [
+            module.name
+            for module in sorted(self.modules.values(), key=lambda m: m.priority)
+            if not module.essential
+            and module.name not in self.disabled
+            and module.name not in self.shed
+        ]
 
     def run(self, handlers: tuple[Handler, ...], *arguments: Any) -> Answer | None:
         """Call each handler in order; the first Answer ends the chain.
@@ -153,6 +174,7 @@ class HookChains:
                 "priority": module.priority,
                 "essential": module.essential,
                 "enabled": module.name not in self.disabled,
+                "shed": module.name in self.shed,
                 "hooks": [hook.name for hook in module.hooks()],
                 "failures": self.failures[module.name],
                 "stats": _stats(module),

@@ -127,6 +127,7 @@ class Worker:
             "draining": proxy.draining,
             "gc": self.pauses.snapshot(),
             "modules": proxy.module_stats(),
+            "overload": proxy.overload_status(),
         }
 
 

@@ -13,11 +13,13 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections import deque
 from time import perf_counter
 from typing import Any
 
 from ..config import Config
+from ..degrade.overload import Shedder
 from ..http.parser import HttpError, HttpRequest, RequestParser
 from ..http.response import error_response
 from ..modules.base import Answer, Module
@@ -43,6 +45,9 @@ LINGER_SECONDS = 2.0
 # quiet this long.
 _DRAIN_QUIET = 0.5
 LINGER_BYTES = 1 << 20
+# Event-loop lag is sampled this often and averaged over this many samples.
+_LAG_INTERVAL = 0.05
+_LAG_SAMPLES = 4
 
 
 SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
@@ -365,6 +370,12 @@ class ProxyServer:
         # Runtime switches (admin API); they outlive reloads.
         self.module_switches: dict[str, bool] = {}
         self._fixed_modules = modules
+        # Overload shedding of non-essential modules (pitcher_rpc.degrade.overload).
+        self.shedder = Shedder(config.overload)
+        self.lag = 0.0
+        self._lags: deque[float] = deque(maxlen=_LAG_SAMPLES)
+        self._overload_timer: asyncio.TimerHandle | None = None
+        self._overload_due = 0.0
         # Instances a reload dropped, closed once requests that may use them are
         # done (or when the proxy stops): module -> its close timer.
         self._retired: dict[Module, asyncio.TimerHandle] = {}
@@ -411,9 +422,11 @@ class ProxyServer:
                     reuse_address=True,
                 )
         self._schedule_sweep()
+        self._schedule_overload_check()
 
     def reload(self, config: Config) -> Snapshot:
         """Swap in a new snapshot; requests already running keep theirs."""
+        self.shedder.configure(config.overload)
         snapshot = Snapshot(
             config, self.upstreams, self.snapshot.generation + 1, self._modules_for(config)
         )
@@ -444,6 +457,7 @@ class ProxyServer:
         dropped = [m for _, m in self._module_instances.values() if id(m) not in kept]
         chains = HookChains(
             [instance for _, instance in instances.values()],
+            shed=self.shedder.shed if self.shedder.config.mode == "enforce" else (),
             disabled=[
                 m.name for m in config.modules if not self.module_switches.get(m.name, m.enabled)
             ],
@@ -521,6 +535,61 @@ class ProxyServer:
         """Switch a module on or off now and for every later snapshot; KeyError if unknown."""
         self.snapshot.modules.set_enabled(name, enabled)
         self.module_switches[name] = enabled
+        self.shedder.forget(name)
+
+    # overload ---------------------------------------------------------------------------
+
+    def _schedule_overload_check(self) -> None:
+        self._overload_due = time.monotonic() + _LAG_INTERVAL
+        self._overload_timer = self.loop.call_later(_LAG_INTERVAL, self._check_overload)
+
+    def _check_overload(self) -> None:
+        now = time.monotonic()
+        # How late this timer fired: the time a ready callback waits for the loop.
+        self._lags.append(max(0.0, now - self._overload_due))
+        self.lag = sum(self._lags) / len(self._lags)
+        self._schedule_overload_check()
+        shedder = self.shedder
+        if shedder.config.mode == "off":
+            return
+        chains = self.snapshot.modules
+        in_flight = sum(1 for connection in self.connections if connection.current is not None)
+        step = shedder.sample(now, self.lag, in_flight, chains.sheddable())
+        if step is None:
+            return
+        lag_ms = step.lag * 1000
+        if shedder.config.mode == "detect":
+            log.warning(
+                "overload (detect mode): would %s module %s (event-loop lag %.0f ms, %d in flight)",
+                step.action,
+                step.module,
+                lag_ms,
+                step.in_flight,
+            )
+            return
+        chains.set_shed(shedder.shed)
+        if step.action == "shed":
+            log.warning(
+                "overload: event-loop lag %.0f ms, %d in flight: module %s switched off",
+                lag_ms,
+                step.in_flight,
+                step.module,
+            )
+        else:
+            log.warning(
+                "load is normal again (lag %.0f ms, %d in flight): module %s back on",
+                lag_ms,
+                step.in_flight,
+                step.module,
+            )
+
+    def overload_status(self) -> dict[str, Any]:
+        return {
+            "mode": self.shedder.config.mode,
+            "overloaded": self.shedder.overloaded,
+            "lag": round(self.lag, 4),
+            "shed": list(self.shedder.shed),
+        }
 
     def _schedule_sweep(self) -> None:
         snapshot = self.snapshot
@@ -553,6 +622,8 @@ class ProxyServer:
             connection._close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._overload_timer is not None:
+            self._overload_timer.cancel()
         await self.upstreams.close(timeout=1.0)
         retired = list(self._retired)
         for handle in self._retired.values():
