@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "pitcher_rpc.modules"
 
 # Built-in modules, by the name a configuration uses; filled as they are written.
 _BUILTIN: dict[str, str] = {
+    "access_log": "pitcher_rpc.modules.access_log:AccessLog",
     "headers": "pitcher_rpc.modules.headers:Headers",
     "ip_filter": "pitcher_rpc.modules.ip_filter:IpFilter",
     "request_id": "pitcher_rpc.modules.request_id:RequestId",

@@ -1,0 +1,354 @@
+"""``access_log``: one JSON line per answered request, written without blocking the proxy.
+
+    [modules.access_log]
+    path = "/var/log/pitcher/access.log"   # the file lines are appended to (required)
+    buffer = 8192                          # most lines held in memory (default)
+    flush_interval = 0.2                   # seconds a line may wait for a write (default)
+
+A line, written when the response has been handed to the socket::
+
+    {"time":"2024-05-01T12:00:03.123Z","client":"10.0.0.7","method":"GET",
+     "path":"/api/users?page=2","request_id":"5f1c2a9e0b3d-2a","route":"api",
+     "cluster":"users","node":"tcp://10.0.1.5:7000","transport":"tcp","status":200,
+     "bytes":512,"total":0.000734,"backend":0.000512,"residence":0.000222}
+
+``time``
+    when the response was written, UTC, to the millisecond.
+``client``
+    the client's IP address (``unix`` for a client on a Unix socket).
+``method``, ``path``
+    as the client sent them; ``path`` keeps the query (``?...``) and is not
+    normalised. Bytes outside ASCII are escaped (``\\u00e9``).
+``request_id``
+    the id the request_id module kept or made; null if it is off.
+``route``, ``cluster``, ``node``, ``transport``
+    the route taken, its cluster, the node of the last attempt and that
+    node's URI scheme (``tcp``, ``unix``, ``zmq+tcp`` ...); null when no
+    route took the request (a 404) or no node was called.
+``status``, ``bytes``
+    the status sent and the size of the whole response (head and body);
+    499 and 0 when the client went away before the answer (as nginx).
+``total``, ``backend``, ``residence``
+    seconds, to the microsecond: from the request read to the response
+    written; from the last attempt sent to its answer or error (null if no
+    backend was called); and the rest, the time spent in the proxy itself
+    (earlier failed attempts of a retried request included).
+
+Requests the HTTP parser refuses (400, 408 ...) and connections refused at
+ACCEPT have no exchange and are not logged.
+
+Writing never blocks the event loop: a request only appends its line to a
+buffer in memory; a writer task appends the buffered lines to the file in a
+thread (aiofiles), one batch at a time, once the oldest has waited
+``flush_interval`` or the buffer is half full, and flushes after each batch.
+Each batch is one ``write()`` to a file opened for appending, so several
+workers can share one file without mixing their lines. The buffer never
+holds more than ``buffer`` lines, counting the batch being written: while
+the disk is slow or stuck, lines beyond that are dropped and counted (a
+warning when dropping starts, at most one a minute). A file that cannot be
+opened or written (a missing directory, a full disk) is reported once per
+failure streak, the lines of the failed batch are dropped and counted, and
+the next batch tries again.
+
+SIGUSR1 (sent after a log rotation moved the file) makes the writer close
+and reopen ``path`` before its next write: later lines go to the new file.
+Lines still waiting in the buffer then go there too; none is lost or
+written twice.
+
+``stats()`` reports ``written``, ``dropped`` and ``buffered`` lines. When the
+proxy stops (or a reload replaces this module's settings) what is buffered is
+written out, for at most two seconds so that a stuck disk cannot hold up the
+stop; lines still unwritten then, and lines arriving after that, are dropped
+and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiofiles
+
+from .base import Module
+
+log = logging.getLogger("pitcher.access_log")
+
+_DEFAULTS: dict[str, Any] = {"buffer": 8192, "flush_interval": 0.2}
+_KEYS = frozenset({"path", *_DEFAULTS})
+# How long aclose() may spend writing out the buffer before it gives up.
+_CLOSE_TIMEOUT = 2.0
+# The least time between two warnings that lines are being dropped.
+_WARN_EVERY = 60.0
+# json.dumps() builds a new encoder on every call made with non-default
+# arguments; one encoder made here is reused by every line.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class AccessLog(Module):
+    name = "access_log"
+    # Last of all: a line records what every other module did to the request.
+    priority = 10
+
+    @classmethod
+    def validate(cls, settings: Mapping[str, Any]) -> Mapping[str, Any]:
+        unknown = set(settings) - _KEYS
+        if unknown:
+            expected = ", ".join(sorted(_KEYS))
+            raise ValueError(f"unknown key {sorted(unknown)[0]!r} (expected {expected})")
+        path = settings.get("path")
+        if path is None:
+            raise ValueError("path is required: the file to write the lines to")
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise ValueError(f"path must be a file name, got {path!r}")
+        buffer = settings.get("buffer", _DEFAULTS["buffer"])
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+            raise ValueError(f"buffer must be a whole number of lines >= 1, got {buffer!r}")
+        interval = settings.get("flush_interval", _DEFAULTS["flush_interval"])
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not math.isfinite(interval)
+            or interval <= 0
+        ):
+            raise ValueError(f"flush_interval must be a number of seconds > 0, got {interval!r}")
+        return {"path": path, "buffer": buffer, "flush_interval": float(interval)}
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        checked = self.validate(settings)
+        self.path: str = checked["path"]
+        self.capacity: int = checked["buffer"]
+        self.flush_interval: float = checked["flush_interval"]
+        # Write at once, without waiting for the interval, once this many wait.
+        self._urgent_at = max(1, self.capacity // 2)
+        self.written = 0
+        self.dropped = 0
+        self._lines: list[str] = []
+        # Lines taken by the writer and not yet written: still held in memory.
+        self._in_flight = 0
+        self._first_at = 0.0  # loop time the oldest buffered line came
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._file: Any = None
+        self._reopen = False
+        self._closed = False
+        self._dropping = False  # a drop streak (buffer full) is under way
+        self._warned = False  # ... and it was reported
+        self._quiet_until = 0.0  # no new drop warning before this (monotonic)
+        self._failing = False  # a failure streak (open/write errors) is under way
+        # The formatted UTC second of the last line, made once per second.
+        self._second = -1
+        self._second_text = ""
+
+    # the request path ---------------------------------------------------------------
+
+    def request_finish(self, exchange: Any) -> None:
+        if self._closed:
+            self.dropped += 1
+            return
+        lines = self._lines
+        if len(lines) + self._in_flight >= self.capacity:
+            self.dropped += 1
+            if not self._dropping:
+                self._dropping = True
+                self._warn_of_drops()
+            return
+        lines.append(self._line(exchange))
+        count = len(lines)
+        if count == 1:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+                self._writer = loop.create_task(self._write_lines(), name="pitcher-access-log")
+                self._writer.add_done_callback(self._writer_done)
+            self._first_at = loop.time()
+            self._wake.set()
+        elif count == self._urgent_at:
+            self._wake.set()
+
+    def _warn_of_drops(self) -> None:
+        # One warning per streak, and streaks of a disk that keeps up only
+        # now and then are reported once a minute at most.
+        now = time.monotonic()
+        self._warned = now >= self._quiet_until
+        if self._warned:
+            self._quiet_until = now + _WARN_EVERY
+            log.warning(
+                "access log %s: %d lines wait for a slow disk; dropping new lines",
+                self.path,
+                self.capacity,
+            )
+
+    def _line(self, exchange: Any) -> str:
+        request = exchange.request
+        route = exchange.route
+        node = exchange.node
+        total = exchange.finished - exchange.started
+        backend_started = exchange.backend_started
+        backend_ended = exchange.backend_ended
+        if backend_started and backend_ended >= backend_started:
+            backend: float | None = backend_ended - backend_started
+            in_proxy = total - backend_ended + backend_started
+        else:
+            backend = None
+            in_proxy = total
+        path = request.path
+        if request.query:
+            path = path + b"?" + request.query
+        uri = node.uri if node is not None else None
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        milliseconds = int((now - second) * 1000)
+        return _encode(
+            {
+                "time": f"{self._second_text}.{milliseconds:03d}Z",
+                "client": exchange.connection.client_ip.decode("latin-1"),
+                "method": request.method.decode("latin-1"),
+                "path": path.decode("latin-1"),
+                "request_id": exchange.request_id.decode("latin-1") or None,
+                "route": route.name if route is not None else None,
+                "cluster": route.cluster.name if route is not None else None,
+                "node": uri,
+                "transport": uri.partition("://")[0] if uri is not None else None,
+                "status": exchange.status,
+                "bytes": exchange.response_bytes,
+                "total": round(total, 6),
+                "backend": round(backend, 6) if backend is not None else None,
+                "residence": round(in_proxy, 6),
+            }
+        )
+
+    # the writer -----------------------------------------------------------------------
+
+    async def _write_lines(self) -> None:
+        """Write batches until closed and empty, then close the file."""
+        loop = asyncio.get_running_loop()
+        wake = self._wake
+        while True:
+            if not self._lines:
+                if self._closed:
+                    await self._close_file()
+                    return
+                wake.clear()
+                await wake.wait()
+                continue
+            if not self._closed and len(self._lines) < self._urgent_at:
+                delay = self._first_at + self.flush_interval - loop.time()
+                if delay > 0:
+                    # Woken early when the buffer is half full, or at close.
+                    wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await wake.wait()
+                    continue
+            batch, self._lines = self._lines, []
+            self._in_flight = len(batch)
+            try:
+                await self._write(batch)
+            finally:
+                self._in_flight = 0
+
+    def _writer_done(self, writer: asyncio.Task[None]) -> None:
+        if not writer.cancelled() and writer.exception() is not None:
+            # Not expected (_write catches what I/O raises), but never silent:
+            # from here on every line is dropped and counted.
+            self._closed = True
+            self.dropped += len(self._lines)
+            self._lines = []
+            log.error(
+                "access log %s: the writer failed; no more lines are written",
+                self.path,
+                exc_info=writer.exception(),
+            )
+
+    async def _write(self, batch: list[str]) -> None:
+        text = "\n".join(batch) + "\n"
+        try:
+            if self._file is None or self._reopen:
+                self._reopen = False
+                await self._close_file()
+                self._file = await aiofiles.open(self.path, "a", encoding="utf-8")
+            # One write and one flush: the batch leaves in one write() call,
+            # which O_APPEND keeps whole beside other workers' batches.
+            await self._file.write(text)
+            await self._file.flush()
+        except Exception as exc:
+            self.dropped += len(batch)
+            if not self._failing:
+                self._failing = True
+                log.error(
+                    "access log %s: cannot write (%s); dropping lines until it works again",
+                    self.path,
+                    exc,
+                    exc_info=not isinstance(exc, OSError),
+                )
+            # Opened again for the next batch: the fault may be gone by then.
+            await self._close_file()
+            return
+        self.written += len(batch)
+        if self._failing:
+            self._failing = False
+            log.info("access log %s: writing again", self.path)
+        if self._dropping:
+            self._dropping = False
+            if self._warned:
+                log.info("access log %s: writing again (%d lines dropped)", self.path, self.dropped)
+
+    async def _close_file(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            # Lines a failed write left in the file's buffer are counted
+            # dropped already; a second failure here has nothing to add.
+            with contextlib.suppress(Exception):
+                await file.close()
+
+    # the module contract --------------------------------------------------------------
+
+    def reopen(self) -> None:
+        """After a log rotation: write the next batch to a freshly opened ``path``."""
+        self._reopen = True
+        log.info("access log %s: reopening it before the next write", self.path)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "written": self.written,
+            "dropped": self.dropped,
+            "buffered": len(self._lines) + self._in_flight,
+        }
+
+    async def aclose(self) -> None:
+        """Write out what is buffered (for at most two seconds), close the file, stop."""
+        if self._closed:
+            return
+        self._closed = True
+        writer = self._writer
+        if writer is None:
+            return
+        self._wake.set()
+        done, _ = await asyncio.wait({writer}, timeout=_CLOSE_TIMEOUT)
+        if done:
+            return
+        # The disk is stuck: the thread writing to it cannot be stopped, and
+        # closing the file under it could block as well; both are left to it.
+        lost = len(self._lines) + self._in_flight
+        self.dropped += lost
+        self._lines = []
+        self._file = None
+        writer.cancel()
+        await asyncio.wait({writer}, timeout=_CLOSE_TIMEOUT)
+        log.error(
+            "access log %s: %d lines not written within %gs of closing; dropped",
+            self.path,
+            lost,
+            _CLOSE_TIMEOUT,
+        )
