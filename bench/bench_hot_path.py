@@ -7,10 +7,10 @@ response is written. The transports are stand-ins that only keep what is
 written, so what is timed is Python work only, not system calls; compare it
 with the proxy's CPU time per request in bench_spine.py to see the split.
 
-    python bench/bench_hot_path.py [--requests 200000] [--profile] [--modules N]
+    python bench/bench_hot_path.py [--requests 200000] [--profile] [--modules N] [--metrics]
 
 ``--modules N`` attaches N trivial modules to every request hook, to measure
-what the hook dispatch costs.
+what the hook dispatch costs; ``--metrics`` loads the metrics module too.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from pitcher_rpc.codec import encode_response  # noqa: E402
 from pitcher_rpc.config import parse_config  # noqa: E402
 from pitcher_rpc.modules import HookChains, Module  # noqa: E402
+from pitcher_rpc.modules.metrics import Metrics  # noqa: E402
 from pitcher_rpc.proxy.server import HttpConnection, ProxyServer  # noqa: E402
 from transports.control import Settings  # noqa: E402
 from transports.frame import PREFACE, FrameType, encode_frame  # noqa: E402
@@ -98,16 +99,19 @@ class _Trivial(Module):
         return None
 
 
-def trivial_modules(count: int) -> HookChains:
-    modules = [
-        type(f"Trivial{n}", (_Trivial,), {"name": f"trivial{n}", "priority": n})({})
+def trivial_modules(count: int, metrics: bool = False) -> HookChains:
+    modules: list[Module] = [
+        # Negative priorities: never tied with a real module's.
+        type(f"Trivial{n}", (_Trivial,), {"name": f"trivial{n}", "priority": -1 - n})({})
         for n in range(count)
     ]
+    if metrics:
+        modules.append(Metrics({}))
     return HookChains(modules)
 
 
-async def run(requests: int, profile: bool, modules: int = 0) -> None:
-    proxy = ProxyServer(parse_config(CONFIG), modules=trivial_modules(modules))
+async def run(requests: int, profile: bool, modules: int = 0, metrics: bool = False) -> None:
+    proxy = ProxyServer(parse_config(CONFIG), modules=trivial_modules(modules, metrics))
     node = proxy.snapshot.clusters["echo"].nodes[0]
     client: Any = node.client
     loop = asyncio.get_running_loop()
@@ -146,8 +150,9 @@ async def run(requests: int, profile: bool, modules: int = 0) -> None:
         timings.append(elapsed / batch * 1e6)
         await asyncio.sleep(0)
     assert http_transport.last.startswith(b"HTTP/1.1 200 OK"), http_transport.last
+    loaded = f"{modules} modules" + (" + metrics" if metrics else "")
     print(
-        f"proxy hot path with {modules} modules: {statistics.median(timings):.2f} µs per request"
+        f"proxy hot path with {loaded}: {statistics.median(timings):.2f} µs per request"
         " (median of 5 batches)"
     )
     if profiler:
@@ -160,8 +165,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--modules", type=int, default=0, help="trivial modules on every hook")
+    parser.add_argument("--metrics", action="store_true", help="load the metrics module")
     args = parser.parse_args()
-    uvloop.run(run(args.requests, args.profile, args.modules))
+    uvloop.run(run(args.requests, args.profile, args.modules, args.metrics))
 
 
 if __name__ == "__main__":

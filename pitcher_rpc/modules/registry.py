@@ -19,6 +19,7 @@ _BUILTIN: dict[str, str] = {
     "access_log": "pitcher_rpc.modules.access_log:AccessLog",
     "headers": "pitcher_rpc.modules.headers:Headers",
     "ip_filter": "pitcher_rpc.modules.ip_filter:IpFilter",
+    "metrics": "pitcher_rpc.modules.metrics:Metrics",
     "request_id": "pitcher_rpc.modules.request_id:RequestId",
     "throttle": "pitcher_rpc.modules.throttle:Throttle",
 }

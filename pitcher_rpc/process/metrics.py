@@ -18,7 +18,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
+from ..modules.metrics import MergedRoute, merge_reports
 from .gc_tuning import GcPauses
 
 __all__ = ["CONTENT_TYPE_LATEST", "render"]
@@ -81,6 +83,64 @@ class _Snapshot:
                 ]
                 pauses.add_metric([str(generation)], buckets, data["sum"])
             yield pauses
+        reports = [
+            w["modules"]["metrics"]
+            for w in alive
+            if isinstance(w.get("modules"), dict) and isinstance(w["modules"].get("metrics"), dict)
+        ]
+        if reports:
+            yield from _route_families(merge_reports(reports))
+
+
+# Histogram families of the metrics module: (name, its key in a route's report, help).
+_ROUTE_HISTOGRAMS = (
+    (
+        "pitcher_request_duration_seconds",
+        "duration",
+        "Time from a request read to its response written, all workers",
+    ),
+    (
+        "pitcher_backend_latency_seconds",
+        "backend_latency",
+        "Time from the last backend attempt sent to its answer, all workers",
+    ),
+    (
+        "pitcher_residence_seconds",
+        "residence",
+        "Time a request spent in the proxy itself (total minus backend), all workers",
+    ),
+)
+
+
+def _route_families(routes: dict[str, MergedRoute]) -> Iterable[Metric]:
+    """The metrics module's numbers (see pitcher_rpc.modules.metrics); route "" is unrouted."""
+    requests = CounterMetricFamily(
+        "pitcher_http_requests",
+        "HTTP responses written, by route and status, all workers",
+        labels=["route", "status"],
+    )
+    sent = CounterMetricFamily(
+        "pitcher_response_bytes",
+        "Bytes of HTTP responses written, head included, all workers",
+        labels=["route"],
+    )
+    for route, numbers in sorted(routes.items()):
+        for status, count in sorted(numbers.requests.items()):
+            requests.add_metric([route, status], count)
+        sent.add_metric([route], numbers.response_bytes)
+    yield requests
+    yield sent
+    for name, key, documentation in _ROUTE_HISTOGRAMS:
+        family = HistogramMetricFamily(name, documentation, labels=["route"])
+        for route, numbers in sorted(routes.items()):
+            histogram = numbers.histograms.get(key)
+            if histogram is None:
+                continue
+            bounds = [*map(floatToGoString, histogram.bounds), "+Inf"]
+            family.add_metric(
+                [route], list(zip(bounds, histogram.cumulative(), strict=True)), histogram.sum
+            )
+        yield family
 
 
 def render(

@@ -1,0 +1,277 @@
+"""``metrics``: requests, latencies and response bytes per route, for the master's /metrics.
+
+    [modules.metrics]
+    buckets = [0.001, 0.01, 0.1, 1, 10]   # histogram upper bounds, seconds (optional)
+
+Once a response has been written (REQUEST_FINISH) each worker counts, per
+route name (``""`` for a request no route took, such as a 404: a route's
+name is never empty):
+
+- the requests, by response status;
+- the total time: from the request read to its response written;
+- the backend latency: from the last attempt sent to its answer (or error),
+  only for requests that reached for a backend;
+- the residence time: total time minus backend latency, the proxy's own share
+  (parsing, modules, encoding, earlier failed attempts, writing);
+- the bytes of the responses written, head included.
+
+Buckets are inclusive upper bounds, as Prometheus' ``le``; a +Inf bucket
+follows them. The default suits one host: 100 µs to 10 s.
+
+Each worker keeps its numbers in memory and reports them through ``stats()``;
+the master adds them up at scrape time (``pitcher_http_requests_total``,
+``pitcher_request_duration_seconds`` ... see :mod:`pitcher_rpc.process.metrics`).
+The numbers belong to the module instance: a reload that keeps
+``[modules.metrics]`` as it was keeps them, one that changes it starts from
+zero. A request whose client left before the answer is counted with status
+499 (as nginx). Requests the HTTP parser refuses (400, 408, 413 ...) never
+make an exchange and are not counted; nor are those of a route whose own
+``modules`` list leaves ``metrics`` out.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypedDict
+
+from .base import Module
+
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "UNROUTED",
+    "Histogram",
+    "HistogramSnapshot",
+    "MergedRoute",
+    "Metrics",
+    "merge_reports",
+]
+
+# Seconds. A request through the proxy on one host takes tens of microseconds
+# of the proxy's own time; a slow backend, seconds.
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+# Every bound is one more series per route and histogram at the master.
+MAX_BUCKETS = 64
+# The route label of requests no route took; no route can be named so.
+UNROUTED = ""
+HISTOGRAMS = ("duration", "backend_latency", "residence")
+
+
+class HistogramSnapshot(TypedDict):
+    """A histogram in plain JSON types: ``counts`` per bucket (not cumulative), +Inf last."""
+
+    bounds: list[float]
+    counts: list[int]
+    sum: float
+    count: int
+
+
+class Histogram:
+    """Observations counted by bucket; a value equal to a bound goes in that bound's bucket."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float] = DEFAULT_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        # One slot per bound, then +Inf; bisect_left(bounds, v) is the first bound >= v.
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[int]:
+        """Observations at or below each bound, then the total (+Inf), as Prometheus counts."""
+        running = 0
+        totals = []
+        for count in self.counts:
+            running += count
+            totals.append(running)
+        return totals
+
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(
+            bounds=list(self.bounds), counts=list(self.counts), sum=self.sum, count=self.count
+        )
+
+    @classmethod
+    def merge(cls, snapshots: Iterable[HistogramSnapshot]) -> Histogram:
+        """Add several workers' snapshots; ValueError if none is given or their bounds differ."""
+        merged: Histogram | None = None
+        for snapshot in snapshots:
+            if merged is None:
+                merged = cls(snapshot["bounds"])
+            elif list(snapshot["bounds"]) != list(merged.bounds):
+                raise ValueError(
+                    f"cannot merge a histogram bucketed by {snapshot['bounds']!r}"
+                    f" into one bucketed by {list(merged.bounds)!r}"
+                )
+            if len(snapshot["counts"]) != len(merged.counts):
+                raise ValueError(
+                    f"{len(snapshot['counts'])} counts for {len(merged.bounds)} bounds"
+                )
+            merged.counts = [a + b for a, b in zip(merged.counts, snapshot["counts"], strict=True)]
+            merged.sum += snapshot["sum"]
+        if merged is None:
+            raise ValueError("no histogram to merge")
+        return merged
+
+
+class _RouteNumbers:
+    """One route's numbers in one worker."""
+
+    __slots__ = ("backend_latency", "duration", "residence", "response_bytes", "statuses")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.statuses: dict[int, int] = {}
+        self.duration = Histogram(bounds)
+        self.backend_latency = Histogram(bounds)
+        self.residence = Histogram(bounds)
+        self.response_bytes = 0
+
+    def report(self) -> dict[str, Any]:
+        return {
+            # JSON object keys are strings.
+            "requests": {str(status): count for status, count in self.statuses.items()},
+            "response_bytes": self.response_bytes,
+            "duration": self.duration.snapshot(),
+            "backend_latency": self.backend_latency.snapshot(),
+            "residence": self.residence.snapshot(),
+        }
+
+
+def _buckets(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError("buckets must be a non-empty array of seconds")
+    if len(value) > MAX_BUCKETS:
+        raise ValueError(f"buckets: {len(value)} bounds, at most {MAX_BUCKETS}")
+    bounds: list[float] = []
+    for bound in value:
+        if isinstance(bound, bool) or not isinstance(bound, int | float):
+            raise ValueError(f"buckets: {bound!r} is not a number of seconds")
+        if not (math.isfinite(bound) and bound > 0):
+            raise ValueError(f"buckets: {bound!r} is not a positive, finite number of seconds")
+        if bounds and bound <= bounds[-1]:
+            raise ValueError(f"buckets must be strictly increasing: {bound!r} after {bounds[-1]!r}")
+        bounds.append(float(bound))
+    return tuple(bounds)
+
+
+class Metrics(Module):
+    name = "metrics"
+    # Late at REQUEST_FINISH: it only reads what the request came to.
+    priority = 20
+    # Under overload is when these numbers are most needed.
+    essential = True
+
+    @classmethod
+    def validate(cls, settings: Mapping[str, Any]) -> Mapping[str, Any]:
+        unknown = set(settings) - {"buckets"}
+        if unknown:
+            raise ValueError(f"unknown key {sorted(unknown)[0]!r} (expected buckets)")
+        return {"buckets": _buckets(settings.get("buckets", DEFAULT_BUCKETS))}
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        self.bounds: tuple[float, ...] = self.validate(settings)["buckets"]
+        self._routes: dict[str, _RouteNumbers] = {}
+
+    def request_finish(self, exchange: Any) -> None:
+        # Every request runs this: a few dict operations and bisects, the
+        # histograms updated inline (three observe() calls made it ~15% slower,
+        # 0.47 against 0.40 µs).
+        route = exchange.route
+        name = UNROUTED if route is None else route.name
+        numbers = self._routes.get(name)
+        if numbers is None:
+            numbers = self._routes[name] = _RouteNumbers(self.bounds)
+        statuses = numbers.statuses
+        status = exchange.status
+        statuses[status] = statuses.get(status, 0) + 1
+        numbers.response_bytes += exchange.response_bytes
+        bounds = self.bounds
+        total = exchange.finished - exchange.started
+        histogram = numbers.duration
+        histogram.counts[bisect_left(bounds, total)] += 1
+        histogram.sum += total
+        sent = exchange.backend_started
+        if sent and exchange.backend_ended >= sent:
+            backend = exchange.backend_ended - sent
+            histogram = numbers.backend_latency
+            histogram.counts[bisect_left(bounds, backend)] += 1
+            histogram.sum += backend
+            total -= backend
+        histogram = numbers.residence
+        histogram.counts[bisect_left(bounds, total)] += 1
+        histogram.sum += total
+
+    def stats(self) -> dict[str, Any]:
+        """``{"bounds": [...], "routes": {route: {requests, response_bytes, <histograms>}}}``."""
+        return {
+            "bounds": list(self.bounds),
+            "routes": {name: numbers.report() for name, numbers in self._routes.items()},
+        }
+
+
+class MergedRoute:
+    """One route's numbers added up over several workers' ``stats()``."""
+
+    __slots__ = ("histograms", "requests", "response_bytes")
+
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter()
+        self.response_bytes = 0
+        self.histograms: dict[str, Histogram] = {}
+
+
+def merge_reports(reports: Iterable[Mapping[str, Any]]) -> dict[str, MergedRoute]:
+    """Several workers' ``stats()`` added up, by route.
+
+    Histograms are merged only over reports whose bounds are those most
+    workers use: right after a reload that changed ``buckets`` a worker still on
+    the old ones is left out of the histograms (not the counters) until it
+    has reloaded too.
+    """
+    reports = [report for report in reports if isinstance(report.get("routes"), Mapping)]
+    layouts = Counter(tuple(report.get("bounds", ())) for report in reports)
+    bounds = list(layouts.most_common(1)[0][0]) if layouts else []
+    merged: dict[str, MergedRoute] = {}
+    snapshots: dict[tuple[str, str], list[HistogramSnapshot]] = {}
+    for report in reports:
+        same_bounds = list(report.get("bounds", ())) == bounds
+        for name, numbers in report["routes"].items():
+            route = merged.get(name)
+            if route is None:
+                route = merged[name] = MergedRoute()
+            route.requests.update(numbers["requests"])
+            route.response_bytes += numbers["response_bytes"]
+            if same_bounds:
+                for key in HISTOGRAMS:
+                    snapshots.setdefault((name, key), []).append(numbers[key])
+    for (name, key), parts in snapshots.items():
+        merged[name].histograms[key] = Histogram.merge(parts)
+    return merged
