@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ..degrade.health import HealthPolicy
+
 __all__ = [
     "BALANCE_POLICIES",
     "DEFAULT_IDEMPOTENT_METHODS",
@@ -158,6 +160,27 @@ class NodeConfig:
     weight: int = 1
 
 
+# What may count as a failed request for a node's health.
+FAILURE_KINDS = ("connect", "timeout", "reset", "error", "5xx", "4xx")
+DEFAULT_FAILURES = frozenset({"connect", "timeout", "reset", "error", "5xx"})
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """A cluster's ``[clusters.NAME.health]``: failure detection, ejection, slow start.
+
+    ``policy`` holds the thresholds and timings (pitcher_rpc.degrade.health);
+    ``failures`` what counts as a failed request; ``ramp_in_flight`` the
+    requests a node may have in flight at full weight while any node ramps
+    (slow start, probation): a node at factor f takes at most
+    ``ceil(f * ramp_in_flight)`` at once.
+    """
+
+    policy: HealthPolicy = field(default_factory=HealthPolicy)
+    failures: frozenset[str] = DEFAULT_FAILURES
+    ramp_in_flight: int = 100
+
+
 # Keyword-only because the spec order puts a required field after defaulted
 # ones; positional construction of these wide records would be error-prone anyway.
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,6 +188,8 @@ class ClusterConfig:
     name: str
     balance: str = "round_robin"
     nodes: tuple[NodeConfig, ...]
+    # None: no failure detection, every node always takes its share.
+    health: HealthConfig | None = None
 
     def __post_init__(self) -> None:
         # A list passed by a caller would stay mutable behind the frozen record.

@@ -46,7 +46,7 @@ ROUTE_KEYS = (
     "modules",
     "business",
 )
-CLUSTER_KEYS = ("balance", "nodes")
+CLUSTER_KEYS = ("balance", "nodes", "health")
 NODE_KEYS = ("uri", "weight")
 
 # RFC 9110 token: header field names and methods.

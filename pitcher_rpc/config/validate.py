@@ -20,6 +20,7 @@ from typing import Any
 
 from transports.registry import AddressError, get_transport, parse_address
 
+from ..degrade.health import HealthPolicy
 from ..modules.registry import DEFAULT_MODULES, module_class
 from .issues import (
     ConfigError,
@@ -32,10 +33,13 @@ from .issues import (
 from .lines import KeyPath, LineIndex, format_key_path
 from .model import (
     BALANCE_POLICIES,
+    DEFAULT_FAILURES,
     DEFAULT_IDEMPOTENT_METHODS,
+    FAILURE_KINDS,
     AdminConfig,
     ClusterConfig,
     Config,
+    HealthConfig,
     ModuleConfig,
     NodeConfig,
     OverloadConfig,
@@ -415,7 +419,38 @@ class _Validator:
         elif balance not in BALANCE_POLICIES:
             self.report((*path, "balance"), one_of_message(balance, BALANCE_POLICIES))
         nodes = self._nodes(value, (*path, "nodes"))
-        return ClusterConfig(name=name, balance=balance, nodes=nodes)
+        health = self._health(value, (*path, "health"))
+        return ClusterConfig(name=name, balance=balance, nodes=nodes, health=health)
+
+    def _health(self, cluster: Mapping[str, Any], path: KeyPath) -> HealthConfig | None:
+        table = self._table(cluster, path)
+        if table is None:
+            return None
+        settings = dict(table)
+        failures = settings.pop("failures", None)
+        kinds = DEFAULT_FAILURES
+        if failures is not None:
+            if not isinstance(failures, list) or not all(isinstance(f, str) for f in failures):
+                self.report((*path, "failures"), type_message("an array of strings", failures))
+            else:
+                for index, kind in enumerate(failures):
+                    if kind not in FAILURE_KINDS:
+                        self.report((*path, "failures", index), one_of_message(kind, FAILURE_KINDS))
+                kinds = frozenset(failures)
+        ramp = HealthConfig().ramp_in_flight
+        if "ramp_in_flight" in settings:
+            settings.pop("ramp_in_flight")
+            ramp = self._integer(table, (*path, "ramp_in_flight"), ramp, 1, 1_000_000)
+        try:
+            policy = HealthPolicy.from_settings(settings)
+        except ValueError as exc:
+            # "key: message; key: message": each reported at its own key.
+            for problem in str(exc).split("; "):
+                key, _, message = problem.partition(": ")
+                where = (*path, key) if key in table else path
+                self.report(where, message if key in table else problem)
+            return None
+        return HealthConfig(policy=policy, failures=kinds, ramp_in_flight=ramp)
 
     def _nodes(self, cluster: Mapping[str, Any], path: KeyPath) -> tuple[NodeConfig, ...]:
         value = cluster.get("nodes")

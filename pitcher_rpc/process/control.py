@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+from collections.abc import Callable
 from typing import Any
 
 _LENGTH = struct.Struct(">I")
@@ -64,6 +65,8 @@ class WorkerLink:
         self._writer = writer
         self._next_id = 1
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # Called with a message the worker sends on its own (one with "event").
+        self.on_event: Callable[[dict[str, Any]], None] | None = None
         self._reading = asyncio.get_running_loop().create_task(
             self._read_answers(), name=f"pitcher-control-{index}"
         )
@@ -71,6 +74,10 @@ class WorkerLink:
     async def _read_answers(self) -> None:
         try:
             while (message := await read_message(self._reader)) is not None:
+                if "event" in message:
+                    if self.on_event is not None:
+                        self.on_event(message)
+                    continue
                 waiter = self._waiting.pop(int(message.get("id", 0)), None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(message)

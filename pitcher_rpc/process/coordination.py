@@ -1,9 +1,12 @@
-"""The master's tick: proxy-wide limits split between workers by demand.
+"""The master's tick: proxy-wide limits split by demand, node health judged once.
 
 Every ``TICK`` seconds the master sends each worker its shares of every
-proxy-wide limit and gets back the demand the worker saw since the last tick
-(see pitcher_rpc.degrade.shares). A worker that does not answer within the
-tick drops out of the split until it does.
+proxy-wide limit and the node weight factors of the health book, and gets
+back the demand the worker saw since the last tick (see
+pitcher_rpc.degrade.shares) and its requests' outcomes per node. The
+outcomes of all workers are added up and judged in one book, so an ejection
+holds for the whole proxy. A worker that does not answer within the tick
+drops out of the split until it does.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from ..degrade.book import HealthBook
 from ..degrade.shares import ShareBook
 from .control import ControlError
 
@@ -30,12 +35,21 @@ class Coordination:
     def __init__(self, links: Callable[[], Sequence[tuple[int, _Link | None]]]) -> None:
         self._links = links
         self._book = ShareBook()
+        self.health = HealthBook()
+        self.verdicts: dict[str, dict[str, float]] = {}
+        self._hurry = asyncio.Event()
         self.shares: dict[int, dict[str, dict[str, float]]] = {}
         self.ticks = 0
 
+    def hurry(self) -> None:
+        """Tick now: a worker saw a node fail several requests in a row."""
+        self._hurry.set()
+
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(TICK)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), TICK)
+            self._hurry.clear()
             try:
                 await self.tick()
             except Exception:  # never let one bad tick stop the loop
@@ -45,9 +59,17 @@ class Coordination:
         links = [(index, link) for index, link in self._links() if link is not None]
         answers = await asyncio.gather(*(self._ask(index, link) for index, link in links))
         reports: dict[int, dict[str, float]] = {}
+        outcomes: dict[str, list[int]] = {}
         for (index, _), answer in zip(links, answers, strict=True):
             if answer is None:
                 continue
+            for uri, (successes, failures, trailing) in (answer.get("outcomes") or {}).items():
+                merged = outcomes.setdefault(uri, [0, 0, 0])
+                merged[0] += successes
+                merged[1] += failures
+                # Failures in a row: the longest run any worker ends its batch with
+                # (all of them if no worker saw a success).
+                merged[2] = max(merged[2], trailing)
             flat: dict[str, float] = {}
             for module, demand in (answer.get("demand") or {}).items():
                 for key, value in demand.items():
@@ -61,11 +83,16 @@ class Coordination:
                 nested.setdefault(module, {})[key] = share
             shares[index] = nested
         self.shares = shares
+        for merged in outcomes.values():
+            if merged[0] == 0:
+                merged[2] = merged[1]
+        self.verdicts = self.health.tick(outcomes, time.monotonic())
         self.ticks += 1
 
     async def _ask(self, index: int, link: _Link) -> dict[str, Any] | None:
         with contextlib.suppress(ControlError, TimeoutError, ConnectionError):
             return await asyncio.wait_for(
-                link.command("tick", shares=self.shares.get(index, {})), TICK * 5
+                link.command("tick", shares=self.shares.get(index, {}), health=self.verdicts),
+                TICK * 5,
             )
         return None

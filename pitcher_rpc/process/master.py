@@ -117,6 +117,7 @@ class Master:
         self._watchers: set[asyncio.Task[None]] = set()
         # Proxy-wide limits split between the workers, moved every tick.
         self.coordination = Coordination(lambda: [(s.index, s.link) for s in self.slots])
+        self.coordination.health.configure(config, time.monotonic())
         self._coordinator: asyncio.Task[None] | None = None
         self._control: asyncio.AbstractServer | None = None
 
@@ -280,6 +281,7 @@ class Master:
             return
         slot = self.slots[index]
         slot.link = link = WorkerLink(index, int(hello.get("pid", 0)), reader, writer)
+        link.on_event = self._on_worker_event
         slot.linked.set()
         try:
             # A worker started from an older file catches up with the current one.
@@ -288,6 +290,10 @@ class Master:
                 await link.command("reload", path=self.config_path, checksum=self.config.checksum)
         except (ControlError, ConfigError) as exc:
             log.error("worker %d could not take the current configuration: %s", index, exc)
+
+    def _on_worker_event(self, message: dict[str, Any]) -> None:
+        if message.get("event") == "suspect":
+            self.coordination.hurry()
 
     async def _each(self, op: str, **arguments: Any) -> list[dict[str, Any]]:
         """Send a command to every live worker; a worker that fails is reported, not fatal."""
@@ -308,6 +314,7 @@ class Master:
         """Validate the file once here; then every worker swaps to it. ConfigError keeps the old."""
         config = load_config(self.config_path)
         self.config = config
+        self.coordination.health.configure(config, time.monotonic())
         self.generation += 1
         results = await self._each("reload", path=self.config_path, checksum=config.checksum)
         failed = [r for r in results if "error" in r]
@@ -401,6 +408,7 @@ class Master:
         self.admin.route("POST", "/admin/restart", self._admin_restart)
         self.admin.route("GET", "/metrics", self._metrics)
         self.admin.route("GET", "/admin/modules", self._admin_modules)
+        self.admin.route("GET", "/admin/clusters", self._admin_clusters)
         self.admin.route("POST", "/admin/modules/{name}/enable", self._admin_enable)
         self.admin.route("POST", "/admin/modules/{name}/disable", self._admin_disable)
 
@@ -430,6 +438,18 @@ class Master:
         except ConfigError as exc:
             raise AdminError(400, str(exc)) from None
         return AdminResponse(200 if result["complete"] else 500, result)
+
+    async def _admin_clusters(self, request: AdminRequest) -> AdminResponse:
+        health = self.coordination.health.describe(time.monotonic())
+        clusters = {
+            name: {
+                "balance": cluster.balance,
+                "nodes": [{"uri": node.uri, "weight": node.weight} for node in cluster.nodes],
+                "health": health.get(name),
+            }
+            for name, cluster in self.config.clusters.items()
+        }
+        return AdminResponse(200, {"clusters": clusters})
 
     async def _admin_modules(self, request: AdminRequest) -> AdminResponse:
         return AdminResponse(200, {"workers": await self._each("modules")})

@@ -46,7 +46,9 @@ class Worker:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
         config = load_config(self.config_path)
         # Until the master's first tick, each proxy-wide limit is split evenly.
-        self.proxy = proxy = ProxyServer(config, default_share=1.0 / max(1, self.workers))
+        self.proxy = proxy = ProxyServer(
+            config, default_share=1.0 / max(1, self.workers), local_health=False
+        )
         # Log rotation: the master passes SIGUSR1 on to every worker.
         loop.add_signal_handler(signal.SIGUSR1, proxy.reopen_modules)
         await proxy.start(sock=self.listener)
@@ -55,6 +57,13 @@ class Worker:
         self.pauses.install()
         reader, writer = await asyncio.open_unix_connection(control_path)
         writer.write(encode_message({"op": "hello", "index": self.index, "pid": os.getpid()}))
+
+        def suspect(uri: str) -> None:
+            # A node failed several requests in a row here: the master judges now.
+            if not writer.is_closing():
+                writer.write(encode_message({"event": "suspect", "uri": uri}))
+
+        proxy.upstreams.alarm = suspect
         control = loop.create_task(self._serve_control(reader, writer), name="pitcher-control")
         try:
             await self.stopping.wait()
@@ -91,7 +100,13 @@ class Worker:
         op = message.get("op")
         if op == "tick":
             proxy.apply_shares(message.get("shares") or {})
-            return {"index": self.index, "demand": proxy.module_demand()}
+            if "health" in message:
+                proxy.apply_health(message["health"])
+            return {
+                "index": self.index,
+                "demand": proxy.module_demand(),
+                "outcomes": proxy.upstreams.take_outcomes(),
+            }
         if op == "status":
             return self.status()
         if op == "reload":

@@ -63,6 +63,41 @@ class SmoothWeighted(Generic[N]):
         return self.nodes[best]
 
 
+class HealthWeighted:
+    """Smooth weighted round robin on weights that move with health.
+
+    A node's ``effective`` weight is its weight times its health factor; a
+    node at 0 takes nothing, and a node with a ``cap`` (ramping) takes no
+    more once that many of its requests are in flight.
+    """
+
+    __slots__ = ("_scores", "nodes")
+
+    def __init__(self, nodes: Sequence[Any]) -> None:
+        self.nodes = tuple(nodes)
+        self._scores = [0.0] * len(self.nodes)
+
+    def pick(self, exclude: Collection[Any] = ()) -> Any:
+        scores = self._scores
+        best = -1
+        total = 0.0
+        for index, node in enumerate(self.nodes):
+            weight = node.effective
+            if weight <= 0.0 or node in exclude:
+                continue
+            cap = node.cap
+            if cap and node.stats.in_flight >= cap:
+                continue
+            scores[index] += weight
+            total += weight
+            if best < 0 or scores[index] > scores[best]:
+                best = index
+        if best < 0:
+            return None
+        scores[best] -= total
+        return self.nodes[best]
+
+
 BALANCERS: dict[str, type[RoundRobin[Any]] | type[SmoothWeighted[Any]]] = {
     "round_robin": RoundRobin,
     "weighted": SmoothWeighted,

@@ -56,6 +56,20 @@ _VALID_VALUES = re.compile(rb"%s(?:\n%s)*" % (_VALUE, _VALUE)).fullmatch
 _colon_join = b": ".join
 
 
+def _failure_kind(error: TransportError) -> str | None:
+    """How a transport error counts for the node's health; None: not the node's doing."""
+    if isinstance(error, ConnectError):
+        return "connect"
+    if isinstance(error, DeadlineExceeded):
+        return "timeout"
+    if isinstance(error, RemoteError):
+        return "error"
+    if isinstance(error, Rejected | Closed | RequestTooLarge):
+        # A draining node, our own shutdown, a request too large: no fault of health.
+        return None
+    return "reset"
+
+
 class HeaderChanges:
     """Headers to remove, set (replace) and add, in that order; names lower-case."""
 
@@ -111,6 +125,7 @@ class Exchange:
         "attempts",
         "backend_ended",
         "backend_started",
+        "calling",
         "chains",
         "connection",
         "deadline",
@@ -151,6 +166,8 @@ class Exchange:
         self.node: Node | None = None
         self.tried: list[Node] = []
         self.attempts = 0
+        # A call to a node whose health is watched is outstanding.
+        self.calling = False
         self.route: Route | None = None
         self.payload = b""
         self.path = b""
@@ -262,6 +279,9 @@ class Exchange:
         self.tried.append(node)
         self.attempts += 1
         self.node = node
+        if node.stats is not None:
+            node.stats.in_flight += 1
+            self.calling = True
         self.backend_started = perf_counter()
         # The answer may come back before send() returns (an error found at once).
         node.client.send(self.payload, self)
@@ -270,6 +290,11 @@ class Exchange:
 
     def on_response(self, payload: bytes) -> None:
         self.backend_ended = perf_counter()
+        if self.calling:
+            self._call_over()
+            if self.connection.closed:
+                # The client is gone; the node did answer.
+                self.node.record(None)  # type: ignore[union-attr]
         if self.connection.closed:
             return
         if self.chains.backend_response and self._answered(self.chains.backend_response):
@@ -298,6 +323,11 @@ class Exchange:
 
     def on_error(self, error: TransportError) -> None:
         self.backend_ended = perf_counter()
+        if self.calling:
+            self._call_over()
+            kind = _failure_kind(error)
+            if kind is not None:
+                self.node.record(kind)  # type: ignore[union-attr]
         if self.connection.closed:
             return
         route = self.route
@@ -330,6 +360,10 @@ class Exchange:
         else:
             self.fail(502, "connection to the backend lost")
 
+    def _call_over(self) -> None:
+        self.calling = False
+        self.node.stats.in_flight -= 1  # type: ignore[union-attr]
+
     def _may_retry(self, error: CallError) -> bool:
         route = self.route
         assert route is not None
@@ -347,6 +381,8 @@ class Exchange:
         try:
             response = decode_response(payload)
         except BadPayload as exc:
+            if self.node is not None and self.node.stats is not None:
+                self.node.record("error")
             log.warning(
                 "request %s: bad answer from %s: %s",
                 self.request_id.decode() or "-",
@@ -356,6 +392,9 @@ class Exchange:
             self.fail(502, "backend answered with an undecodable payload")
             return
         status = response.status
+        node = self.node
+        if node is not None and node.stats is not None:
+            node.record("5xx" if status >= 500 else "4xx" if status >= 400 else None)
         if not 200 <= status <= 599:
             # 1xx cannot be relayed as a final answer (and 101 would need an upgrade).
             self.fail(502, f"backend answered with status {status}")
@@ -446,6 +485,8 @@ class Exchange:
         """
         if self.node is not None:
             self.node.client.cancel(self)
+            if self.calling:
+                self._call_over()
         if not self.status:
             self.status = CLIENT_CLOSED
             self.finished = perf_counter()

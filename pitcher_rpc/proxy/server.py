@@ -19,6 +19,7 @@ from time import perf_counter
 from typing import Any
 
 from ..config import Config
+from ..degrade.book import HealthBook
 from ..degrade.overload import Shedder
 from ..http.parser import HttpError, HttpRequest, RequestParser
 from ..http.response import error_response
@@ -45,6 +46,8 @@ LINGER_SECONDS = 2.0
 # quiet this long.
 _DRAIN_QUIET = 0.5
 LINGER_BYTES = 1 << 20
+# How often outcomes are judged and weights moved (single-process proxy).
+HEALTH_TICK = 0.1
 # Event-loop lag is sampled this often and averaged over this many samples.
 _LAG_INTERVAL = 0.05
 _LAG_SAMPLES = 4
@@ -356,6 +359,7 @@ class ProxyServer:
         loop: asyncio.AbstractEventLoop | None = None,
         modules: HookChains | None = None,
         default_share: float = 1.0,
+        local_health: bool = True,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         # This process's part of each proxy-wide limit (see Module.set_shares):
@@ -383,6 +387,15 @@ class ProxyServer:
         self.snapshot = Snapshot(
             config, self.upstreams, generation=1, modules=self._modules_for(config)
         )
+        # Node health: judged here when this process is the whole proxy; with
+        # workers the master keeps the book and sends its verdicts.
+        self.health: HealthBook | None = None
+        if local_health:
+            self.health = HealthBook()
+            self.health.configure(config, time.monotonic())
+            self.upstreams.alarm = self._health_alarm
+        self._health_timer: asyncio.Handle | None = None
+        self._health_hurried = False
         self.connections: set[HttpConnection] = set()
         self.requests_served = 0
         self.draining = False
@@ -423,10 +436,14 @@ class ProxyServer:
                 )
         self._schedule_sweep()
         self._schedule_overload_check()
+        if self.health is not None:
+            self._health_timer = self.loop.call_later(HEALTH_TICK, self._health_tick)
 
     def reload(self, config: Config) -> Snapshot:
         """Swap in a new snapshot; requests already running keep theirs."""
         self.shedder.configure(config.overload)
+        if self.health is not None:
+            self.health.configure(config, time.monotonic())
         snapshot = Snapshot(
             config, self.upstreams, self.snapshot.generation + 1, self._modules_for(config)
         )
@@ -537,6 +554,34 @@ class ProxyServer:
         self.module_switches[name] = enabled
         self.shedder.forget(name)
 
+    # node health --------------------------------------------------------------------------
+
+    def _health_alarm(self, uri: str) -> None:
+        # A node failed several requests in a row: judge now, not at the tick.
+        if self._health_timer is not None and not self._health_hurried:
+            self._health_hurried = True
+            self._health_timer.cancel()
+            self._health_timer = self.loop.call_soon(self._health_tick)
+
+    def _health_tick(self) -> None:
+        assert self.health is not None
+        self._health_hurried = False
+        self._health_timer = self.loop.call_later(HEALTH_TICK, self._health_tick)
+        try:
+            verdicts = self.health.tick(self.upstreams.take_outcomes(), time.monotonic())
+        except Exception:
+            log.exception("node health tick failed")
+            return
+        self.apply_health(verdicts)
+
+    def apply_health(self, verdicts: dict[str, dict[str, float]]) -> None:
+        """Weight factors per cluster and node URI, from the health book."""
+        self.upstreams.verdicts = verdicts
+        for name, cluster in self.snapshot.clusters.items():
+            factors = verdicts.get(name)
+            if factors is not None:
+                cluster.apply(factors)
+
     # overload ---------------------------------------------------------------------------
 
     def _schedule_overload_check(self) -> None:
@@ -624,6 +669,8 @@ class ProxyServer:
             self._sweeper.cancel()
         if self._overload_timer is not None:
             self._overload_timer.cancel()
+        if self._health_timer is not None:
+            self._health_timer.cancel()
         await self.upstreams.close(timeout=1.0)
         retired = list(self._retired)
         for handle in self._retired.values():

@@ -9,39 +9,119 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Iterable
+import math
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from transports.base import Client, ClientOptions
 from transports.registry import transport_for
 
-from ..config import ClusterConfig, UpstreamConfig
-from .balance import BALANCERS, RoundRobin, SmoothWeighted
+from ..config import ClusterConfig, HealthConfig, UpstreamConfig
+from .balance import BALANCERS, HealthWeighted, RoundRobin, SmoothWeighted
 
 log = logging.getLogger("pitcher.upstream")
 
 
-class Node:
-    __slots__ = ("client", "uri", "weight")
+class NodeStats:
+    """What one node's requests came to since the last tick, and how many are in flight.
 
-    def __init__(self, uri: str, weight: int, client: Client) -> None:
+    Kept per node URI, beside its client: it outlives configuration snapshots.
+    """
+
+    __slots__ = ("alarm", "alarm_at", "failures", "in_flight", "successes", "trailing")
+
+    def __init__(self) -> None:
+        self.successes = 0
+        self.failures = 0
+        self.trailing = 0  # failures since the last success
+        self.in_flight = 0
+        # Called when ``alarm_at`` failures in a row are seen before the next
+        # tick: the health book is asked to judge now rather than at the tick.
+        self.alarm: Callable[[], None] | None = None
+        self.alarm_at = 0
+
+    def take(self) -> tuple[int, int, int] | None:
+        """The outcomes since the last call (None if there were none), and start again."""
+        if not (self.successes or self.failures):
+            return None
+        outcome = (self.successes, self.failures, self.trailing)
+        self.successes = self.failures = self.trailing = 0
+        return outcome
+
+
+class Node:
+    __slots__ = ("cap", "client", "effective", "failure_kinds", "stats", "uri", "weight")
+
+    def __init__(
+        self,
+        uri: str,
+        weight: int,
+        client: Client,
+        stats: NodeStats | None = None,
+        failure_kinds: frozenset[str] = frozenset(),
+    ) -> None:
         self.uri = uri
         self.weight = weight
         self.client = client
+        # Health (only for a cluster with a health table): outcomes are counted
+        # in ``stats``; ``effective`` is the weight times the node's health
+        # factor (0: takes nothing); ``cap`` the requests it may have in flight
+        # while it ramps (0: no cap).
+        self.stats = stats
+        self.failure_kinds = failure_kinds
+        self.effective = float(weight)
+        self.cap = 0
+
+    def record(self, kind: str | None) -> None:
+        """One request's outcome: None for a success, else the kind of failure."""
+        stats = self.stats
+        if stats is None:
+            return
+        if kind is None or kind not in self.failure_kinds:
+            stats.successes += 1
+            stats.trailing = 0
+        else:
+            stats.failures += 1
+            stats.trailing += 1
+            if stats.trailing == stats.alarm_at and stats.alarm is not None:
+                stats.alarm()
 
     def __repr__(self) -> str:
         return f"Node({self.uri!r}, weight={self.weight})"
 
 
 class Cluster:
-    __slots__ = ("_balancer", "name", "nodes")
+    __slots__ = ("_balancer", "health", "name", "nodes")
 
-    def __init__(self, name: str, nodes: Iterable[Node], balance: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        nodes: Iterable[Node],
+        balance: str,
+        health: HealthConfig | None = None,
+    ) -> None:
         self.name = name
         self.nodes = tuple(nodes)
-        self._balancer: RoundRobin[Node] | SmoothWeighted[Node] = BALANCERS[balance](self.nodes)
+        self.health = health
+        self._balancer: RoundRobin[Node] | SmoothWeighted[Node] | HealthWeighted
+        if health is not None:
+            # Weights move with health: always balanced by effective weight.
+            self._balancer = HealthWeighted(self.nodes)
+        else:
+            self._balancer = BALANCERS[balance](self.nodes)
 
     def pick(self, exclude: Collection[Node] = ()) -> Node | None:
         return self._balancer.pick(exclude)
+
+    def apply(self, factors: Mapping[str, float]) -> None:
+        """Weight factors from the health book, by node URI (a node not named keeps 1)."""
+        health = self.health
+        if health is None:
+            return
+        ramp = health.ramp_in_flight
+        for node in self.nodes:
+            factor = factors.get(node.uri, 1.0)
+            node.effective = node.weight * factor
+            node.cap = 0 if factor >= 1.0 or factor <= 0.0 else max(1, math.ceil(factor * ramp))
 
 
 class Upstreams:
@@ -49,6 +129,12 @@ class Upstreams:
 
     def __init__(self, options: UpstreamConfig) -> None:
         self._clients: dict[str, Client] = {}
+        self._stats: dict[str, NodeStats] = {}
+        # The last weight factors from the health book, by cluster and node URI:
+        # a cluster built for a new snapshot starts from them.
+        self.verdicts: dict[str, dict[str, float]] = {}
+        # Told the URI of a node that failed several requests in a row.
+        self.alarm: Callable[[str], None] | None = None
         self._options = self._client_options(options)
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -68,11 +154,51 @@ class Upstreams:
         return client
 
     def cluster(self, config: ClusterConfig) -> Cluster:
-        nodes = [Node(n.uri, n.weight, self.client(n.uri)) for n in config.nodes]
-        return Cluster(config.name, nodes, config.balance)
+        health = config.health
+        if health is None:
+            nodes = [Node(n.uri, n.weight, self.client(n.uri)) for n in config.nodes]
+            return Cluster(config.name, nodes, config.balance)
+        policy = health.policy
+        alarm_at = min(policy.consecutive_failures or policy.min_failures, policy.min_failures)
+        nodes = [
+            Node(
+                n.uri,
+                n.weight,
+                self.client(n.uri),
+                self._node_stats(n.uri, alarm_at),
+                health.failures,
+            )
+            for n in config.nodes
+        ]
+        cluster = Cluster(config.name, nodes, config.balance, health)
+        cluster.apply(self.verdicts.get(config.name, {}))
+        return cluster
+
+    def _node_stats(self, uri: str, alarm_at: int) -> NodeStats:
+        stats = self._stats.get(uri)
+        if stats is None:
+            stats = self._stats[uri] = NodeStats()
+            stats.alarm = lambda: self._alarm(uri)
+        stats.alarm_at = alarm_at
+        return stats
+
+    def _alarm(self, uri: str) -> None:
+        if self.alarm is not None:
+            self.alarm(uri)
+
+    def take_outcomes(self) -> dict[str, tuple[int, int, int]]:
+        """Outcomes per node URI since the last call, for the health book."""
+        outcomes = {}
+        for uri, stats in self._stats.items():
+            outcome = stats.take()
+            if outcome is not None:
+                outcomes[uri] = outcome
+        return outcomes
 
     def retain_only(self, uris: Collection[str], drain_timeout: float = 30.0) -> None:
         """Drain and close clients of nodes no longer configured: in-flight calls finish."""
+        for uri in [u for u in self._stats if u not in uris]:
+            del self._stats[uri]
         for uri in [u for u in self._clients if u not in uris]:
             client = self._clients.pop(uri)
             task = asyncio.get_running_loop().create_task(

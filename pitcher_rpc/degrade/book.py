@@ -1,0 +1,124 @@
+"""The health of every cluster that has a ``[clusters.NAME.health]`` table, in one place.
+
+The proxy keeps one book: the master with several workers, the proxy
+process itself with none. Every tick it is given the request outcomes seen
+since the last tick, per node URI (from every worker: a verdict holds for the
+whole proxy, and a node is judged on all its traffic), and answers with a
+weight factor per node of each cluster, which the workers balance by. Events
+(ejected, probation, restored, panic ...) are logged and counted here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..config import Config, HealthConfig
+from .health import ClusterHealth
+
+log = logging.getLogger("pitcher.health")
+
+# An outcome report: successes, failures, failures after the last success.
+Outcome = Sequence[int]
+# cluster name -> node URI -> weight factor (0.0: takes nothing)
+Verdicts = dict[str, dict[str, float]]
+
+
+class HealthBook:
+    def __init__(self) -> None:
+        self.clusters: dict[str, ClusterHealth] = {}
+        self._configs: dict[str, HealthConfig] = {}
+        self.events: Counter[tuple[str, str]] = Counter()  # (cluster, event) -> count
+        self._last: Verdicts = {}
+
+    def configure(self, config: Config, now: float) -> None:
+        """Follow a configuration: new clusters start with every node new (ramping);
+        a cluster whose health settings are unchanged keeps its nodes' state."""
+        clusters: dict[str, ClusterHealth] = {}
+        configs: dict[str, HealthConfig] = {}
+        for name, cluster in config.clusters.items():
+            health = cluster.health
+            if health is None:
+                continue
+            uris = [node.uri for node in cluster.nodes]
+            known = self.clusters.get(name)
+            if known is not None and self._configs[name].policy == health.policy:
+                known.sync(uris, now)
+                clusters[name] = known
+            else:
+                clusters[name] = ClusterHealth(health.policy, uris, now, new=True)
+            configs[name] = health
+        self.clusters = clusters
+        self._configs = configs
+
+    def tick(self, outcomes: Mapping[str, Outcome], now: float) -> Verdicts:
+        """Judge the outcomes since the last tick; the weight factors from now on."""
+        for name, cluster in self.clusters.items():
+            for uri, outcome in outcomes.items():
+                if uri in cluster.nodes:
+                    successes, failures, trailing = (int(n) for n in outcome)
+                    self._note(name, cluster.record(uri, now, successes, failures, trailing), now)
+            self._note(name, cluster.update(now), now)
+        verdicts = {name: cluster.factors(now) for name, cluster in self.clusters.items()}
+        self._last = verdicts
+        return verdicts
+
+    def _note(self, cluster: str, events: Sequence[Any], now: float) -> None:
+        for node, event in events:
+            self.events[(cluster, event)] += 1
+            if node is None:
+                if event == "panic":
+                    log.warning(
+                        "cluster %s: panic: too many nodes look bad; sending to every node",
+                        cluster,
+                    )
+                else:
+                    log.warning("cluster %s: panic over", cluster)
+                continue
+            health = self.clusters[cluster].nodes[node]
+            if event in ("ejected", "re-ejected"):
+                log.warning(
+                    "cluster %s: node %s %s for %.1fs",
+                    cluster,
+                    node,
+                    event,
+                    health.ejected_until - now,
+                )
+            elif event == "ejection_refused":
+                log.warning(
+                    "cluster %s: node %s looks bad, but the ejection cap keeps it in service",
+                    cluster,
+                    node,
+                )
+            elif event == "would_eject":
+                log.warning("cluster %s: node %s would be ejected (detect only)", cluster, node)
+            else:
+                log.info("cluster %s: node %s: %s", cluster, node, event)
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """Each cluster's nodes as the admin API shows them."""
+        described: dict[str, Any] = {}
+        for name, cluster in self.clusters.items():
+            factors = cluster.factors(now)
+            described[name] = {
+                "panic": cluster.panic,
+                "detect_only": cluster.policy.detect_only,
+                "nodes": {
+                    uri: {
+                        "state": str(node.state),
+                        "factor": round(factors.get(uri, 1.0), 3),
+                        "ejected_for": round(max(0.0, node.ejected_until - now), 3)
+                        if str(node.state) == "ejected"
+                        else 0.0,
+                    }
+                    for uri, node in cluster.nodes.items()
+                },
+                "events": {
+                    event: count
+                    for (cluster_name, event), count in self.events.items()
+                    if cluster_name == name
+                },
+            }
+        return described

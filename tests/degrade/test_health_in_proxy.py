@@ -1,0 +1,173 @@
+"""Node health wired into the proxy: config, balancing by health, the book, a real proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from pitcher_rpc.config import ConfigError, parse_config
+from pitcher_rpc.degrade.book import HealthBook
+from pitcher_rpc.degrade.health import HealthPolicy
+from pitcher_rpc.proxy.balance import HealthWeighted
+from pitcher_rpc.proxy.server import ProxyServer
+from pitcher_rpc.sdk import Request, Response, Service
+
+BASE = """
+[[routes]]
+prefix = "/"
+cluster = "c"
+[clusters.c]
+nodes = ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]
+[clusters.c.health]
+"""
+
+
+def test_health_table_is_read_with_defaults() -> None:
+    config = parse_config(BASE + "ejection_time = 2\nfailures = ['connect', '4xx']\n")
+    health = config.clusters["c"].health
+    assert health is not None
+    assert health.policy == HealthPolicy(ejection_time=2.0)
+    assert health.failures == {"connect", "4xx"}
+    assert health.ramp_in_flight == 100
+    assert parse_config(BASE.replace("[clusters.c.health]\n", "")).clusters["c"].health is None
+
+
+def test_bad_health_settings_are_refused_at_their_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            BASE + "failure_ratio = 2\nfailures = ['3xx']\nramp_in_flight = 0\nwindow = 3\n",
+            "h.toml",
+        )
+    assert str(caught.value).splitlines() == [
+        "h.toml:8: clusters.c.health.failure_ratio: must be in (0, 1], got 2",
+        "h.toml:9: clusters.c.health.failures[0]: must be one of "
+        '"connect", "timeout", "reset", "error", "5xx", "4xx", got "3xx"; did you mean "5xx"?',
+        "h.toml:10: clusters.c.health.ramp_in_flight: must be between 1 and 1000000, got 0",
+        "h.toml:11: clusters.c.health.window: unknown key (did you mean window_seconds?)",
+    ]
+
+
+def node(name: str, effective: float, cap: int = 0, in_flight: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(
+        name=name, effective=effective, cap=cap, stats=SimpleNamespace(in_flight=in_flight)
+    )
+
+
+def test_balancing_follows_effective_weights_caps_and_exclusions() -> None:
+    a, b, c = node("a", 1.0), node("b", 0.25), node("c", 0.0)
+    balancer = HealthWeighted([a, b, c])
+    picks = collections.Counter(balancer.pick().name for _ in range(1000))
+    assert picks == {"a": 800, "b": 200}
+    b.cap, b.stats.in_flight = 2, 2  # ramping node with its cap in flight
+    assert {balancer.pick().name for _ in range(50)} == {"a"}
+    assert balancer.pick(exclude=[a]) is None
+
+
+def test_the_book_merges_keeps_state_over_reloads_and_forgets_removed_nodes() -> None:
+    text = BASE + "slow_start = 0\nconsecutive_failures = 3\nejection_time = 10\n"
+    book = HealthBook()
+    book.configure(parse_config(text), 0.0)
+    verdicts = book.tick({"tcp://127.0.0.1:1": (0, 3, 3)}, 1.0)
+    assert verdicts == {"c": {"tcp://127.0.0.1:1": 0.0, "tcp://127.0.0.1:2": 1.0}}
+    assert book.events[("c", "ejected")] == 1
+    # The same health settings after a reload: the ejection stands.
+    book.configure(parse_config(text.replace("127.0.0.1:2", "127.0.0.1:3")), 2.0)
+    assert book.tick({}, 2.0) == {"c": {"tcp://127.0.0.1:1": 0.0, "tcp://127.0.0.1:3": 1.0}}
+    assert book.describe(2.0)["c"]["nodes"]["tcp://127.0.0.1:1"]["state"] == "ejected"
+    # Outcomes of nodes no cluster watches are ignored.
+    assert book.tick({"tcp://127.0.0.1:9": (0, 50, 50)}, 3.0)["c"]["tcp://127.0.0.1:3"] == 1.0
+
+
+# -- a real proxy: one node answers 500 ---------------------------------------------------
+
+good = Service("good")
+bad = Service("bad")
+
+
+@good.route("/")
+def ok(request: Request) -> Response:
+    return Response(200, "good")
+
+
+@bad.route("/")
+def broken(request: Request) -> Response:
+    return Response(500, "bad")
+
+
+PROXY = """
+[server]
+listen = "127.0.0.1:0"
+[[routes]]
+prefix = "/"
+cluster = "c"
+retries = 0
+[clusters.c]
+nodes = ["{good}", "{bad}"]
+[clusters.c.health]
+slow_start = 0
+ejection_time = 30
+{extra}
+"""
+
+
+async def ask(port: int, count: int) -> collections.Counter[str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    bodies: collections.Counter[str] = collections.Counter()
+    try:
+        for _ in range(count):
+            writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            bodies[(await reader.readexactly(length)).decode()] += 1
+            await asyncio.sleep(0.002)
+    finally:
+        writer.close()
+    return bodies
+
+
+def run_proxy(extra: str) -> tuple[collections.Counter[str], ProxyServer]:
+    async def main() -> tuple[collections.Counter[str], ProxyServer]:
+        good_server = await good.serve("tcp://127.0.0.1:0")
+        bad_server = await bad.serve("tcp://127.0.0.1:0")
+        text = PROXY.format(good=good_server.address, bad=bad_server.address, extra=extra)
+        proxy = ProxyServer(parse_config(text))
+        await proxy.start()
+        try:
+            port = int(proxy.address.rpartition(":")[2])
+            return await ask(port, 300), proxy
+        finally:
+            await proxy.stop(1.0)
+            await good_server.close(1.0)
+            await bad_server.close(1.0)
+
+    return asyncio.run(main())
+
+
+def test_a_node_answering_500_is_ejected_and_traffic_moves_away() -> None:
+    bodies, proxy = run_proxy("")
+    assert proxy.health is not None
+    # Five 500s in a row eject it (consecutive detector): judged at once, not at the tick.
+    assert bodies["bad"] == 5, bodies
+    assert bodies["good"] >= 285
+    described = proxy.health.describe(time.monotonic())["c"]
+    bad_node = next(n for n in described["nodes"].values() if n["state"] == "ejected")
+    assert bad_node["factor"] == 0.0
+    assert described["events"] == {"ejected": 1}
+
+
+def test_detect_only_counts_the_ejection_and_changes_nothing() -> None:
+    bodies, proxy = run_proxy("detect_only = true")
+    assert proxy.health is not None
+    assert abs(bodies["bad"] - bodies["good"]) <= 2  # still round robin
+    described = proxy.health.describe(time.monotonic())["c"]
+    assert described["events"] == {"would_eject": 1}
+    assert {n["state"] for n in described["nodes"].values()} == {"healthy"}
+
+
+def test_5xx_need_not_count() -> None:
+    bodies, _ = run_proxy("failures = ['connect', 'timeout', 'reset']")
+    assert abs(bodies["bad"] - bodies["good"]) <= 2
