@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import urllib.parse
 
 import click
 
@@ -194,25 +195,72 @@ def modules(action: str, name: str | None, path: str) -> None:
     _admin_call(config, "POST", f"/admin/modules/{name}/{action}")
 
 
-def _admin_call(config: Config, method: str, route: str) -> None:
+@main.command()
+@click.argument("action", type=click.Choice(["list", "add", "drain", "remove"]))
+@click.argument("cluster", required=False)
+@click.argument("uri", required=False)
+@click.option("--weight", type=click.IntRange(1, 1000), default=None, help="For add (default 1).")
+@click.option("--keep", is_flag=True, help="Keep the change over later reloads.")
+@click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
+def nodes(
+    action: str,
+    cluster: str | None,
+    uri: str | None,
+    weight: int | None,
+    keep: bool,
+    path: str,
+) -> None:
+    """List clusters and their nodes, or add, drain or remove a node in every worker.
+
+    A change lasts until the next reload unless --keep is given; the file is
+    never written.
+    """
+    config = _load_or_exit(path)
+    if action == "list":
+        _admin_call(config, "GET", "/admin/clusters")
+        return
+    if not cluster or not uri:
+        raise click.BadParameter(f"'{action}' needs a CLUSTER and a node URI", param_hint="URI")
+    if weight is not None and action != "add":
+        raise click.BadParameter("only 'add' takes a weight", param_hint="--weight")
+    body: dict[str, object] = {"uri": uri, "keep": keep}
+    if weight is not None:
+        body["weight"] = weight
+    quoted = urllib.parse.quote(cluster, safe="")
+    method, route = {
+        "add": ("POST", f"/admin/clusters/{quoted}/nodes"),
+        "drain": ("POST", f"/admin/clusters/{quoted}/nodes/drain"),
+        "remove": ("DELETE", f"/admin/clusters/{quoted}/nodes"),
+    }[action]
+    _admin_call(config, method, route, body)
+
+
+def _admin_call(
+    config: Config, method: str, route: str, body: dict[str, object] | None = None
+) -> None:
     import http.client
     import json
 
     address = config.admin.listen_address
     connection = http.client.HTTPConnection(address.host, address.port, timeout=60)
     try:
-        connection.request(method, route)
+        if body is None:
+            connection.request(method, route)
+        else:
+            connection.request(
+                method, route, json.dumps(body), {"content-type": "application/json"}
+            )
         response = connection.getresponse()
-        body = response.read().decode("utf-8", "replace")
+        answer = response.read().decode("utf-8", "replace")
     except OSError as exc:
         click.echo(f"pitcher: no admin API at {config.admin.listen}: {exc}", err=True)
         sys.exit(1)
     finally:
         connection.close()
     try:
-        click.echo(json.dumps(json.loads(body), indent=2))
+        click.echo(json.dumps(json.loads(answer), indent=2))
     except ValueError:
-        click.echo(body)
+        click.echo(answer)
     if response.status >= 300:
         sys.exit(1)
 

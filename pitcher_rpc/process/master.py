@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config, ConfigError, load_config
+from ..config.overlay import NodeChange, Overlay
 from ..proxy.server import describe_backlog
-from . import metrics
+from . import cluster_routes, metrics
 from .admin import AdminError, AdminRequest, AdminResponse, AdminServer
 from .control import ControlError, WorkerLink, read_message
 from .coordination import Coordination
@@ -92,7 +93,12 @@ class Master:
         self, config_path: str, config: Config, workers: int, takeover: str | None = None
     ) -> None:
         self.config_path = config_path
+        # The file as loaded, the run-time node changes over it, and the two
+        # together: the configuration the workers run.
+        self.base_config = config
+        self.overlay = Overlay()
         self.config = config
+        self._changing = asyncio.Lock()
         self.generation = 1
         self.slots = [WorkerSlot(index) for index in range(workers)]
         # A successor takes its predecessor's sockets instead of binding its own.
@@ -286,8 +292,13 @@ class Master:
         try:
             # A worker started from an older file catches up with the current one.
             status = await link.command("status")
-            if status.get("checksum") != self.config.checksum:
-                await link.command("reload", path=self.config_path, checksum=self.config.checksum)
+            if status.get("checksum") != self.config.checksum or self.overlay:
+                await link.command(
+                    "reload",
+                    path=self.config_path,
+                    checksum=self.config.checksum,
+                    overlay=self.overlay.to_json(),
+                )
         except (ControlError, ConfigError) as exc:
             log.error("worker %d could not take the current configuration: %s", index, exc)
 
@@ -308,15 +319,58 @@ class Master:
 
         return list(await asyncio.gather(*(one(slot) for slot in self.slots)))
 
+    # -- nodes at run time ---------------------------------------------------------
+
+    async def change_nodes(self, change: NodeChange) -> dict[str, Any]:
+        """Add, drain or remove a node in every worker; OverlayError if it cannot be."""
+        async with self._changing:
+            overlay = self.overlay.change(self.base_config, change)
+            config = overlay.apply(self.base_config)
+            self.overlay, self.config = overlay, config
+            self.coordination.health.configure(config, time.monotonic())
+            results = await self._each("overlay", overlay=overlay.to_json())
+        failed = [r for r in results if "error" in r]
+        log.info(
+            "%s node %s in cluster %s%s: %d of %d workers",
+            change.action,
+            change.uri,
+            change.cluster,
+            " (kept over reloads)" if change.keep else "",
+            len(results) - len(failed),
+            len(results),
+        )
+        return {
+            "cluster": change.cluster,
+            "nodes": [node.uri for node in config.clusters[change.cluster].nodes],
+            "draining": overlay.draining(config).get(change.cluster, []),
+            "workers": results,
+            "complete": not failed,
+        }
+
     # -- reload ------------------------------------------------------------------
 
     async def reload(self) -> dict[str, Any]:
         """Validate the file once here; then every worker swaps to it. ConfigError keeps the old."""
-        config = load_config(self.config_path)
-        self.config = config
+        async with self._changing:
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
+        base = load_config(self.config_path)
+        overlay, dropped = self.overlay.for_reload(base)
+        for change in dropped:
+            log.warning(
+                "reload: the kept change %s %s in cluster %s no longer applies; dropped",
+                change.action,
+                change.uri,
+                change.cluster,
+            )
+        config = overlay.apply(base)
+        self.base_config, self.overlay, self.config = base, overlay, config
         self.coordination.health.configure(config, time.monotonic())
         self.generation += 1
-        results = await self._each("reload", path=self.config_path, checksum=config.checksum)
+        results = await self._each(
+            "reload", path=self.config_path, checksum=config.checksum, overlay=overlay.to_json()
+        )
         failed = [r for r in results if "error" in r]
         log.info(
             "reloaded %s (sha256 %s): %d of %d workers",
@@ -408,7 +462,7 @@ class Master:
         self.admin.route("POST", "/admin/restart", self._admin_restart)
         self.admin.route("GET", "/metrics", self._metrics)
         self.admin.route("GET", "/admin/modules", self._admin_modules)
-        self.admin.route("GET", "/admin/clusters", self._admin_clusters)
+        cluster_routes.install(self.admin, self)
         self.admin.route("POST", "/admin/modules/{name}/enable", self._admin_enable)
         self.admin.route("POST", "/admin/modules/{name}/disable", self._admin_disable)
 
@@ -438,18 +492,6 @@ class Master:
         except ConfigError as exc:
             raise AdminError(400, str(exc)) from None
         return AdminResponse(200 if result["complete"] else 500, result)
-
-    async def _admin_clusters(self, request: AdminRequest) -> AdminResponse:
-        health = self.coordination.health.describe(time.monotonic())
-        clusters = {
-            name: {
-                "balance": cluster.balance,
-                "nodes": [{"uri": node.uri, "weight": node.weight} for node in cluster.nodes],
-                "health": health.get(name),
-            }
-            for name, cluster in self.config.clusters.items()
-        }
-        return AdminResponse(200, {"clusters": clusters})
 
     async def _admin_modules(self, request: AdminRequest) -> AdminResponse:
         return AdminResponse(200, {"workers": await self._each("modules")})

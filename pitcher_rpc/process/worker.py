@@ -16,7 +16,8 @@ import socket
 import sys
 from typing import Any
 
-from ..config import ConfigError, load_config
+from ..config import Config, ConfigError, load_config
+from ..config.overlay import Overlay
 from ..proxy.server import ProxyServer
 from .control import ControlError, encode_message, read_message
 from .gc_tuning import GcPauses, GcSettings, apply
@@ -33,6 +34,8 @@ class Worker:
         self.config_path = config_path
         self.listener = listener
         self.proxy: ProxyServer | None = None
+        # The configuration file as last loaded, without run-time node changes.
+        self.base_config: Config | None = None
         self.stopping = asyncio.Event()
         self.fast = False
         self.pauses = GcPauses()
@@ -44,7 +47,7 @@ class Worker:
         # The master handles SIGHUP for the whole proxy (a terminal's hangup
         # reaches the whole process group).
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
-        config = load_config(self.config_path)
+        self.base_config = config = load_config(self.config_path)
         # Until the master's first tick, each proxy-wide limit is split evenly.
         self.proxy = proxy = ProxyServer(
             config, default_share=1.0 / max(1, self.workers), local_health=False
@@ -88,6 +91,10 @@ class Worker:
                     answer["ok"] = True
                 except (ConfigError, ControlError, ValueError) as exc:
                     answer.update(ok=False, error=str(exc))
+                except Exception as exc:
+                    # A bug must not cost the control channel: answered, and logged.
+                    log.exception("control command %r failed", message.get("op"))
+                    answer.update(ok=False, error=f"internal error: {exc!r}")
                 writer.write(encode_message(answer))
         except (ControlError, ConnectionError) as exc:
             log.error("control channel failed: %s", exc)
@@ -113,7 +120,13 @@ class Worker:
             config = load_config(str(message["path"]))
             if config.checksum != message.get("checksum"):
                 raise ControlError("the file changed after the master checked it; not reloaded")
-            proxy.reload(config)
+            self.base_config = config
+            proxy.reload(Overlay.from_json(message.get("overlay") or ()).apply(config))
+            return self.status()
+        if op == "overlay":
+            # Nodes added, drained or removed at run time, over the file last loaded.
+            assert self.base_config is not None
+            proxy.reload(Overlay.from_json(message.get("overlay") or ()).apply(self.base_config))
             return self.status()
         if op == "modules":
             name = message.get("name")

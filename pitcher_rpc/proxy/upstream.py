@@ -113,13 +113,18 @@ class Cluster:
         return self._balancer.pick(exclude)
 
     def apply(self, factors: Mapping[str, float]) -> None:
-        """Weight factors from the health book, by node URI (a node not named keeps 1)."""
+        """Weight factors from the health book, by node URI.
+
+        A node the book has not judged yet is new to it: it starts where slow
+        start starts, not at full weight, until the next tick says more.
+        """
         health = self.health
         if health is None:
             return
         ramp = health.ramp_in_flight
+        new = health.policy.ramp(0.0) if not health.policy.detect_only else 1.0
         for node in self.nodes:
-            factor = factors.get(node.uri, 1.0)
+            factor = factors.get(node.uri, new)
             node.effective = node.weight * factor
             node.cap = 0 if factor >= 1.0 or factor <= 0.0 else max(1, math.ceil(factor * ramp))
 
