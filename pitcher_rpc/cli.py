@@ -313,11 +313,32 @@ def bench(seconds: float, carriers: str, in_flight: int, no_proxy: bool, chart: 
 @main.command()
 @click.argument("app")
 @click.option("--listen", required=True, metavar="URI", help="e.g. tcp://127.0.0.1:7001")
-def backend(app: str, listen: str) -> None:
+@click.option(
+    "--register",
+    metavar="URL",
+    help="A proxy's admin API (e.g. http://127.0.0.1:9180): join --cluster there at start,"
+    " be drained and leave at SIGTERM.",
+)
+@click.option("--cluster", help="The cluster to join (with --register).")
+@click.option(
+    "--advertise", metavar="URI", help="The URI the proxy should use (default: --listen)."
+)
+@click.option("--weight", type=click.IntRange(1, 1000), default=1, show_default=True)
+def backend(
+    app: str,
+    listen: str,
+    register: str | None,
+    cluster: str | None,
+    advertise: str | None,
+    weight: int,
+) -> None:
     """Run a split service: APP is MODULE:ATTRIBUTE naming a pitcher_rpc.sdk.Service."""
     from transports.registry import AddressError, transport_for
 
-    from .sdk import Service
+    from .sdk import Registration, RegistrationError, Service
+
+    if (register is None) != (cluster is None):
+        raise click.BadParameter("--register and --cluster go together", param_hint="--cluster")
 
     try:
         transport_for(listen)
@@ -336,7 +357,14 @@ def backend(app: str, listen: str) -> None:
         raise click.BadParameter(f"cannot load {app}: {exc}", param_hint="APP") from None
     if not isinstance(service, Service):
         raise click.BadParameter(f"{app} is not a pitcher_rpc.sdk.Service", param_hint="APP")
-    service.run(listen)
+    registration = None
+    if register is not None and cluster is not None:
+        registration = Registration(register, cluster, advertise=advertise, weight=weight)
+    try:
+        service.run(listen, register=registration)
+    except RegistrationError as exc:
+        click.echo(f"pitcher: {exc}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@
         app.run("unix:///tmp/hello.sock")   # or tcp://127.0.0.1:7001
 
 Or from the shell: ``pitcher backend mymodule:app --listen tcp://127.0.0.1:7001``.
+A service can register itself with a proxy's cluster at start and be drained
+at stop: ``app.run(uri, register=Registration(admin_url, "cluster"))`` or
+``pitcher backend ... --register http://127.0.0.1:9180 --cluster NAME``.
 """
 
+from .registration import Registration, RegistrationError
 from .service import Headers, Request, Response, Service
 
-__all__ = ["Headers", "Request", "Response", "Service"]
+__all__ = ["Headers", "Registration", "RegistrationError", "Request", "Response", "Service"]

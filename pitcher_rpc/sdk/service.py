@@ -16,6 +16,7 @@ from transports.base import Server, ServerOptions
 from transports.registry import transport_for
 
 from ..codec import decode_request, encode_response
+from .registration import Registration
 
 log = logging.getLogger("pitcher.sdk")
 
@@ -170,19 +171,35 @@ class Service:
         log.info("%s serving on %s", self.name, server.address)
         return server
 
-    def run(self, address: str, *, grace: float = 5.0) -> None:
-        """Serve until SIGINT or SIGTERM, then drain for at most ``grace`` seconds."""
+    def run(
+        self, address: str, *, grace: float = 5.0, register: Registration | None = None
+    ) -> None:
+        """Serve until SIGINT or SIGTERM, then drain for at most ``grace`` seconds.
+
+        With ``register``, the service adds itself to a proxy's cluster once
+        it serves, and at SIGTERM is drained there before it stops and then
+        removed (see :mod:`pitcher_rpc.sdk.registration`).
+        """
         import uvloop
 
-        uvloop.run(self._run_until_signal(address, grace))
+        uvloop.run(self._run_until_signal(address, grace, register))
 
-    async def _run_until_signal(self, address: str, grace: float) -> None:
+    async def _run_until_signal(
+        self, address: str, grace: float, register: Registration | None = None
+    ) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         server = await self.serve(address)
         try:
+            if register is not None:
+                await register.register(server.address)
             await stop.wait()
+            if register is not None and await register.drain(server.address):
+                # Requests the proxy sent just before the drain may still be on their way.
+                await asyncio.sleep(register.settle)
         finally:
             await server.close(grace)
+        if register is not None:
+            await register.deregister(server.address)

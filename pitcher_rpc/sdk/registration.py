@@ -1,0 +1,126 @@
+"""A split service that tells the proxy about itself: registered at start, drained at stop.
+
+    app.run("tcp://127.0.0.1:0", register=Registration("http://127.0.0.1:9180", "users"))
+
+or ``pitcher backend users:app --listen tcp://127.0.0.1:0 --register
+http://127.0.0.1:9180 --cluster users``. Once serving, the service adds
+itself to the cluster through the proxy's admin API (its real address, or
+``advertise``), retrying while the proxy is not there yet; a 409 (it is
+already a node) counts as done. At SIGTERM it asks the proxy to drain it,
+waits for a moment so no new request is on its way, finishes the requests in
+flight, stops, and removes itself. The proxy keeps sending to it until the
+drain is in every worker, so no request is lost.
+
+The calls are plain HTTP to the admin API, made in a thread (urllib) so the
+service's event loop is never blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("pitcher.sdk")
+
+
+class RegistrationError(Exception):
+    """The proxy refused the call, or could not be reached in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    admin: str  # the proxy's admin API, e.g. "http://127.0.0.1:9180"
+    cluster: str
+    advertise: str | None = None  # the URI the proxy should use; default: where we listen
+    weight: int = 1
+    # How long to keep trying to reach the proxy at start.
+    patience: float = 30.0
+    # After the drain is in the proxy, how long requests already on their way may take to arrive.
+    settle: float = 0.2
+
+    def _url(self, suffix: str = "") -> str:
+        cluster = urllib.parse.quote(self.cluster, safe="")
+        return f"{self.admin.rstrip('/')}/admin/clusters/{cluster}/nodes{suffix}"
+
+    async def register(self, uri: str) -> None:
+        """Add ``uri`` (or ``advertise``) to the cluster; retried until ``patience`` runs out."""
+        node = self.advertise or uri
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.patience
+        delay = 0.1
+        while True:
+            try:
+                status, answer = await _call(
+                    "POST", self._url(), {"uri": node, "weight": self.weight}
+                )
+            except OSError as exc:
+                if loop.time() + delay > deadline:
+                    raise RegistrationError(f"no admin API at {self.admin}: {exc}") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if status in (200, 201, 409):
+                log.info("registered %s in cluster %s at %s", node, self.cluster, self.admin)
+                return
+            raise RegistrationError(f"the proxy refused {node}: {status} {answer.get('error')}")
+
+    async def drain(self, uri: str) -> bool:
+        """Ask the proxy to send no new request; False if it would not (logged)."""
+        return await self._leave("POST", "/drain", uri)
+
+    async def deregister(self, uri: str) -> bool:
+        """Remove the node from the cluster; False if the proxy would not (logged)."""
+        return await self._leave("DELETE", "", uri)
+
+    async def _leave(self, method: str, suffix: str, uri: str) -> bool:
+        node = self.advertise or uri
+        try:
+            status, answer = await _call(method, self._url(suffix), {"uri": node})
+        except OSError as exc:
+            log.warning(
+                "cannot reach the proxy at %s to leave cluster %s: %s",
+                self.admin,
+                self.cluster,
+                exc,
+            )
+            return False
+        if status >= 300:
+            log.warning(
+                "the proxy would not %s %s: %s",
+                "drain" if suffix else "remove",
+                node,
+                answer.get("error", status),
+            )
+            return False
+        return True
+
+
+async def _call(method: str, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def call() -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(
+            url,
+            json.dumps(body).encode(),
+            {"content-type": "application/json"},
+            method=method,
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, _json(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, _json(error.read())
+
+    return await asyncio.to_thread(call)
+
+
+def _json(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return {"error": data.decode("utf-8", "replace")[:200]}
+    return value if isinstance(value, dict) else {"error": str(value)[:200]}

@@ -1,0 +1,142 @@
+"""A split service that registers itself with the proxy at start and leaves drained at stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+
+from tests.proxy.conftest import (
+    Launcher,
+    Process,
+    Proxy,
+    free_port,
+    get,
+    pitcher_command,
+    toml_config,
+)
+
+
+def with_admin_port(text: str, port: int) -> str:
+    admin = '[admin]\nlisten = "127.0.0.1:0"'
+    assert admin in text
+    return text.replace(admin, f'[admin]\nlisten = "127.0.0.1:{port}"')
+
+
+def self_registering(launcher: Launcher, admin: int, name: str, *extra: str) -> Process:
+    env = {
+        "TEST_BACKEND_NAME": name,
+        "TEST_MARK_DIR": launcher.mark_dir,
+        "PYTHONPATH": launcher.tmpdir + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    return launcher.spawn(
+        [
+            *pitcher_command(),
+            "backend",
+            "testapp:app",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--register",
+            f"http://127.0.0.1:{admin}",
+            "--cluster",
+            "app",
+            *extra,
+        ],
+        env=env,
+    )
+
+
+def cluster_state(admin: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/admin/clusters", timeout=5) as answer:
+        return json.load(answer)["clusters"]["app"]
+
+
+def cluster_nodes(admin: int) -> list[str]:
+    return [node["uri"] for node in cluster_state(admin)["nodes"]]
+
+
+def test_a_service_joins_at_start_and_leaves_without_losing_a_request(
+    launcher: Launcher,
+) -> None:
+    first = launcher.test_backend("tcp", name="first")
+    admin = free_port()
+    text = toml_config([{"prefix": "/", "cluster": "app"}], {"app": {"nodes": [first.uri]}})
+    proxy: Proxy = launcher.proxy(with_admin_port(text, admin), workers=2)
+
+    joiner = self_registering(launcher, admin, "joiner")
+    joiner.wait_for_line("registered ")
+    joined = time.monotonic()
+    assert len(cluster_nodes(admin)) == 2
+
+    answers: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set():
+            response = get(proxy, "/?jitter=0.01")
+            backend = response.json()["backend"] if response.status == 200 else ""
+            answers.append((time.monotonic(), response.status, backend))
+
+    askers = [threading.Thread(target=ask) for _ in range(4)]
+    for asker in askers:
+        asker.start()
+    drained_seen = False
+    try:
+        time.sleep(1.0)
+        joiner.signal(signal.SIGTERM)
+        # Drained first (listed as draining, taking nothing new), then gone.
+        while joiner.alive():
+            state = cluster_state(admin)
+            drained_seen = drained_seen or bool(state["draining"])
+            time.sleep(0.01)
+        assert joiner.stop(timeout=15) == 0
+        left = time.monotonic()
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for asker in askers:
+            asker.join(10)
+
+    assert drained_seen
+    assert [a for a in answers if a[1] != 200] == []
+    took = [at for at, _, who in answers if who == "joiner"]
+    assert took and took[0] - joined < 1.0
+    assert all(at < left for at in took)
+    assert cluster_nodes(admin) == [first.uri]
+    output = joiner.output
+    assert "registered tcp://127.0.0.1:" in output
+
+
+def test_a_service_started_before_the_proxy_waits_for_it(launcher: Launcher) -> None:
+    first = launcher.test_backend("tcp", name="first")
+    admin = free_port()
+    joiner = self_registering(launcher, admin, "early", "--weight", "3")
+    time.sleep(1.0)
+    assert joiner.alive()
+    text = toml_config([{"prefix": "/", "cluster": "app"}], {"app": {"nodes": [first.uri]}})
+    launcher.proxy(with_admin_port(text, admin), workers=1)
+    joiner.wait_for_line("registered ")
+    assert len(cluster_nodes(admin)) == 2
+
+
+def test_register_and_cluster_go_together() -> None:
+    result = subprocess.run(
+        [
+            *pitcher_command(),
+            "backend",
+            "pitcher_rpc.sdk.echo:app",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--register",
+            "http://127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--register and --cluster go together" in result.stderr
