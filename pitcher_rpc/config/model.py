@@ -181,6 +181,24 @@ class HealthConfig:
     ramp_in_flight: int = 100
 
 
+@dataclass(frozen=True, slots=True)
+class ScaleOutConfig:
+    """A cluster's ``[clusters.NAME.scale_out]``: a command run when healthy capacity is low.
+
+    When the share of the cluster's weight on nodes in service (not ejected,
+    not in probation, not kept in service by the ejection cap while bad) falls
+    below ``below``, ``command`` (an argv, no shell) is run with the numbers in
+    its environment, at most once per ``cooldown`` seconds, and killed after
+    ``timeout``. ``detect_only`` logs what would run and runs nothing.
+    """
+
+    command: tuple[str, ...]
+    below: float = 0.5
+    cooldown: float = 300.0
+    timeout: float = 60.0
+    detect_only: bool = False
+
+
 # Keyword-only because the spec order puts a required field after defaulted
 # ones; positional construction of these wide records would be error-prone anyway.
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,6 +208,7 @@ class ClusterConfig:
     nodes: tuple[NodeConfig, ...]
     # None: no failure detection, every node always takes its share.
     health: HealthConfig | None = None
+    scale_out: ScaleOutConfig | None = None
 
     def __post_init__(self) -> None:
         # A list passed by a caller would stay mutable behind the frozen record.

@@ -46,7 +46,8 @@ ROUTE_KEYS = (
     "modules",
     "business",
 )
-CLUSTER_KEYS = ("balance", "nodes", "health")
+CLUSTER_KEYS = ("balance", "nodes", "health", "scale_out")
+SCALE_OUT_KEYS = ("command", "below", "cooldown", "timeout", "detect_only")
 NODE_KEYS = ("uri", "weight")
 
 # RFC 9110 token: header field names and methods.

@@ -44,6 +44,7 @@ from .model import (
     NodeConfig,
     OverloadConfig,
     RouteConfig,
+    ScaleOutConfig,
     ServerConfig,
     UpstreamConfig,
     parse_listen,
@@ -55,6 +56,7 @@ from .schema import (
     NODE_KEYS,
     OVERLOAD_KEYS,
     ROUTE_KEYS,
+    SCALE_OUT_KEYS,
     SERVER_KEYS,
     TOKEN,
     TOML_POSITION,
@@ -420,7 +422,43 @@ class _Validator:
             self.report((*path, "balance"), one_of_message(balance, BALANCE_POLICIES))
         nodes = self._nodes(value, (*path, "nodes"))
         health = self._health(value, (*path, "health"))
-        return ClusterConfig(name=name, balance=balance, nodes=nodes, health=health)
+        scale_out = self._scale_out(value, (*path, "scale_out"))
+        if scale_out is not None and health is None and "health" not in value:
+            self.report(
+                (*path, "scale_out"),
+                "needs a [clusters.NAME.health] table: capacity is judged by node health",
+            )
+        return ClusterConfig(
+            name=name, balance=balance, nodes=nodes, health=health, scale_out=scale_out
+        )
+
+    def _scale_out(self, cluster: Mapping[str, Any], path: KeyPath) -> ScaleOutConfig | None:
+        table = self._table(cluster, path)
+        if table is None:
+            return None
+        self._check_keys(table, path, SCALE_OUT_KEYS)
+        command = table.get("command")
+        if (
+            not isinstance(command, list)
+            or not command
+            or not all(isinstance(part, str) and part for part in command)
+        ):
+            self.report(
+                (*path, "command"),
+                "required: the program and its arguments, as an array of strings (no shell)",
+            )
+            return None
+        below = table.get("below", 0.5)
+        if isinstance(below, bool) or not isinstance(below, int | float) or not 0 < below <= 1:
+            self.report((*path, "below"), f"must be a share in (0, 1], got {below!r}")
+        detect = self._boolean(table, (*path, "detect_only"))
+        return ScaleOutConfig(
+            command=tuple(command),
+            below=float(below) if isinstance(below, int | float) else 0.5,
+            cooldown=self._seconds(table, (*path, "cooldown"), 300.0),
+            timeout=self._seconds(table, (*path, "timeout"), 60.0),
+            detect_only=bool(detect),
+        )
 
     def _health(self, cluster: Mapping[str, Any], path: KeyPath) -> HealthConfig | None:
         table = self._table(cluster, path)

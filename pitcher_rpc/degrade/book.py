@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config, HealthConfig
-from .health import ClusterHealth
+from ..config.model import ScaleOutConfig
+from .health import ClusterHealth, NodeState
 
 log = logging.getLogger("pitcher.health")
 
@@ -26,10 +28,22 @@ Outcome = Sequence[int]
 Verdicts = dict[str, dict[str, float]]
 
 
+@dataclass(frozen=True, slots=True)
+class ScaleOut:
+    """A scale-out command to run now for a cluster, with the numbers for its environment."""
+
+    cluster: str
+    config: ScaleOutConfig
+    environment: dict[str, str]
+
+
 class HealthBook:
     def __init__(self) -> None:
         self.clusters: dict[str, ClusterHealth] = {}
         self._configs: dict[str, HealthConfig] = {}
+        self._scale: dict[str, ScaleOutConfig] = {}
+        self._weights: dict[str, dict[str, int]] = {}
+        self._scaled_at: dict[str, float] = {}
         self.events: Counter[tuple[str, str]] = Counter()  # (cluster, event) -> count
         self._last: Verdicts = {}
 
@@ -38,10 +52,15 @@ class HealthBook:
         a cluster whose health settings are unchanged keeps its nodes' state."""
         clusters: dict[str, ClusterHealth] = {}
         configs: dict[str, HealthConfig] = {}
+        self._scale = {}
+        self._weights = {}
         for name, cluster in config.clusters.items():
             health = cluster.health
             if health is None:
                 continue
+            if cluster.scale_out is not None:
+                self._scale[name] = cluster.scale_out
+            self._weights[name] = {node.uri: node.weight for node in cluster.nodes}
             uris = [node.uri for node in cluster.nodes]
             known = self.clusters.get(name)
             if known is not None and self._configs[name].policy == health.policy:
@@ -64,6 +83,53 @@ class HealthBook:
         verdicts = {name: cluster.factors(now) for name, cluster in self.clusters.items()}
         self._last = verdicts
         return verdicts
+
+    def capacity(self, name: str) -> tuple[float, list[str]]:
+        """The share of a cluster's weight on nodes in service, and the nodes out of it.
+
+        Out of service: ejected, in probation, or bad and kept in only by the
+        ejection cap.
+        """
+        cluster = self.clusters[name]
+        weights = self._weights.get(name, {})
+        total = sum(weights.get(uri, 1) for uri in cluster.nodes) or 1
+        out = [
+            uri
+            for uri, node in cluster.nodes.items()
+            if node.refused or node.state in (NodeState.EJECTED, NodeState.PROBATION)
+        ]
+        serving = total - sum(weights.get(uri, 1) for uri in out)
+        return serving / total, out
+
+    def scale_outs(self, now: float) -> list[ScaleOut]:
+        """Scale-out commands due now: capacity below the mark, cool-down over."""
+        due = []
+        for name, config in self._scale.items():
+            if name not in self.clusters:
+                continue
+            share, out = self.capacity(name)
+            if share >= config.below:
+                continue
+            last = self._scaled_at.get(name)
+            if last is not None and now - last < config.cooldown:
+                continue
+            self._scaled_at[name] = now
+            nodes = self.clusters[name].nodes
+            due.append(
+                ScaleOut(
+                    name,
+                    config,
+                    {
+                        "PITCHER_CLUSTER": name,
+                        "PITCHER_NODES": str(len(nodes)),
+                        "PITCHER_NODES_IN_SERVICE": str(len(nodes) - len(out)),
+                        "PITCHER_HEALTHY_SHARE": f"{share:.3f}",
+                        "PITCHER_THRESHOLD": f"{config.below:g}",
+                        "PITCHER_NODES_OUT": " ".join(out),
+                    },
+                )
+            )
+        return due
 
     def _note(self, cluster: str, events: Sequence[Any], now: float) -> None:
         for node, event in events:

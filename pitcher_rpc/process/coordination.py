@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..degrade.book import HealthBook
+from ..degrade.scale import ScaleRunner
 from ..degrade.shares import ShareBook
 from .control import ControlError
 
@@ -36,6 +37,7 @@ class Coordination:
         self._links = links
         self._book = ShareBook()
         self.health = HealthBook()
+        self.scaler = ScaleRunner()
         self.verdicts: dict[str, dict[str, float]] = {}
         self._hurry = asyncio.Event()
         self.shares: dict[int, dict[str, dict[str, float]]] = {}
@@ -86,7 +88,10 @@ class Coordination:
         for merged in outcomes.values():
             if merged[0] == 0:
                 merged[2] = merged[1]
-        self.verdicts = self.health.tick(outcomes, time.monotonic())
+        now = time.monotonic()
+        self.verdicts = self.health.tick(outcomes, now)
+        for request in self.health.scale_outs(now):
+            self.scaler.start(request)
         self.ticks += 1
 
     async def _ask(self, index: int, link: _Link) -> dict[str, Any] | None:

@@ -192,6 +192,7 @@ class Master:
         self.draining = True
         if self._coordinator is not None:
             self._coordinator.cancel()
+        await self.coordination.scaler.close()
         if self.handed_over:
             # The successor answers for the proxy on the same admin socket now;
             # a draining generation must not answer a health check beside it.

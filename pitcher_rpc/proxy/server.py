@@ -21,6 +21,7 @@ from typing import Any
 from ..config import Config
 from ..degrade.book import HealthBook
 from ..degrade.overload import Shedder
+from ..degrade.scale import ScaleRunner
 from ..http.parser import HttpError, HttpRequest, RequestParser
 from ..http.response import error_response
 from ..modules.base import Answer, Module
@@ -395,6 +396,7 @@ class ProxyServer:
             self.health.configure(config, time.monotonic())
             self.upstreams.alarm = self._health_alarm
         self._health_timer: asyncio.Handle | None = None
+        self.scaler = ScaleRunner()
         self._health_hurried = False
         self.connections: set[HttpConnection] = set()
         self.requests_served = 0
@@ -567,12 +569,16 @@ class ProxyServer:
         assert self.health is not None
         self._health_hurried = False
         self._health_timer = self.loop.call_later(HEALTH_TICK, self._health_tick)
+        now = time.monotonic()
         try:
-            verdicts = self.health.tick(self.upstreams.take_outcomes(), time.monotonic())
+            verdicts = self.health.tick(self.upstreams.take_outcomes(), now)
+            scale_outs = self.health.scale_outs(now)
         except Exception:
             log.exception("node health tick failed")
             return
         self.apply_health(verdicts)
+        for request in scale_outs:
+            self.scaler.start(request)
 
     def apply_health(self, verdicts: dict[str, dict[str, float]]) -> None:
         """Weight factors per cluster and node URI, from the health book."""
@@ -671,6 +677,7 @@ class ProxyServer:
             self._overload_timer.cancel()
         if self._health_timer is not None:
             self._health_timer.cancel()
+        await self.scaler.close()
         await self.upstreams.close(timeout=1.0)
         retired = list(self._retired)
         for handle in self._retired.values():
