@@ -517,7 +517,12 @@ class Master:
     async def _metrics(self, request: AdminRequest) -> AdminResponse:
         workers = await self._each("status")
         body = metrics.render(
-            workers, [slot.restarts for slot in self.slots], self.generation - 1, self.draining
+            workers,
+            [slot.restarts for slot in self.slots],
+            self.generation - 1,
+            self.draining,
+            health=self.coordination.health.describe(time.monotonic()),
+            scale_outs=self.coordination.scaler.runs,
         )
         return AdminResponse(200, body, (("content-type", metrics.CONTENT_TYPE_LATEST),))
 

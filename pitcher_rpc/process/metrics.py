@@ -7,7 +7,7 @@ written by prometheus_client, not by hand.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -143,9 +143,103 @@ def _route_families(routes: dict[str, MergedRoute]) -> Iterable[Metric]:
         yield family
 
 
+class _Degradation:
+    """Throttling and overload from the workers' reports; node health from the master's book."""
+
+    def __init__(
+        self, workers: Sequence[dict[str, Any]], health: Mapping[str, Any], scale_outs: int
+    ) -> None:
+        self.workers = [w for w in workers if "error" not in w]
+        self.health = health
+        self.scale_outs = scale_outs
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._throttle()
+        yield from self._overload()
+        yield from self._health()
+
+    def _throttle(self) -> Iterable[Metric]:
+        reports = [
+            w["modules"]["throttle"]
+            for w in self.workers
+            if isinstance(w.get("modules"), dict) and isinstance(w["modules"].get("throttle"), dict)
+        ]
+        if not reports:
+            return
+        yield CounterMetricFamily(
+            "pitcher_throttle_admitted",
+            "Requests the throttle module let through, all workers",
+            value=sum(r.get("admitted", 0) for r in reports),
+        )
+        for name, key, text in (
+            ("pitcher_throttle_refused", "refused", "Requests refused, by limit"),
+            ("pitcher_throttle_would_refuse", "would_refuse", "Detect mode: would be refused"),
+        ):
+            family = CounterMetricFamily(name, f"{text}, all workers", labels=["limit"])
+            totals: dict[str, int] = {}
+            for report in reports:
+                for limit, count in (report.get(key) or {}).items():
+                    totals[limit] = totals.get(limit, 0) + count
+            for limit, count in sorted(totals.items()):
+                family.add_metric([limit], count)
+            yield family
+
+    def _overload(self) -> Iterable[Metric]:
+        lag = GaugeMetricFamily(
+            "pitcher_event_loop_lag_seconds", "Event-loop lag, per worker", labels=["worker"]
+        )
+        shed = GaugeMetricFamily(
+            "pitcher_modules_shed",
+            "Modules switched off by overload, per worker",
+            labels=["worker"],
+        )
+        for worker in self.workers:
+            overload = worker.get("overload")
+            if isinstance(overload, dict):
+                lag.add_metric([str(worker["index"])], overload.get("lag", 0.0))
+                shed.add_metric([str(worker["index"])], len(overload.get("shed", ())))
+        yield lag
+        yield shed
+
+    def _health(self) -> Iterable[Metric]:
+        if not self.health:
+            return
+        panic = GaugeMetricFamily(
+            "pitcher_cluster_panic", "1 while a cluster sends to every node", labels=["cluster"]
+        )
+        factor = GaugeMetricFamily(
+            "pitcher_node_weight_factor",
+            "A node's health factor: 0 ejected, below 1 ramping or in probation",
+            labels=["cluster", "node", "state"],
+        )
+        events = CounterMetricFamily(
+            "pitcher_health_events",
+            "Node health events (ejected, probation, restored, panic ...)",
+            labels=["cluster", "event"],
+        )
+        for cluster, state in sorted(self.health.items()):
+            panic.add_metric([cluster], int(state["panic"]))
+            for node, info in sorted(state["nodes"].items()):
+                factor.add_metric([cluster, node, info["state"]], info["factor"])
+            for event, count in sorted(state["events"].items()):
+                events.add_metric([cluster, event], count)
+        yield panic
+        yield factor
+        yield events
+        yield CounterMetricFamily(
+            "pitcher_scale_out_runs", "Scale-out commands started", value=self.scale_outs
+        )
+
+
 def render(
-    workers: Sequence[dict[str, Any]], restarts: Sequence[int], reloads: int, draining: bool
+    workers: Sequence[dict[str, Any]],
+    restarts: Sequence[int],
+    reloads: int,
+    draining: bool,
+    health: Mapping[str, Any] | None = None,
+    scale_outs: int = 0,
 ) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(workers, restarts, reloads, draining))
+    registry.register(_Degradation(workers, health or {}, scale_outs))
     return generate_latest(registry)

@@ -274,7 +274,10 @@ class Exchange:
             # once more for a request that never reached it (e.g. a GOAWAY race).
             node = cluster.pick()
         if node is None:
-            self.fail(503, f"cluster {cluster.name!r} has no node to take the request")
+            # Every node ejected or at its in-flight cap while ramping: come back soon.
+            self.fail(
+                503, f"cluster {cluster.name!r} has no node to take the request", retry_after=1
+            )
             return
         self.tried.append(node)
         self.attempts += 1
@@ -451,10 +454,12 @@ class Exchange:
             status,
         )
 
-    def fail(self, status: int, message: str) -> None:
+    def fail(self, status: int, message: str, retry_after: int = 0) -> None:
         extra = b""
         if self.echo_id:
             extra = self.id_header + b": " + self.request_id + b"\r\n"
+        if retry_after:
+            extra += b"retry-after: %d\r\n" % retry_after
         self.connection.finish(
             self,
             error_response(

@@ -171,3 +171,69 @@ def test_detect_only_counts_the_ejection_and_changes_nothing() -> None:
 def test_5xx_need_not_count() -> None:
     bodies, _ = run_proxy("failures = ['connect', 'timeout', 'reset']")
     assert abs(bodies["bad"] - bodies["good"]) <= 2
+
+
+# -- an all-new cluster ramps the load it admits ------------------------------------------
+
+slow = Service("slow")
+
+
+@slow.route("/")
+async def slowly(request: Request) -> Response:
+    await asyncio.sleep(0.25)
+    return Response(200, "slow")
+
+
+RAMP = """
+[server]
+listen = "127.0.0.1:0"
+[[routes]]
+prefix = "/"
+cluster = "c"
+[clusters.c]
+nodes = ["{node}"]
+[clusters.c.health]
+slow_start = 1.5
+min_weight_percent = 10
+ramp_in_flight = 10
+"""
+
+
+async def burst(port: int, count: int) -> collections.Counter[str]:
+    async def one() -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        status = answer.split()[1].decode()
+        if status == "503":
+            assert b"\r\nretry-after: 1\r\n" in answer.lower()
+        return status
+
+    return collections.Counter(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def test_an_all_new_cluster_admits_a_growing_share_of_concurrent_requests() -> None:
+    async def main() -> list[int]:
+        server = await slow.serve("tcp://127.0.0.1:0")
+        proxy = ProxyServer(parse_config(RAMP.format(node=server.address)))
+        await proxy.start()
+        port = int(proxy.address.rpartition(":")[2])
+        admitted = []
+        try:
+            started = time.monotonic()
+            for at in (0.0, 0.75, 1.7):
+                await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+                answers = await burst(port, 10)
+                assert set(answers) <= {"200", "503"}
+                admitted.append(answers["200"])
+        finally:
+            await proxy.stop(1.0)
+            await server.close(1.0)
+        return admitted
+
+    admitted = asyncio.run(main())
+    # Floor 10% of 10 in flight at start, about half midway, all once ramped.
+    assert admitted[0] <= 2, admitted
+    assert 3 <= admitted[1] <= 8, admitted
+    assert admitted[2] == 10, admitted

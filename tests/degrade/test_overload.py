@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from typing import Any
 
@@ -186,3 +187,43 @@ def test_a_slow_module_is_shed_under_load_and_back_after_calm() -> None:
     finally:
         unregister(Slow.name)
         unregister(Cheap.name)
+
+
+def test_detect_mode_says_what_it_would_shed_and_sheds_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    register(Slow)
+    register(Cheap)
+
+    async def main() -> list[bool]:
+        backend = await app.serve("tcp://127.0.0.1:0")
+        text = CONFIG.format(node=backend.address).replace(
+            "[overload]\n", '[overload]\nmode = "detect"\n'
+        )
+        proxy = ProxyServer(parse_config(text))
+        await proxy.start()
+        port = int(proxy.address.rpartition(":")[2])
+        shed_seen: list[bool] = []
+
+        async def watch(until: float) -> None:
+            while time.monotonic() < until:
+                described = {m["name"]: m for m in proxy.snapshot.modules.describe()}
+                shed_seen.append(described["slow_for_test"]["shed"])
+                await asyncio.sleep(0.02)
+
+        try:
+            until = time.monotonic() + 1.0
+            await asyncio.gather(watch(until), *(keep_asking(port, until) for _ in range(16)))
+        finally:
+            await proxy.stop(1.0)
+            await backend.close(1.0)
+        return shed_seen
+
+    try:
+        with caplog.at_level(logging.WARNING, "pitcher.proxy"):
+            shed_seen = asyncio.run(main())
+    finally:
+        unregister(Slow.name)
+        unregister(Cheap.name)
+    assert shed_seen and not any(shed_seen)
+    assert "overload (detect mode): would shed module slow_for_test" in caplog.text

@@ -8,9 +8,11 @@ import logging
 import signal
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pitcher_rpc.config import ConfigError, parse_config
 from pitcher_rpc.degrade.book import HealthBook
@@ -202,3 +204,19 @@ def test_the_master_runs_it_when_a_backend_dies(launcher: Launcher, tmp_path: Pa
     [run] = runs(record)
     assert run["PITCHER_NODES_OUT"] == backends[1].uri
     proxy.process.wait_for_line("the scale-out command exited with 0")
+
+    # The master's /metrics says what happened.
+    line = proxy.process.wait_for_line("admin on ")
+    admin = line.split("admin on ")[1].split(",")[0]
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as answer:
+        families = {
+            sample.name + str(sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(answer.read().decode())
+            for sample in family.samples
+        }
+    dead = sorted({"cluster": "app", "node": backends[1].uri, "state": "ejected"}.items())
+    assert families[f"pitcher_node_weight_factor{dead}"] == 0.0
+    ejected = sorted({"cluster": "app", "event": "ejected"}.items())
+    assert families[f"pitcher_health_events_total{ejected}"] == 1
+    assert families["pitcher_cluster_panic[('cluster', 'app')]"] == 0
+    assert families["pitcher_scale_out_runs_total[]"] == 1

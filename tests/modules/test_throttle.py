@@ -7,9 +7,11 @@ import collections
 import socket
 import struct
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pitcher_rpc.config import ConfigError, parse_config
 from pitcher_rpc.proxy.server import ProxyServer
@@ -215,6 +217,19 @@ def test_limits_hold_for_the_whole_proxy_with_two_workers(launcher: Launcher) ->
     # 50/s for 3 s plus the burst, whichever worker took each connection.
     assert 120 <= statuses[200] <= 50 * 3 + 10 + 10, statuses
     assert statuses[200] + statuses[429] == 750
+
+    # Both workers took part, and /metrics adds their refusals up.
+    line = proxy.process.wait_for_line("admin on ")
+    admin = line.split("admin on ")[1].split(",")[0]
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as answer:
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(answer.read().decode())
+            for sample in family.samples
+        }
+    assert samples[("pitcher_throttle_refused_total", (("limit", "proxy:rate"),))] == statuses[429]
+    assert samples[("pitcher_throttle_admitted_total", ())] == statuses[200]
+    assert {("pitcher_event_loop_lag_seconds", (("worker", w),)) for w in "01"} <= set(samples)
 
 
 @pytest.mark.parametrize(
