@@ -7,10 +7,16 @@ response is written. The transports are stand-ins that only keep what is
 written, so what is timed is Python work only, not system calls; compare it
 with the proxy's CPU time per request in bench_spine.py to see the split.
 
-    python bench/bench_hot_path.py [--requests 200000] [--profile] [--modules N] [--metrics]
+    python bench/bench_hot_path.py [--requests 200000] [--profile] [--modules N]
+                                   [--with request_id,metrics,...] [--health]
+    python bench/bench_hot_path.py --compare 3
 
 ``--modules N`` attaches N trivial modules to every request hook, to measure
-what the hook dispatch costs; ``--metrics`` loads the metrics module too.
+what the hook dispatch costs; ``--with`` loads built-in modules (request_id,
+metrics, throttle, access_log, headers) set to do their whole work on every
+request; ``--health`` puts a health table on the cluster (outcomes counted,
+balanced by health). ``--compare ROUNDS`` runs every variant, interleaved,
+and prints each one's median and its ratio to the bare core.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from pitcher_rpc.codec import encode_response  # noqa: E402
 from pitcher_rpc.config import parse_config  # noqa: E402
 from pitcher_rpc.modules import HookChains, Module  # noqa: E402
-from pitcher_rpc.modules.metrics import Metrics  # noqa: E402
+from pitcher_rpc.modules.registry import module_class  # noqa: E402
 from pitcher_rpc.proxy.server import HttpConnection, ProxyServer  # noqa: E402
 from transports.control import Settings  # noqa: E402
 from transports.frame import PREFACE, FrameType, encode_frame  # noqa: E402
@@ -44,8 +52,13 @@ CONFIG = """
 [[routes]]
 prefix = "/"
 cluster = "echo"
+business = "shop"
 [clusters.echo]
 nodes = ["unix:///tmp/pitcher-hot-path-never-connected.sock"]
+"""
+HEALTH = """
+[clusters.echo.health]
+slow_start = 0
 """
 
 REQUEST = (
@@ -99,19 +112,35 @@ class _Trivial(Module):
         return None
 
 
-def trivial_modules(count: int, metrics: bool = False) -> HookChains:
-    modules: list[Module] = [
+def trivial_modules(count: int) -> list[Module]:
+    return [
         # Negative priorities: never tied with a real module's.
         type(f"Trivial{n}", (_Trivial,), {"name": f"trivial{n}", "priority": -1 - n})({})
         for n in range(count)
     ]
-    if metrics:
-        modules.append(Metrics({}))
-    return HookChains(modules)
 
 
-async def run(requests: int, profile: bool, modules: int = 0, metrics: bool = False) -> None:
-    proxy = ProxyServer(parse_config(CONFIG), modules=trivial_modules(modules, metrics))
+def real_modules(names: list[str], scratch: str) -> list[Module]:
+    """Built-in modules with settings that make them do their whole work on every request."""
+    settings: dict[str, dict[str, Any]] = {
+        "request_id": {},
+        "metrics": {},
+        # Limits far above what the benchmark sends: every check runs, none refuses.
+        "throttle": {
+            "rate": 1e9,
+            "concurrency": 1_000_000,
+            "business": {"shop": {"rate": 1e9, "concurrency": 1_000_000, "reserved": 0.1}},
+        },
+        "access_log": {"path": os.path.join(scratch, "access.log"), "buffer": 1_000_000},
+        "headers": {"request_set": {"x-env": "bench"}, "response_remove": ["server"]},
+    }
+    return [module_class(name)(settings[name]) for name in names]
+
+
+async def run(requests: int, profile: bool, modules: list[Module], health: bool = False) -> float:
+    """The median µs per request over five batches."""
+    config = CONFIG + (HEALTH if health else "")
+    proxy = ProxyServer(parse_config(config), modules=HookChains(modules))
     node = proxy.snapshot.clusters["echo"].nodes[0]
     client: Any = node.client
     loop = asyncio.get_running_loop()
@@ -148,16 +177,46 @@ async def run(requests: int, profile: bool, modules: int = 0, metrics: bool = Fa
         if profiler:
             profiler.disable()
         timings.append(elapsed / batch * 1e6)
+        # Untimed: background work (an access log's writes) catches up.
         await asyncio.sleep(0)
+        while any(module.stats().get("buffered") for module in modules):
+            await asyncio.sleep(0.01)
     assert http_transport.last.startswith(b"HTTP/1.1 200 OK"), http_transport.last
-    loaded = f"{modules} modules" + (" + metrics" if metrics else "")
-    print(
-        f"proxy hot path with {loaded}: {statistics.median(timings):.2f} µs per request"
-        " (median of 5 batches)"
-    )
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
     http.transport = None
+    for module in modules:
+        await module.aclose()
+    await proxy.stop(0.0)
+    return statistics.median(timings)
+
+
+VARIANTS: dict[str, tuple[list[str], int, bool]] = {
+    # name: (built-in modules, trivial modules, health table on the cluster)
+    "core": ([], 0, False),
+    "5 trivial modules": ([], 5, False),
+    "request_id": (["request_id"], 0, False),
+    "metrics": (["metrics"], 0, False),
+    "throttle": (["throttle"], 0, False),
+    "access_log": (["access_log"], 0, False),
+    "node health": ([], 0, True),
+    "all of them": (["request_id", "metrics", "throttle", "access_log", "headers"], 0, True),
+}
+
+
+async def compare(requests: int, rounds: int) -> None:
+    """Every variant, interleaved, ``rounds`` times; medians and the ratio to the core."""
+    results: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    with tempfile.TemporaryDirectory() as scratch:
+        for _ in range(rounds):
+            for name, (names, trivial, health) in VARIANTS.items():
+                modules = real_modules(names, scratch) + trivial_modules(trivial)
+                results[name].append(await run(requests, False, modules, health))
+    core = statistics.median(results["core"])
+    print(f"proxy hot path, µs per request (median of {rounds} runs, each a median of 5 batches)")
+    for name, values in results.items():
+        median = statistics.median(values)
+        print(f"  {name:18} {median:6.2f}  {median / core:5.2f}x  (+{median - core:.2f})")
 
 
 def main() -> None:
@@ -165,9 +224,23 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--modules", type=int, default=0, help="trivial modules on every hook")
-    parser.add_argument("--metrics", action="store_true", help="load the metrics module")
+    parser.add_argument(
+        "--with", dest="real", default="", help="built-in modules, e.g. metrics,throttle"
+    )
+    parser.add_argument("--health", action="store_true", help="a health table on the cluster")
+    parser.add_argument(
+        "--compare", type=int, metavar="ROUNDS", help="every variant, interleaved, ROUNDS times"
+    )
     args = parser.parse_args()
-    uvloop.run(run(args.requests, args.profile, args.modules, args.metrics))
+    if args.compare:
+        uvloop.run(compare(args.requests, args.compare))
+        return
+    names = [name for name in args.real.split(",") if name]
+    with tempfile.TemporaryDirectory() as scratch:
+        modules = real_modules(names, scratch) + trivial_modules(args.modules)
+        median = uvloop.run(run(args.requests, args.profile, modules, args.health))
+    loaded = ", ".join([*names, f"{args.modules} trivial modules"] + (["health"] * args.health))
+    print(f"proxy hot path with {loaded}: {median:.2f} µs per request (median of 5 batches)")
 
 
 if __name__ == "__main__":
