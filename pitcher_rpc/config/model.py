@@ -132,7 +132,8 @@ class OverloadConfig:
 
     Overloaded: event-loop lag above ``lag_high`` seconds, or more than
     ``in_flight_high`` requests in flight (0: not used). Calm again: lag below
-    ``lag_low`` and in flight below ``in_flight_low`` for ``recover_after`` s.
+    ``lag_low`` and in flight at most ``in_flight_low`` (default: half of
+    ``in_flight_high``) for ``recover_after`` s.
     """
 
     mode: str = "enforce"  # "detect": log what would be shed, shed nothing; "off"
@@ -170,10 +171,10 @@ class HealthConfig:
     """A cluster's ``[clusters.NAME.health]``: failure detection, ejection, slow start.
 
     ``policy`` holds the thresholds and timings (pitcher_rpc.degrade.health);
-    ``failures`` what counts as a failed request; ``ramp_in_flight`` the
-    requests a node may have in flight at full weight while any node ramps
-    (slow start, probation): a node at factor f takes at most
-    ``ceil(f * ramp_in_flight)`` at once.
+    ``failures`` what counts as a failed request; ``ramp_in_flight`` caps a
+    node while it ramps (slow start, probation): at factor f it takes at most
+    ``f * ramp_in_flight`` requests at once from the whole proxy (each of N
+    workers allows its 1/N of that, at least one).
     """
 
     policy: HealthPolicy = field(default_factory=HealthPolicy)
@@ -252,6 +253,8 @@ class ModuleConfig:
 
     name: str
     enabled: bool = True
+    # Overrides the module's own "essential" (shed under overload or not); None keeps it.
+    essential: bool | None = None
     # Read-only: what the module's own validate() returned (compared, not hashed).
     settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 

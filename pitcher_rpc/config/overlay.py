@@ -122,7 +122,8 @@ class Overlay:
                 raise OverlayError(f"{change.uri} is already a node of {change.cluster}", 409)
         elif change.uri not in listed and not (change.action == "remove" and change.uri in drained):
             raise OverlayError(f"{change.uri} is not a node of {change.cluster}", 404)
-        elif change.action == "drain" and len(listed) == 1:
+        elif change.uri in listed and len(listed) == 1:
+            # Draining or removing it would leave the cluster answering 503 to all.
             raise OverlayError(
                 f"{change.uri} is the last node of {change.cluster}: add another first", 409
             )

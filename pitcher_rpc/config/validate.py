@@ -138,7 +138,7 @@ _BUSINESS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 class _Validator:
     """Walks a parsed document once, recording issues and building the model."""
 
-    __slots__ = ("_index", "_module_names", "_source", "_text", "issues")
+    __slots__ = ("_businesses", "_index", "_module_names", "_source", "_text", "issues")
 
     def __init__(self, text: str, source: str) -> None:
         self._text = text
@@ -146,6 +146,7 @@ class _Validator:
         self._index = LineIndex(text)
         self.issues: list[ConfigIssue] = []
         self._module_names: set[str] = set()
+        self._businesses: set[str] | None = None
 
     def report(self, path: KeyPath, message: str) -> None:
         line = self._index.line_of(path)
@@ -161,6 +162,11 @@ class _Validator:
         overload = self._overload(document)
         modules = self._modules(document)
         self._module_names = {module.name for module in modules}
+        # Businesses the throttle module has quotas for: a route naming another
+        # is most likely a typo that would leave it without its quota.
+        for module in modules:
+            if module.name == "throttle" and module.settings.get("business"):
+                self._businesses = set(module.settings["business"])
         clusters, cluster_names = self._clusters(document)
         routes = self._routes(document, cluster_names)
         checksum = hashlib.sha256(self._text.encode("utf-8", "surrogatepass")).hexdigest()
@@ -664,6 +670,14 @@ class _Validator:
             return "default"
         if _BUSINESS_NAME.fullmatch(value) is None:
             self.report(path, f"must be a name of letters, digits, - and _, got {show(value)}")
+        elif self._businesses is not None and value not in self._businesses | {"default"}:
+            known = sorted(self._businesses)
+            close = difflib.get_close_matches(value, known, n=1)
+            hint = f"; did you mean {show(close[0])}?" if close else ""
+            self.report(
+                path,
+                f"no [modules.throttle.business.{value}] quota (known: {', '.join(known)}){hint}",
+            )
         return value
 
     def _route_modules(self, item: Mapping[str, Any], path: KeyPath) -> tuple[str, ...] | None:
@@ -699,7 +713,10 @@ class _Validator:
                 self.report(section_path, str(exc))
                 continue
             enabled = self._boolean(section, (*section_path, "enabled"))
-            settings = {key: value for key, value in section.items() if key != "enabled"}
+            essential = self._boolean(section, (*section_path, "essential"))
+            settings = {
+                key: value for key, value in section.items() if key not in ("enabled", "essential")
+            }
             try:
                 checked = cls.validate(settings)
             except (ValueError, TypeError) as exc:
@@ -709,6 +726,7 @@ class _Validator:
                 ModuleConfig(
                     name=name,
                     enabled=True if enabled is None else enabled,
+                    essential=essential,
                     settings=MappingProxyType(dict(checked)),
                 )
             )

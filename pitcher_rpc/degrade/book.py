@@ -168,8 +168,11 @@ class HealthBook:
         described: dict[str, Any] = {}
         for name, cluster in self.clusters.items():
             factors = cluster.factors(now)
+            share, _ = self.capacity(name)
             described[name] = {
                 "panic": cluster.panic,
+                "in_service_share": round(share, 3),
+                "admitted_share": round(cluster.admit_factor(now), 3),
                 "detect_only": cluster.policy.detect_only,
                 "nodes": {
                     uri: {

@@ -63,8 +63,9 @@ going bad at once more likely share a cause (a dependency, an overload) than
 a fault, and ejecting would pile the load on the survivors; so, as Envoy
 does, a panicking cluster sends to every node, ejected ones included, with
 only slow start applied. When every node is ramping (a proxy just started),
-:meth:`ClusterHealth.admit_factor` ramps the admitted load, not only the
-relative weights.
+the admitted load ramps, not only the relative weights: the proxy caps each
+ramping node's requests in flight at its factor (pitcher_rpc.proxy.upstream),
+so the cluster takes :meth:`ClusterHealth.admit_factor` of its full load.
 
 Detect-only. Verdicts and events are computed ("would_eject" once per bad
 streak) but nothing changes traffic: no ejection, no slow start, factors 1.
@@ -562,12 +563,13 @@ class ClusterHealth:
         return factors
 
     def admit_factor(self, now: float) -> float:
-        """Share of the cluster's requests to admit, in [min, 1]: the largest node factor.
+        """Share of the cluster's full load it admits now, in [min, 1]: the largest node factor.
 
         Below 1 only when no node takes full weight (all ramping or in
-        probation, e.g. just after start), so the cluster's load ramps, not
-        only the split between its nodes. The largest, not the mean: a
-        healthy node that served everything before keeps doing so.
+        probation, e.g. just after start). The largest, not the mean: a
+        healthy node that served everything before keeps doing so. Reported
+        by the admin API; the proxy enforces it through each ramping node's
+        in-flight cap.
         """
         return max(self.factors(now).values(), default=1.0)
 

@@ -1,7 +1,7 @@
 """Shedding non-essential modules while a worker is overloaded, and taking them back.
 
-Fed a sample every tick (event-loop lag, requests in flight), :class:`Shedder`
-decides, with hysteresis:
+Fed a sample every 50 ms (event-loop lag averaged over the last four, requests
+in flight), :class:`Shedder` decides, with hysteresis:
 
 * overloaded (lag above ``lag_high``, or in flight above ``in_flight_high``
   when that is set): shed one more non-essential module, the lowest priority
@@ -33,14 +33,25 @@ class Step:
 
 class Shedder:
     def __init__(self, config: OverloadConfig) -> None:
+        # Shed now (in detect mode: what would be), in the order shed.
         self.shed: list[str] = []
         self.overloaded = False
         self._last_step = float("-inf")
         self._calm_since: float | None = None
+        self.config = config
         self.configure(config)
 
     def configure(self, config: OverloadConfig) -> None:
-        """New thresholds (a reload); what is shed stays shed until calm returns."""
+        """New thresholds (a reload); what is shed stays shed until calm returns.
+
+        A new mode starts afresh: what detect mode only would have shed must
+        not all go at once under enforce, and leaving enforce gives back
+        everything shed.
+        """
+        if config.mode != self.config.mode:
+            self.shed = []
+            self._calm_since = None
+            self._last_step = float("-inf")
         self.config = config
         # Without its own low mark, in flight is calm at half the high one.
         self._in_flight_low = config.in_flight_low or config.in_flight_high // 2

@@ -8,7 +8,8 @@ does not starve a worker, with a small floor so a worker that was idle can
 take its first requests at once. Shares add up to 1.
 
 Cost: one small message each way per worker per tick; nothing per request.
-Accuracy: the proxy-wide limit holds exactly for rates (shares sum to 1);
+Accuracy: the proxy-wide limit holds for rates (shares never add up to more
+than 1; a worker that misses ticks keeps its part for a second);
 when load moves from one worker to another it takes a tick or two for the
 shares to follow, and in that time the busy worker may refuse early (never
 admit too much).
@@ -22,6 +23,9 @@ from collections.abc import Mapping
 SMOOTHING = 0.5
 # Each worker's demand is counted as at least this share of the mean demand.
 FLOOR = 0.05
+# Ticks a worker that stopped answering keeps its part of the split: it may
+# still be admitting with its last share, so the others must not take it.
+ABSENT_GRACE = 10
 
 
 class ShareBook:
@@ -29,13 +33,25 @@ class ShareBook:
 
     def __init__(self) -> None:
         self._demand: dict[str, dict[int, float]] = {}
+        self._absent: dict[int, int] = {}  # worker -> ticks without an answer
 
     def update(self, reports: Mapping[int, Mapping[str, float]]) -> dict[int, dict[str, float]]:
         """Fold in one tick's ``{worker: {key: demand}}``; the new ``{worker: {key: share}}``.
 
-        Only the workers in ``reports`` get shares: a worker that did not
-        answer this tick (dead, replaced) drops out of the split.
+        Only the workers in ``reports`` get shares. A worker that did not
+        answer keeps its part of the split, by its last demand, for
+        ``ABSENT_GRACE`` ticks (it may still be admitting with its last
+        share, and the shares must never add up to more than 1); then it
+        drops out (dead, replaced).
         """
+        known = {worker for smoothed in self._demand.values() for worker in smoothed}
+        for worker in known - set(reports):
+            self._absent[worker] = self._absent.get(worker, 0) + 1
+        for worker in reports:
+            self._absent.pop(worker, None)
+        gone = {worker for worker, ticks in self._absent.items() if ticks > ABSENT_GRACE}
+        for worker in gone:
+            del self._absent[worker]
         workers = list(reports)
         keys = {key for report in reports.values() for key in report}
         shares: dict[int, dict[str, float]] = {worker: {} for worker in workers}
@@ -47,11 +63,12 @@ class ShareBook:
                 fresh = float(reports[worker].get(key, 0.0))
                 old = smoothed.get(worker, fresh)
                 smoothed[worker] = old + SMOOTHING * (fresh - old)
-            for gone in [w for w in smoothed if w not in reports]:
-                del smoothed[gone]
-            mean = sum(smoothed.values()) / len(workers)
+            for stale_worker in [w for w in smoothed if w not in reports and w not in self._absent]:
+                del smoothed[stale_worker]
+            # The split counts absent workers too; only the present get shares.
+            mean = sum(smoothed.values()) / len(smoothed)
             floor = max(FLOOR * mean, 1e-9)
-            weights = {worker: smoothed[worker] + floor for worker in workers}
+            weights = {worker: demand + floor for worker, demand in smoothed.items()}
             total = sum(weights.values())
             for worker in workers:
                 shares[worker][key] = weights[worker] / total

@@ -3,7 +3,9 @@
 A module is a class. It declares a unique ``name``, an explicit integer
 ``priority`` (handlers run highest first; two modules of the same priority
 on one hook are refused at load, so order is never accidental), whether it
-is ``essential`` (only non-essential modules are shed under overload) and its
+is ``essential`` (only non-essential modules are shed under overload; a
+configuration can say otherwise with ``essential = true|false`` in the
+module's table) and its
 ``failure_policy``: when a handler raises, "skip" logs, counts and goes on
 without it, "fail" answers 500.
 

@@ -64,6 +64,7 @@ class HookChains:
         disabled: Iterable[str] = (),
         route_orders: Mapping[str, Sequence[str]] | None = None,
         shed: Iterable[str] = (),
+        essential: Mapping[str, bool] | None = None,
     ) -> None:
         self.modules: dict[str, Module] = {}
         for module in modules:
@@ -79,6 +80,11 @@ class HookChains:
         self.disabled = {name for name in disabled if name in self.modules}
         # Switched off for now by overload shedding (pitcher_rpc.degrade.overload).
         self.shed = {name for name in shed if name in self.modules}
+        # Whether each module may be shed: its own say, unless the configuration's.
+        self.essential = {
+            name: (essential or {}).get(name, module.essential)
+            for name, module in self.modules.items()
+        }
         self.failures: Counter[str] = Counter()
         self.default = Chains({})
         self.routes: dict[str, Chains] = {}
@@ -142,7 +148,7 @@ class HookChains:
         return [
             module.name
             for module in sorted(self.modules.values(), key=lambda m: m.priority)
-            if not module.essential
+            if not self.essential[module.name]
             and module.name not in self.disabled
             and module.name not in self.shed
         ]
@@ -172,7 +178,7 @@ class HookChains:
             {
                 "name": module.name,
                 "priority": module.priority,
-                "essential": module.essential,
+                "essential": self.essential[module.name],
                 "enabled": module.name not in self.disabled,
                 "shed": module.name in self.shed,
                 "hooks": [hook.name for hook in module.hooks()],

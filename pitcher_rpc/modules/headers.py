@@ -90,6 +90,9 @@ def _merge(*rule_sets: Mapping[str, Any]) -> HeaderEdits:
 class Headers(Module):
     name = "headers"
     priority = 100
+    # A rule may hide an internal header or set one a backend relies on:
+    # never dropped silently under load.
+    essential = True
 
     @classmethod
     def validate(cls, settings: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -49,13 +49,18 @@ class Coordination:
 
     async def run(self) -> None:
         while True:
+            hurried = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._hurry.wait(), TICK)
+                hurried = True
             self._hurry.clear()
-            try:
-                await self.tick()
-            except Exception:  # never let one bad tick stop the loop
-                log.exception("coordination tick failed")
+            # A hurried tick judges at once; a second one delivers the verdict
+            # (each tick carries the verdicts of the one before).
+            for _ in range(2 if hurried else 1):
+                try:
+                    await self.tick()
+                except Exception:  # never let one bad tick stop the loop
+                    log.exception("coordination tick failed")
 
     async def tick(self) -> None:
         links = [(index, link) for index, link in self._links() if link is not None]

@@ -310,6 +310,8 @@ class Exchange:
         if answer is None:
             return False
         extra = b"".join(name + b": " + value + b"\r\n" for name, value in answer.headers)
+        if self.echo_id:
+            extra += self.id_header + b": " + self.request_id + b"\r\n"
         self.connection.finish(
             self,
             error_response(
@@ -397,7 +399,10 @@ class Exchange:
         status = response.status
         node = self.node
         if node is not None and node.stats is not None:
-            node.record("5xx" if status >= 500 else "4xx" if status >= 400 else None)
+            if not 200 <= status <= 599:
+                node.record("error")  # not HTTP: the backend is broken
+            else:
+                node.record("5xx" if status >= 500 else "4xx" if status >= 400 else None)
         if not 200 <= status <= 599:
             # 1xx cannot be relayed as a final answer (and 101 would need an upgrade).
             self.fail(502, f"backend answered with status {status}")

@@ -481,6 +481,7 @@ class ProxyServer:
                 m.name for m in config.modules if not self.module_switches.get(m.name, m.enabled)
             ],
             route_orders={r.name: r.modules for r in config.routes if r.modules is not None},
+            essential={m.name: m.essential for m in config.modules if m.essential is not None},
         )
         self._module_instances = instances
         if dropped:
@@ -586,7 +587,7 @@ class ProxyServer:
         for name, cluster in self.snapshot.clusters.items():
             factors = verdicts.get(name)
             if factors is not None:
-                cluster.apply(factors)
+                cluster.apply(factors, self.upstreams.share)
 
     # overload ---------------------------------------------------------------------------
 
@@ -635,11 +636,14 @@ class ProxyServer:
             )
 
     def overload_status(self) -> dict[str, Any]:
+        shedder = self.shedder
+        enforced = shedder.config.mode == "enforce"
         return {
-            "mode": self.shedder.config.mode,
-            "overloaded": self.shedder.overloaded,
+            "mode": shedder.config.mode,
+            "overloaded": shedder.overloaded,
             "lag": round(self.lag, 4),
-            "shed": list(self.shedder.shed),
+            "shed": list(shedder.shed) if enforced else [],
+            "would_shed": [] if enforced else list(shedder.shed),
         }
 
     def _schedule_sweep(self) -> None:

@@ -112,16 +112,18 @@ class Cluster:
     def pick(self, exclude: Collection[Node] = ()) -> Node | None:
         return self._balancer.pick(exclude)
 
-    def apply(self, factors: Mapping[str, float]) -> None:
+    def apply(self, factors: Mapping[str, float], share: float = 1.0) -> None:
         """Weight factors from the health book, by node URI.
 
         A node the book has not judged yet is new to it: it starts where slow
         start starts, not at full weight, until the next tick says more.
+        ``share`` is this process's part of the proxy (1/N with N workers):
+        the in-flight cap of a ramping node is split like the load.
         """
         health = self.health
         if health is None:
             return
-        ramp = health.ramp_in_flight
+        ramp = health.ramp_in_flight * share
         new = health.policy.ramp(0.0) if not health.policy.detect_only else 1.0
         for node in self.nodes:
             factor = factors.get(node.uri, new)
@@ -140,6 +142,8 @@ class Upstreams:
         self.verdicts: dict[str, dict[str, float]] = {}
         # Told the URI of a node that failed several requests in a row.
         self.alarm: Callable[[str], None] | None = None
+        # This process's part of the proxy's load (1/N with N workers).
+        self.share = 1.0
         self._options = self._client_options(options)
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -176,7 +180,7 @@ class Upstreams:
             for n in config.nodes
         ]
         cluster = Cluster(config.name, nodes, config.balance, health)
-        cluster.apply(self.verdicts.get(config.name, {}))
+        cluster.apply(self.verdicts.get(config.name, {}), self.share)
         return cluster
 
     def _node_stats(self, uri: str, alarm_at: int) -> NodeStats:

@@ -6,7 +6,9 @@ or ``pitcher backend users:app --listen tcp://127.0.0.1:0 --register
 http://127.0.0.1:9180 --cluster users``. Once serving, the service adds
 itself to the cluster through the proxy's admin API (its real address, or
 ``advertise``), retrying while the proxy is not there yet; a 409 (it is
-already a node) counts as done. At SIGTERM it asks the proxy to drain it,
+already a node) counts as done. The change is kept over the proxy's reloads,
+and the service repeats it every ``refresh`` seconds, so it is back within
+that time after the proxy restarts. At SIGTERM it asks the proxy to drain it,
 waits for a moment so no new request is on its way, finishes the requests in
 flight, stops, and removes itself. The proxy keeps sending to it until the
 drain is in every worker, so no request is lost.
@@ -43,21 +45,26 @@ class Registration:
     patience: float = 30.0
     # After the drain is in the proxy, how long requests already on their way may take to arrive.
     settle: float = 0.2
+    # How often the registration is repeated (a restarted proxy forgets it).
+    refresh: float = 10.0
 
     def _url(self, suffix: str = "") -> str:
         cluster = urllib.parse.quote(self.cluster, safe="")
         return f"{self.admin.rstrip('/')}/admin/clusters/{cluster}/nodes{suffix}"
 
-    async def register(self, uri: str) -> None:
-        """Add ``uri`` (or ``advertise``) to the cluster; retried until ``patience`` runs out."""
+    async def register(self, uri: str, patience: float | None = None) -> bool:
+        """Add ``uri`` (or ``advertise``) to the cluster; retried until ``patience`` runs out.
+
+        True if the proxy added it now, False if it was a node already (409).
+        """
         node = self.advertise or uri
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.patience
+        deadline = loop.time() + (self.patience if patience is None else patience)
         delay = 0.1
         while True:
             try:
                 status, answer = await _call(
-                    "POST", self._url(), {"uri": node, "weight": self.weight}
+                    "POST", self._url(), {"uri": node, "weight": self.weight, "keep": True}
                 )
             except OSError as exc:
                 if loop.time() + delay > deadline:
@@ -65,10 +72,22 @@ class Registration:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            if status in (200, 201, 409):
+            if status in (200, 201):
                 log.info("registered %s in cluster %s at %s", node, self.cluster, self.admin)
-                return
+                return True
+            if status == 409:
+                return False
             raise RegistrationError(f"the proxy refused {node}: {status} {answer.get('error')}")
+
+    async def keep_registered(self, uri: str) -> None:
+        """Repeat the registration every ``refresh`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self.refresh)
+            try:
+                if await self.register(uri, patience=0.0):
+                    log.warning("the proxy had forgotten %s; registered again", uri)
+            except RegistrationError as exc:
+                log.warning("cannot refresh the registration: %s", exc)
 
     async def drain(self, uri: str) -> bool:
         """Ask the proxy to send no new request; False if it would not (logged)."""
@@ -81,7 +100,7 @@ class Registration:
     async def _leave(self, method: str, suffix: str, uri: str) -> bool:
         node = self.advertise or uri
         try:
-            status, answer = await _call(method, self._url(suffix), {"uri": node})
+            status, answer = await _call(method, self._url(suffix), {"uri": node, "keep": True})
         except OSError as exc:
             log.warning(
                 "cannot reach the proxy at %s to leave cluster %s: %s",

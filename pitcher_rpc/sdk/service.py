@@ -192,14 +192,20 @@ class Service:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         server = await self.serve(address)
+        refresher: asyncio.Task[None] | None = None
         try:
             if register is not None:
                 await register.register(server.address)
+                refresher = loop.create_task(register.keep_registered(server.address))
             await stop.wait()
+            if refresher is not None:
+                refresher.cancel()
             if register is not None and await register.drain(server.address):
                 # Requests the proxy sent just before the drain may still be on their way.
                 await asyncio.sleep(register.settle)
         finally:
+            if refresher is not None:
+                refresher.cancel()
             await server.close(grace)
         if register is not None:
             await register.deregister(server.address)

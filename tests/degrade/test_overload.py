@@ -13,6 +13,7 @@ import pytest
 from pitcher_rpc.config import ConfigError, OverloadConfig, parse_config
 from pitcher_rpc.degrade.overload import Shedder
 from pitcher_rpc.modules.base import Module
+from pitcher_rpc.modules.chain import HookChains
 from pitcher_rpc.modules.registry import register, unregister
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
@@ -227,3 +228,34 @@ def test_detect_mode_says_what_it_would_shed_and_sheds_nothing(
         unregister(Cheap.name)
     assert shed_seen and not any(shed_seen)
     assert "overload (detect mode): would shed module slow_for_test" in caplog.text
+
+
+def test_a_new_mode_starts_afresh() -> None:
+    shedder = Shedder(OverloadConfig(mode="detect", step=0.0))
+    shedder.sample(0.0, 0.5, 0, ["log"])
+    shedder.sample(1.0, 0.5, 0, ["extra"])
+    assert shedder.shed == ["log", "extra"]  # what detect mode would have shed
+    shedder.configure(OverloadConfig(mode="enforce", step=0.0))
+    assert shedder.shed == []  # not all at once now
+    shedder.sample(2.0, 0.5, 0, ["log", "extra"])
+    assert shedder.shed == ["log"]
+    shedder.configure(OverloadConfig(mode="enforce", step=0.0, lag_high=0.2))
+    assert shedder.shed == ["log"]  # same mode, new thresholds: kept
+
+
+def test_the_configuration_decides_what_is_essential() -> None:
+    register(Slow)
+    register(Cheap)
+    try:
+        text = CONFIG.format(node="tcp://127.0.0.1:1").replace(
+            "[modules.slow_for_test]\n", "[modules.slow_for_test]\nessential = true\n"
+        )
+        config = parse_config(text)
+    finally:
+        unregister(Slow.name)
+        unregister(Cheap.name)
+    overrides = {m.name: m.essential for m in config.modules if m.essential is not None}
+    assert overrides == {"slow_for_test": True}
+    chains = HookChains([Slow({}), Cheap({})], essential=overrides)
+    assert chains.sheddable() == ["cheap_for_test"]
+    assert HookChains([Slow({}), Cheap({})]).sheddable() == ["slow_for_test", "cheap_for_test"]

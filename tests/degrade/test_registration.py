@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import threading
 import time
 import urllib.request
 
+from pitcher_rpc.sdk import Registration
 from tests.proxy.conftest import (
     Launcher,
     Process,
@@ -109,6 +111,50 @@ def test_a_service_joins_at_start_and_leaves_without_losing_a_request(
     assert cluster_nodes(admin) == [first.uri]
     output = joiner.output
     assert "registered tcp://127.0.0.1:" in output
+
+
+def test_a_registration_outlives_reloads_and_is_renewed_if_forgotten(
+    launcher: Launcher,
+) -> None:
+    first = launcher.test_backend("tcp", name="first")
+    second = launcher.test_backend("tcp", name="second")
+    admin = free_port()
+    text = toml_config([{"prefix": "/", "cluster": "app"}], {"app": {"nodes": [first.uri]}})
+    launcher.proxy(with_admin_port(text, admin), workers=1)
+    registration = Registration(f"http://127.0.0.1:{admin}", "app", refresh=0.2)
+
+    async def scenario() -> list[list[str]]:
+        seen = []
+        assert await registration.register(second.uri) is True
+        assert await registration.register(second.uri) is False  # already there
+        keeper = asyncio.create_task(registration.keep_registered(second.uri))
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(
+                    f"http://127.0.0.1:{admin}/admin/reload", b"", method="POST"
+                ),
+                timeout=10,
+            ):
+                pass
+            seen.append(cluster_nodes(admin))  # kept over the reload
+            await asyncio.to_thread(
+                urllib.request.urlopen,
+                urllib.request.Request(
+                    f"http://127.0.0.1:{admin}/admin/clusters/app/nodes?uri={second.uri}",
+                    method="DELETE",
+                ),
+            )
+            seen.append(cluster_nodes(admin))  # forgotten by the proxy ...
+            await asyncio.sleep(0.6)
+            seen.append(cluster_nodes(admin))  # ... and registered again
+        finally:
+            keeper.cancel()
+        return seen
+
+    after_reload, forgotten, renewed = asyncio.run(scenario())
+    assert after_reload == [first.uri, second.uri]
+    assert forgotten == [first.uri]
+    assert renewed == [first.uri, second.uri]
 
 
 def test_a_service_started_before_the_proxy_waits_for_it(launcher: Launcher) -> None:

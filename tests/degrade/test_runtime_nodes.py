@@ -226,6 +226,7 @@ def test_bad_calls_get_clear_errors(launcher: Launcher) -> None:
         ("POST", nodes, {}, 400),
         ("DELETE", nodes + "?uri=tcp://127.0.0.1:9", None, 404),
         ("POST", nodes + "/drain", {"uri": echo.uri}, 409),
+        ("DELETE", nodes + f"?uri={echo.uri}", None, 409),  # the last node
     ]
     for method, path, body, expected in cases:
         status, answer = call(port, method, path, body)

@@ -92,6 +92,8 @@ def test_rate_limit_refuses_with_429_and_retry_after_then_refills() -> None:
         statuses = [status for status, _ in answers]
         assert statuses == [200] * 5 + [429] * 3
         assert answers[-1][1]["retry-after"] == "1"
+        # A refusal carries the request id like any answer.
+        assert answers[-1][1]["x-request-id"]
         await asyncio.sleep(0.25)  # 4 tokens/s: one more
         assert (await get(port, "/a/x"))[0] == 200
         assert stats(proxy)["refused"] == {"proxy:rate": 3}
@@ -265,3 +267,19 @@ def test_a_route_business_must_be_a_plain_name() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(text, "t.toml")
     assert "t.toml:3: routes[0].business: must be a name" in str(caught.value)
+
+
+def test_a_route_naming_a_business_without_a_quota_is_refused() -> None:
+    text = (
+        '[[routes]]\ncluster = "a"\nbusiness = "shopp"\n[clusters.a]\nnodes = ["tcp://h:1"]\n'
+        "[modules.throttle]\n[modules.throttle.business.shop]\nrate = 5\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "t.toml")
+    assert str(caught.value) == (
+        "t.toml:3: routes[0].business: no [modules.throttle.business.shopp] quota"
+        ' (known: shop); did you mean "shop"?'
+    )
+    # "default" and any name are fine while no business has a quota table.
+    parse_config(text.replace('business = "shopp"', 'business = "default"'))
+    parse_config(text.split("[modules.throttle]")[0])
