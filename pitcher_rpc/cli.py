@@ -52,9 +52,13 @@ def check(path: str) -> None:
     """Validate a configuration file: prints OK, or each wrong key with its line."""
     config = _load_or_exit(path)
     click.echo(
-        f"OK: {path}: {len(config.routes)} routes, {len(config.clusters)} clusters,"
-        f" sha256 {config.checksum[:12]}"
+        f"OK: {path}: {_count(len(config.routes), 'route')},"
+        f" {_count(len(config.clusters), 'cluster')}, sha256 {config.checksum[:12]}"
     )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 @main.command()

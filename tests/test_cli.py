@@ -95,7 +95,7 @@ def test_check_accepts_a_good_file(workdir: str) -> None:
     result = pitcher("check", "-c", write(workdir, "good.toml", GOOD), cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(
-        r"OK: good\.toml: 2 routes, 1 clusters, sha256 [0-9a-f]{12}\n", result.stdout
+        r"OK: good\.toml: 2 routes, 1 cluster, sha256 [0-9a-f]{12}\n", result.stdout
     ), result.stdout
     assert result.stderr == ""
 

@@ -25,7 +25,8 @@ class TokenBucket:
         self.burst = burst
         self.share = share
         self._rate = rate * share
-        self._burst = burst * share
+        # Never below one token: a worker with a small share can still pass one.
+        self._burst = max(1.0, burst * share)
         self.tokens = self._burst
         self.stamp = now
         # Requests that asked for a token since the last demand report.
@@ -34,7 +35,7 @@ class TokenBucket:
     def set_share(self, share: float) -> None:
         self.share = share
         self._rate = self.rate * share
-        self._burst = self.burst * share
+        self._burst = max(1.0, self.burst * share)
         if self.tokens > self._burst:
             self.tokens = self._burst
 

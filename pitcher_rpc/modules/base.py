@@ -93,11 +93,14 @@ class Module:
         """Numbers worth reporting (counters, histograms); JSON-serialisable."""
         return {}
 
-    def demand(self) -> dict[str, float]:
-        """For limits that hold for the whole proxy: demand per limit since the last call.
+    def demand(self) -> dict[str, tuple[float, float]]:
+        """For limits that hold for the whole proxy: (demand, capacity) per limit.
 
-        With several workers the master collects this every tick and answers
-        with :meth:`set_shares` (see pitcher_rpc.degrade.shares).
+        Demand since the last call and the proxy-wide capacity, in the limit's
+        own unit (requests per second for a rate, requests in flight for a
+        concurrency limit). With several workers the master collects this
+        every tick and answers with :meth:`set_shares` (see
+        pitcher_rpc.degrade.shares).
         """
         return {}
 

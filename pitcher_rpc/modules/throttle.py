@@ -153,6 +153,7 @@ class Throttle(Module):
         self.refused: Counter[str] = Counter()
         self.would_refuse: Counter[str] = Counter()
         self._logged = 0.0
+        self._demand_at = now
 
     # the hot path ---------------------------------------------------------------------
 
@@ -226,13 +227,17 @@ class Throttle(Module):
             limits[f"{name}.concurrency"] = business.gate
         return {key: limit for key, limit in limits.items() if limit is not None}
 
-    def demand(self) -> dict[str, float]:
+    def demand(self) -> dict[str, tuple[float, float]]:
+        now = time.monotonic()
+        elapsed = max(now - self._demand_at, 1e-3)
+        self._demand_at = now
         demand = {}
         for key, limit in self._limits().items():
             if isinstance(limit, Gate):
-                demand[key] = limit.demand()
+                demand[key] = (limit.demand(), float(limit.limit))
             else:
-                demand[key] = float(limit.asked)
+                # Requests per second that asked, against the proxy-wide rate.
+                demand[key] = (limit.asked / elapsed, limit.rate)
                 limit.asked = 0
         return demand
 

@@ -65,7 +65,7 @@ class Coordination:
     async def tick(self) -> None:
         links = [(index, link) for index, link in self._links() if link is not None]
         answers = await asyncio.gather(*(self._ask(index, link) for index, link in links))
-        reports: dict[int, dict[str, float]] = {}
+        reports: dict[int, dict[str, tuple[float, float]]] = {}
         outcomes: dict[str, list[int]] = {}
         for (index, _), answer in zip(links, answers, strict=True):
             if answer is None:
@@ -77,10 +77,10 @@ class Coordination:
                 # Failures in a row: the longest run any worker ends its batch with
                 # (all of them if no worker saw a success).
                 merged[2] = max(merged[2], trailing)
-            flat: dict[str, float] = {}
+            flat: dict[str, tuple[float, float]] = {}
             for module, demand in (answer.get("demand") or {}).items():
-                for key, value in demand.items():
-                    flat[f"{module}\0{key}"] = float(value)
+                for key, (wanted, capacity) in demand.items():
+                    flat[f"{module}\0{key}"] = (float(wanted), float(capacity))
             reports[index] = flat
         shares: dict[int, dict[str, dict[str, float]]] = {}
         for index, flat_shares in self._book.update(reports).items():

@@ -530,7 +530,7 @@ class ProxyServer:
                 stats[name] = numbers
         return stats
 
-    def module_demand(self) -> dict[str, dict[str, float]]:
+    def module_demand(self) -> dict[str, dict[str, tuple[float, float]]]:
         """Each module's demand on its proxy-wide limits since the last call."""
         demand = {}
         for name, module in self._current_modules():

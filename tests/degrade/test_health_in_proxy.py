@@ -7,14 +7,13 @@ import collections
 import time
 from types import SimpleNamespace
 
-import pytest
-
-from pitcher_rpc.config import ConfigError, parse_config
+from pitcher_rpc.config import parse_config
 from pitcher_rpc.degrade.book import HealthBook
 from pitcher_rpc.degrade.health import HealthPolicy
 from pitcher_rpc.proxy.balance import HealthWeighted
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
+from tests.inprocess import config_errors, running_proxy, serving
 
 BASE = """
 [[routes]]
@@ -37,12 +36,11 @@ def test_health_table_is_read_with_defaults() -> None:
 
 
 def test_bad_health_settings_are_refused_at_their_line() -> None:
-    with pytest.raises(ConfigError) as caught:
-        parse_config(
-            BASE + "failure_ratio = 2\nfailures = ['3xx']\nramp_in_flight = 0\nwindow = 3\n",
-            "h.toml",
-        )
-    assert str(caught.value).splitlines() == [
+    errors = config_errors(
+        BASE + "failure_ratio = 2\nfailures = ['3xx']\nramp_in_flight = 0\nwindow = 3\n",
+        "h.toml",
+    )
+    assert errors.splitlines() == [
         "h.toml:8: clusters.c.health.failure_ratio: must be in (0, 1], got 2",
         "h.toml:9: clusters.c.health.failures[0]: must be one of "
         '"connect", "timeout", "reset", "error", "5xx", "4xx", got "3xx"; did you mean "5xx"?',
@@ -131,18 +129,10 @@ async def ask(port: int, count: int) -> collections.Counter[str]:
 
 def run_proxy(extra: str) -> tuple[collections.Counter[str], ProxyServer]:
     async def main() -> tuple[collections.Counter[str], ProxyServer]:
-        good_server = await good.serve("tcp://127.0.0.1:0")
-        bad_server = await bad.serve("tcp://127.0.0.1:0")
-        text = PROXY.format(good=good_server.address, bad=bad_server.address, extra=extra)
-        proxy = ProxyServer(parse_config(text))
-        await proxy.start()
-        try:
-            port = int(proxy.address.rpartition(":")[2])
-            return await ask(port, 300), proxy
-        finally:
-            await proxy.stop(1.0)
-            await good_server.close(1.0)
-            await bad_server.close(1.0)
+        async with serving(good, bad) as [good_node, bad_node]:
+            text = PROXY.format(good=good_node, bad=bad_node, extra=extra)
+            async with running_proxy(text) as (proxy, port):
+                return await ask(port, 300), proxy
 
     return asyncio.run(main())
 
@@ -215,21 +205,17 @@ async def burst(port: int, count: int) -> collections.Counter[str]:
 
 def test_an_all_new_cluster_admits_a_growing_share_of_concurrent_requests() -> None:
     async def main() -> list[int]:
-        server = await slow.serve("tcp://127.0.0.1:0")
-        proxy = ProxyServer(parse_config(RAMP.format(node=server.address)))
-        await proxy.start()
-        port = int(proxy.address.rpartition(":")[2])
         admitted = []
-        try:
+        async with (
+            serving(slow) as [node],
+            running_proxy(RAMP.format(node=node)) as (_, port),
+        ):
             started = time.monotonic()
             for at in (0.0, 0.75, 1.7):
                 await asyncio.sleep(max(0.0, started + at - time.monotonic()))
                 answers = await burst(port, 10)
                 assert set(answers) <= {"200", "503"}
                 admitted.append(answers["200"])
-        finally:
-            await proxy.stop(1.0)
-            await server.close(1.0)
         return admitted
 
     admitted = asyncio.run(main())

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from pitcher_rpc.config import ConfigError, OverloadConfig, parse_config
+from pitcher_rpc.config import OverloadConfig, parse_config
 from pitcher_rpc.degrade.overload import Shedder
 from pitcher_rpc.modules.base import Module
 from pitcher_rpc.modules.chain import HookChains
 from pitcher_rpc.modules.registry import register, unregister
-from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
+from tests.inprocess import config_errors, running_proxy, serving
 
 POLICY = OverloadConfig(lag_high=0.1, lag_low=0.02, recover_after=5.0, step=1.0)
 
@@ -72,9 +72,7 @@ def test_bad_overload_settings_are_refused_with_their_line() -> None:
         '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://h:1"]\n'
         '[overload]\nlag_high = 0.01\nlag_low = 0.5\nmode = "sometimes"\n'
     )
-    with pytest.raises(ConfigError) as caught:
-        parse_config(text, "o.toml")
-    assert str(caught.value).splitlines() == [
+    assert config_errors(text, "o.toml").splitlines() == [
         "o.toml:7: overload.lag_low: must not be above lag_high",
         'o.toml:8: overload.mode: must be "enforce", "detect" or "off", got "sometimes"',
     ]
@@ -145,26 +143,22 @@ def test_a_slow_module_is_shed_under_load_and_back_after_calm() -> None:
     register(Cheap)
 
     async def main() -> None:
-        backend = await app.serve("tcp://127.0.0.1:0")
-        proxy = ProxyServer(parse_config(CONFIG.format(node=backend.address)))
-        await proxy.start()
-        port = int(proxy.address.rpartition(":")[2])
         timeline: list[tuple[float, bool]] = []
+        async with (
+            serving(app) as [node],
+            running_proxy(CONFIG.format(node=node)) as (proxy, port),
+        ):
 
-        async def watch(until: float) -> None:
-            while time.monotonic() < until:
-                timeline.append((time.monotonic(), "slow_for_test" in proxy.shedder.shed))
-                await asyncio.sleep(0.02)
+            async def watch(until: float) -> None:
+                while time.monotonic() < until:
+                    timeline.append((time.monotonic(), "slow_for_test" in proxy.shedder.shed))
+                    await asyncio.sleep(0.02)
 
-        try:
             start = time.monotonic()
             load_until = start + 2.0
             watcher = asyncio.create_task(watch(load_until + 1.5))
             answered = await asyncio.gather(*(keep_asking(port, load_until) for _ in range(16)))
             await watcher
-        finally:
-            await proxy.stop(1.0)
-            await backend.close(1.0)
 
         assert sum(answered) > 0
         shed_at = [t - start for t, shed in timeline if shed]
@@ -197,27 +191,19 @@ def test_detect_mode_says_what_it_would_shed_and_sheds_nothing(
     register(Cheap)
 
     async def main() -> list[bool]:
-        backend = await app.serve("tcp://127.0.0.1:0")
-        text = CONFIG.format(node=backend.address).replace(
-            "[overload]\n", '[overload]\nmode = "detect"\n'
-        )
-        proxy = ProxyServer(parse_config(text))
-        await proxy.start()
-        port = int(proxy.address.rpartition(":")[2])
         shed_seen: list[bool] = []
+        async with serving(app) as [node]:
+            text = CONFIG.format(node=node).replace("[overload]\n", '[overload]\nmode = "detect"\n')
+            async with running_proxy(text) as (proxy, port):
 
-        async def watch(until: float) -> None:
-            while time.monotonic() < until:
-                described = {m["name"]: m for m in proxy.snapshot.modules.describe()}
-                shed_seen.append(described["slow_for_test"]["shed"])
-                await asyncio.sleep(0.02)
+                async def watch(until: float) -> None:
+                    while time.monotonic() < until:
+                        described = {m["name"]: m for m in proxy.snapshot.modules.describe()}
+                        shed_seen.append(described["slow_for_test"]["shed"])
+                        await asyncio.sleep(0.02)
 
-        try:
-            until = time.monotonic() + 1.0
-            await asyncio.gather(watch(until), *(keep_asking(port, until) for _ in range(16)))
-        finally:
-            await proxy.stop(1.0)
-            await backend.close(1.0)
+                until = time.monotonic() + 1.0
+                await asyncio.gather(watch(until), *(keep_asking(port, until) for _ in range(16)))
         return shed_seen
 
     try:

@@ -24,10 +24,11 @@ from typing import Any
 
 import pytest
 
-from pitcher_rpc.config import ConfigError, parse_config
+from pitcher_rpc.config import parse_config
 from pitcher_rpc.modules.access_log import AccessLog
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
+from tests.inprocess import config_errors, running_proxy, serving
 from tests.proxy.conftest import Launcher, Proxy, get, toml_config, wait_until
 
 CONFIG = """
@@ -130,22 +131,17 @@ def with_proxy(
     socket_dir = tempfile.mkdtemp(prefix="pitcher-t-", dir="/tmp")
 
     async def main() -> AccessLog:
-        backend = await app.serve("tcp://127.0.0.1:0")
-        local = await app.serve(f"unix://{socket_dir}/b.sock")
-        text = CONFIG.format(
-            path=json.dumps(path), settings=settings, node=backend.address, unix_node=local.address
-        )
-        proxy = ProxyServer(parse_config(text))
-        module = proxy.snapshot.modules.modules["access_log"]
-        assert isinstance(module, AccessLog)
-        await proxy.start()
-        try:
-            await check(proxy, module, int(proxy.address.rpartition(":")[2]))
-        finally:
-            before_stop()
-            await proxy.stop(1.0)
-            await backend.close(1.0)
-            await local.close(1.0)
+        async with serving(app, (app, f"unix://{socket_dir}/b.sock")) as [node, unix_node]:
+            text = CONFIG.format(
+                path=json.dumps(path), settings=settings, node=node, unix_node=unix_node
+            )
+            async with running_proxy(text) as (proxy, port):
+                module = proxy.snapshot.modules.modules["access_log"]
+                assert isinstance(module, AccessLog)
+                try:
+                    await check(proxy, module, port)
+                finally:
+                    before_stop()
         return module
 
     try:
@@ -502,10 +498,9 @@ def test_bad_settings_are_refused_with_their_line(section: str, message: str) ->
         '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
         f"[modules.access_log]\n{section}\n"
     )
-    with pytest.raises(ConfigError) as caught:
-        parse_config(text, "r.toml")
-    assert str(caught.value).startswith("r.toml:5: modules.access_log: module access_log:")
-    assert message in str(caught.value)
+    errors = config_errors(text, "r.toml")
+    assert errors.startswith("r.toml:5: modules.access_log: module access_log:")
+    assert message in errors
 
 
 def test_good_settings_and_their_defaults() -> None:

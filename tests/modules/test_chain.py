@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
-from pitcher_rpc.config import parse_config
 from pitcher_rpc.modules import Answer, Hook, HookChains, Module, ModuleFailure
-from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk.echo import app as echo_app
+from tests.inprocess import config_errors, running_proxy, serving
 
 
 def module(name: str, priority: int, **handlers: Callable[..., Any]) -> Module:
@@ -158,15 +157,10 @@ async def request(port: int, path: str) -> tuple[int, bytes]:
 
 def with_proxy(modules: list[Module], body: Callable[[int, HookChains], Awaitable[None]]) -> None:
     async def main() -> None:
-        backend = await echo_app.serve("tcp://127.0.0.1:0")
-        chains = HookChains(modules)
-        proxy = ProxyServer(parse_config(CONFIG.format(node=backend.address)), modules=chains)
-        await proxy.start()
-        try:
-            await body(int(proxy.address.rpartition(":")[2]), chains)
-        finally:
-            await proxy.stop(1.0)
-            await backend.close(1.0)
+        async with serving(echo_app) as [node]:
+            chains = HookChains(modules)
+            async with running_proxy(CONFIG.format(node=node), modules=chains) as (_, port):
+                await body(port, chains)
 
     asyncio.run(main())
 
@@ -245,7 +239,6 @@ def test_modules_answer_refuse_and_fail_without_breaking_the_proxy() -> None:
 
 
 def test_a_priority_tie_is_refused_when_the_configuration_is_checked() -> None:
-    from pitcher_rpc.config import ConfigError
     from pitcher_rpc.modules import registry
 
     first = type("TieA", (Module,), {"name": "tie_a", "priority": 7, "on_accept": print})
@@ -257,10 +250,8 @@ def test_a_priority_tie_is_refused_when_the_configuration_is_checked() -> None:
             "[modules.tie_a]\n[modules.tie_b]\n"
             '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
         )
-        with pytest.raises(ConfigError) as caught:
-            parse_config(text, "t.toml")
-        assert "t.toml:2: modules.tie_b: shares priority 7 with module 'tie_a' on ACCEPT" in str(
-            caught.value
+        assert "t.toml:2: modules.tie_b: shares priority 7 with module 'tie_a' on ACCEPT" in (
+            config_errors(text, "t.toml")
         )
     finally:
         registry.unregister("tie_a")

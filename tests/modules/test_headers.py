@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from pitcher_rpc.config import ConfigError, parse_config
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
+from tests.inprocess import check_through_proxy, config_errors
 
 CONFIG = """
 [server]
@@ -63,28 +63,20 @@ async def get(port: int, path: str, headers: str = "") -> tuple[dict[str, str], 
 
 
 def test_headers_are_changed_both_ways_globally_and_per_route() -> None:
-    async def main() -> None:
-        backend = await app.serve("tcp://127.0.0.1:0")
-        proxy = ProxyServer(parse_config(CONFIG.format(node=backend.address)))
-        await proxy.start()
-        port = int(proxy.address.rpartition(":")[2])
-        try:
-            sent = "X-Env: prod\r\nX-Debug: 1\r\n"
-            response, seen = await get(port, "/api/x", sent)
-            seen_names = [name for name, _ in seen]
-            assert ["x-env", "test"] in seen and ["x-env", "prod"] not in seen
-            assert "x-debug" not in seen_names and ["x-api", "1"] in seen
-            assert "x-internal" not in response and response["x-kept"] == "yes"
-            assert response["cache-control"] == "no-store"
+    async def check(proxy: ProxyServer, port: int) -> None:
+        sent = "X-Env: prod\r\nX-Debug: 1\r\n"
+        response, seen = await get(port, "/api/x", sent)
+        seen_names = [name for name, _ in seen]
+        assert ["x-env", "test"] in seen and ["x-env", "prod"] not in seen
+        assert "x-debug" not in seen_names and ["x-api", "1"] in seen
+        assert "x-internal" not in response and response["x-kept"] == "yes"
+        assert response["cache-control"] == "no-store"
 
-            response, seen = await get(port, "/web", sent)
-            assert ["x-env", "test"] in seen and "x-api" not in [n for n, _ in seen]
-            assert response["cache-control"] == "max-age=60"
-        finally:
-            await proxy.stop(1.0)
-            await backend.close(1.0)
+        response, seen = await get(port, "/web", sent)
+        assert ["x-env", "test"] in seen and "x-api" not in [n for n, _ in seen]
+        assert response["cache-control"] == "max-age=60"
 
-    asyncio.run(main())
+    check_through_proxy(app, CONFIG, check)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +94,6 @@ def test_bad_rules_are_refused_with_their_line(section: str, message: str) -> No
         f"[modules.headers]\n{section}\n"
         '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
     )
-    with pytest.raises(ConfigError) as caught:
-        parse_config(text, "h.toml")
-    assert str(caught.value).startswith("h.toml:1: modules.headers: module headers:")
-    assert message in str(caught.value)
+    errors = config_errors(text, "h.toml")
+    assert errors.startswith("h.toml:1: modules.headers: module headers:")
+    assert message in errors

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pitcher_rpc.config import ConfigError, parse_config
+from pitcher_rpc.config import parse_config
 from pitcher_rpc.modules import Hook
 from pitcher_rpc.modules.metrics import (
     DEFAULT_BUCKETS,
@@ -21,6 +21,7 @@ from pitcher_rpc.modules.metrics import (
 from pitcher_rpc.modules.registry import module_class
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
+from tests.inprocess import config_errors, running_proxy, serving
 from tests.proxy.conftest import free_port
 
 CONFIG = """
@@ -95,20 +96,15 @@ def with_proxy(modules: str, check: Check) -> None:
     """Run ``check(proxy, port, reload)``; ``reload(modules, more_routes)`` reloads the proxy."""
 
     async def main() -> None:
-        backend = await app.serve("tcp://127.0.0.1:0")
-        dead_port = free_port()
-        proxy = ProxyServer(parse_config(config(backend.address, dead_port, modules)))
+        async with serving(app) as [node]:
+            dead_port = free_port()
+            async with running_proxy(config(node, dead_port, modules)) as (proxy, port):
 
-        def reload(modules: str, more_routes: str = "") -> ProxyServer:
-            proxy.reload(parse_config(config(backend.address, dead_port, modules, more_routes)))
-            return proxy
+                def reload(modules: str, more_routes: str = "") -> ProxyServer:
+                    proxy.reload(parse_config(config(node, dead_port, modules, more_routes)))
+                    return proxy
 
-        await proxy.start()
-        try:
-            await check(proxy, int(proxy.address.rpartition(":")[2]), reload)
-        finally:
-            await proxy.stop(1.0)
-            await backend.close(1.0)
+                await check(proxy, port, reload)
 
     asyncio.run(main())
 
@@ -303,10 +299,9 @@ def test_bad_settings_are_refused_with_their_line(section: str, message: str) ->
         '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
         f"[modules.metrics]\n{section}\n"
     )
-    with pytest.raises(ConfigError) as caught:
-        parse_config(text, "m.toml")
-    assert str(caught.value).startswith("m.toml:5: modules.metrics: module metrics:")
-    assert message in str(caught.value)
+    errors = config_errors(text, "m.toml")
+    assert errors.startswith("m.toml:5: modules.metrics: module metrics:")
+    assert message in errors
 
 
 def test_good_settings_are_kept_as_floats() -> None:

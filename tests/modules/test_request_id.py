@@ -7,13 +7,12 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 
 import pytest
 
-from pitcher_rpc.config import ConfigError, parse_config
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
+from tests.inprocess import check_through_proxy, config_errors
 
 CONFIG = """
 [server]
@@ -59,20 +58,6 @@ def values(fields: Fields, name: str) -> list[str]:
     return [value for field, value in fields if field == name]
 
 
-def with_proxy(modules: str, check: Callable[[ProxyServer, int], Awaitable[None]]) -> None:
-    async def main() -> None:
-        backend = await app.serve("tcp://127.0.0.1:0")
-        proxy = ProxyServer(parse_config(CONFIG.format(modules=modules, node=backend.address)))
-        await proxy.start()
-        try:
-            await check(proxy, int(proxy.address.rpartition(":")[2]))
-        finally:
-            await proxy.stop(1.0)
-            await backend.close(1.0)
-
-    asyncio.run(main())
-
-
 ID_SHAPE = re.compile(r"[0-9a-f]{12}-[0-9a-f]+")
 
 
@@ -104,7 +89,7 @@ def test_on_by_default_keeps_a_valid_id_and_makes_the_others() -> None:
         _, response, _ = await get(port, "/api/own-id", "X-Request-Id: mine\r\n")
         assert values(response, "x-request-id") == ["from-the-backend"]
 
-    with_proxy("", check)
+    check_through_proxy(app, CONFIG, check, modules="")
 
 
 def test_custom_header_untrusted_and_not_echoed() -> None:
@@ -124,7 +109,7 @@ echo = false
         assert values(seen, "x-request-id") == ["other"]
         assert values(response, "x-trace-id") == [] == values(response, "x-request-id")
 
-    with_proxy(modules, check)
+    check_through_proxy(app, CONFIG, check, modules=modules)
 
 
 def test_switched_off_the_client_header_passes_untouched_and_none_is_made() -> None:
@@ -139,7 +124,7 @@ def test_switched_off_the_client_header_passes_untouched_and_none_is_made() -> N
         _, response, seen = await get(port, "/api/a")
         assert values(seen, "x-request-id") == values(response, "x-request-id") != []
 
-    with_proxy("[modules.request_id]\nenabled = false\n", check)
+    check_through_proxy(app, CONFIG, check, modules="[modules.request_id]\nenabled = false\n")
 
 
 def test_ids_made_by_two_processes_differ() -> None:
@@ -171,7 +156,6 @@ def test_bad_settings_are_refused_with_their_line(section: str, message: str) ->
         '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
         f"[modules.request_id]\n{section}\n"
     )
-    with pytest.raises(ConfigError) as caught:
-        parse_config(text, "r.toml")
-    assert str(caught.value).startswith("r.toml:5: modules.request_id: module request_id:")
-    assert message in str(caught.value)
+    errors = config_errors(text, "r.toml")
+    assert errors.startswith("r.toml:5: modules.request_id: module request_id:")
+    assert message in errors

@@ -8,14 +8,14 @@ import socket
 import struct
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pitcher_rpc.config import ConfigError, parse_config
+from pitcher_rpc.config import parse_config
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
+from tests.inprocess import check_through_proxy, config_errors
 from tests.proxy.conftest import Launcher, toml_config
 
 CONFIG = """
@@ -68,20 +68,6 @@ async def get(port: int, path: str) -> tuple[int, dict[str, str]]:
     return int(head[0].split()[1]), fields
 
 
-def with_proxy(throttle: str, check: Callable[[ProxyServer, int], Awaitable[None]]) -> None:
-    async def main() -> None:
-        backend = await app.serve("tcp://127.0.0.1:0")
-        proxy = ProxyServer(parse_config(CONFIG.format(throttle=throttle, node=backend.address)))
-        await proxy.start()
-        try:
-            await check(proxy, int(proxy.address.rpartition(":")[2]))
-        finally:
-            await proxy.stop(1.0)
-            await backend.close(1.0)
-
-    asyncio.run(main())
-
-
 def stats(proxy: ProxyServer) -> dict:
     return proxy.module_stats()["throttle"]
 
@@ -99,7 +85,7 @@ def test_rate_limit_refuses_with_429_and_retry_after_then_refills() -> None:
         assert stats(proxy)["refused"] == {"proxy:rate": 3}
         assert stats(proxy)["admitted"] == 6
 
-    with_proxy("rate = 4\nburst = 5", check)
+    check_through_proxy(app, CONFIG, check, throttle="rate = 4\nburst = 5")
 
 
 def test_concurrency_limit_refuses_with_503_and_frees_places() -> None:
@@ -124,7 +110,7 @@ def test_concurrency_limit_refuses_with_503_and_frees_places() -> None:
         assert stats(proxy)["in_flight"] == {"concurrency": 0}
         assert (await get(port, "/a/x"))[0] == 200
 
-    with_proxy("concurrency = 2", check)
+    check_through_proxy(app, CONFIG, check, throttle="concurrency = 2")
 
 
 def test_detect_mode_counts_and_refuses_nothing() -> None:
@@ -136,7 +122,7 @@ def test_detect_mode_counts_and_refuses_nothing() -> None:
         assert numbers["refused"] == {}
         assert numbers["would_refuse"] == {"proxy:rate": 4}
 
-    with_proxy('rate = 1\nburst = 2\nmode = "detect"', check)
+    check_through_proxy(app, CONFIG, check, throttle='rate = 1\nburst = 2\nmode = "detect"')
 
 
 async def flood(port: int, path: str, rate: float, seconds: float) -> collections.Counter[int]:
@@ -181,7 +167,7 @@ reserved = 0.25
         assert 30 <= a[200] <= 50, a
         assert a[429] == 400 - a[200]
 
-    with_proxy(throttle, check)
+    check_through_proxy(app, CONFIG, check, throttle=throttle)
 
 
 def test_a_reserved_share_holds_when_a_flood_drains_the_common_pool() -> None:
@@ -203,7 +189,7 @@ reserved = 0.3
         assert a[429] > 300
         assert a[200] <= 40 * 2 + 5
 
-    with_proxy(throttle, check)
+    check_through_proxy(app, CONFIG, check, throttle=throttle)
 
 
 def test_limits_hold_for_the_whole_proxy_with_two_workers(launcher: Launcher) -> None:
@@ -256,17 +242,14 @@ def test_bad_settings_are_refused_with_their_line(section: str, message: str) ->
         '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
         f"[modules.throttle]\n{section}\n"
     )
-    with pytest.raises(ConfigError) as caught:
-        parse_config(text, "t.toml")
-    assert str(caught.value).startswith("t.toml:5: modules.throttle: module throttle:")
-    assert message in str(caught.value)
+    errors = config_errors(text, "t.toml")
+    assert errors.startswith("t.toml:5: modules.throttle: module throttle:")
+    assert message in errors
 
 
 def test_a_route_business_must_be_a_plain_name() -> None:
     text = '[[routes]]\ncluster = "a"\nbusiness = "a b"\n[clusters.a]\nnodes = ["tcp://h:1"]\n'
-    with pytest.raises(ConfigError) as caught:
-        parse_config(text, "t.toml")
-    assert "t.toml:3: routes[0].business: must be a name" in str(caught.value)
+    assert "t.toml:3: routes[0].business: must be a name" in config_errors(text, "t.toml")
 
 
 def test_a_route_naming_a_business_without_a_quota_is_refused() -> None:
@@ -274,9 +257,7 @@ def test_a_route_naming_a_business_without_a_quota_is_refused() -> None:
         '[[routes]]\ncluster = "a"\nbusiness = "shopp"\n[clusters.a]\nnodes = ["tcp://h:1"]\n'
         "[modules.throttle]\n[modules.throttle.business.shop]\nrate = 5\n"
     )
-    with pytest.raises(ConfigError) as caught:
-        parse_config(text, "t.toml")
-    assert str(caught.value) == (
+    assert config_errors(text, "t.toml") == (
         "t.toml:3: routes[0].business: no [modules.throttle.business.shopp] quota"
         ' (known: shop); did you mean "shop"?'
     )

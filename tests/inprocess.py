@@ -1,0 +1,86 @@
+"""SDK backends and a proxy run in the test's own event loop, and refused configurations.
+
+    async with serving(app) as [node], running_proxy(CONFIG.format(node=node)) as (proxy, port):
+        ...
+
+On the way out the proxy stops first (grace 1.0), then each backend closes
+(grace 1.0), in the order given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from pitcher_rpc.config import ConfigError, parse_config
+from pitcher_rpc.proxy.server import ProxyServer
+from pitcher_rpc.sdk import Service
+from transports.base import Server
+
+LOCAL = "tcp://127.0.0.1:0"
+
+Check = Callable[[ProxyServer, int], Awaitable[None]]
+
+
+@asynccontextmanager
+async def serving(*apps: Service | tuple[Service, str]) -> AsyncIterator[list[str]]:
+    """Serve each app on a free local TCP port (or at the address paired with it).
+
+    Yields the addresses they serve on, in order; closes them all, in order, at the end.
+    """
+    servers: list[Server] = []
+    try:
+        for app in apps:
+            service, address = app if isinstance(app, tuple) else (app, LOCAL)
+            servers.append(await service.serve(address))
+        yield [server.address for server in servers]
+    finally:
+        for server in servers:
+            await server.close(1.0)
+
+
+def port_of(proxy: ProxyServer) -> int:
+    """The TCP port a started proxy listens on."""
+    return int(proxy.address.rpartition(":")[2])
+
+
+@asynccontextmanager
+async def running_proxy(text: str, **kwargs: Any) -> AsyncIterator[tuple[ProxyServer, int]]:
+    """A started proxy of configuration ``text`` and its port; ``kwargs`` go to ProxyServer."""
+    proxy = ProxyServer(parse_config(text), **kwargs)
+    await proxy.start()
+    try:
+        yield proxy, port_of(proxy)
+    finally:
+        await proxy.stop(1.0)
+
+
+def check_through_proxy(app: Service, template: str, check: Check, **fields: str) -> None:
+    """Run ``check(proxy, port)`` against a proxy before ``app``.
+
+    The proxy's configuration is ``template.format(node=<app's address>, **fields)``.
+    """
+
+    async def main() -> None:
+        async with (
+            serving(app) as [node],
+            running_proxy(template.format(node=node, **fields)) as (proxy, port),
+        ):
+            await check(proxy, port)
+
+    asyncio.run(main())
+
+
+def config_errors(text: str, source: str) -> str:
+    """The text of the ConfigError that ``parse_config(text, source)`` raises.
+
+    Fails the test if the configuration is accepted.
+    """
+    __tracebackhide__ = True
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source)
+    return str(caught.value)
