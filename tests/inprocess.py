@@ -10,9 +10,10 @@ On the way out the proxy stops first (grace 1.0), then each backend closes
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -84,3 +85,29 @@ def config_errors(text: str, source: str) -> str:
     with pytest.raises(ConfigError) as caught:
         parse_config(text, source)
     return str(caught.value)
+
+
+class ModuleError(NamedTuple):
+    text: str  # the whole error
+    key: str  # the key it names, under [modules.NAME] ("" for the table itself)
+    line: str  # the configuration line it points at
+
+
+def module_error(text: str, source: str, module: str) -> ModuleError:
+    """The error a module's own validation gives, and the line and key it points at."""
+    __tracebackhide__ = True
+    error = config_errors(text, source)
+    pattern = rf"{re.escape(source)}:(\d+): modules\.{module}(?:\.([\w.-]+))?: module {module}: "
+    match = re.match(pattern, error)
+    assert match, error
+    return ModuleError(error, match.group(2) or "", text.splitlines()[int(match.group(1)) - 1])
+
+
+def assert_points_at_key(error: ModuleError) -> None:
+    """The line reported is the named key's, or the module's table for no single key."""
+    __tracebackhide__ = True
+    line = error.line.lstrip()
+    if error.key:
+        assert any(line.startswith(part) for part in error.key.split(".")), error
+    else:
+        assert line.startswith("[modules."), error

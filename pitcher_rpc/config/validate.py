@@ -133,6 +133,26 @@ def _syntax_issue(exc: tomllib.TOMLDecodeError, text: str, source: str) -> Confi
 
 
 _BUSINESS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# What a module's error message names first: "rate must be ...", "business.shop.rate
+# must ...", "unknown key 'colour'".
+_LEADING_KEY = re.compile(r"(?:unknown key '([^']+)'|([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*))")
+
+
+def _key_named(section: Mapping[str, Any], path: KeyPath, message: str) -> KeyPath:
+    """The path of the key a module's error names, when it is in ``section``; else ``path``.
+
+    So the line reported is the key's, not the table's.
+    """
+    match = _LEADING_KEY.match(message)
+    if match is None:
+        return path
+    parts = (match.group(1) or match.group(2)).split(".")
+    table: Any = section
+    for part in parts:
+        if not isinstance(table, Mapping) or part not in table:
+            return path
+        table = table[part]
+    return (*path, *parts)
 
 
 class _Validator:
@@ -720,7 +740,7 @@ class _Validator:
             try:
                 checked = cls.validate(settings)
             except (ValueError, TypeError) as exc:
-                self.report(section_path, f"module {name}: {exc}")
+                self.report(_key_named(section, section_path, str(exc)), f"module {name}: {exc}")
                 continue
             modules.append(
                 ModuleConfig(

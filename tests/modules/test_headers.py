@@ -9,7 +9,7 @@ import pytest
 
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
-from tests.inprocess import check_through_proxy, config_errors
+from tests.inprocess import assert_points_at_key, check_through_proxy, module_error
 
 CONFIG = """
 [server]
@@ -94,6 +94,7 @@ def test_bad_rules_are_refused_with_their_line(section: str, message: str) -> No
         f"[modules.headers]\n{section}\n"
         '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
     )
-    errors = config_errors(text, "h.toml")
-    assert errors.startswith("h.toml:1: modules.headers: module headers:")
+    error = module_error(text, "h.toml", "headers")
+    assert_points_at_key(error)
+    errors = error.text
     assert message in errors

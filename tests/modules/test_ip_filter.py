@@ -6,6 +6,7 @@ import pytest
 
 from pitcher_rpc.config import ConfigError, parse_config
 from pitcher_rpc.modules.ip_filter import IpFilter
+from tests.inprocess import module_error
 from tests.process.test_master import admin, admin_port
 from tests.proxy.conftest import Launcher, RawClient, toml_config
 
@@ -37,9 +38,9 @@ def test_a_bad_section_is_refused_with_its_line() -> None:
         '[modules.ip_filter]\ndeny = ["not-a-network"]\n'
         '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
     )
-    with pytest.raises(ConfigError) as caught:
-        parse_config(text, "p.toml")
-    assert str(caught.value).startswith("p.toml:1: modules.ip_filter: module ip_filter: deny:")
+    error = module_error(text, "p.toml", "ip_filter")
+    assert error.line == 'deny = ["not-a-network"]'
+    assert error.text.startswith("p.toml:2: modules.ip_filter.deny: module ip_filter: deny:")
     with pytest.raises(ConfigError, match="no module named 'nope'"):
         parse_config(text.replace("ip_filter", "nope"), "p.toml")
 

@@ -21,7 +21,12 @@ from pitcher_rpc.modules.metrics import (
 from pitcher_rpc.modules.registry import module_class
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
-from tests.inprocess import config_errors, running_proxy, serving
+from tests.inprocess import (
+    assert_points_at_key,
+    module_error,
+    running_proxy,
+    serving,
+)
 from tests.proxy.conftest import free_port
 
 CONFIG = """
@@ -299,8 +304,9 @@ def test_bad_settings_are_refused_with_their_line(section: str, message: str) ->
         '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
         f"[modules.metrics]\n{section}\n"
     )
-    errors = config_errors(text, "m.toml")
-    assert errors.startswith("m.toml:5: modules.metrics: module metrics:")
+    error = module_error(text, "m.toml", "metrics")
+    assert_points_at_key(error)
+    errors = error.text
     assert message in errors
 
 

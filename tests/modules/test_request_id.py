@@ -12,7 +12,7 @@ import pytest
 
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
-from tests.inprocess import check_through_proxy, config_errors
+from tests.inprocess import assert_points_at_key, check_through_proxy, module_error
 
 CONFIG = """
 [server]
@@ -156,6 +156,7 @@ def test_bad_settings_are_refused_with_their_line(section: str, message: str) ->
         '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
         f"[modules.request_id]\n{section}\n"
     )
-    errors = config_errors(text, "r.toml")
-    assert errors.startswith("r.toml:5: modules.request_id: module request_id:")
+    error = module_error(text, "r.toml", "request_id")
+    assert_points_at_key(error)
+    errors = error.text
     assert message in errors

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pitcher_rpc.config import parse_config
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
-from tests.inprocess import check_through_proxy, config_errors
+from tests.inprocess import assert_points_at_key, check_through_proxy, config_errors, module_error
 from tests.proxy.conftest import Launcher, toml_config
 
 CONFIG = """
@@ -245,8 +245,9 @@ def test_bad_settings_are_refused_with_their_line(section: str, message: str) ->
         '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
         f"[modules.throttle]\n{section}\n"
     )
-    errors = config_errors(text, "t.toml")
-    assert errors.startswith("t.toml:5: modules.throttle: module throttle:")
+    error = module_error(text, "t.toml", "throttle")
+    assert_points_at_key(error)
+    errors = error.text
     assert message in errors
 
 
