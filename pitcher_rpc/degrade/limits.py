@@ -67,10 +67,12 @@ class TokenBucket:
 class Gate:
     """At most ``limit`` requests in flight (times this process's ``share``, at least 1)."""
 
-    __slots__ = ("_limit", "in_flight", "limit", "peak", "refused", "share")
+    __slots__ = ("_limit", "in_flight", "limit", "peak", "reason", "refused", "share")
 
-    def __init__(self, limit: int, share: float = 1.0) -> None:
+    def __init__(self, limit: int, reason: str = "concurrency", share: float = 1.0) -> None:
         self.limit = limit
+        # What a refusal by this gate is counted as.
+        self.reason = reason
         self.in_flight = 0
         # Highest in flight and requests refused since the last demand report.
         self.peak = 0

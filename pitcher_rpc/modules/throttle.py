@@ -13,8 +13,9 @@
     reserved = 0.2         # a share of the proxy-wide rate only this business may use
 
 Every key is optional; a limit that is not set is not enforced. A request
-passes, in order: its business's concurrency, its business's rate, the
-proxy's concurrency, then the proxy's rate, where a business with a
+passes, in order: its business's concurrency, the proxy's concurrency (a
+request refused there costs no token), its business's rate, then the
+proxy's rate, where a business with a
 ``reserved`` share first draws on its own reserve and then on the common
 pool (the proxy-wide rate minus every reserve). So a business flooding the
 proxy exhausts its own quota and at most the common pool; another business's
@@ -78,13 +79,16 @@ def _limits(section: Mapping[str, Any], where: str, allowed: tuple[str, ...]) ->
 
 
 class _Business:
-    __slots__ = ("bucket", "gate", "name", "reserve")
+    __slots__ = ("bucket", "gate", "gates", "name", "rate_reason", "reserve")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.bucket: TokenBucket | None = None
         self.gate: Gate | None = None
         self.reserve: TokenBucket | None = None
+        # The gates a request of this business passes, in order.
+        self.gates: tuple[Gate, ...] = ()
+        self.rate_reason = f"{name}:rate"
 
 
 class Throttle(Module):
@@ -135,7 +139,9 @@ class Throttle(Module):
         checked = self.validate(settings)
         now = time.monotonic()
         self.detect_only = checked["mode"] == "detect"
-        self.gate = Gate(checked["concurrency"]) if checked["concurrency"] else None
+        concurrency = checked["concurrency"]
+        self.gate = Gate(concurrency, "proxy:concurrency") if concurrency else None
+        self._gates: tuple[Gate, ...] = (self.gate,) if self.gate is not None else ()
         rate, burst = checked["rate"], checked["burst"]
         common = 1.0 - sum(limits["reserved"] or 0.0 for limits in checked["business"].values())
         self.pool = TokenBucket(rate * common, max(1.0, burst * common), now) if rate else None
@@ -145,7 +151,11 @@ class Throttle(Module):
             if limits["rate"]:
                 business.bucket = TokenBucket(limits["rate"], limits["burst"], now)
             if limits["concurrency"]:
-                business.gate = Gate(limits["concurrency"])
+                business.gate = Gate(limits["concurrency"], f"{name}:concurrency")
+            business.gates = (
+                *((business.gate,) if business.gate is not None else ()),
+                *self._gates,
+            )
             if limits["reserved"]:
                 share = limits["reserved"]
                 business.reserve = TokenBucket(rate * share, max(1.0, burst * share), now)
@@ -159,55 +169,57 @@ class Throttle(Module):
 
     def after_cluster(self, exchange: Any) -> Answer | None:
         business = self.businesses.get(exchange.route.business)
-        now = time.monotonic()
-        held: list[Gate] = []
-        taken: TokenBucket | None = None
+        detect = self.detect_only
+        # Concurrency first (a refusal then costs no token), business then proxy.
+        gates = self._gates if business is None else business.gates
         reason = ""
+        entered = 0
+        for gate in gates:
+            # In detect mode a full gate still counts the request (force), so
+            # the in-flight numbers stay true; the refusal is only counted.
+            if not gate.enter(detect):
+                reason = gate.reason
+                if not detect:
+                    break
+            entered += 1
         refused_by: TokenBucket | None = None
-        if business is not None:
-            gate = business.gate
-            if gate is not None and not self._enter(gate, held):
-                reason = f"{business.name}:concurrency"
-            elif business.bucket is not None:
+        taken: TokenBucket | None = None
+        if not reason:
+            now = time.monotonic()
+            if business is not None and business.bucket is not None:
                 if business.bucket.take(now):
                     taken = business.bucket
                 else:
-                    reason, refused_by = f"{business.name}:rate", business.bucket
-        if not reason and self.gate is not None and not self._enter(self.gate, held):
-            reason = "proxy:concurrency"
-        pool = self.pool
-        if not reason and pool is not None:
-            reserve = business.reserve if business is not None else None
-            if (reserve is None or not reserve.take(now)) and not pool.take(now):
-                reason, refused_by = "proxy:rate", pool
+                    reason, refused_by = business.rate_reason, business.bucket
+            pool = self.pool
+            if not reason and pool is not None:
+                reserve = business.reserve if business is not None else None
+                if (reserve is None or not reserve.take(now)) and not pool.take(now):
+                    reason, refused_by = "proxy:rate", pool
         if reason:
-            if not self.detect_only:
-                for gate in held:
+            if not detect:
+                for gate in gates[:entered]:
                     gate.leave()
                 if taken is not None:
                     taken.give_back()
                 self.refused[reason] += 1
                 return _answer(refused_by)
-            self.would_refuse[reason] += 1
-            if now - self._logged >= 1.0:
-                self._logged = now
-                log.info("detect mode: would refuse a request (%s); counted, not refused", reason)
+            self._would_refuse(reason)
         self.admitted += 1
-        if held:
+        if gates:
             state = exchange.module_state
             if state is None:
-                exchange.module_state = {_NAME: held}
+                exchange.module_state = {_NAME: gates}
             else:
-                state[_NAME] = held
+                state[_NAME] = gates
         return None
 
-    def _enter(self, gate: Gate, held: list[Gate]) -> bool:
-        # In detect mode a full gate still counts the request (force) so the
-        # in-flight numbers stay true; the request is then only counted.
-        entered = gate.enter(force=self.detect_only)
-        if entered or self.detect_only:
-            held.append(gate)
-        return entered
+    def _would_refuse(self, reason: str) -> None:
+        self.would_refuse[reason] += 1
+        now = time.monotonic()
+        if now - self._logged >= 1.0:
+            self._logged = now
+            log.info("detect mode: would refuse a request (%s); counted, not refused", reason)
 
     def request_finish(self, exchange: Any) -> None:
         state = exchange.module_state
