@@ -29,10 +29,11 @@ A line, written when the response has been handed to the socket::
     the status sent and the size of the whole response (head and body);
     499 and 0 when the client went away before the answer (as nginx).
 ``total``, ``backend``, ``residence``
-    seconds, to the microsecond: from the request read to the response
-    written; from the last attempt sent to its answer or error (null if no
-    backend was called); and the rest, the time spent in the proxy itself
-    (earlier failed attempts of a retried request included).
+    seconds, to the microsecond (six decimals, never an exponent): from the
+    request read to the response written; from the last attempt sent to its
+    answer or error (null if no backend was called); and the rest, the time
+    spent in the proxy itself (earlier failed attempts of a retried request
+    included).
 
 Requests the HTTP parser refuses (400, 408 ...) and connections refused at
 ACCEPT have no exchange and are not logged.
@@ -86,8 +87,12 @@ _CLOSE_TIMEOUT = 2.0
 # The least time between two warnings that lines are being dropped.
 _WARN_EVERY = 60.0
 # json.dumps() builds a new encoder on every call made with non-default
-# arguments; one encoder made here is reused by every line.
+# arguments; one encoder made here is reused.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+# A JSON string, quoted and escaped (non-ASCII as \\u escapes), in C.
+_string = json.encoder.encode_basestring_ascii
+# Route and node pairs whose fields are kept made; cleared when full.
+_WHERE_CACHE = 4096
 
 
 class AccessLog(Module):
@@ -143,6 +148,8 @@ class AccessLog(Module):
         self._warned = False  # ... and it was reported
         self._quiet_until = 0.0  # no new drop warning before this (monotonic)
         self._failing = False  # a failure streak (open/write errors) is under way
+        # The route/cluster/node/transport part of a line, by (route, node).
+        self._where: dict[tuple[Any, Any], str] = {}
         # The formatted UTC second of the last line, made once per second.
         self._second = -1
         self._second_text = ""
@@ -194,39 +201,48 @@ class AccessLog(Module):
         backend_started = exchange.backend_started
         backend_ended = exchange.backend_ended
         if backend_started and backend_ended >= backend_started:
-            backend: float | None = backend_ended - backend_started
-            in_proxy = total - backend_ended + backend_started
+            backend = backend_ended - backend_started
+            timing = (
+                f'"total":{total:.6f},"backend":{backend:.6f},"residence":{total - backend:.6f}'
+            )
         else:
-            backend = None
-            in_proxy = total
+            timing = f'"total":{total:.6f},"backend":null,"residence":{total:.6f}'
         path = request.path
         if request.query:
             path = path + b"?" + request.query
-        uri = node.uri if node is not None else None
+        where = self._where.get((route, node))
+        if where is None:
+            where = self._where_of(route, node)
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        milliseconds = int((now - second) * 1000)
-        return _encode(
+        request_id = exchange.request_id
+        return (
+            f'{{"time":"{self._second_text}.{int((now - second) * 1000):03d}Z",'
+            f'"client":{_string(exchange.connection.client_ip.decode("latin-1"))},'
+            f'"method":{_string(request.method.decode("latin-1"))},'
+            f'"path":{_string(path.decode("latin-1"))},'
+            f'"request_id":{_string(request_id.decode("latin-1")) if request_id else "null"},'
+            f'{where},"status":{exchange.status},"bytes":{exchange.response_bytes},{timing}}}'
+        )
+
+    def _where_of(self, route: Any, node: Any) -> str:
+        """The route, cluster, node and transport fields, made once per route and node."""
+        uri = node.uri if node is not None else None
+        where = _encode(
             {
-                "time": f"{self._second_text}.{milliseconds:03d}Z",
-                "client": exchange.connection.client_ip.decode("latin-1"),
-                "method": request.method.decode("latin-1"),
-                "path": path.decode("latin-1"),
-                "request_id": exchange.request_id.decode("latin-1") or None,
                 "route": route.name if route is not None else None,
                 "cluster": route.cluster.name if route is not None else None,
                 "node": uri,
                 "transport": uri.partition("://")[0] if uri is not None else None,
-                "status": exchange.status,
-                "bytes": exchange.response_bytes,
-                "total": round(total, 6),
-                "backend": round(backend, 6) if backend is not None else None,
-                "residence": round(in_proxy, 6),
             }
-        )
+        )[1:-1]
+        if len(self._where) >= _WHERE_CACHE:
+            self._where.clear()  # routes and nodes of old snapshots
+        self._where[(route, node)] = where
+        return where
 
     # the writer -----------------------------------------------------------------------
 
