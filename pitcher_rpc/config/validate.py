@@ -10,41 +10,29 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import math
 import os
-import re
 import tomllib
-from collections.abc import Collection, Mapping
-from types import MappingProxyType
+from collections.abc import Mapping
 from typing import Any
 
 from transports.registry import AddressError, get_transport, parse_address
 
-from ..degrade.health import HealthPolicy
-from ..modules.registry import DEFAULT_MODULES, module_class
 from .issues import (
     ConfigError,
     ConfigIssue,
     one_of_message,
     show,
     type_message,
-    unknown_key_message,
 )
-from .lines import KeyPath, LineIndex, format_key_path
+from .lines import KeyPath
 from .model import (
     BALANCE_POLICIES,
-    DEFAULT_FAILURES,
     DEFAULT_IDEMPOTENT_METHODS,
-    FAILURE_KINDS,
     AdminConfig,
     ClusterConfig,
     Config,
-    HealthConfig,
-    ModuleConfig,
     NodeConfig,
-    OverloadConfig,
     RouteConfig,
-    ScaleOutConfig,
     ServerConfig,
     UpstreamConfig,
     parse_listen,
@@ -54,9 +42,7 @@ from .schema import (
     CLUSTER_KEYS,
     CLUSTER_NAME,
     NODE_KEYS,
-    OVERLOAD_KEYS,
     ROUTE_KEYS,
-    SCALE_OUT_KEYS,
     SERVER_KEYS,
     TOKEN,
     TOML_POSITION,
@@ -64,6 +50,7 @@ from .schema import (
     UPSTREAM_KEYS,
     host_problem,
 )
+from .sections import PolicySections
 
 __all__ = [
     "ConfigError",
@@ -132,45 +119,10 @@ def _syntax_issue(exc: tomllib.TOMLDecodeError, text: str, source: str) -> Confi
 # -- the validator -----------------------------------------------------------
 
 
-_BUSINESS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# What a module's error message names first: "rate must be ...", "business.shop.rate
-# must ...", "unknown key 'colour'".
-_LEADING_KEY = re.compile(r"(?:unknown key '([^']+)'|([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*))")
-
-
-def _key_named(section: Mapping[str, Any], path: KeyPath, message: str) -> KeyPath:
-    """The path of the key a module's error names, when it is in ``section``; else ``path``.
-
-    So the line reported is the key's, not the table's.
-    """
-    match = _LEADING_KEY.match(message)
-    if match is None:
-        return path
-    parts = (match.group(1) or match.group(2)).split(".")
-    table: Any = section
-    for part in parts:
-        if not isinstance(table, Mapping) or part not in table:
-            return path
-        table = table[part]
-    return (*path, *parts)
-
-
-class _Validator:
+class _Validator(PolicySections):
     """Walks a parsed document once, recording issues and building the model."""
 
-    __slots__ = ("_businesses", "_index", "_module_names", "_source", "_text", "issues")
-
-    def __init__(self, text: str, source: str) -> None:
-        self._text = text
-        self._source = source
-        self._index = LineIndex(text)
-        self.issues: list[ConfigIssue] = []
-        self._module_names: set[str] = set()
-        self._businesses: set[str] | None = None
-
-    def report(self, path: KeyPath, message: str) -> None:
-        line = self._index.line_of(path)
-        self.issues.append(ConfigIssue(self._source, line, format_key_path(path), message))
+    __slots__ = ()
 
     # -- document ------------------------------------------------------------
 
@@ -201,86 +153,6 @@ class _Validator:
             modules=modules,
             overload=overload,
         )
-
-    # -- generic checks ------------------------------------------------------
-
-    def _check_keys(
-        self, table: Mapping[str, Any], path: KeyPath, allowed: Collection[str]
-    ) -> None:
-        for key in table:
-            if key not in allowed:
-                self.report((*path, key), unknown_key_message(key, allowed))
-
-    def _table(self, parent: Mapping[str, Any], path: KeyPath) -> Mapping[str, Any] | None:
-        """The optional sub-table ``path[-1]`` of ``parent``; None if absent or not a table."""
-        value = parent.get(str(path[-1]))
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            self.report(path, type_message("a table", value))
-            return None
-        return value
-
-    def _string(self, table: Mapping[str, Any], path: KeyPath) -> str | None:
-        value = table.get(str(path[-1]))
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            self.report(path, type_message("a string", value))
-            return None
-        return value
-
-    def _boolean(self, table: Mapping[str, Any], path: KeyPath) -> bool | None:
-        value = table.get(str(path[-1]))
-        if value is None:
-            return None
-        if not isinstance(value, bool):
-            self.report(path, type_message("a boolean (true or false)", value))
-            return None
-        return value
-
-    def _integer(
-        self,
-        table: Mapping[str, Any],
-        path: KeyPath,
-        default: int,
-        minimum: int,
-        maximum: int | None = None,
-    ) -> int:
-        value = table.get(str(path[-1]))
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.report(path, type_message("an integer", value))
-            return default
-        if maximum is None and value < minimum:
-            wanted = "a positive integer" if minimum == 1 else f"at least {minimum}"
-            self.report(path, f"must be {wanted}, got {value}")
-            return default
-        if maximum is not None and not minimum <= value <= maximum:
-            self.report(path, f"must be between {minimum} and {maximum}, got {value}")
-            return default
-        return value
-
-    def _seconds(
-        self, table: Mapping[str, Any], path: KeyPath, default: float, *, allow_zero: bool = False
-    ) -> float:
-        value = table.get(str(path[-1]))
-        if value is None:
-            return default
-        # An integer is a fine number of seconds; a bool is not a number.
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.report(path, type_message("a number of seconds", value))
-            return default
-        seconds = float(value)
-        if not math.isfinite(seconds):
-            self.report(path, f"must be a finite number, got {show(value)}")
-            return default
-        wanted = "zero or a positive number" if allow_zero else "a positive number"
-        if seconds < 0 or (seconds == 0 and not allow_zero):
-            self.report(path, f"must be {wanted}, got {show(value)}")
-            return default
-        return seconds
 
     # -- [server] and [upstream] ---------------------------------------------
 
@@ -370,31 +242,6 @@ class _Validator:
             self.report((*path, "listen"), f"must be host:port, got {show(listen)}")
         return AdminConfig(listen=listen)
 
-    def _overload(self, document: Mapping[str, Any]) -> OverloadConfig:
-        path: KeyPath = ("overload",)
-        table = self._table(document, path)
-        defaults = OverloadConfig()
-        if table is None:
-            return defaults
-        self._check_keys(table, path, OVERLOAD_KEYS)
-        mode = self._string(table, (*path, "mode")) or defaults.mode
-        if mode not in ("enforce", "detect", "off"):
-            self.report((*path, "mode"), f'must be "enforce", "detect" or "off", got {show(mode)}')
-        config = OverloadConfig(
-            mode=mode,
-            lag_high=self._seconds(table, (*path, "lag_high"), defaults.lag_high),
-            lag_low=self._seconds(table, (*path, "lag_low"), defaults.lag_low),
-            in_flight_high=self._integer(table, (*path, "in_flight_high"), 0, 0),
-            in_flight_low=self._integer(table, (*path, "in_flight_low"), 0, 0),
-            recover_after=self._seconds(table, (*path, "recover_after"), defaults.recover_after),
-            step=self._seconds(table, (*path, "step"), defaults.step),
-        )
-        if config.lag_low > config.lag_high:
-            self.report((*path, "lag_low"), "must not be above lag_high")
-        if config.in_flight_low > config.in_flight_high:
-            self.report((*path, "in_flight_low"), "must not be above in_flight_high")
-        return config
-
     def _upstream(self, document: Mapping[str, Any]) -> UpstreamConfig:
         path: KeyPath = ("upstream",)
         table = self._table(document, path)
@@ -457,64 +304,6 @@ class _Validator:
         return ClusterConfig(
             name=name, balance=balance, nodes=nodes, health=health, scale_out=scale_out
         )
-
-    def _scale_out(self, cluster: Mapping[str, Any], path: KeyPath) -> ScaleOutConfig | None:
-        table = self._table(cluster, path)
-        if table is None:
-            return None
-        self._check_keys(table, path, SCALE_OUT_KEYS)
-        command = table.get("command")
-        if (
-            not isinstance(command, list)
-            or not command
-            or not all(isinstance(part, str) and part for part in command)
-        ):
-            self.report(
-                (*path, "command"),
-                "required: the program and its arguments, as an array of strings (no shell)",
-            )
-            return None
-        below = table.get("below", 0.5)
-        if isinstance(below, bool) or not isinstance(below, int | float) or not 0 < below <= 1:
-            self.report((*path, "below"), f"must be a share in (0, 1], got {below!r}")
-        detect = self._boolean(table, (*path, "detect_only"))
-        return ScaleOutConfig(
-            command=tuple(command),
-            below=float(below) if isinstance(below, int | float) else 0.5,
-            cooldown=self._seconds(table, (*path, "cooldown"), 300.0),
-            timeout=self._seconds(table, (*path, "timeout"), 60.0),
-            detect_only=bool(detect),
-        )
-
-    def _health(self, cluster: Mapping[str, Any], path: KeyPath) -> HealthConfig | None:
-        table = self._table(cluster, path)
-        if table is None:
-            return None
-        settings = dict(table)
-        failures = settings.pop("failures", None)
-        kinds = DEFAULT_FAILURES
-        if failures is not None:
-            if not isinstance(failures, list) or not all(isinstance(f, str) for f in failures):
-                self.report((*path, "failures"), type_message("an array of strings", failures))
-            else:
-                for index, kind in enumerate(failures):
-                    if kind not in FAILURE_KINDS:
-                        self.report((*path, "failures", index), one_of_message(kind, FAILURE_KINDS))
-                kinds = frozenset(failures)
-        ramp = HealthConfig().ramp_in_flight
-        if "ramp_in_flight" in settings:
-            settings.pop("ramp_in_flight")
-            ramp = self._integer(table, (*path, "ramp_in_flight"), ramp, 1, 1_000_000)
-        try:
-            policy = HealthPolicy.from_settings(settings)
-        except ValueError as exc:
-            # "key: message; key: message": each reported at its own key.
-            for problem in str(exc).split("; "):
-                key, _, message = problem.partition(": ")
-                where = (*path, key) if key in table else path
-                self.report(where, message if key in table else problem)
-            return None
-        return HealthConfig(policy=policy, failures=kinds, ramp_in_flight=ramp)
 
     def _nodes(self, cluster: Mapping[str, Any], path: KeyPath) -> tuple[NodeConfig, ...]:
         value = cluster.get("nodes")
@@ -683,82 +472,6 @@ class _Validator:
             modules=self._route_modules(item, (*path, "modules")),
             business=self._business(item, (*path, "business")),
         )
-
-    def _business(self, item: Mapping[str, Any], path: KeyPath) -> str:
-        value = self._string(item, path)
-        if value is None:
-            return "default"
-        if _BUSINESS_NAME.fullmatch(value) is None:
-            self.report(path, f"must be a name of letters, digits, - and _, got {show(value)}")
-        elif self._businesses is not None and value not in self._businesses | {"default"}:
-            known = sorted(self._businesses)
-            close = difflib.get_close_matches(value, known, n=1)
-            hint = f"; did you mean {show(close[0])}?" if close else ""
-            self.report(
-                path,
-                f"no [modules.throttle.business.{value}] quota (known: {', '.join(known)}){hint}",
-            )
-        return value
-
-    def _route_modules(self, item: Mapping[str, Any], path: KeyPath) -> tuple[str, ...] | None:
-        value = item.get("modules")
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
-            self.report(path, type_message("an array of module names", value))
-            return None
-        for index, name in enumerate(value):
-            if name not in self._module_names:
-                self.report((*path, index), f"no [modules.{name}] table configures {show(name)}")
-        if len(set(value)) != len(value):
-            self.report(path, "names a module twice")
-        return tuple(value)
-
-    def _modules(self, document: Mapping[str, Any]) -> tuple[ModuleConfig, ...]:
-        path: KeyPath = ("modules",)
-        table = dict(self._table(document, path) or {})
-        # Modules loaded without a table of their own (they can be switched off in one).
-        for name in DEFAULT_MODULES:
-            table.setdefault(name, {})
-        modules = []
-        priorities: dict[tuple[Any, int], str] = {}
-        for name, section in table.items():
-            section_path = (*path, name)
-            if not isinstance(section, Mapping):
-                self.report(section_path, type_message("a table", section))
-                continue
-            try:
-                cls = module_class(name)
-            except LookupError as exc:
-                self.report(section_path, str(exc))
-                continue
-            enabled = self._boolean(section, (*section_path, "enabled"))
-            essential = self._boolean(section, (*section_path, "essential"))
-            settings = {
-                key: value for key, value in section.items() if key not in ("enabled", "essential")
-            }
-            try:
-                checked = cls.validate(settings)
-            except (ValueError, TypeError) as exc:
-                self.report(_key_named(section, section_path, str(exc)), f"module {name}: {exc}")
-                continue
-            modules.append(
-                ModuleConfig(
-                    name=name,
-                    enabled=True if enabled is None else enabled,
-                    essential=essential,
-                    settings=MappingProxyType(dict(checked)),
-                )
-            )
-            # Two modules at one priority on one hook would run in no defined order.
-            for hook in cls.hooks():
-                other = priorities.setdefault((hook, cls.priority), name)
-                if other != name:
-                    self.report(
-                        section_path,
-                        f"shares priority {cls.priority} with module {other!r} on {hook.name}",
-                    )
-        return tuple(modules)
 
     @staticmethod
     def _no_cluster_message(cluster: str, cluster_names: set[str]) -> str:
