@@ -113,9 +113,6 @@ def _syntax_issue(exc: tomllib.TOMLDecodeError, text: str, source: str) -> Confi
     return ConfigIssue(source, line, "", f"invalid TOML: {message}")
 
 
-# -- describing values -------------------------------------------------------
-
-
 # -- the validator -----------------------------------------------------------
 
 
