@@ -108,7 +108,8 @@ async def _serve_with_workers(
 
 
 async def _serve(path: str, config: Config) -> None:
-    from .proxy.server import ProxyServer, describe_backlog
+    from .proxy.backlog import describe_backlog
+    from .proxy.server import ProxyServer
 
     log = logging.getLogger("pitcher")
     proxy = ProxyServer(config)

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, load_config
 from ..config.overlay import NodeChange, Overlay
-from ..proxy.server import describe_backlog
+from ..proxy.backlog import describe_backlog
 from . import cluster_routes, metrics
 from .admin import AdminError, AdminRequest, AdminResponse, AdminServer
 from .control import ControlError, WorkerLink, read_message

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pitcher_rpc.proxy.server import describe_backlog, listen_backlog
+from pitcher_rpc.proxy.backlog import describe_backlog, listen_backlog
 from tests.proxy.conftest import Launcher, toml_config
 
 
