@@ -47,9 +47,17 @@ class HealthBook:
         self.events: Counter[tuple[str, str]] = Counter()  # (cluster, event) -> count
         self._last: Verdicts = {}
 
-    def configure(self, config: Config, now: float) -> None:
-        """Follow a configuration: new clusters start with every node new (ramping);
-        a cluster whose health settings are unchanged keeps its nodes' state."""
+    def configure(self, config: Config, now: float, warm: bool = False) -> None:
+        """Follow a configuration.
+
+        A cluster whose health settings are unchanged keeps its nodes' state
+        (a node new to it ramps). A cluster new to the book starts with every
+        node ramping (slow start), unless ``warm``: a new generation taking
+        over from a graceful restart, whose nodes have been serving all along.
+        A cluster whose health settings changed starts afresh with its nodes
+        in service: new thresholds are no reason to ramp nodes that were
+        serving.
+        """
         clusters: dict[str, ClusterHealth] = {}
         configs: dict[str, HealthConfig] = {}
         self._scale = {}
@@ -66,8 +74,13 @@ class HealthBook:
             if known is not None and self._configs[name].policy == health.policy:
                 known.sync(uris, now)
                 clusters[name] = known
+            elif known is None:
+                clusters[name] = ClusterHealth(health.policy, uris, now, new=not warm)
             else:
-                clusters[name] = ClusterHealth(health.policy, uris, now, new=True)
+                serving = [uri for uri in uris if uri in known.nodes]
+                fresh = ClusterHealth(health.policy, serving, now, new=False)
+                fresh.sync(uris, now)  # nodes new to the cluster ramp all the same
+                clusters[name] = fresh
             configs[name] = health
         self.clusters = clusters
         self._configs = configs

@@ -123,7 +123,8 @@ class Master:
         self._watchers: set[asyncio.Task[None]] = set()
         # Proxy-wide limits split between the workers, moved every tick.
         self.coordination = Coordination(lambda: [(s.index, s.link) for s in self.slots])
-        self.coordination.health.configure(config, time.monotonic())
+        # After a graceful restart the nodes have been serving all along: no ramp.
+        self.coordination.health.configure(config, time.monotonic(), warm=takeover is not None)
         self._coordinator: asyncio.Task[None] | None = None
         self._control: asyncio.AbstractServer | None = None
 

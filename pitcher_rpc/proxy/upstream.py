@@ -115,8 +115,11 @@ class Cluster:
     def apply(self, factors: Mapping[str, float], share: float = 1.0) -> None:
         """Weight factors from the health book, by node URI.
 
-        A node the book has not judged yet is new to it: it starts where slow
-        start starts, not at full weight, until the next tick says more.
+        A node missing from the book's factors is new to it: it starts where
+        slow start starts, not at full weight, until the next tick says more.
+        With no factors at all yet (a process just started: the book's first
+        tick is at most 0.1 s away) every node takes its full weight, so a new
+        generation after a graceful restart never refuses for lack of one.
         ``share`` is this process's part of the proxy (1/N with N workers):
         the in-flight cap of a ramping node is split like the load.
         """
@@ -124,7 +127,7 @@ class Cluster:
         if health is None:
             return
         ramp = health.ramp_in_flight * share
-        new = health.policy.ramp(0.0) if not health.policy.detect_only else 1.0
+        new = health.policy.ramp(0.0) if factors and not health.policy.detect_only else 1.0
         for node in self.nodes:
             factor = factors.get(node.uri, new)
             node.effective = node.weight * factor

@@ -211,7 +211,8 @@ def test_an_all_new_cluster_admits_a_growing_share_of_concurrent_requests() -> N
             running_proxy(RAMP.format(node=node)) as (_, port),
         ):
             started = time.monotonic()
-            for at in (0.0, 0.75, 1.7):
+            # From the first tick on (0.1 s): before it every node has its full weight.
+            for at in (0.15, 0.75, 1.7):
                 await asyncio.sleep(max(0.0, started + at - time.monotonic()))
                 answers = await burst(port, 10)
                 assert set(answers) <= {"200", "503"}
@@ -223,3 +224,22 @@ def test_an_all_new_cluster_admits_a_growing_share_of_concurrent_requests() -> N
     assert admitted[0] <= 2, admitted
     assert 3 <= admitted[1] <= 8, admitted
     assert admitted[2] == 10, admitted
+
+
+def test_a_warm_start_and_new_thresholds_ramp_no_node_that_was_serving() -> None:
+    text = BASE + "slow_start = 10\n"
+    cold, warm = HealthBook(), HealthBook()
+    cold.configure(parse_config(text), 0.0)
+    warm.configure(parse_config(text), 0.0, warm=True)  # after a graceful restart
+    assert set(cold.tick({}, 1.0)["c"].values()) == {0.1}
+    assert set(warm.tick({}, 1.0)["c"].values()) == {1.0}
+    # New thresholds for the cluster, and a node it did not have: only that one ramps.
+    changed = (text + "min_failures = 7\n").replace(
+        '"tcp://127.0.0.1:2"]', '"tcp://127.0.0.1:2", "tcp://127.0.0.1:3"]'
+    )
+    warm.configure(parse_config(changed), 2.0)
+    assert warm.tick({}, 2.0)["c"] == {
+        "tcp://127.0.0.1:1": 1.0,
+        "tcp://127.0.0.1:2": 1.0,
+        "tcp://127.0.0.1:3": 0.1,
+    }
