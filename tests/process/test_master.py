@@ -88,11 +88,13 @@ def test_a_reload_reaches_every_worker_and_a_bad_file_changes_nothing(
     for _ in range(10):
         assert get(proxy, "/added/x").json()["route"] == "added"
 
+    bad = config_text(echo_uri) + "\n[server.bogus]\n"
     with open(proxy.config_path, "w") as file:
-        file.write(config_text(echo_uri) + "\n[server.bogus]\n")
+        file.write(bad)
     status, result = admin(port, "/admin/reload", "POST")
     assert status == 400
-    assert "server" in result["error"] and ":" in result["error"]
+    line = bad.splitlines().index("[server.bogus]") + 1
+    assert f"{proxy.config_path}:{line}: server.bogus: unknown key" in result["error"]
     status, config = admin(port, "/admin/config")
     assert {w["checksum"] for w in config["workers"]} == {config["checksum"]}
     assert get(proxy, "/added/x").json()["route"] == "added"
