@@ -19,7 +19,7 @@ import pytest
 
 from pitcher_rpc.config import ConfigError, parse_config
 from pitcher_rpc.proxy.server import ProxyServer
-from pitcher_rpc.sdk import Service
+from pitcher_rpc.sdk import Response, Service
 from transports.base import Server
 
 LOCAL = "tcp://127.0.0.1:0"
@@ -111,3 +111,26 @@ def assert_points_at_key(error: ModuleError) -> None:
         assert any(line.startswith(part) for part in error.key.split(".")), error
     else:
         assert line.startswith("[modules."), error
+
+
+_ONE_ROUTE = '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
+
+
+def assert_module_refuses(module: str, section: str, message: str) -> ModuleError:
+    """``[modules.NAME]`` with ``section`` is refused at the right line, saying ``message``."""
+    __tracebackhide__ = True
+    error = module_error(f"{_ONE_ROUTE}[modules.{module}]\n{section}\n", "m.toml", module)
+    assert_points_at_key(error)
+    assert message in error.text, error.text
+    return error
+
+
+def answering(name: str, status: int, body: str) -> Service:
+    """A service that answers every request with ``status`` and ``body``."""
+    service = Service(name)
+
+    @service.route("/")
+    def answer(request: Any) -> Response:
+        return Response(status, body)
+
+    return service

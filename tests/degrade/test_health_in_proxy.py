@@ -13,7 +13,7 @@ from pitcher_rpc.degrade.health import HealthPolicy
 from pitcher_rpc.proxy.balance import HealthWeighted
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
-from tests.inprocess import config_errors, running_proxy, serving
+from tests.inprocess import answering, config_errors, running_proxy, serving
 
 BASE = """
 [[routes]]
@@ -82,18 +82,8 @@ def test_the_book_merges_keeps_state_over_reloads_and_forgets_removed_nodes() ->
 
 # -- a real proxy: one node answers 500 ---------------------------------------------------
 
-good = Service("good")
-bad = Service("bad")
-
-
-@good.route("/")
-def ok(request: Request) -> Response:
-    return Response(200, "good")
-
-
-@bad.route("/")
-def broken(request: Request) -> Response:
-    return Response(500, "bad")
+good = answering("good", 200, "good")
+bad = answering("bad", 500, "bad")
 
 
 PROXY = """

@@ -17,8 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pitcher_rpc.config import parse_config
 from pitcher_rpc.degrade.book import HealthBook
 from pitcher_rpc.proxy.server import ProxyServer
-from pitcher_rpc.sdk import Request, Response, Service
-from tests.inprocess import config_errors, running_proxy, serving
+from tests.inprocess import answering, config_errors, running_proxy, serving
 from tests.proxy.conftest import Launcher, get, toml_config, wait_until
 
 CLUSTER = """
@@ -96,18 +95,8 @@ def test_the_book_asks_once_per_cool_down_while_capacity_is_low() -> None:
 
 # -- a real proxy, one process ------------------------------------------------------------
 
-good = Service("good")
-bad = Service("bad")
-
-
-@good.route("/")
-def ok(request: Request) -> Response:
-    return Response(200, "good")
-
-
-@bad.route("/")
-def broken(request: Request) -> Response:
-    return Response(503, "bad")
+good = answering("good", 200, "good")
+bad = answering("bad", 503, "bad")
 
 
 def drive(scale_out: str, seconds: float) -> ProxyServer:

@@ -29,8 +29,7 @@ from pitcher_rpc.modules.access_log import AccessLog
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
 from tests.inprocess import (
-    assert_points_at_key,
-    module_error,
+    assert_module_refuses,
     running_proxy,
     serving,
 )
@@ -506,14 +505,7 @@ def test_lines_still_buffered_are_written_when_the_proxy_stops(
     ],
 )
 def test_bad_settings_are_refused_with_their_line(section: str, message: str) -> None:
-    text = (
-        '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
-        f"[modules.access_log]\n{section}\n"
-    )
-    error = module_error(text, "r.toml", "access_log")
-    assert_points_at_key(error)
-    errors = error.text
-    assert message in errors
+    assert_module_refuses("access_log", section, message)
 
 
 def test_good_settings_and_their_defaults() -> None:

@@ -22,8 +22,7 @@ from pitcher_rpc.modules.registry import module_class
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
 from tests.inprocess import (
-    assert_points_at_key,
-    module_error,
+    assert_module_refuses,
     running_proxy,
     serving,
 )
@@ -300,14 +299,7 @@ def test_merge_reports_adds_counters_from_all_and_histograms_of_the_common_bound
     ],
 )
 def test_bad_settings_are_refused_with_their_line(section: str, message: str) -> None:
-    text = (
-        '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
-        f"[modules.metrics]\n{section}\n"
-    )
-    error = module_error(text, "m.toml", "metrics")
-    assert_points_at_key(error)
-    errors = error.text
-    assert message in errors
+    assert_module_refuses("metrics", section, message)
 
 
 def test_good_settings_are_kept_as_floats() -> None:

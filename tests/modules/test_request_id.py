@@ -12,7 +12,10 @@ import pytest
 
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
-from tests.inprocess import assert_points_at_key, check_through_proxy, module_error
+from tests.inprocess import (
+    assert_module_refuses,
+    check_through_proxy,
+)
 
 CONFIG = """
 [server]
@@ -152,11 +155,4 @@ def test_ids_made_by_two_processes_differ() -> None:
     ],
 )
 def test_bad_settings_are_refused_with_their_line(section: str, message: str) -> None:
-    text = (
-        '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
-        f"[modules.request_id]\n{section}\n"
-    )
-    error = module_error(text, "r.toml", "request_id")
-    assert_points_at_key(error)
-    errors = error.text
-    assert message in errors
+    assert_module_refuses("request_id", section, message)

@@ -15,7 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pitcher_rpc.config import parse_config
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
-from tests.inprocess import assert_points_at_key, check_through_proxy, config_errors, module_error
+from tests.inprocess import (
+    assert_module_refuses,
+    check_through_proxy,
+    config_errors,
+)
 from tests.proxy.conftest import Launcher, toml_config
 
 CONFIG = """
@@ -241,14 +245,7 @@ def test_limits_hold_for_the_whole_proxy_with_two_workers(launcher: Launcher) ->
     ],
 )
 def test_bad_settings_are_refused_with_their_line(section: str, message: str) -> None:
-    text = (
-        '[[routes]]\ncluster = "a"\n[clusters.a]\nnodes = ["tcp://127.0.0.1:1"]\n'
-        f"[modules.throttle]\n{section}\n"
-    )
-    error = module_error(text, "t.toml", "throttle")
-    assert_points_at_key(error)
-    errors = error.text
-    assert message in errors
+    assert_module_refuses("throttle", section, message)
 
 
 def test_a_route_business_must_be_a_plain_name() -> None:
