@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from types import SimpleNamespace
+
+import pytest
 
 from pitcher_rpc.config import parse_config
 from pitcher_rpc.degrade.book import HealthBook
@@ -125,6 +128,32 @@ def run_proxy(extra: str) -> tuple[collections.Counter[str], ProxyServer]:
                 return await ask(port, 300), proxy
 
     return asyncio.run(main())
+
+
+def test_when_every_node_looks_bad_the_cluster_panics_and_keeps_sending(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    worse = answering("worse", 500, "worse")
+
+    async def main() -> tuple[collections.Counter[str], ProxyServer]:
+        async with serving(bad, worse) as nodes:
+            text = PROXY.format(good=nodes[1], bad=nodes[0], extra="")
+            async with running_proxy(text) as (proxy, port):
+                return await ask(port, 100), proxy
+
+    with caplog.at_level(logging.WARNING, "pitcher.health"):
+        bodies, proxy = asyncio.run(main())
+    assert proxy.health is not None
+    # One of two may be ejected (the cap); the other goes bad too: panic. The
+    # proxy keeps sending to both rather than answering 503 to everyone.
+    assert set(bodies) == {"bad", "worse"}, bodies
+    assert min(bodies.values()) >= 40, bodies
+    described = proxy.health.describe(time.monotonic())["c"]
+    assert described["panic"] is True
+    assert described["events"]["ejected"] == 1
+    assert described["events"]["ejection_refused"] == 1
+    assert described["events"]["panic"] == 1
+    assert "panic: too many nodes look bad; sending to every node" in caplog.text
 
 
 def test_a_node_answering_500_is_ejected_and_traffic_moves_away() -> None:
