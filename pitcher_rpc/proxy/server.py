@@ -24,11 +24,10 @@ from ..degrade.overload import Shedder
 from ..degrade.scale import ScaleRunner
 from ..http.parser import HttpError, HttpRequest, RequestParser
 from ..http.response import error_response
-from ..modules.base import Answer, Module
-from ..modules.chain import EMPTY as EMPTY_MODULES
+from ..modules.base import Answer
 from ..modules.chain import HookChains
-from ..modules.registry import module_class
 from .exchange import Exchange
+from .module_host import ModuleHost
 from .snapshot import Snapshot
 from .upstream import Upstreams
 
@@ -334,30 +333,21 @@ class ProxyServer:
         local_health: bool = True,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
-        # This process's part of each proxy-wide limit (see Module.set_shares):
-        # the last shares the master sent, by module, and the even split
-        # a module starts with before it has any.
-        self.default_share = default_share
-        self._shares: dict[str, dict[str, float]] = {}
         self.upstreams = Upstreams(config.upstream)
-        # Module instances by name with the settings they were made with: a
-        # reload that keeps a module's settings keeps the instance and its state.
-        self._module_instances: dict[str, tuple[dict[str, Any], Module]] = {}
-        # Runtime switches (admin API); they outlive reloads.
-        self.module_switches: dict[str, bool] = {}
-        self._fixed_modules = modules
+        # This process's part of the proxy (1/N with N workers): of each
+        # proxy-wide limit until the master says more, and of a ramping
+        # node's in-flight cap.
+        self.upstreams.share = default_share
         # Overload shedding of non-essential modules (pitcher_rpc.degrade.overload).
         self.shedder = Shedder(config.overload)
         self.lag = 0.0
         self._lags: deque[float] = deque(maxlen=_LAG_SAMPLES)
         self._overload_timer: asyncio.TimerHandle | None = None
         self._overload_due = 0.0
-        # Instances a reload dropped, closed once requests that may use them are
-        # done (or when the proxy stops): module -> its close timer.
-        self._retired: dict[Module, asyncio.TimerHandle] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        # Module instances across snapshots.
+        self.modules = ModuleHost(self.loop, self.shedder, default_share, fixed=modules)
         self.snapshot = Snapshot(
-            config, self.upstreams, generation=1, modules=self._modules_for(config)
+            config, self.upstreams, generation=1, modules=self.modules.chains_for(config)
         )
         # Node health: judged here when this process is the whole proxy; with
         # workers the master keeps the book and sends its verdicts.
@@ -417,116 +407,31 @@ class ProxyServer:
         self.shedder.configure(config.overload)
         if self.health is not None:
             self.health.configure(config, time.monotonic())
-        snapshot = Snapshot(
-            config, self.upstreams, self.snapshot.generation + 1, self._modules_for(config)
-        )
+        chains = self.modules.chains_for(config, self.snapshot.config.routes)
+        snapshot = Snapshot(config, self.upstreams, self.snapshot.generation + 1, chains)
         self.snapshot = snapshot
         self.upstreams.retain_only(snapshot.node_uris())
         return snapshot
 
-    def _modules_for(self, config: Config) -> HookChains:
-        """The module chains of a configuration; ModuleFailure if they cannot be ordered."""
-        if self._fixed_modules is not None:
-            return self._fixed_modules
-        if not config.modules:
-            return EMPTY_MODULES
-        instances: dict[str, tuple[dict[str, Any], Module]] = {}
-        for module_config in config.modules:
-            settings = dict(module_config.settings)
-            previous = self._module_instances.get(module_config.name)
-            if previous is not None and previous[0] == settings:
-                instance = previous[1]
-            else:
-                instance = module_class(module_config.name)(module_config.settings)
-                if self.default_share != 1.0 or module_config.name in self._shares:
-                    instance.set_shares(
-                        {"*": self.default_share, **self._shares.get(module_config.name, {})}
-                    )
-            instances[module_config.name] = (settings, instance)
-        kept = {id(instance) for _, instance in instances.values()}
-        dropped = [m for _, m in self._module_instances.values() if id(m) not in kept]
-        chains = HookChains(
-            [instance for _, instance in instances.values()],
-            shed=self.shedder.shed if self.shedder.config.mode == "enforce" else (),
-            disabled=[
-                m.name for m in config.modules if not self.module_switches.get(m.name, m.enabled)
-            ],
-            route_orders={r.name: r.modules for r in config.routes if r.modules is not None},
-            essential={m.name: m.essential for m in config.modules if m.essential is not None},
-        )
-        self._module_instances = instances
-        if dropped:
-            # Requests of the old snapshot may still use them, for at most
-            # their route's timeout; then they are closed.
-            old = self.snapshot.config.routes
-            grace = min(60.0, max((route.timeout for route in old), default=0.0) + 1.0)
-            for module in dropped:
-                self._close_module_later(module, grace)
-        return chains
-
-    def _close_module_later(self, module: Module, delay: float) -> None:
-        def close() -> None:
-            self._retired.pop(module, None)
-            task = self.loop.create_task(self._close_module(module))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
-        self._retired[module] = self.loop.call_later(delay, close)
-
-    @staticmethod
-    async def _close_module(module: Module) -> None:
-        try:
-            await module.aclose()
-        except Exception:
-            log.exception("module %s failed to close", module.name)
-
     def reopen_modules(self) -> None:
         """SIGUSR1: every loaded module reopens its files (after a log rotation)."""
-        for _, module in self._current_modules():
-            try:
-                module.reopen()
-            except Exception:
-                log.exception("module %s failed to reopen its files", module.name)
+        self.modules.reopen(self.snapshot.modules)
 
     def module_stats(self) -> dict[str, dict[str, Any]]:
         """The numbers each loaded module reports, by module name."""
-        stats = {}
-        for name, module in self._current_modules():
-            try:
-                numbers = module.stats()
-            except Exception:
-                log.exception("module %s failed to report", name)
-                continue
-            if numbers:
-                stats[name] = numbers
-        return stats
+        return self.modules.stats(self.snapshot.modules)
 
     def module_demand(self) -> dict[str, dict[str, tuple[float, float]]]:
         """Each module's demand on its proxy-wide limits since the last call."""
-        demand = {}
-        for name, module in self._current_modules():
-            numbers = module.demand()
-            if numbers:
-                demand[name] = numbers
-        return demand
+        return self.modules.demand(self.snapshot.modules)
 
     def apply_shares(self, shares: dict[str, dict[str, float]]) -> None:
         """Take this process's shares of the proxy-wide limits, by module and limit."""
-        self._shares = shares
-        modules = self.snapshot.modules.modules
-        for name, module_shares in shares.items():
-            module = modules.get(name)
-            if module is not None:
-                module.set_shares(module_shares)
-
-    def _current_modules(self) -> list[tuple[str, Module]]:
-        return list(self.snapshot.modules.modules.items())
+        self.modules.apply_shares(shares, self.snapshot.modules)
 
     def set_module(self, name: str, enabled: bool) -> None:
         """Switch a module on or off now and for every later snapshot; KeyError if unknown."""
-        self.snapshot.modules.set_enabled(name, enabled)
-        self.module_switches[name] = enabled
-        self.shedder.forget(name)
+        self.modules.switch(self.snapshot.modules, name, enabled)
 
     # node health --------------------------------------------------------------------------
 
@@ -654,14 +559,7 @@ class ProxyServer:
             self._health_timer.cancel()
         await self.scaler.close()
         await self.upstreams.close(timeout=1.0)
-        retired = list(self._retired)
-        for handle in self._retired.values():
-            handle.cancel()
-        self._retired.clear()
-        for module in [*retired, *(m for _, m in self._current_modules())]:
-            await self._close_module(module)
-        if self._closing:
-            await asyncio.wait(list(self._closing), timeout=1.0)
+        await self.modules.close(self.snapshot.modules)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)

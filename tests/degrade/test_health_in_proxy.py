@@ -262,3 +262,16 @@ def test_a_warm_start_and_new_thresholds_ramp_no_node_that_was_serving() -> None
         "tcp://127.0.0.1:2": 1.0,
         "tcp://127.0.0.1:3": 0.1,
     }
+
+
+def test_a_worker_takes_its_part_of_a_ramping_node_s_in_flight_cap() -> None:
+    async def main() -> list[int]:
+        text = BASE + "ramp_in_flight = 100\n"
+        proxy = ProxyServer(parse_config(text), default_share=0.25, local_health=False)
+        proxy.apply_health({"c": {"tcp://127.0.0.1:1": 0.1, "tcp://127.0.0.1:2": 1.0}})
+        caps = [node.cap for node in proxy.snapshot.clusters["c"].nodes]
+        await proxy.stop(0.0)
+        return caps
+
+    # 10% of 100 for the whole proxy; this worker is one of four: 3 (2.5, rounded up).
+    assert asyncio.run(main()) == [3, 0]
