@@ -1,0 +1,312 @@
+"""CPU cost of a split service's own code per request, without sockets.
+
+Request frames are fed into the stream server's connection protocol
+(``_ServerConnection.data_received``) in batches of 1 and of 16 frames, one
+batch per event-loop turn as a socket would deliver them; the transport is a
+sink that keeps what is written, and the answers are counted afterwards. So
+what is timed is Python work only (CPU time of this process), not system
+calls. Three variants, interleaved, in the same run:
+
+* ``minimal``: the yardstick, a bare asyncio protocol that cuts frames with
+  ``struct``, decodes the Request with the generated protobuf class, builds
+  the SDK echo's JSON dict, ``json.dumps``, encodes a Response with the
+  generated class, frames it and writes once per batch;
+* ``server+raw``: the same handler as a plain transport handler behind the
+  real stream server connection (what the transport costs on its own);
+* ``sdk echo``: ``pitcher_rpc.sdk.echo:app``, as ``pitcher backend`` runs it.
+
+Both echoes must answer byte-identical JSON; the script checks it first.
+
+    python bench/bench_service.py [--requests 20000] [--rounds 5] [--profile VARIANT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import cProfile
+import json
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pitcher_rpc.pb import pitcher_pb2  # noqa: E402
+from pitcher_rpc.sdk.echo import app as echo_app  # noqa: E402
+from transports.base import ServerOptions  # noqa: E402
+from transports.frame import HEADER, PREFACE, encode_request  # noqa: E402
+from transports.stream_server import StreamServer, _ServerConnection  # noqa: E402
+
+HEADERS_5 = [
+    (b"host", b"bench.example"),
+    (b"user-agent", b"bench/1.0"),
+    (b"accept", b"*/*"),
+    (b"x-forwarded-for", b"127.0.0.1"),
+    (b"x-request-id", b"3f9c2a71d0b4-1"),
+]
+HEADERS_20 = [
+    *HEADERS_5,
+    (b"accept-encoding", b"gzip, deflate, br"),
+    (b"accept-language", b"en-GB,en;q=0.9,fr;q=0.8"),
+    (b"cache-control", b"no-cache"),
+    (b"cookie", b"session=8a7d6c5b4e3f2a1b; theme=dark; lang=en"),
+    (b"referer", b"https://bench.example/catalogue/items?page=2"),
+    (b"x-forwarded-proto", b"http"),
+    (b"x-tenant", b"shop"),
+    (b"x-trace", b"abc123def456"),
+    (b"sec-fetch-mode", b"navigate"),
+    (b"sec-fetch-site", b"same-origin"),
+    (b"sec-fetch-dest", b"document"),
+    (b"upgrade-insecure-requests", b"1"),
+    (b"dnt", b"1"),
+    (b"pragma", b"no-cache"),
+    (b"x-client-version", b"4.2.1"),
+]
+
+
+def request_payload(headers: list[tuple[bytes, bytes]]) -> bytes:
+    message = pitcher_pb2.Request(
+        method=b"GET",
+        path=b"/hello",
+        query=b"name=world",
+        header_names=[name for name, _ in headers],
+        header_values=[value for _, value in headers],
+        route="echo",
+        client="127.0.0.1:40000",
+    )
+    return message.SerializeToString()
+
+
+class SinkTransport:
+    """Keeps every write; answers the questions asyncio protocols ask."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def close(self) -> None:
+        raise AssertionError("the benchmark connection must stay open")
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def take_frames(self) -> list[tuple[int, int, bytes]]:
+        """(type, request id, payload) of every frame written since the last call."""
+        data = b"".join(self.chunks)
+        self.chunks = []
+        frames = []
+        pos = 0
+        while pos < len(data):
+            _, kind, _, length, request_id, _ = HEADER.unpack_from(data, pos)
+            pos += HEADER.size
+            frames.append((kind, request_id, data[pos : pos + length]))
+            pos += length
+        assert pos == len(data), "a frame was cut short"
+        return frames
+
+
+# ----------------------------------------------------------------------------- the yardstick
+
+_Request = pitcher_pb2.Request
+_Response = pitcher_pb2.Response
+_pack = HEADER.pack
+_unpack = HEADER.unpack_from
+_HEADER_SIZE = HEADER.size
+_dumps = json.dumps
+
+
+def minimal_answer(payload: bytes) -> bytes:
+    """The SDK echo's answer, written as directly as the generated classes allow."""
+    request = _Request.FromString(payload)
+    raw = request.body
+    try:
+        body = raw.decode("utf-8")
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        body = base64.b64encode(raw).decode()
+        encoding = "base64"
+    document = {
+        "method": request.method.decode("latin-1"),
+        "path": request.path.decode("latin-1"),
+        "query": request.query.decode("latin-1"),
+        "headers": [
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in zip(request.header_names, request.header_values, strict=True)
+        ],
+        "body": body,
+        "body_encoding": encoding,
+        "route": request.route,
+        "client": request.client,
+    }
+    response = _Response(
+        status=200,
+        header_names=[b"content-type"],
+        header_values=[b"application/json"],
+        body=_dumps(document).encode(),
+    )
+    return response.SerializeToString()
+
+
+class MinimalEcho(asyncio.Protocol):
+    """A frame echo with nothing but the work: no limits, no tasks, no control frames."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.buffer = b""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.buffer:
+            data = self.buffer + data
+        out = []
+        pos = 0
+        end = len(data)
+        while end - pos >= _HEADER_SIZE:
+            _, kind, _, length, request_id, _ = _unpack(data, pos)
+            stop = pos + _HEADER_SIZE + length
+            if stop > end:
+                break
+            if kind == 1:
+                answer = minimal_answer(data[pos + _HEADER_SIZE : stop])
+                out.append(_pack(1, 2, 0, len(answer), request_id, 0))
+                out.append(answer)
+            pos = stop
+        self.buffer = data[pos:]
+        if out:
+            self.transport.write(b"".join(out))
+
+
+async def raw_handler(payload: bytes) -> bytes:
+    return minimal_answer(payload)
+
+
+# ----------------------------------------------------------------------------- the run
+
+Handler = Callable[[bytes], Awaitable[bytes]]
+
+
+def make_connection(variant: str, loop: asyncio.AbstractEventLoop) -> tuple[Any, SinkTransport]:
+    sink = SinkTransport()
+    if variant == "minimal":
+        protocol: Any = MinimalEcho()
+        protocol.connection_made(sink)
+        return protocol, sink
+    handler: Handler = raw_handler if variant == "server+raw" else echo_app.handle_payload
+    server = StreamServer("unix:///tmp/pitcher-bench-service-never-bound.sock", handler)
+    server.options = ServerOptions(max_in_flight=1_000_000)
+    protocol = _ServerConnection(server, loop)
+    protocol.connection_made(sink)
+    protocol.data_received(PREFACE)
+    sink.chunks.clear()  # the server's preface and SETTINGS
+    return protocol, sink
+
+
+async def measure(variant: str, payload: bytes, batch: int, requests: int, profile: bool) -> float:
+    """CPU µs per request for ``requests`` requests fed ``batch`` frames at a time."""
+    loop = asyncio.get_running_loop()
+    protocol, sink = make_connection(variant, loop)
+    batches = max(1, requests // batch)
+    # Request ids must grow on a connection: every batch is built before the clock starts.
+    chunks = [
+        b"".join(encode_request(n * batch + k + 1, payload, 0) for k in range(batch))
+        for n in range(batches)
+    ]
+    feed = protocol.data_received
+    sleep = asyncio.sleep
+    profiler = cProfile.Profile() if profile else None
+    if profiler is not None:
+        profiler.enable()
+    start = time.process_time()
+    for chunk in chunks:
+        feed(chunk)
+        await sleep(0)  # the loop turn ends: batched writes go out
+    elapsed = time.process_time() - start
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    frames = sink.take_frames()
+    assert len(frames) == batches * batch, (variant, len(frames), batches * batch)
+    assert all(kind == 2 for kind, _, _ in frames), variant
+    return elapsed / (batches * batch) * 1e6
+
+
+async def check_same_answers(payload: bytes) -> None:
+    answers = {}
+    for variant in VARIANTS:
+        protocol, sink = make_connection(variant, asyncio.get_running_loop())
+        protocol.data_received(encode_request(1, payload, 0))
+        await asyncio.sleep(0)
+        (frame,) = sink.take_frames()
+        answers[variant] = _Response.FromString(frame[2])
+    first = answers["minimal"]
+    for variant, answer in answers.items():
+        assert answer == first, f"{variant} answers differently:\n{answer}\n{first}"
+    assert json.loads(first.body)["path"] == "/hello"
+
+
+VARIANTS = ("minimal", "server+raw", "sdk echo")
+
+
+async def compare(requests: int, rounds: int, profile: str | None) -> None:
+    payloads = {5: request_payload(HEADERS_5), 20: request_payload(HEADERS_20)}
+    for payload in payloads.values():
+        await check_same_answers(payload)
+    if profile:
+        for headers, payload in payloads.items():
+            print(f"--- {profile}, {headers} headers, batches of 16")
+            await measure(profile, payload, 16, requests, True)
+        return
+    cases = [(headers, batch) for headers in payloads for batch in (1, 16)]
+    results: dict[tuple[int, int, str], list[float]] = {}
+    for _ in range(rounds):
+        for headers, batch in cases:
+            for variant in VARIANTS:
+                value = await measure(variant, payloads[headers], batch, requests, False)
+                results.setdefault((headers, batch, variant), []).append(value)
+    print(
+        f"split service, CPU µs per request (median of {rounds} rounds of {requests} requests);"
+        " ratio to minimal"
+    )
+    print(f"  {'headers':>7} {'batch':>5}  " + "  ".join(f"{v:>16}" for v in VARIANTS))
+    for headers, batch in cases:
+        base = statistics.median(results[(headers, batch, "minimal")])
+        cells = []
+        for variant in VARIANTS:
+            median = statistics.median(results[(headers, batch, variant)])
+            cells.append(f"{median:7.2f} ({median / base:4.2f}x)")
+        print(f"  {headers:>7} {batch:>5}  " + "  ".join(f"{c:>16}" for c in cells))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", choices=VARIANTS, help="profile one variant instead")
+    args = parser.parse_args()
+    uvloop.run(compare(args.requests, args.rounds, args.profile))
+
+
+if __name__ == "__main__":
+    main()
