@@ -18,8 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..http.response import HOP_BY_HOP, is_valid_name, is_valid_value
-from ..proxy.exchange import HeaderChanges, HeaderEdits
+from ..http.headers import HOP_BY_HOP, HeaderChanges, HeaderEdits, is_valid_name, is_valid_value
 from .base import Module
 
 _RULES = (

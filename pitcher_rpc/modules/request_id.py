@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..http.response import is_valid_name
+from ..http.headers import is_valid_name
 from .base import Module
 
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}").fullmatch

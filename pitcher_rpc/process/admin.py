@@ -31,8 +31,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from ..http.headers import HOP_BY_HOP, is_valid_name, is_valid_value
 from ..http.parser import HttpError, HttpLimits, HttpRequest, RequestParser
-from ..http.response import HOP_BY_HOP, build_response, is_valid_name, is_valid_value
+from ..http.response import build_response
 from .admin_routing import Router, split_path
 
 __all__ = ["AdminError", "AdminHandler", "AdminRequest", "AdminResponse", "AdminServer"]

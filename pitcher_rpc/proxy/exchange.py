@@ -10,7 +10,6 @@ microseconds, a large share of the time a request spends in the proxy.
 from __future__ import annotations
 
 import logging
-import re
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +25,14 @@ from transports.errors import (
 )
 
 from ..codec import BadPayload, decode_response, encode_request
+from ..http.headers import (
+    HeaderEdits,
+    InvalidHeader,
+    forward_request_headers,
+    response_headers,
+)
 from ..http.parser import HttpRequest
-from ..http.response import HOP_BY_HOP, build_response, connection_tokens, error_response
+from ..http.response import build_response, error_response
 from .routing import normalize_path
 
 if TYPE_CHECKING:
@@ -37,23 +42,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pitcher.proxy")
 
+_colon_join = b": ".join
+
 # The status of a request whose client went away before the answer (nginx's).
 CLIENT_CLOSED = 499
-
-# Response headers the proxy itself owns: the HTTP framing is ours to write.
-_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
-# Request headers the proxy drops or rewrites. Content-Length is dropped too:
-# the body field of the frame carries the exact length.
-REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"x-forwarded-for", b"x-forwarded-proto"}
-
-# All names (values) of a response checked by one regex call over them joined
-# with a newline, which neither a token nor a field value may contain: one
-# C-level match instead of a Python call per header.
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_VALUE = rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
-_VALID_NAMES = re.compile(rb"%s(?:\n%s)*" % (_TOKEN, _TOKEN)).fullmatch
-_VALID_VALUES = re.compile(rb"%s(?:\n%s)*" % (_VALUE, _VALUE)).fullmatch
-_colon_join = b": ".join
 
 
 def _failure_kind(error: TransportError) -> str | None:
@@ -68,46 +60,6 @@ def _failure_kind(error: TransportError) -> str | None:
         # A draining node, our own shutdown, a request too large: no fault of health.
         return None
     return "reset"
-
-
-class HeaderChanges:
-    """Headers to remove, set (replace) and add, in that order; names lower-case."""
-
-    __slots__ = ("add", "remove", "set")
-
-    def __init__(
-        self,
-        add: tuple[tuple[bytes, bytes], ...] = (),
-        set: tuple[tuple[bytes, bytes], ...] = (),
-        remove: frozenset[bytes] = frozenset(),
-    ) -> None:
-        self.add = add
-        self.set = set
-        self.remove = remove | {name for name, _ in set}
-
-    def __bool__(self) -> bool:
-        return bool(self.add or self.set or self.remove)
-
-    def apply(self, names: list[bytes], values: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-        remove = self.remove
-        if remove:
-            kept = [(n, v) for n, v in zip(names, values, strict=True) if n.lower() not in remove]
-            names = [n for n, _ in kept]
-            values = [v for _, v in kept]
-        for name, value in (*self.set, *self.add):
-            names.append(name)
-            values.append(value)
-        return names, values
-
-
-class HeaderEdits:
-    """What a module changes in the headers of one route's requests and responses."""
-
-    __slots__ = ("request", "response")
-
-    def __init__(self, request: HeaderChanges, response: HeaderChanges) -> None:
-        self.request = request
-        self.response = response
 
 
 class Exchange:
@@ -216,7 +168,9 @@ class Exchange:
             names = [header[0] for header in request.headers]
             values = [header[1] for header in request.headers]
         else:
-            names, values, forwarded_for = self._forwarded_headers()
+            names, values, forwarded_for = forward_request_headers(
+                request.headers, self.id_header if self.request_id else None
+            )
         edits = self.edits
         if edits is not None and edits.request:
             names, values = edits.request.apply(names, values)
@@ -239,28 +193,6 @@ class Exchange:
             route.name,
             self.connection.client_text,
         )
-
-    def _forwarded_headers(self) -> tuple[list[bytes], list[bytes], bytes]:
-        """The request headers minus hop-by-hop ones, and the X-Forwarded-For chain."""
-        headers = self.request.headers
-        drop = REQUEST_DROP
-        # Headers the client named in Connection are hop-by-hop too.
-        tokens = connection_tokens(headers)
-        if tokens:
-            drop = drop | tokens
-        id_header = self.id_header if self.request_id else None
-        names = []
-        values = []
-        forwarded_for = b""
-        for name, value in headers:
-            if name in drop or name == id_header:
-                if name == b"x-forwarded-for":
-                    # Every hop of every field, in order (RFC 9110 §5.3).
-                    forwarded_for = forwarded_for + b", " + value if forwarded_for else value
-                continue
-            names.append(name)
-            values.append(value)
-        return names, values, forwarded_for
 
     # the call -----------------------------------------------------------------------
 
@@ -407,41 +339,16 @@ class Exchange:
             # 1xx cannot be relayed as a final answer (and 101 would need an upgrade).
             self.fail(502, f"backend answered with status {status}")
             return
-        id_header = self.id_header if self.echo_id else None
-        names = list(response.header_names)
-        if names:
-            values = list(response.header_values)
-            joined = b"\n".join(names)
-            joined_values = b"\n".join(values)
-            separators = len(names) - 1
-            # A newline inside a name or value would pass the pattern as a
-            # separator; counting them closes that door (header injection).
-            if not (
-                _VALID_NAMES(joined)
-                and _VALID_VALUES(joined_values)
-                and joined.count(b"\n") == separators
-                and joined_values.count(b"\n") == separators
-            ):
-                self.fail(502, "backend answered with an invalid header")
-                return
-            lowered = joined.lower().split(b"\n")
-            if not _RESPONSE_DROP.isdisjoint(lowered):
-                drop = _RESPONSE_DROP | connection_tokens(zip(lowered, values, strict=True))
-                kept = [
-                    (name, value)
-                    for name, lower, value in zip(names, lowered, values, strict=True)
-                    if lower not in drop
-                ]
-                names = [name for name, _ in kept]
-                values = [value for _, value in kept]
-            if id_header is not None and id_header not in lowered:
-                names.append(id_header)
-                values.append(self.request_id)
-        elif id_header is not None:
-            names = [id_header]
-            values = [self.request_id]
-        else:
-            values = []
+        try:
+            names, values = response_headers(
+                list(response.header_names),
+                list(response.header_values),
+                self.id_header if self.echo_id else None,
+                self.request_id,
+            )
+        except InvalidHeader:
+            self.fail(502, "backend answered with an invalid header")
+            return
         edits = self.edits
         if edits is not None and edits.response:
             names, values = edits.response.apply(names, values)

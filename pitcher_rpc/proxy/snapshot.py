@@ -7,10 +7,10 @@ ends, so a reload never changes the routes or nodes under a request.
 from __future__ import annotations
 
 from ..config import Config, RouteConfig
+from ..http.headers import REQUEST_DROP
 from ..http.parser import HttpLimits
 from ..modules.chain import EMPTY as EMPTY_MODULES
 from ..modules.chain import HookChains
-from .exchange import REQUEST_DROP
 from .routing import Router
 from .upstream import Cluster, Upstreams
 

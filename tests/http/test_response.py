@@ -7,17 +7,9 @@ from http import HTTPStatus
 
 import pytest
 
+from pitcher_rpc.http.headers import HOP_BY_HOP, connection_tokens, is_valid_name, is_valid_value
 from pitcher_rpc.http.parser import RequestParser
-from pitcher_rpc.http.response import (
-    HOP_BY_HOP,
-    STATUS_LINES,
-    build_response,
-    connection_tokens,
-    error_response,
-    is_valid_name,
-    is_valid_value,
-    status_line,
-)
+from pitcher_rpc.http.response import STATUS_LINES, build_response, error_response, status_line
 
 _DATE_LINE = re.compile(
     rb"date: [A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT\r\n"
