@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from .health import HealthPolicy
 from .lines import LineIndex, find_line, format_key_path
 from .model import (
     BALANCE_POLICIES,
@@ -34,6 +35,7 @@ __all__ = [
     "ConfigError",
     "ConfigIssue",
     "HealthConfig",
+    "HealthPolicy",
     "LineIndex",
     "ListenAddress",
     "ModuleConfig",

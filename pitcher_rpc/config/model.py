@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ..degrade.health import HealthPolicy
+from .health import HealthPolicy
 
 __all__ = [
     "BALANCE_POLICIES",
@@ -170,7 +170,7 @@ DEFAULT_FAILURES = frozenset({"connect", "timeout", "reset", "error", "5xx"})
 class HealthConfig:
     """A cluster's ``[clusters.NAME.health]``: failure detection, ejection, slow start.
 
-    ``policy`` holds the thresholds and timings (pitcher_rpc.degrade.health);
+    ``policy`` holds the thresholds and timings (applied by pitcher_rpc.degrade.health);
     ``failures`` what counts as a failed request; ``ramp_in_flight`` caps a
     node while it ramps (slow start, probation): at factor f it takes at most
     ``f * ramp_in_flight`` requests at once from the whole proxy (each of N

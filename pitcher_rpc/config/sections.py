@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from ..degrade.health import HealthPolicy
 from ..modules.registry import DEFAULT_MODULES, module_class
 from .checks import Checks
+from .health import HealthPolicy
 from .issues import one_of_message, show, type_message
 from .lines import KeyPath
 from .model import (
