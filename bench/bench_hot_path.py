@@ -80,6 +80,10 @@ class SinkTransport:
         self.last = data
         self.writes += 1
 
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.last = b"".join(chunks)
+        self.writes += 1
+
     def is_closing(self) -> bool:
         return False
 

@@ -101,7 +101,6 @@ class RequestParser:
         "_headers",
         "_headers_done",
         "_host",
-        "_in_request",
         "_last_host",
         "_limits",
         "_max_body_size",
@@ -121,6 +120,7 @@ class RequestParser:
         "_upgrading",
         "_watch",
         "_watched",
+        "in_request",
     )
 
     def __init__(
@@ -143,7 +143,11 @@ class RequestParser:
         self._error: HttpError | None = None
         self._pending_error: HttpError | None = None
         self._closed = False
-        self._in_request = False
+        # True once any byte of a request not yet complete has been received:
+        # tells a slow request (408) from an idle keep-alive connection. Empty
+        # lines between requests, which RFC 9112 §2.2 lets a server skip, do
+        # not count. A plain attribute: read once per read from the client.
+        self.in_request = False
         self._headers_done = False
         self._upgrading = False
         self._synthetic = False
@@ -170,26 +174,16 @@ class RequestParser:
         return self._limits
 
     @property
-    def in_request(self) -> bool:
-        """True once any byte of a request not yet complete has been received.
-
-        This tells a slow request (408) from an idle keep-alive connection.
-        Empty lines between requests, which RFC 9112 §2.2 lets a server skip,
-        do not count.
-        """
-        return self._in_request
-
-    @property
     def headers_complete(self) -> bool:
         """True when the current (incomplete) request's head is fully received."""
-        return self._in_request and self._headers_done
+        return self.in_request and self._headers_done
 
     @property
     def pending_expect_continue(self) -> bool:
         """True when the current request asked for 100-continue and no body byte came yet."""
         request = self._request
         return (
-            self._in_request
+            self.in_request
             and self._headers_done
             and request is not None
             and request.expect_continue
@@ -210,14 +204,14 @@ class RequestParser:
             return []
         done: list[HttpRequest] = []
         self._done = done
-        continuing = self._in_request
+        continuing = self.in_request
         mark = self._progress_mark() if continuing else None
         try:
             try:
                 self._parser.feed_data(data)
             except (HttpParserUpgrade, HttpParserError) as exc:
                 self._recover(data, exc)
-            if self._in_request and not self._closed:
+            if self.in_request and not self._closed:
                 if continuing and self._progress_mark() == mark:
                     # httptools buffers a header line internally until it ends
                     # and reports nothing meanwhile, so its size is bounded here.
@@ -345,7 +339,7 @@ class RequestParser:
         raise error
 
     def _finish(self, request: HttpRequest) -> None:
-        self._in_request = False
+        self.in_request = False
         self._headers_done = False
         self._request = None
         self._done.append(request)
@@ -355,7 +349,7 @@ class RequestParser:
     # -- httptools callbacks -----------------------------------------------
 
     def _on_message_begin(self) -> None:
-        self._in_request = True
+        self.in_request = True
         self._headers_done = False
         self._messages += 1
         # Inlined rather than shared with __init__: a call costs more than

@@ -16,6 +16,7 @@ __all__ = [
     "STATUS_LINES",
     "build_response",
     "date_line",
+    "error_body",
     "error_response",
     "status_line",
 ]
@@ -107,7 +108,8 @@ _ERROR_HEADERS = ((b"content-type", b"text/plain; charset=utf-8"),)
 
 
 @lru_cache(maxsize=256)
-def _error_body(status: int, message: str) -> bytes:
+def error_body(status: int, message: str) -> bytes:
+    """The body of a short plain-text answer: ``"<status> <phrase>: <message>\\n"``."""
     # Refusals repeat the same few messages; bounded in case one carries variable text.
     try:
         phrase = HTTPStatus(status).phrase
@@ -129,7 +131,7 @@ def error_response(
     return build_response(
         status,
         _ERROR_HEADERS,
-        _error_body(status, message),
+        error_body(status, message),
         keep_alive=keep_alive,
         head=head,
         extra=extra,

@@ -88,6 +88,7 @@ class HookChains:
         self.failures: Counter[str] = Counter()
         self.default = Chains({})
         self.routes: dict[str, Chains] = {}
+        self.timed = False
         self._build()
 
     def _check_priorities(self) -> None:
@@ -123,6 +124,11 @@ class HookChains:
             route: self._chains([self.modules[name] for name in names])
             for route, names in self.route_orders.items()
         }
+        # Whether a request's times are worth taking: only modules that run at
+        # REQUEST_FINISH (an access log, metrics) read them.
+        self.timed = bool(self.default.request_finish) or any(
+            chains.request_finish for chains in self.routes.values()
+        )
 
     def for_route(self, route: str) -> Chains:
         return self.routes.get(route, self.default)

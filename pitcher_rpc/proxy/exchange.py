@@ -32,7 +32,7 @@ from ..http.headers import (
     response_headers,
 )
 from ..http.parser import HttpRequest
-from ..http.response import build_response, error_response
+from ..http.response import error_body
 from .routing import normalize_path
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pitcher.proxy")
 
 _colon_join = b": ".join
+_ERROR_TYPE = b"content-type: text/plain; charset=utf-8\r\n"
 
 # The status of a request whose client went away before the answer (nginx's).
 CLIENT_CLOSED = 499
@@ -70,7 +71,12 @@ class Exchange:
     and the ``perf_counter()`` times ``started`` (the request was read and
     begins), ``backend_started`` / ``backend_ended`` (the last attempt was
     sent / its answer or error came; 0.0 if no backend was called) and
-    ``finished`` (the response was handed to the socket).
+    ``finished`` (the response was handed to the socket). The times are taken
+    only when a module that runs at REQUEST_FINISH is on (``HookChains.timed``):
+    a clock read costs as much as a few attribute stores, four per request.
+
+    The exchange answers; the client connection decides what the answer's
+    framing is and when the request is over.
     """
 
     __slots__ = (
@@ -84,10 +90,8 @@ class Exchange:
         "echo_id",
         "edits",
         "finished",
-        "head",
         "id_header",
         "idempotent",
-        "keep_alive",
         "module_state",
         "node",
         "path",
@@ -99,24 +103,26 @@ class Exchange:
         "snapshot",
         "started",
         "status",
+        "timed",
         "tried",
     )
 
     def __init__(self, connection: HttpConnection, request: HttpRequest, snapshot: Snapshot):
         self.connection = connection
-        self.started = perf_counter()
         self.request = request
         self.snapshot = snapshot
+        modules = snapshot.modules
+        self.timed = timed = modules.timed
+        self.started = perf_counter() if timed else 0.0
         # The module chains this request runs: the default ones until routed.
-        self.chains = snapshot.modules.default
+        self.chains = modules.default
         # Header changes a module asks for (see HeaderEdits); None for none.
         self.edits: HeaderEdits | None = None
         self.status = 0
-        self.head = request.method == b"HEAD"
         self.idempotent = False
-        self.keep_alive = request.keep_alive
         self.node: Node | None = None
-        self.tried: list[Node] = []
+        # The nodes tried before the current one, for a retry to avoid them.
+        self.tried: tuple[Node, ...] = ()
         self.attempts = 0
         # A call to a node whose health is watched is outstanding.
         self.calling = False
@@ -200,8 +206,13 @@ class Exchange:
         route = self.route
         assert route is not None
         cluster = route.cluster
-        node = cluster.pick(self.tried)
-        if node is None:
+        if self.attempts:
+            # A retry: every node tried so far is avoided if another can take it.
+            self.tried += (self.node,)  # type: ignore[operator]
+            node = cluster.pick(self.tried)
+        else:
+            node = cluster.pick()
+        if node is None and self.tried:
             # Every node has been tried; a single-node cluster may retry its node
             # once more for a request that never reached it (e.g. a GOAWAY race).
             node = cluster.pick()
@@ -211,20 +222,21 @@ class Exchange:
                 503, f"cluster {cluster.name!r} has no node to take the request", retry_after=1
             )
             return
-        self.tried.append(node)
         self.attempts += 1
         self.node = node
         if node.stats is not None:
             node.stats.in_flight += 1
             self.calling = True
-        self.backend_started = perf_counter()
+        if self.timed:
+            self.backend_started = perf_counter()
         # The answer may come back before send() returns (an error found at once).
         node.client.send(self.payload, self)
 
     # the receiver interface (transports.calls.Receiver) ------------------------------
 
     def on_response(self, payload: bytes) -> None:
-        self.backend_ended = perf_counter()
+        if self.timed:
+            self.backend_ended = perf_counter()
         if self.calling:
             self._call_over()
             if self.connection.closed:
@@ -242,24 +254,12 @@ class Exchange:
         if answer is None:
             return False
         extra = b"".join(name + b": " + value + b"\r\n" for name, value in answer.headers)
-        if self.echo_id:
-            extra += self.id_header + b": " + self.request_id + b"\r\n"
-        self.connection.finish(
-            self,
-            error_response(
-                answer.status,
-                answer.message or "answered by a module",
-                keep_alive=self._keep_alive(),
-                head=self.head,
-                extra=extra,
-                http10=self.request.version == "1.0",
-            ),
-            answer.status,
-        )
+        self._finish_error(answer.status, answer.message or "answered by a module", extra)
         return True
 
     def on_error(self, error: TransportError) -> None:
-        self.backend_ended = perf_counter()
+        if self.timed:
+            self.backend_ended = perf_counter()
         if self.calling:
             self._call_over()
             kind = _failure_kind(error)
@@ -323,7 +323,7 @@ class Exchange:
             log.warning(
                 "request %s: bad answer from %s: %s",
                 self.request_id.decode() or "-",
-                self.tried[-1].uri,
+                self.node.uri,  # type: ignore[union-attr]
                 exc,
             )
             self.fail(502, "backend answered with an undecodable payload")
@@ -352,47 +352,27 @@ class Exchange:
         edits = self.edits
         if edits is not None and edits.response:
             names, values = edits.response.apply(names, values)
-        self.connection.finish(
-            self,
-            build_response(
-                status,
-                (),
-                response.body,
-                keep_alive=self._keep_alive(),
-                head=self.head,
-                extra=b"\r\n".join(map(_colon_join, zip(names, values, strict=True))) + b"\r\n",
-                http10=self.request.version == "1.0",
-            ),
-            status,
+        fields = (
+            b"\r\n".join(map(_colon_join, zip(names, values, strict=True))) + b"\r\n"
+            if names
+            else b""
         )
+        self.connection.finish(self, status, fields, response.body)
 
     def fail(self, status: int, message: str, retry_after: int = 0) -> None:
-        extra = b""
-        if self.echo_id:
-            extra = self.id_header + b": " + self.request_id + b"\r\n"
-        if retry_after:
-            extra += b"retry-after: %d\r\n" % retry_after
-        self.connection.finish(
-            self,
-            error_response(
-                status,
-                message,
-                keep_alive=self._keep_alive(),
-                head=self.head,
-                extra=extra,
-                http10=self.request.version == "1.0",
-            ),
-            status,
+        self._finish_error(
+            status, message, b"retry-after: %d\r\n" % retry_after if retry_after else b""
         )
 
-    def _keep_alive(self) -> bool:
-        """Decided when the answer is written: a drain may have begun meanwhile."""
-        keep_alive = self.keep_alive = (
-            self.request.keep_alive
-            and not self.connection.server.draining
-            and self.snapshot.keepalive_timeout > 0
-        )
-        return keep_alive
+    def _finish_error(self, status: int, message: str, fields: bytes) -> None:
+        if self.echo_id:
+            fields = self.id_header + b": " + self.request_id + b"\r\n" + fields
+        self.connection.finish(self, status, _ERROR_TYPE + fields, error_body(status, message))
+
+    def finish_now(self) -> None:
+        """The answer has been handed to the socket (a time for modules that asked for times)."""
+        if self.timed:
+            self.finished = perf_counter()
 
     def abandon(self) -> None:
         """The client went away: stop waiting and let the node know (CANCEL).
@@ -406,7 +386,7 @@ class Exchange:
                 self._call_over()
         if not self.status:
             self.status = CLIENT_CLOSED
-            self.finished = perf_counter()
+            self.finish_now()
             finished = self.chains.request_finish
             if finished:
                 self.snapshot.modules.run(finished, self)

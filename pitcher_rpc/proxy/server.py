@@ -15,310 +15,28 @@ import os
 import socket
 import time
 from collections import deque
-from time import perf_counter
 from typing import Any
 
 from ..config import Config
 from ..degrade.book import HealthBook
 from ..degrade.overload import Shedder
 from ..degrade.scale import ScaleRunner
-from ..http.parser import HttpError, HttpRequest, RequestParser
-from ..http.response import error_response
-from ..modules.base import Answer
 from ..modules.chain import HookChains
-from .exchange import Exchange
+from .frontend import HttpConnection
 from .module_host import ModuleHost
 from .snapshot import Snapshot
 from .upstream import Upstreams
 
 log = logging.getLogger("pitcher.proxy")
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# Pipelined requests queued beyond this pause reading from the client until
-# the queue drains: a client cannot make us buffer without bound.
-_PIPELINE_HIGH = 32
-_PIPELINE_LOW = 8
-# After refusing a request the proxy half-closes and reads (and drops) what the
-# client is still sending for a while, so the refusal is not destroyed by a
-# reset before the client reads it (RFC 9112 §9.6, nginx's lingering close).
-LINGER_SECONDS = 2.0
 # While draining, an idle keep-alive connection is closed once it has been
 # quiet this long.
 _DRAIN_QUIET = 0.5
-LINGER_BYTES = 1 << 20
 # How often outcomes are judged and weights moved (single-process proxy).
 HEALTH_TICK = 0.1
 # Event-loop lag is sampled this often and averaged over this many samples.
 _LAG_INTERVAL = 0.05
 _LAG_SAMPLES = 4
-
-
-class HttpConnection(asyncio.Protocol):
-    __slots__ = (
-        "_advancing",
-        "_continue_sent",
-        "_linger_until",
-        "_lingered",
-        "_read_paused",
-        "_refusing",
-        "client_ip",
-        "client_text",
-        "closed",
-        "current",
-        "last_activity",
-        "loop",
-        "parser",
-        "queue",
-        "request_started",
-        "server",
-        "transport",
-        "watch",
-        "write_paused",
-    )
-
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
-        self.loop = server.loop
-        snapshot = server.snapshot
-        # The watch set the parser flags requests with; see Exchange._encode.
-        self.watch = snapshot.watch
-        self.parser = RequestParser(snapshot.limits, self.watch)
-        self.queue: deque[HttpRequest | HttpError] = deque()
-        self.current: Exchange | None = None
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.client_ip = b"unknown"
-        self.client_text = ""
-        self.last_activity = self.loop.time()
-        self.request_started = 0.0
-        self.write_paused = False
-        self._read_paused = False
-        self._refusing = False
-        self._linger_until = 0.0
-        self._lingered = 0
-        self._advancing = False
-        self._continue_sent = False
-
-    # asyncio callbacks -----------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
-            self.client_ip = str(peer[0]).encode()
-            self.client_text = f"{peer[0]}:{peer[1]}"
-        else:
-            self.client_ip = b"unix"
-            self.client_text = "unix"
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.connections.add(self)
-        snapshot = self.server.snapshot
-        accept = snapshot.modules.default.on_accept
-        if accept:
-            answer = snapshot.modules.run(accept, self)
-            if answer is not None:
-                self._refuse_with(answer)
-
-    def _refuse_with(self, answer: Answer) -> None:
-        self._write(error_response(answer.status, answer.message or "refused"))
-        self._close()
-
-    def data_received(self, data: bytes) -> None:
-        if self._linger_until:
-            self._lingered += len(data)
-            if self._lingered > LINGER_BYTES and self.transport is not None:
-                self.transport.close()
-            return
-        now = self.loop.time()
-        self.last_activity = now
-        parser = self.parser
-        if not parser.in_request:
-            self.request_started = now
-        try:
-            requests = parser.feed(data)
-        except HttpError as error:
-            self._refusing = True
-            self.queue.extend(error.requests)
-            self.queue.append(error)
-            self._pause_reading()
-            if self.current is None:
-                self._advance()
-            return
-        if requests:
-            self._continue_sent = False
-            if parser.in_request:
-                # The bytes after the last complete request began the next one.
-                self.request_started = now
-            if self.current is None and not self.queue and len(requests) == 1:
-                # The common case, kept short: one request with nothing ahead of it.
-                self._begin(requests[0])
-                return
-            self.queue.extend(requests)
-            if self.current is None:
-                self._advance()
-            if len(self.queue) > _PIPELINE_HIGH:
-                self._pause_reading()
-        elif self.current is None:
-            self._idle()
-
-    def eof_received(self) -> bool:
-        if self._linger_until:
-            return False  # the client has read our refusal and is done: close
-        # A client that half-closes after sending its requests still gets its
-        # answers (RFC 9112 §9.6); we close once they are written.
-        if self.current is None and not self.queue:
-            return False
-        self.queue.append(HttpError(0, "client closed its side"))
-        return True
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        self._pause_reading()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if len(self.queue) < _PIPELINE_LOW:
-            self._resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.current is not None:
-            self.current.abandon()
-            self.current = None
-        self.queue.clear()
-        self.server.connections.discard(self)
-        modules = self.server.snapshot.modules
-        if modules.default.on_finish:
-            modules.run(modules.default.on_finish, self)
-
-    # request flow ----------------------------------------------------------------------
-
-    def _begin(self, request: HttpRequest) -> None:
-        exchange = Exchange(self, request, self.server.snapshot)
-        self.current = exchange
-        exchange.start()  # may finish at once (a 404, an early answer)
-
-    def _advance(self) -> None:
-        """Start queued requests in order, one at a time."""
-        if self._advancing:
-            return  # a request that finished synchronously; the loop below goes on
-        self._advancing = True
-        try:
-            queue = self.queue
-            while self.current is None and queue and not self.closed:
-                item = queue.popleft()
-                if type(item) is HttpError:
-                    self._refuse(item)
-                    return
-                self._begin(item)  # type: ignore[arg-type]
-            if self.current is None and not self.closed:
-                self._idle()
-            elif self._read_paused and len(queue) < _PIPELINE_LOW:
-                self._resume_reading()
-        finally:
-            self._advancing = False
-
-    def _idle(self) -> None:
-        """Nothing is running and nothing is queued: read again, answer 100-continue."""
-        if self._read_paused:
-            self._resume_reading()
-        if self.parser.pending_expect_continue and not self._continue_sent:
-            self._continue_sent = True
-            self._write(_CONTINUE)
-
-    def finish(self, exchange: Exchange, response: bytes, status: int) -> None:
-        """Write an exchange's response; go on to the next request or close."""
-        if exchange is not self.current or self.closed:
-            return
-        self.current = None
-        self.server.requests_served += 1
-        self._write(response)
-        exchange.status = status
-        exchange.response_bytes = len(response)
-        exchange.finished = perf_counter()
-        finished = exchange.chains.request_finish
-        if finished:
-            exchange.snapshot.modules.run(finished, exchange)
-        if not exchange.keep_alive or self.server.draining:
-            self._close()
-        elif self.queue:
-            self._advance()
-        elif self._read_paused or self.parser.in_request:
-            self._idle()
-
-    def _refuse(self, error: HttpError) -> None:
-        transport = self.transport
-        if not error.status or transport is None or not transport.can_write_eof():
-            self._close()
-            return
-        self._write(error_response(error.status, error.reason))
-        self.closed = True
-        transport.write_eof()
-        self._linger_until = self.loop.time() + LINGER_SECONDS
-        if self._read_paused:
-            self._read_paused = False
-            with contextlib.suppress(RuntimeError):
-                transport.resume_reading()
-
-    def _write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
-
-    def _close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.current is not None:
-            self.current.abandon()
-            self.current = None
-        if self.transport is not None:
-            self.transport.close()
-
-    def _pause_reading(self) -> None:
-        if not self._read_paused and self.transport is not None and not self.closed:
-            self._read_paused = True
-            with contextlib.suppress(RuntimeError):
-                self.transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self.write_paused or self._refusing:
-            return  # the client must read first, or the parser has failed for good
-        if self._read_paused and self.transport is not None and not self.closed:
-            self._read_paused = False
-            with contextlib.suppress(RuntimeError):
-                self.transport.resume_reading()
-
-    # the sweep -----------------------------------------------------------------------
-
-    def check_timeouts(self, now: float, snapshot: Snapshot) -> None:
-        if self._linger_until:
-            if now > self._linger_until and self.transport is not None:
-                self.transport.close()
-            return
-        if self.closed or self.current is not None or self.queue:
-            return
-        if self.parser.in_request:
-            if now - self.request_started > snapshot.header_timeout and (
-                not self.parser.headers_complete
-                or now - self.last_activity > snapshot.header_timeout
-            ):
-                self._refuse(HttpError(408, "request not received in time"))
-        elif now - self.last_activity > snapshot.keepalive_timeout:
-            self._close()
-
-    def close_if_idle(self, now: float, quiet_for: float) -> None:
-        """Close if no request is running or arriving, and none came for ``quiet_for`` seconds."""
-        if (
-            self.current is None
-            and not self.queue
-            and not self.parser.in_request
-            and now - self.last_activity >= quiet_for
-        ):
-            self._close()
 
 
 class ProxyServer:
@@ -539,6 +257,8 @@ class ProxyServer:
         self.draining = True
         if self._server is not None:
             self._server.close()
+        for connection in self.connections:
+            connection.drain()
         # A busy keep-alive client gets its next answer with "connection: close"
         # and goes elsewhere; only a connection that has been quiet for a moment
         # is closed under it, since a request may be on its way on one that just

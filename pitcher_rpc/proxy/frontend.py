@@ -1,0 +1,245 @@
+"""The proxy's client connections: asyncio glue over the sans-IO HTTP connection.
+
+:class:`HttpConnection` feeds what it reads to
+:class:`~pitcher_rpc.http.connection.ServerConnection`, starts an
+:class:`~.exchange.Exchange` for each request it is handed, and writes the
+answers. Every HTTP rule (pipelining order, keep-alive, 100-continue,
+refusals, deadlines) is the sans-IO connection's; this class only does what
+it is told with the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import TYPE_CHECKING
+
+from ..http.connection import ServerConnection
+from ..http.parser import HttpRequest
+from ..http.response import error_response
+from .exchange import Exchange
+
+if TYPE_CHECKING:
+    from .server import ProxyServer
+    from .snapshot import Snapshot
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection.
+
+    What modules may read: ``client_ip`` (bytes; ``b"unix"`` on a Unix
+    socket) and ``client_text`` ("ip:port").
+    """
+
+    __slots__ = (
+        "_advancing",
+        "_read_paused",
+        "client_ip",
+        "client_text",
+        "closed",
+        "current",
+        "http",
+        "loop",
+        "server",
+        "transport",
+        "watch",
+    )
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        snapshot = server.snapshot
+        # The watch set the parser flags requests with; see Exchange._encode.
+        self.watch = snapshot.watch
+        self.http = ServerConnection(
+            snapshot.limits,
+            self.watch,
+            header_timeout=snapshot.header_timeout,
+            keepalive_timeout=snapshot.keepalive_timeout,
+            now=self.loop.time(),
+        )
+        self.http.draining = server.draining
+        self.current: Exchange | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.client_ip = b"unknown"
+        self.client_text = ""
+        self._read_paused = False
+        self._advancing = False
+
+    # asyncio callbacks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.client_ip = str(peer[0]).encode()
+            self.client_text = f"{peer[0]}:{peer[1]}"
+        else:
+            self.client_ip = b"unix"
+            self.client_text = "unix"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.connections.add(self)
+        modules = self.server.snapshot.modules
+        accept = modules.default.on_accept
+        if accept:
+            answer = modules.run(accept, self)
+            if answer is not None:
+                self.http.must_close = True
+                transport.write(  # type: ignore[attr-defined]
+                    error_response(answer.status, answer.message or "refused")
+                )
+                self._close()
+
+    def data_received(self, data: bytes) -> None:
+        http = self.http
+        request = http.receive_data(data, self.loop.time())
+        if request is not None:
+            self._begin(request)
+            if not http.waiting:
+                return  # the common case: one request, nothing queued behind it
+        self._advance()
+
+    def eof_received(self) -> bool:
+        keep_open = self.http.receive_eof()
+        if keep_open:
+            self._advance()
+        return keep_open
+
+    def pause_writing(self) -> None:
+        self.http.pause_writing()
+        self._sync_reading()
+
+    def resume_writing(self) -> None:
+        self.http.resume_writing()
+        self._sync_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.current is not None:
+            self.current.abandon()
+            self.current = None
+        self.http.abandon()
+        self.server.connections.discard(self)
+        modules = self.server.snapshot.modules
+        if modules.default.on_finish:
+            modules.run(modules.default.on_finish, self)
+
+    # request flow ----------------------------------------------------------------------
+
+    def _begin(self, request: HttpRequest) -> None:
+        exchange = Exchange(self, request, self.server.snapshot)
+        self.current = exchange
+        exchange.start()  # may finish at once (a 404, an early answer)
+
+    def _advance(self) -> None:
+        """Start what the HTTP connection hands out, in order, then act on its state."""
+        if self._advancing:
+            return  # inside the loop below: a request that finished synchronously
+        self._advancing = True
+        try:
+            http = self.http
+            while self.current is None and not self.closed:
+                request = http.next_request()
+                if request is None:
+                    break
+                self._begin(request)
+            self._act()
+        finally:
+            self._advancing = False
+
+    def _act(self) -> None:
+        """Do what the HTTP connection asks: write, half-close and linger, close, (un)pause."""
+        if self.closed:
+            return
+        http = self.http
+        transport = self.transport
+        if transport is None:
+            return
+        if http.outgoing:
+            transport.writelines(http.outgoing)
+            http.outgoing.clear()
+        if http.must_close:
+            self._close()
+            return
+        if http.half_close and not http.linger_until:
+            if not transport.can_write_eof():
+                self._close()
+                return
+            transport.write_eof()
+            http.lingering(self.loop.time())
+        self._sync_reading()
+
+    def _sync_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if self._read_paused:
+            if self.http.can_resume_read():
+                self._read_paused = False
+                with contextlib.suppress(RuntimeError):
+                    transport.resume_reading()
+        elif not self.http.wants_read:
+            self._read_paused = True
+            with contextlib.suppress(RuntimeError):
+                transport.pause_reading()
+
+    def finish(self, exchange: Exchange, status: int, fields: bytes, body: bytes) -> None:
+        """Write an exchange's answer; go on to the next request or close."""
+        if exchange is not self.current or self.closed:
+            return
+        self.current = None
+        self.server.requests_served += 1
+        http = self.http
+        chunks = http.respond(status, fields, body)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if len(chunks) == 1:
+                transport.write(chunks[0])
+                exchange.response_bytes = len(chunks[0])
+            else:
+                transport.writelines(chunks)
+                exchange.response_bytes = len(chunks[0]) + len(chunks[1])
+        exchange.status = status
+        finished = exchange.chains.request_finish
+        if finished:
+            exchange.finish_now()
+            exchange.snapshot.modules.run(finished, exchange)
+        if http.must_close:
+            self._close()
+        elif http.waiting or self._read_paused or http.parser.in_request:
+            self._advance()
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.current is not None:
+            self.current.abandon()
+            self.current = None
+        if self.transport is not None:
+            self.transport.close()
+
+    # the sweep -----------------------------------------------------------------------
+
+    def check_timeouts(self, now: float, snapshot: Snapshot) -> None:
+        http = self.http
+        # A reload's new timeouts apply to connections already open.
+        http.header_timeout = snapshot.header_timeout
+        http.keepalive_timeout = snapshot.keepalive_timeout
+        http.check_timeouts(now)
+        if http.outgoing or http.must_close or (http.half_close and not http.linger_until):
+            self._act()
+
+    def drain(self) -> None:
+        """The proxy is draining: the next answer says ``connection: close``."""
+        self.http.draining = True
+
+    def close_if_idle(self, now: float, quiet_for: float) -> None:
+        """Close if no request is running or arriving, and none came for ``quiet_for`` seconds."""
+        if self.current is None and self.http.close_if_idle(now, quiet_for):
+            self._close()
