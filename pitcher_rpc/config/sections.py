@@ -1,7 +1,8 @@
 """The sections of a configuration about modules and degradation.
 
-``[modules.NAME]`` (each module checks its own settings; its error is reported
-at the line of the key it names), ``[overload]``, a cluster's ``health`` and
+``[modules.NAME]`` (each module checks its own settings, found through the
+catalog of config/modules.py; its error is reported at the line of the key it
+names), ``[overload]``, a cluster's ``health`` and
 ``scale_out`` tables, and a route's ``business``.
 """
 
@@ -13,7 +14,6 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from ..modules.registry import DEFAULT_MODULES, module_class
 from .checks import Checks
 from .health import HealthPolicy
 from .issues import one_of_message, show, type_message
@@ -26,6 +26,7 @@ from .model import (
     OverloadConfig,
     ScaleOutConfig,
 )
+from .modules import ModuleCatalog
 from .schema import OVERLOAD_KEYS, SCALE_OUT_KEYS
 
 _BUSINESS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -52,10 +53,11 @@ def _key_named(section: Mapping[str, Any], path: KeyPath, message: str) -> KeyPa
 
 
 class PolicySections(Checks):
-    __slots__ = ("_businesses", "_module_names")
+    __slots__ = ("_businesses", "_catalog", "_module_names")
 
-    def __init__(self, text: str, source: str) -> None:
+    def __init__(self, text: str, source: str, catalog: ModuleCatalog) -> None:
         super().__init__(text, source)
+        self._catalog = catalog
         self._module_names: set[str] = set()
         # Businesses the throttle module has quotas for (None: no quota table).
         self._businesses: set[str] | None = None
@@ -177,7 +179,7 @@ class PolicySections(Checks):
         path: KeyPath = ("modules",)
         table = dict(self._table(document, path) or {})
         # Modules loaded without a table of their own (they can be switched off in one).
-        for name in DEFAULT_MODULES:
+        for name in self._catalog.defaults:
             table.setdefault(name, {})
         modules = []
         priorities: dict[tuple[Any, int], str] = {}
@@ -187,7 +189,7 @@ class PolicySections(Checks):
                 self.report(section_path, type_message("a table", section))
                 continue
             try:
-                cls = module_class(name)
+                cls = self._catalog.spec(name)
             except LookupError as exc:
                 self.report(section_path, str(exc))
                 continue

@@ -37,6 +37,7 @@ from .model import (
     UpstreamConfig,
     parse_listen,
 )
+from .modules import ModuleCatalog, default_catalog
 from .schema import (
     ADMIN_KEYS,
     CLUSTER_KEYS,
@@ -64,7 +65,7 @@ _SERVER_DEFAULTS = ServerConfig()
 _UPSTREAM_DEFAULTS = UpstreamConfig()
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], *, modules: ModuleCatalog | None = None) -> Config:
     """Read and validate a UTF-8 TOML file; ConfigError for any problem, reading included."""
     source = os.fspath(path)
     try:
@@ -79,23 +80,33 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         line = data.count(b"\n", 0, exc.start) + 1
         message = f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
         raise ConfigError([ConfigIssue(source, line, "", message)]) from exc
-    return parse_config(text, source)
+    return parse_config(text, source, modules=modules)
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
+def parse_config(
+    text: str, source: str = "<config>", *, modules: ModuleCatalog | None = None
+) -> Config:
     """Parse and validate TOML text into a snapshot; ConfigError lists every issue."""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([_syntax_issue(exc, text, source)]) from exc
-    return validate_config(document, text=text, source=source)
+    return validate_config(document, text=text, source=source, modules=modules)
 
 
 def validate_config(
-    document: Mapping[str, Any], *, text: str = "", source: str = "<config>"
+    document: Mapping[str, Any],
+    *,
+    text: str = "",
+    source: str = "<config>",
+    modules: ModuleCatalog | None = None,
 ) -> Config:
-    """Validate an already-parsed document; ``text`` (its source) is used for line numbers."""
-    validator = _Validator(text, source)
+    """Validate an already-parsed document; ``text`` (its source) is used for line numbers.
+
+    ``modules`` resolves the ``[modules.NAME]`` tables (default: the built-in
+    catalog, see :mod:`pitcher_rpc.config.modules`).
+    """
+    validator = _Validator(text, source, default_catalog() if modules is None else modules)
     config = validator.config(document)
     if validator.issues:
         raise ConfigError(validator.issues)

@@ -2,7 +2,9 @@
 
 Built-in modules are known by name; others come from the entry-point group
 ``pitcher_rpc.modules`` (name = module name, value = ``package.module:Class``),
-resolved when a configuration names them.
+resolved when a configuration names them. :data:`CATALOG` is how the
+configuration, which sits below this package and never imports it, finds them
+(see pitcher_rpc.config.modules).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
+from ..config.modules import ModuleCatalog
 from .base import Module
 
 ENTRY_POINT_GROUP = "pitcher_rpc.modules"
@@ -65,3 +68,19 @@ def known() -> list[str]:
     names = set(_BUILTIN) | set(_registered)
     names.update(entry.name for entry in entry_points(group=ENTRY_POINT_GROUP))
     return sorted(names)
+
+
+class _Catalog:
+    """This registry as a pitcher_rpc.config.modules.ModuleCatalog."""
+
+    __slots__ = ()
+
+    @property
+    def defaults(self) -> tuple[str, ...]:
+        return DEFAULT_MODULES
+
+    def spec(self, name: str) -> type[Module]:
+        return module_class(name)
+
+
+CATALOG: ModuleCatalog = _Catalog()
