@@ -1,0 +1,250 @@
+"""The yardstick of a split service: a minimal frame-speaking echo.
+
+It answers every REQUEST frame with exactly the JSON that the SDK's echo
+service (``pitcher_rpc/sdk/echo.py``) returns for the same request, as
+``application/json``, but with nothing between the socket and the answer: one
+uvloop Protocol per connection, the Request payload decoded by hand, the
+Response payload and its frame written by hand, the answers of one read sent
+in one write. It imports nothing from the project, so what it costs is what
+the wire protocol itself allows in pure Python (docs/wire.md).
+
+    python bench/minimal_echo.py --listen unix:///tmp/echo.sock
+
+Prints ``ready ADDRESS`` once listening; stops on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import signal
+import struct
+from typing import Any
+from urllib.parse import parse_qsl
+
+import uvloop
+
+PREFACE = b"PITCHER\x01"
+HEADER = struct.Struct(">BBHIQI")
+_pack = HEADER.pack
+_unpack_from = HEADER.unpack_from
+# Settings: max_frame_size 4 MiB (field 1), max_in_flight 1024 (field 2).
+_SETTINGS = b"\x08\x80\x80\x80\x02\x10\x80\x08"
+HELLO = PREFACE + _pack(1, 8, 0, len(_SETTINGS), 0, 0) + _SETTINGS
+MAX_FRAME = 4 * 1024 * 1024
+
+# Response: status 200 (field 1), content-type (fields 2 and 3), then the body (field 4).
+_RESPONSE_HEAD = b"\x08\xc8\x01\x12\x0ccontent-type\x1a\x10application/json\x22"
+# ERROR payload for an undecodable request: code BAD_PAYLOAD (7), a message.
+_BAD_PAYLOAD = b"\x08\x07\x12\x13undecodable request"
+_dumps = json.dumps
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def decode_request(payload: bytes) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """Fields 1..8 of a pitcher.v1.Request (index = field number), header names, values."""
+    fields = [b"", b"", b"", b"", b"", b"", b"", b"", b""]
+    names: list[bytes] = []
+    values: list[bytes] = []
+    pos = 0
+    end = len(payload)
+    while pos < end:
+        tag = payload[pos]
+        pos += 1
+        if tag >= 0x80:
+            tag, pos = read_varint(payload, pos - 1)
+        kind = tag & 7
+        if kind == 2:
+            size = payload[pos]
+            pos += 1
+            if size >= 0x80:
+                size, pos = read_varint(payload, pos - 1)
+            stop = pos + size
+            if stop > end:
+                raise ValueError("field runs past the payload")
+            number = tag >> 3
+            if number == 4:
+                names.append(payload[pos:stop])
+            elif number == 5:
+                values.append(payload[pos:stop])
+            elif number < 9:
+                fields[number] = payload[pos:stop]
+            pos = stop
+        elif kind == 0:  # an unknown varint field: skipped
+            _, pos = read_varint(payload, pos)
+        elif kind == 1:
+            pos += 8
+        elif kind == 5:
+            pos += 4
+        else:
+            raise ValueError(f"wire type {kind}")
+    if pos != end or len(names) != len(values):
+        raise ValueError("malformed request")
+    return fields, names, values
+
+
+def echo_body(fields: list[bytes], names: list[bytes], values: list[bytes]) -> tuple[bytes, float]:
+    """The SDK echo's JSON for this request, and the delay it asked for (?sleep=)."""
+    body = fields[6]
+    try:
+        text = body.decode("utf-8")
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        text = base64.b64encode(body).decode()
+        encoding = "base64"
+    query = fields[3].decode("latin-1")
+    # The echo application's own work, done here too so that only the framework differs.
+    delay = dict(parse_qsl(query, keep_blank_values=True)).get("sleep")
+    document = _dumps(
+        {
+            "method": fields[1].decode("latin-1"),
+            "path": fields[2].decode("latin-1"),
+            "query": query,
+            "headers": [
+                (name.decode("latin-1").lower(), value.decode("latin-1"))
+                for name, value in zip(names, values, strict=True)
+            ],
+            "body": text,
+            "body_encoding": encoding,
+            "route": fields[7].decode(),
+            "client": fields[8].decode(),
+        }
+    ).encode()
+    return document, min(float(delay), 60.0) if delay else 0.0
+
+
+def response_frame(request_id: int, document: bytes) -> bytes:
+    size = len(document)
+    payload_size = len(_RESPONSE_HEAD) + (1 if size < 0x80 else len(varint(size))) + size
+    head = _pack(1, 2, 0, payload_size, request_id, 0) + _RESPONSE_HEAD
+    if size < 0x80:
+        return head + bytes((size,)) + document
+    return head + varint(size) + document
+
+
+class EchoConnection(asyncio.Protocol):
+    __slots__ = ("buffer", "greeted", "loop", "sleeping", "transport")
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.buffer = b""
+        self.greeted = False
+        self.loop = asyncio.get_running_loop()
+        self.sleeping: dict[int, asyncio.TimerHandle] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.write(HELLO)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for handle in self.sleeping.values():
+            handle.cancel()
+        self.sleeping.clear()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        pos = 0
+        if not self.greeted:
+            if len(buffer) < 8:
+                if not PREFACE.startswith(buffer):
+                    self.transport.close()
+                self.buffer = buffer
+                return
+            if buffer[:8] != PREFACE:
+                self.transport.close()
+                return
+            self.greeted = True
+            pos = 8
+        end = len(buffer)
+        out: list[bytes] = []
+        while end - pos >= 20:
+            version, kind, _, length, request_id, _ = _unpack_from(buffer, pos)
+            if version != 1 or length > MAX_FRAME:
+                self.transport.close()
+                return
+            stop = pos + 20 + length
+            if stop > end:
+                break
+            if kind == 1:
+                try:
+                    fields, names, values = decode_request(buffer[pos + 20 : stop])
+                    document, delay = echo_body(fields, names, values)
+                except ValueError:
+                    out.append(_pack(1, 7, 0, len(_BAD_PAYLOAD), request_id, 0) + _BAD_PAYLOAD)
+                else:
+                    if delay:
+                        self.sleeping[request_id] = self.loop.call_later(
+                            delay, self._answer_late, request_id, document
+                        )
+                    else:
+                        out.append(response_frame(request_id, document))
+            elif kind == 5:  # CANCEL
+                handle = self.sleeping.pop(request_id, None)
+                if handle is not None:
+                    handle.cancel()
+            elif kind == 3:  # PING -> PONG
+                out.append(_pack(1, 4, 0, length, 0, 0) + buffer[pos + 20 : stop])
+            elif kind in (6, 7) and request_id == 0:  # the client's GOAWAY or fatal ERROR
+                self.transport.close()
+                return
+            pos = stop
+        self.buffer = buffer[pos:] if pos < end else b""
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _answer_late(self, request_id: int, document: bytes) -> None:
+        if self.sleeping.pop(request_id, None) is not None:
+            self.transport.write(response_frame(request_id, document))
+
+
+async def serve(listen: str) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if listen.startswith("unix://"):
+        path = listen.removeprefix("unix://")
+        if os.path.exists(path):
+            os.unlink(path)
+        server = await loop.create_unix_server(EchoConnection, path, backlog=4096)
+    else:
+        host, _, port = listen.removeprefix("tcp://").rpartition(":")
+        server = await loop.create_server(EchoConnection, host.strip("[]"), int(port), backlog=4096)
+    print("ready", listen, flush=True)
+    await stop.wait()
+    server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--listen", required=True, help="unix:///path or tcp://host:port")
+    uvloop.run(serve(parser.parse_args().listen))
+
+
+if __name__ == "__main__":
+    main()
