@@ -8,6 +8,13 @@ saturated (one connection per node beat four in the proxy's benchmarks).
 A call's outcome goes to a receiver (see :mod:`transports.calls`), called
 straight from ``data_received``. Deadlines are enforced by one timer per
 connection, armed for the earliest pending deadline.
+
+The per-call path is written flat: ``StreamClient.send`` encodes and queues
+the frame itself, and ``data_received`` reads whole RESPONSE frames straight
+from the bytes received, without a Frame object or a call per frame. Anything
+else (a control frame, a frame cut across two reads, a header that fails a
+check) goes through the sans-IO :class:`~transports.decoder.FrameDecoder`.
+Each layer removed is ~0.1 µs of a few µs the client spends per call.
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ from typing import Any, cast
 
 from .base import ClientOptions
 from .calls import (
+    MAX_DEADLINE_MS,
     AwaitableCalls,
     Receiver,
-    deadline_ms,
     deliver_error,
     deliver_response,
     error_for,
@@ -46,10 +53,12 @@ from .errors import (
 from .frame import (
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_MAX_IN_FLIGHT,
+    HEADER,
+    HEADER_SIZE,
     PREFACE,
+    VERSION,
     FrameType,
     encode_frame,
-    encode_request,
 )
 from .registry import Address, parse_address
 from .stream_io import Batcher, set_nodelay
@@ -58,6 +67,8 @@ log = logging.getLogger("pitcher.transports")
 
 _RESPONSE = FrameType.RESPONSE
 _ERROR = FrameType.ERROR
+_pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
 # uvloop's timers have millisecond resolution and may fire a little early.
 _TIMER_SLACK = 0.001
 
@@ -68,11 +79,14 @@ class _ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_batcher",
         "_decoder",
+        "_direct",
         "_loop",
+        "_max_frame_size",
         "_next_id",
         "_pool",
         "_timer",
         "_timer_at",
+        "accepting",
         "closed",
         "draining",
         "late_responses",
@@ -87,7 +101,11 @@ class _ClientConnection(asyncio.Protocol):
     def __init__(self, pool: StreamClient, loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
         self._loop = loop
-        self._decoder = FrameDecoder(pool.options.max_frame_size)
+        self._max_frame_size = pool.options.max_frame_size
+        self._decoder = FrameDecoder(self._max_frame_size)
+        # True once the handshake is done and while the decoder holds no bytes:
+        # data_received may then read RESPONSE frames itself.
+        self._direct = False
         self._batcher = Batcher(loop)
         self._next_id = 1
         self.pending: dict[int, Receiver] = {}
@@ -100,6 +118,8 @@ class _ClientConnection(asyncio.Protocol):
         self.draining = False
         self.closed = False
         self.write_paused = False
+        # Takes new calls: not closed, draining or paused (one flag for send()).
+        self.accepting = True
         self.late_responses = 0
 
     # asyncio callbacks ---------------------------------------------------------------
@@ -114,37 +134,73 @@ class _ClientConnection(asyncio.Protocol):
         transport.write(PREFACE + encode_frame(FrameType.SETTINGS, 0, settings))
 
     def data_received(self, data: bytes) -> None:
+        if not self._direct:
+            self._feed(data)
+            return
+        # The common case, inline: whole RESPONSE frames, one after the other.
+        pending = self.pending
+        max_frame_size = self._max_frame_size
+        pos = 0
+        end = len(data)
+        while end - pos >= HEADER_SIZE:
+            version, kind, _, length, request_id, _ = _unpack_header(data, pos)
+            start = pos + HEADER_SIZE
+            stop = start + length
+            if (
+                kind != 2
+                or stop > end
+                or version != VERSION
+                or not request_id
+                or length > max_frame_size
+            ):
+                break  # the decoder checks it, reads it or keeps it
+            pos = stop
+            receiver = pending.pop(request_id, None)
+            if receiver is None:
+                # Its caller gave up (deadline, cancel): drop it, never reuse.
+                self.late_responses += 1
+                continue
+            try:
+                receiver.on_response(data[start:stop])
+            except Exception:
+                log.exception("a receiver failed on a response from %s", self._pool.address)
+            if self.closed:
+                return
+        if pos < end:
+            self._feed(data[pos:] if pos else data)
+            return
+        if self.draining and not pending:
+            self._close_transport()
+        if self._pool._waiters:
+            self._pool.wake_waiters()
+
+    def _feed(self, data: bytes) -> None:
+        """Bytes through the decoder: the handshake, control frames, frames cut in two."""
+        decoder = self._decoder
         try:
-            frames = self._decoder.feed(data)
+            frames = decoder.feed(data)
         except ProtocolError as exc:
+            self._direct = False
             with contextlib.suppress(ProtocolError):
                 for frame in exc.frames:  # type: ignore[attr-defined]
                     self._on_frame(frame)
             self._fail(exc.code, str(exc))
             return
-        pending = self.pending
         for frame in frames:
-            if frame.type == _RESPONSE:
-                receiver = pending.pop(frame.request_id, None)
-                if receiver is None:
-                    # Its caller gave up (deadline, cancel): drop it, never reuse.
-                    self.late_responses += 1
-                    continue
-                try:
-                    receiver.on_response(frame.payload)
-                except Exception:
-                    log.exception("a receiver failed on a response from %s", self._pool.address)
-            else:
-                try:
-                    self._on_frame(frame)
-                except ProtocolError as exc:  # a control payload that does not decode
-                    self._fail(exc.code, str(exc))
-                    return
+            try:
+                self._on_frame(frame)
+            except ProtocolError as exc:  # a control payload that does not decode
+                self._direct = False
+                self._fail(exc.code, str(exc))
+                return
             if self.closed:
                 return
+        # SETTINGS completes the handshake; no bytes kept means no frame cut in two.
+        self._direct = self.ready.done() and not self.closed and not decoder.buffered
         if self.draining and not self.pending:
             self._close_transport()
-        self._pool.wake_waiters()
+        if self._pool._waiters:
+            self._pool.wake_waiters()
 
     def _on_frame(self, frame: Any) -> None:
         kind = frame.type
@@ -174,6 +230,7 @@ class _ClientConnection(asyncio.Protocol):
         elif kind == FrameType.GOAWAY:
             info = GoAwayInfo.decode(frame.payload)
             self.draining = True
+            self.accepting = False
             reason = info.reason or "no reason given"
             for request_id in [rid for rid in self.pending if rid > info.last_request_id]:
                 deliver_error(
@@ -190,13 +247,17 @@ class _ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.accepting = False
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.accepting = not (self.closed or self.draining)
         self._pool.wake_waiters()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.accepting = False
+        self._direct = False
         reason = f": {exc}" if exc else ""
         if not self.ready.done():
             self.ready.set_exception(ConnectError(f"connection closed during handshake{reason}"))
@@ -211,11 +272,10 @@ class _ClientConnection(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        return not (self.closed or self.draining or self.write_paused) and (
-            len(self.pending) < self.max_in_flight
-        )
+        return self.accepting and len(self.pending) < self.max_in_flight
 
-    def send(self, payload: bytes, receiver: Receiver) -> None:
+    def refuse(self, payload: bytes, receiver: Receiver) -> None:
+        """Fail a call that send() found too large or already late; nothing is sent."""
         if len(payload) > self.peer_max_frame_size:
             receiver.on_error(
                 RequestTooLarge(
@@ -223,18 +283,8 @@ class _ClientConnection(asyncio.Protocol):
                     f" of {self.peer_max_frame_size} bytes"
                 )
             )
-            return
-        deadline = receiver.deadline
-        remaining = deadline - self._loop.time()
-        if remaining <= 0:
+        else:
             receiver.on_error(DeadlineExceeded("deadline passed before sending", sent=False))
-            return
-        request_id = self._next_id
-        self._next_id = request_id + 1
-        self.pending[request_id] = receiver
-        self._batcher.write(encode_request(request_id, payload, deadline_ms(remaining)))
-        if deadline < self._timer_at:
-            self._arm(deadline)
 
     def cancel(self, receiver: Receiver) -> bool:
         for request_id, pending in self.pending.items():
@@ -294,6 +344,7 @@ class _ClientConnection(asyncio.Protocol):
 
     def _close_transport(self) -> None:
         self.draining = True
+        self.accepting = False
         if self.transport is not None and not self.transport.is_closing():
             self._batcher.flush()
             self.transport.close()
@@ -334,9 +385,38 @@ class StreamClient(AwaitableCalls):
     def send(self, payload: bytes, receiver: Receiver) -> None:
         """Send one request; its outcome goes to ``receiver`` (possibly before this returns)."""
         for connection in self._connections:
-            if connection.usable:
-                connection.send(payload, receiver)
-                return
+            if connection.accepting and len(connection.pending) < connection.max_in_flight:
+                break
+        else:
+            self._send_later(payload, receiver)
+            return
+        size = len(payload)
+        deadline = receiver.deadline
+        remaining = deadline - connection._loop.time()
+        if remaining <= 0 or size > connection.peer_max_frame_size:
+            connection.refuse(payload, receiver)
+            return
+        request_id = connection._next_id
+        connection._next_id = request_id + 1
+        connection.pending[request_id] = receiver
+        # The header's deadline_ms: at least 1, and 0 (none) when it does not fit.
+        milliseconds = remaining * 1000.0
+        connection._batcher.write(
+            _pack_header(
+                VERSION,
+                1,
+                0,
+                size,
+                request_id,
+                (int(milliseconds) or 1) if milliseconds < MAX_DEADLINE_MS else 0,
+            )
+            + payload
+        )
+        if deadline < connection._timer_at:
+            connection._arm(deadline)
+
+    def _send_later(self, payload: bytes, receiver: Receiver) -> None:
+        """send() with no connection free: wait for one (or fail at once if closed)."""
         if self._closed:
             receiver.on_error(Closed(f"client for {self.address} is closed"))
             return
@@ -397,7 +477,7 @@ class StreamClient(AwaitableCalls):
 
     async def _send_when_connected(self, payload: bytes, receiver: Receiver) -> None:
         try:
-            connection = await self._acquire(receiver.deadline)
+            await self._acquire(receiver.deadline)
         except asyncio.CancelledError:
             raise  # cancel() or close(): they answer the receiver themselves
         except TransportError as exc:
@@ -405,7 +485,8 @@ class StreamClient(AwaitableCalls):
                 deliver_error(receiver, exc)
             return
         if self._starting.pop(receiver, None) is not None:
-            connection.send(payload, receiver)
+            # _acquire returned with a connection free, and nothing ran since.
+            self.send(payload, receiver)
 
     async def _acquire(self, give_up_at: float) -> _ClientConnection:
         loop = asyncio.get_running_loop()
