@@ -1,11 +1,11 @@
-"""The master's admin HTTP server: routing and HTTP/1.1 machinery, no handlers.
+"""The master's admin HTTP server: routing and answers, no handlers.
 
 The master registers a coroutine per method and path pattern; this module
-parses requests with the proxy's own :class:`RequestParser`, answers them in
-order on each connection (pipelining included) and turns every failure into
-a JSON ``{"error": ...}`` answer. Operators send few requests, so each
-connection runs one request at a time, in a task of its own; a slow handler
-holds up its own connection only.
+routes each request and turns every failure into a JSON ``{"error": ...}``
+answer. The connections are glue over the proxy's own sans-IO HTTP/1.1
+connection (:mod:`.admin_http`), which keeps pipelined answers in order.
+Operators send few requests, so each connection runs one handler at a time,
+in a task of its own; a slow handler holds up its own connection only.
 
 Failures and what they answer:
 
@@ -16,7 +16,7 @@ Failures and what they answer:
   500, logged with its traceback;
 - a request the parser refuses (400, 413, 431, 505 ...) or one that does not
   arrive within ``header_timeout`` (408): that status, then the connection
-  is closed.
+  is half-closed, lingers a moment and is closed.
 """
 
 from __future__ import annotations
@@ -26,40 +26,25 @@ import json
 import logging
 import socket
 import urllib.parse
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from ..http.headers import HOP_BY_HOP, is_valid_name, is_valid_value
-from ..http.parser import HttpError, HttpLimits, HttpRequest, RequestParser
-from ..http.response import build_response
+from ..http.request import HttpLimits, HttpRequest
+from .admin_http import NO_STORE, AdminAnswer, AdminConnection, json_error
 from .admin_routing import Router, split_path
 
 __all__ = ["AdminError", "AdminHandler", "AdminRequest", "AdminResponse", "AdminServer"]
 
 log = logging.getLogger("pitcher.admin")
 
-_Headers = list[tuple[bytes, bytes]]
-
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
 _OCTETS = b"application/octet-stream"
-# Admin answers describe the proxy at one instant; a cache in between must
-# never replay an old /healthz or config.
-_NO_STORE = (b"cache-control", b"no-store")
 # Fields this server sets itself: a handler setting them too would send
 # duplicated or contradictory fields.
 _RESERVED_HEADERS = HOP_BY_HOP | {b"content-length", b"date", b"cache-control"}
-# Pipelined requests queued beyond this pause reading until the queue drains,
-# so a client cannot make the master buffer without bound.
-_PIPELINE_HIGH = 16
-# After a refusal the connection is half-closed and what the client still
-# sends is read and dropped for a while, so that a reset does not destroy the
-# refusal before the client has read it (RFC 9112 §9.6).
-_LINGER_SECONDS = 1.0
-_LINGER_BYTES = 1 << 20
 
 
 class AdminError(Exception):
@@ -147,7 +132,7 @@ AdminHandler = Callable[[AdminRequest], Awaitable[AdminResponse]]
 # -- encoding answers -----------------------------------------------------------
 
 
-def _render(response: AdminResponse) -> tuple[int, _Headers, bytes]:
+def _render(response: AdminResponse) -> AdminAnswer:
     body = response.body
     content_type: bytes | None
     if isinstance(body, bytes):
@@ -158,267 +143,15 @@ def _render(response: AdminResponse) -> tuple[int, _Headers, bytes]:
         # allow_nan=False: NaN and Infinity are not JSON, and a client's parser
         # would refuse the whole document.
         payload, content_type = json.dumps(body, allow_nan=False).encode() + b"\n", _JSON
-    headers = [(name.lower().encode(), value.encode("latin-1")) for name, value in response.headers]
-    if content_type is not None and all(name != b"content-type" for name, _ in headers):
-        headers.append((b"content-type", content_type))
-    headers.append(_NO_STORE)
-    return response.status, headers, payload
-
-
-def _error(status: int, message: str) -> tuple[int, _Headers, bytes]:
-    body = json.dumps({"error": message}).encode() + b"\n"
-    return status, [(b"content-type", _JSON), _NO_STORE], body
-
-
-# -- connections ----------------------------------------------------------------
-
-
-class _AdminConnection(asyncio.Protocol):
-    """One client connection: the parser feeds a queue, a task answers it in order.
-
-    The task lives as long as the connection and is tracked by the server,
-    which cancels it on stop(). When the client goes away during a handler
-    the handler is left to finish (a half-done reload is worse than a wasted
-    answer) and the answer is dropped.
-    """
-
-    __slots__ = (
-        "busy",
-        "client",
-        "closed",
-        "continue_sent",
-        "eof",
-        "lingered",
-        "loop",
-        "parser",
-        "queue",
-        "read_paused",
-        "refused",
-        "server",
-        "timer",
-        "transport",
-        "wakeup",
-        "writable",
-    )
-
-    def __init__(self, server: AdminServer, loop: asyncio.AbstractEventLoop) -> None:
-        self.server = server
-        self.loop = loop
-        self.parser = RequestParser(server._limits)
-        self.queue: deque[HttpRequest | HttpError] = deque()
-        self.transport: asyncio.Transport | None = None
-        self.client = "unknown"
-        self.busy = False  # a handler is running
-        self.closed = False  # nothing more is written or answered
-        self.eof = False
-        self.refused = False  # the parser has failed: later bytes are dropped
-        self.continue_sent = False
-        self.read_paused = False
-        self.lingered = 0
-        self.timer: asyncio.TimerHandle | None = None
-        self.wakeup = asyncio.Event()
-        self.writable = asyncio.Event()
-        self.writable.set()
-
-    # asyncio callbacks ------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A cast, not an isinstance check: uvloop's transports do not derive
-        # from asyncio.Transport, though they implement it.
-        self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and len(peer) >= 2:
-            host = str(peer[0])
-            self.client = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-        server = self.server
-        if server._stopping:
-            # Accepted just before stop() closed the listener: stop() has
-            # already swept the connections, so this one would be left open.
-            self.closed = True
-            self.transport.close()
-            return
-        server._connections.add(self)
-        worker = self.loop.create_task(self._serve(), name=f"pitcher-admin {self.client}")
-        server._workers.add(worker)
-        worker.add_done_callback(server._workers.discard)
-        self._arm(server._keepalive_timeout, self._close)
-
-    def data_received(self, data: bytes) -> None:
-        if self.refused:
-            self.lingered += len(data)
-            if self.lingered > _LINGER_BYTES:
-                self._close()
-            return
-        parser = self.parser
-        was_in_request = parser.in_request
-        queue = self.queue
-        try:
-            requests = parser.feed(data)
-        except HttpError as error:
-            self.refused = True
-            self._cancel_timer()
-            queue.extend(error.requests)
-            queue.append(error)
-            self.wakeup.set()
-            return
-        if requests:
-            self.continue_sent = False
-            queue.extend(requests)
-            self.wakeup.set()
-            if len(queue) >= _PIPELINE_HIGH:
-                self._pause_reading()
-        if queue or self.busy:
-            self._cancel_timer()  # the worker re-arms when it runs out of work
-        elif parser.in_request:
-            if not was_in_request:
-                self._arm(self.server._header_timeout, self._header_timed_out)
-            self._send_continue()
-        else:
-            self._arm(self.server._keepalive_timeout, self._close)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        # True keeps the write side open: a client that half-closes after
-        # sending its requests still gets the answers (RFC 9112 §9.6).
-        return bool(self.busy or self.queue)
-
-    def pause_writing(self) -> None:
-        self.writable.clear()
-
-    def resume_writing(self) -> None:
-        self.writable.set()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.queue.clear()
-        self._cancel_timer()
-        self.wakeup.set()
-        self.writable.set()
-        self.server._connections.discard(self)
-
-    # answering --------------------------------------------------------------------
-
-    async def _serve(self) -> None:
-        try:
-            await self._answer_in_order()
-        except Exception:
-            log.exception("admin connection %s failed", self.client)
-            self._close()
-
-    async def _answer_in_order(self) -> None:
-        queue = self.queue
-        server = self.server
-        while True:
-            while not queue:
-                if self.closed:
-                    return
-                if self.eof:
-                    self._close()
-                    return
-                self.wakeup.clear()
-                await self.wakeup.wait()
-            item = queue.popleft()
-            if isinstance(item, HttpError):
-                self._refuse(item)
-                return
-            self.busy = True
-            try:
-                status, headers, body = await server._respond(item, self.client)
-            finally:
-                self.busy = False
-            if self.closed:
-                return
-            keep_alive = item.keep_alive and not server._stopping and not (self.eof and not queue)
-            self._write(
-                build_response(
-                    status,
-                    headers,
-                    body,
-                    keep_alive=keep_alive,
-                    head=item.method == b"HEAD",
-                    http10=item.version == "1.0",
-                )
-            )
-            if not keep_alive:
-                self._close()
-                return
-            await self.writable.wait()
-            if not queue and not self.closed:
-                self._went_idle()
-
-    def _went_idle(self) -> None:
-        self._resume_reading()
-        if self.eof:
-            return
-        if self.parser.in_request:
-            # The clock starts now, not at the request's first byte: those
-            # bytes may have waited behind a slow answer to an earlier one.
-            self._arm(self.server._header_timeout, self._header_timed_out)
-            self._send_continue()
-        else:
-            self._arm(self.server._keepalive_timeout, self._close)
-
-    def _header_timed_out(self) -> None:
-        self.timer = None
-        if self.closed or self.refused or self.busy or self.queue:
-            return
-        self.refused = True
-        self.queue.append(HttpError(408, "request not received in time"))
-        self.wakeup.set()
-
-    def _refuse(self, error: HttpError) -> None:
-        transport = self.transport
-        assert transport is not None
-        self._cancel_timer()
-        self._write(build_response(*_error(error.status, error.reason), keep_alive=False))
-        if self.eof or transport.is_closing() or not transport.can_write_eof():
-            self._close()
-            return
-        transport.write_eof()
-        self._resume_reading()  # to read and drop what the client still sends
-        self._arm(_LINGER_SECONDS, self._close)
-
-    def _send_continue(self) -> None:
-        if self.parser.pending_expect_continue and not self.continue_sent:
-            self.continue_sent = True
-            self._write(_CONTINUE)
-
-    # transport helpers --------------------------------------------------------------
-
-    def _write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
-
-    def _close(self) -> None:
-        self._cancel_timer()
-        if not self.closed:
-            self.closed = True
-            self.wakeup.set()
-            if self.transport is not None:
-                self.transport.close()
-
-    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(delay, callback)
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _pause_reading(self) -> None:
-        transport = self.transport
-        if not self.read_paused and transport is not None and not transport.is_closing():
-            self.read_paused = True
-            transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        transport = self.transport
-        if self.read_paused and transport is not None and not transport.is_closing():
-            self.read_paused = False
-            transport.resume_reading()
+    fields = b""
+    for name, value in response.headers:
+        encoded = name.lower().encode()
+        if encoded == b"content-type":
+            content_type = None
+        fields += encoded + b": " + value.encode("latin-1") + b"\r\n"
+    if content_type is not None:
+        fields += b"content-type: " + content_type + b"\r\n"
+    return response.status, fields + NO_STORE, payload
 
 
 # -- the server -----------------------------------------------------------------
@@ -441,14 +174,19 @@ class AdminServer:
     ) -> None:
         if not header_timeout > 0 or not keepalive_timeout > 0:
             raise ValueError("header_timeout and keepalive_timeout must be positive")
-        self._limits = HttpLimits(max_body_size=max_body_size)
-        self._header_timeout = header_timeout
-        self._keepalive_timeout = keepalive_timeout
+        # What the connections read.
+        self.limits = HttpLimits(max_body_size=max_body_size)
+        self.header_timeout = header_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.connections: set[AdminConnection] = set()
+        self.handlers: set[asyncio.Task[AdminAnswer]] = set()  # running, one per request
+        self.stopping = False
         self._router = Router()
         self._server: asyncio.Server | None = None
-        self._connections: set[_AdminConnection] = set()
-        self._workers: set[asyncio.Task[None]] = set()
-        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Deadlines are checked by one sweep over the connections, while there are any.
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_interval = min(1.0, max(0.05, min(header_timeout, keepalive_timeout) / 4))
 
     def route(self, method: str, pattern: str, handler: AdminHandler) -> None:
         """Serve ``method`` on ``pattern``; ``{name}`` matches one segment into ``params``.
@@ -465,13 +203,13 @@ class AdminServer:
         """Listen on host:port, or on ``sock``, a listening socket handed over by a predecessor."""
         if self._server is not None:
             raise RuntimeError("the admin server is already started")
-        loop = asyncio.get_running_loop()
-        self._stopping = False
+        loop = self._loop = asyncio.get_running_loop()
+        self.stopping = False
         if sock is not None:
-            self._server = await loop.create_server(lambda: _AdminConnection(self, loop), sock=sock)
+            self._server = await loop.create_server(lambda: AdminConnection(self, loop), sock=sock)
             return
         self._server = await loop.create_server(
-            lambda: _AdminConnection(self, loop), host, port, reuse_address=True
+            lambda: AdminConnection(self, loop), host, port, reuse_address=True
         )
 
     @property
@@ -488,17 +226,20 @@ class AdminServer:
         if server is None:
             return
         self._server = None
-        self._stopping = True
+        self.stopping = True
         server.close()
-        for connection in list(self._connections):
-            connection._close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for connection in list(self.connections):
+            connection.close()
         # A handler may be what called stop(); it must not wait for itself.
         current = asyncio.current_task()
-        workers = [worker for worker in self._workers if worker is not current]
-        for worker in workers:
-            worker.cancel()
-        if workers:
-            _, pending = await asyncio.wait(workers, timeout=1.0)
+        handlers = [handler for handler in self.handlers if handler is not current]
+        for handler in handlers:
+            handler.cancel()
+        if handlers:
+            _, pending = await asyncio.wait(handlers, timeout=1.0)
             if pending:
                 log.warning("%d admin handlers ignored cancellation", len(pending))
         try:
@@ -506,19 +247,32 @@ class AdminServer:
         except TimeoutError:
             log.warning("admin listener did not close within 1 s")
 
-    async def _respond(self, request: HttpRequest, client: str) -> tuple[int, _Headers, bytes]:
+    def schedule_sweep(self) -> None:
+        """Check the connections' deadlines soon, if not already planned."""
+        if self._sweeper is None and self.connections and self._loop is not None:
+            self._sweeper = self._loop.call_later(self._sweep_interval, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        if self._loop is None or self.stopping:
+            return
+        now = self._loop.time()
+        for connection in list(self.connections):
+            connection.check_timeouts(now)
+        self.schedule_sweep()
+
+    async def respond(self, request: HttpRequest, client: str) -> AdminAnswer:
         """Route one request and run its handler; never raises but for cancellation."""
         method = request.method.decode("ascii")
         path, segments = split_path(request.path)
         if segments is None:
-            return _error(404, f"no such path: {path}")
+            return json_error(404, f"no such path: {path}")
         route, params, allowed = self._router.resolve(method, segments)
         if route is None:
             if not allowed:
-                return _error(404, f"no such path: {path}")
-            status, headers, body = _error(405, f"{method} is not allowed on {path}")
-            headers.append((b"allow", ", ".join(allowed).encode()))
-            return status, headers, body
+                return json_error(404, f"no such path: {path}")
+            allow = b"allow: " + ", ".join(allowed).encode() + b"\r\n"
+            return json_error(405, f"{method} is not allowed on {path}", allow)
         admin_request = AdminRequest(
             method,
             path,
@@ -541,7 +295,7 @@ class AdminServer:
                 raise TypeError(f"handler returned {type(response).__name__}, not AdminResponse")
             return _render(response)
         except AdminError as error:
-            return _error(error.status, error.message)
+            return json_error(error.status, error.message)
         except Exception:
             log.exception("admin handler for %s %s failed", method, path)
-            return _error(500, "internal error")
+            return json_error(500, "internal error")

@@ -13,6 +13,8 @@ import contextlib
 import http.client
 import logging
 import socket
+import struct
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -434,6 +436,119 @@ def test_head_on_a_get_route_answers_headers_only(run: Runner) -> None:
     run(scenario())
 
 
+def test_continue_behind_a_slow_answer_comes_after_it(run: Runner) -> None:
+    async def slow(request: AdminRequest) -> AdminResponse:
+        await asyncio.sleep(0.1)
+        return AdminResponse(200, "slow")
+
+    server = AdminServer()
+    server.route("GET", "/slow", slow)
+    server.route("POST", "/echo", answer(AdminResponse(200, "done")))
+
+    def client(address: Address) -> tuple[HttpResponse, bytes, HttpResponse]:
+        with connect(address) as raw:
+            raw.send(
+                build_request("GET", "/slow")
+                + build_request("POST", "/echo", [("Expect", "100-continue")])[:-2]
+                + b"Content-Length: 2\r\n\r\n"
+            )
+            # A 100 Continue ahead of the first answer would be taken for it.
+            first = raw.response()
+            interim = raw.response()
+            raw.send(b"{}")
+            return first, interim.raw_head, raw.response()
+
+    async def scenario() -> None:
+        async with serving(server) as address:
+            first, interim, final = await asyncio.to_thread(client, address)
+        assert first.body == b"slow"
+        assert interim == b"HTTP/1.1 100 Continue"
+        assert final.body == b"done"
+
+    run(scenario())
+
+
+def test_deadlines_count_from_a_slow_answer(run: Runner) -> None:
+    # The next request's first bytes, sent while the slow handler ran, and the
+    # idle time before it, are measured from the answer, not from the bytes.
+    async def slow(request: AdminRequest) -> AdminResponse:
+        await asyncio.sleep(0.8)
+        return AdminResponse(200, "slow")
+
+    server = AdminServer(header_timeout=0.5, keepalive_timeout=0.4)
+    server.route("GET", "/slow", slow)
+    server.route("GET", "/healthz", answer(AdminResponse(200, "ok")))
+
+    def partial_head(address: Address) -> list[HttpResponse]:
+        with connect(address) as raw:
+            raw.send(build_request("GET", "/slow") + b"GET /healthz HTTP/1.1\r\n")
+            first = raw.response()
+            time.sleep(0.2)
+            raw.send(b"Host: x\r\n\r\n")
+            return [first, raw.response()]
+
+    def idle(address: Address) -> list[HttpResponse]:
+        with connect(address) as raw:
+            first = raw.request("GET", "/slow")
+            time.sleep(0.15)
+            return [first, raw.request("GET", "/healthz")]
+
+    async def scenario() -> None:
+        async with serving(server) as address:
+            arriving, waiting = await asyncio.gather(
+                asyncio.to_thread(partial_head, address), asyncio.to_thread(idle, address)
+            )
+        for responses in (arriving, waiting):
+            assert [(r.status, r.body) for r in responses] == [(200, b"slow"), (200, b"ok")]
+
+    run(scenario())
+
+
+def test_client_gone_during_a_handler_lets_it_finish_and_drops_the_answer(
+    caplog: pytest.LogCaptureFixture, run: Runner
+) -> None:
+    entered = asyncio.Event()
+    released = asyncio.Event()
+    finished: list[str] = []
+
+    async def reload(request: AdminRequest) -> AdminResponse:
+        entered.set()
+        await released.wait()
+        finished.append(request.path)
+        return AdminResponse(200, "reloaded")
+
+    server = AdminServer()
+    server.route("POST", "/admin/reload", reload)
+    server.route("GET", "/healthz", answer(AdminResponse(200, "ok")))
+
+    async def scenario() -> None:
+        async with serving(server) as address:
+            raw = await asyncio.to_thread(connect, address)
+            with raw:
+                await asyncio.to_thread(raw.send, build_request("POST", "/admin/reload"))
+                await entered.wait()
+                # A reset, not a close: after a close the server cannot tell the
+                # client from one that half-closed and still wants its answer.
+                raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            for _ in range(100):
+                if not server.connections:
+                    break
+                await asyncio.sleep(0.01)
+            assert not server.connections
+            released.set()
+            for _ in range(100):
+                if not server.handlers:
+                    break
+                await asyncio.sleep(0.01)
+            assert finished == ["/admin/reload"]
+            health = await asyncio.to_thread(fetch, address, "GET", "/healthz")
+            assert health.body == b"ok"
+
+    with caplog.at_level(logging.WARNING):
+        run(scenario())
+    assert [record.getMessage() for record in caplog.records] == []
+
+
 # -- request bodies ----------------------------------------------------------------
 
 
@@ -562,6 +677,29 @@ def test_bad_http_answers_the_parser_status_and_closes(
     run(scenario())
 
 
+def test_refusal_survives_what_the_client_still_sends(run: Runner) -> None:
+    # The server reads and drops what follows a refusal before it closes: a
+    # close with unread bytes would reset the connection and the client could
+    # lose the refusal before reading it.
+    server = AdminServer()
+
+    def client(address: Address) -> tuple[HttpResponse, bool]:
+        with connect(address) as raw:
+            raw.send(b"NOT HTTP\r\n\r\n" + b"x" * 300_000)
+            time.sleep(0.1)
+            raw.send(b"y" * 1000)
+            return raw.response(), raw.is_closed(timeout=1.0)
+
+    async def scenario() -> None:
+        async with serving(server) as address:
+            refused, closed = await asyncio.to_thread(client, address)
+        assert refused.status == 400
+        assert refused.header("cache-control") == "no-store"
+        assert closed
+
+    run(scenario())
+
+
 def test_request_not_received_in_time_is_408(run: Runner) -> None:
     server = AdminServer(header_timeout=0.2)
     server.route("GET", "/healthz", answer(AdminResponse(200, "ok")))
@@ -578,6 +716,32 @@ def test_request_not_received_in_time_is_408(run: Runner) -> None:
         assert first.status == 200
         assert late.status == 408
         assert closed
+
+    run(scenario())
+
+
+def test_whole_request_body_included_must_arrive_within_header_timeout(run: Runner) -> None:
+    server = AdminServer(header_timeout=0.3)
+    server.route("POST", "/sink", answer(AdminResponse(200, "ok")))
+
+    def client(address: Address) -> tuple[HttpResponse, bool, float]:
+        with connect(address) as raw:
+            started = time.monotonic()
+            raw.send(build_request("POST", "/sink", [("Content-Length", "20")]))
+            # Each byte comes well within the timeout; the whole body does not.
+            with contextlib.suppress(OSError):
+                for _ in range(20):
+                    raw.send(b"x")
+                    time.sleep(0.05)
+            return raw.response(), raw.is_closed(timeout=1.0), time.monotonic() - started
+
+    async def scenario() -> None:
+        async with serving(server) as address:
+            late, closed, elapsed = await asyncio.to_thread(client, address)
+        assert late.status == 408
+        assert late.header("content-type") == "application/json"
+        assert closed
+        assert elapsed < 1.5
 
     run(scenario())
 
