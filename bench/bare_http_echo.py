@@ -81,8 +81,9 @@ class HttpEcho(asyncio.Protocol):
             text = base64.b64encode(body).decode()
             encoding = "base64"
         query = query_bytes.decode("latin-1")
-        # The echo application's own work (its ?sleep= lookup), as the SDK echo does it.
-        dict(parse_qsl(query, keep_blank_values=True)).get("sleep")
+        # The echo application's own work (its ?sleep= look-up), as the SDK echo does it.
+        if "sleep" in query or "%" in query:
+            dict(parse_qsl(query, keep_blank_values=True)).get("sleep")
         document = _dumps(
             {
                 "method": self.parser.get_method().decode("latin-1"),

@@ -118,8 +118,10 @@ def echo_body(fields: list[bytes], names: list[bytes], values: list[bytes]) -> t
         text = base64.b64encode(body).decode()
         encoding = "base64"
     query = fields[3].decode("latin-1")
-    # The echo application's own work, done here too so that only the framework differs.
-    delay = dict(parse_qsl(query, keep_blank_values=True)).get("sleep")
+    # The echo application's own work (its ?sleep= look-up), as the SDK echo does it.
+    delay = None
+    if "sleep" in query or "%" in query:
+        delay = dict(parse_qsl(query, keep_blank_values=True)).get("sleep")
     document = _dumps(
         {
             "method": fields[1].decode("latin-1"),
