@@ -1,0 +1,627 @@
+"""Pitcher and its SDK against the yardsticks of their own design, in one run (issue 10).
+
+Run from the repository root, under the benchmark lock::
+
+    flock /tmp/pitcher-bench.lock .venv/bin/python bench/bench_pair.py
+    flock /tmp/pitcher-bench.lock .venv/bin/python bench/bench_pair.py --pitcher-root /tmp/old
+    .venv/bin/python bench/bench_pair.py --check
+
+Four setups, each an HTTP front and a service behind it on a Unix socket:
+
+    A  nginx (1 worker, keep-alive upstream) + bare_http_echo.py (httptools)
+    B  minimal_proxy.py + minimal_echo.py: the minimal pair of Pitcher's design
+    C  minimal_proxy.py + the SDK echo (pitcher backend pitcher_rpc.sdk.echo:app)
+    D  pitcher serve --workers 1 (default modules) + the SDK echo
+
+Every service answers the same JSON. Each setup is measured at 64 and at 1
+connection, with 5 and with 20 request headers (wrk -t1 --latency; without
+wrk, a bounded Python load generator stands in), in interleaved rounds,
+medians: req/s, p50, p99, and the CPU time per request of the front and of
+the service (utime + stime from /proc of each process and its children,
+over the run). Then the ratios the goals of issue 10 name, each with its
+goal and whether it is met.
+
+Before any of it (and alone with ``--check``), the minimal echo and the SDK
+echo behind the same minimal proxy must answer the same requests with the
+same bytes (but for the client port); Pitcher's answer is compared too.
+
+``--pitcher-root PATH`` runs C's and D's Pitcher processes from another
+checkout (PYTHONPATH and working directory PATH), so numbers before a change
+are measured by this same script. Every process is started and stopped here
+by its pid; every load is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from bench_spine import ROOT, cpu_seconds, free_port, wait_for_port  # noqa: E402
+
+PYTHON = sys.executable
+# wrk sends Host itself; these make 5 and 20 request headers.
+FIVE = ["User-Agent: wrk/4 bench", "Accept: */*", "Accept-Encoding: gzip", "X-Trace: abc123"]
+TWENTY = [
+    *FIVE,
+    "Accept-Language: en-US,en;q=0.9",
+    "Cache-Control: no-cache",
+    "Referer: http://bench.example/start",
+    "Cookie: session=3f9c2a71d0b4; theme=dark",
+    "X-Request-Start: t=1700000000000",
+    "Sec-Fetch-Mode: navigate",
+    "Sec-Fetch-Site: same-origin",
+    "Upgrade-Insecure-Requests: 1",
+    "DNT: 1",
+    "Pragma: no-cache",
+    "X-Client-Version: 4.2.1",
+    "X-Tenant: shop",
+    "X-Correlation-Id: 7d5e1c9a",
+    "Priority: u=0, i",
+    "Origin: http://bench.example",
+]
+HEADERS = {5: FIVE, 20: TWENTY}
+CASES = [(64, 5), (64, 20), (1, 5), (1, 20)]
+SETUPS = {
+    "A": "nginx + bare HTTP echo",
+    "B": "minimal proxy + minimal echo",
+    "C": "minimal proxy + SDK echo",
+    "D": "Pitcher + SDK echo",
+}
+
+PITCHER_CONFIG = """
+[server]
+listen = "127.0.0.1:{port}"
+backlog = 4096
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[[routes]]
+name = "echo"
+prefix = "/"
+cluster = "echo"
+timeout = 10.0
+
+[clusters.echo]
+nodes = ["unix://{socket}"]
+"""
+
+NGINX_CONFIG = """{user}
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  upstream backend {{
+    server unix:{socket};
+    keepalive 128;
+    keepalive_requests 1000000;
+  }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    keepalive_requests 1000000;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+    }}
+  }}
+}}
+"""
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+class Where(NamedTuple):
+    """Where a process runs from: Pitcher's code comes from ``cwd`` first."""
+
+    cwd: Path
+    env: dict[str, str]
+
+
+def where(root: Path | None) -> Where:
+    if root is None:
+        return Where(ROOT, dict(os.environ))
+    # The working directory matters too: pitcher serve starts its workers with
+    # `python -m`, which puts the working directory first on sys.path.
+    return Where(root, {**os.environ, "PYTHONPATH": str(root)})
+
+
+@contextlib.contextmanager
+def started(args: list[str], at: Where, log: Path, ready: bool) -> Iterator[int]:
+    """A process until the block ends (SIGTERM, then SIGKILL); with ``ready``, its ready line."""
+    with open(log, "ab") as errors:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors, cwd=at.cwd, env=at.env)
+    try:
+        if ready:
+            assert proc.stdout is not None
+            line = ""
+            if select.select([proc.stdout], [], [], 15.0)[0]:
+                line = proc.stdout.readline().decode(errors="replace")
+            if "ready" not in line:
+                raise RuntimeError(f"{args[:4]} did not start: {line!r}; see {log}")
+        yield proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def wait_for_unix(path: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(0.5)
+            sock.connect(path)
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {path}")
+
+
+def tree(pid: int) -> list[int]:
+    """The process and its descendants, from /proc/PID/task/*/children."""
+    pids = [pid]
+    for each in pids:
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{each}/task"):
+                with open(f"/proc/{each}/task/{task}/children") as children:
+                    pids.extend(int(child) for child in children.read().split())
+    return pids
+
+
+def tree_cpu(pid: int) -> dict[int, float]:
+    seconds = {}
+    for each in tree(pid):
+        with contextlib.suppress(OSError, IndexError):
+            seconds[each] = cpu_seconds(each)
+    return seconds
+
+
+def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(value - before.get(pid, 0.0) for pid, value in after.items())
+
+
+class Running(NamedTuple):
+    port: int
+    front: int  # pid of the HTTP front (its children count too)
+    service: int
+
+
+def nginx_binary() -> str | None:
+    found = shutil.which("nginx")
+    return found or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+
+@contextlib.contextmanager
+def setup(key: str, tmp: Path, pitcher: Where) -> Iterator[Running]:
+    here = Where(ROOT, dict(os.environ))
+    sock = str(tmp / f"{key}.sock")
+    port = free_port()
+    log = tmp / f"{key}.log"
+    minimal_proxy = [PYTHON, str(BENCH / "minimal_proxy.py"), "--listen", f"127.0.0.1:{port}"]
+    minimal_proxy += ["--backend", f"unix://{sock}"]
+    sdk_echo = [PYTHON, "-m", "pitcher_rpc.cli", "backend", "pitcher_rpc.sdk.echo:app"]
+    sdk_echo += ["--listen", f"unix://{sock}"]
+    with contextlib.ExitStack() as stack:
+        if key == "A":
+            bare = [PYTHON, str(BENCH / "bare_http_echo.py"), "--listen", f"unix://{sock}"]
+            service = stack.enter_context(started(bare, here, log, ready=True))
+            conf = tmp / "nginx.conf"
+            # Run as root, nginx's worker would be "nobody", who may not use our socket.
+            user = "user root;" if os.geteuid() == 0 else ""
+            conf.write_text(NGINX_CONFIG.format(user=user, dir=tmp, socket=sock, port=port))
+            nginx = [nginx_binary() or "nginx", "-c", str(conf), "-p", str(tmp)]
+            nginx += ["-e", str(tmp / "nginx-error.log")]
+            front = stack.enter_context(started(nginx, here, log, ready=False))
+        elif key == "B":
+            echo = [PYTHON, str(BENCH / "minimal_echo.py"), "--listen", f"unix://{sock}"]
+            service = stack.enter_context(started(echo, here, log, ready=True))
+            front = stack.enter_context(started(minimal_proxy, here, log, ready=True))
+        elif key == "C":
+            service = stack.enter_context(started(sdk_echo, pitcher, log, ready=False))
+            wait_for_unix(sock)
+            front = stack.enter_context(started(minimal_proxy, here, log, ready=True))
+        else:
+            service = stack.enter_context(started(sdk_echo, pitcher, log, ready=False))
+            wait_for_unix(sock)
+            conf = tmp / "pitcher.toml"
+            conf.write_text(PITCHER_CONFIG.format(port=port, admin=free_port(), socket=sock))
+            serve = [PYTHON, "-m", "pitcher_rpc.cli", "serve", "-c", str(conf), "--workers", "1"]
+            front = stack.enter_context(started(serve, pitcher, log, ready=False))
+        wait_for_port(port, 15.0)
+        wait_until_answers(port)
+        yield Running(port, front, service)
+
+
+# ---------------------------------------------------------------------------------- HTTP
+
+
+def http_request(method: str, target: str, headers: list[str], body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: bench.example", *headers]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def fetch(port: int, raw: bytes, timeout: float = 5.0) -> tuple[int, bytes]:
+    """Status and body of one request on a new connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout) as sock:
+        sock.sendall(raw)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"connection closed after {data!r}")
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        found = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        length = int(found.group(1)) if found else 0
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return int(head.split(b" ", 2)[1]), body[:length]
+
+
+def wait_until_answers(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    status = 0
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, RuntimeError, ValueError, IndexError):
+            status, _ = fetch(port, http_request("GET", "/hello", []), 2.0)
+            if status == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"127.0.0.1:{port} does not answer 200 (last status {status})")
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_us: float
+    p99_us: float
+    requests: int
+    errors: int
+
+
+_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
+
+
+def wrk(port: int, connections: int, headers: list[str], seconds: float) -> Load:
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    for header in headers:
+        args += ["-H", header]
+    out = subprocess.run(
+        [*args, f"http://127.0.0.1:{port}/hello"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    ).stdout
+
+    def number(pattern: str) -> str:
+        found = re.search(pattern, out)
+        if found is None:
+            raise RuntimeError(f"wrk output without {pattern!r}:\n{out}")
+        return found.group(1)
+
+    def latency(percent: int) -> float:
+        found = re.search(rf"\s{percent}%\s+([\d.]+)(us|ms|s)\b", out)
+        if found is None:
+            raise RuntimeError(f"wrk output without a {percent}% latency:\n{out}")
+        return float(found.group(1)) * _UNITS[found.group(2)]
+
+    errors = 0
+    found = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if found is not None:
+        errors += sum(int(n) for n in found.groups())
+    found = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if found is not None:
+        errors += int(found.group(1))
+    return Load(
+        float(number(r"Requests/sec:\s+([\d.]+)")),
+        latency(50),
+        latency(99),
+        int(number(r"(\d+) requests in")),
+        errors,
+    )
+
+
+async def _python_load(port: int, connections: int, headers: list[str], seconds: float) -> Load:
+    """A bounded keep-alive load generator for machines without wrk."""
+    request = http_request("GET", "/hello", headers)
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+    limit = 5_000_000  # requests in all: bounded in count as well as in time
+
+    async def one() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while (began := time.perf_counter()) < stop and len(latencies) < limit:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                found = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                await reader.readexactly(int(found.group(1)) if found else 0)
+                latencies.append(time.perf_counter() - began)
+                if not head.startswith(b"HTTP/1.1 200"):
+                    errors += 1
+        finally:
+            writer.close()
+
+    start = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(one() for _ in range(connections))), seconds + 30)
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    return Load(
+        len(latencies) / elapsed,
+        statistics.median(latencies) * 1e6,
+        p99 * 1e6,
+        len(latencies),
+        errors,
+    )
+
+
+def load(port: int, connections: int, headers: list[str], seconds: float) -> Load:
+    if shutil.which("wrk"):
+        return wrk(port, connections, headers, seconds)
+    import uvloop
+
+    return uvloop.run(_python_load(port, connections, headers, seconds))
+
+
+# ---------------------------------------------------------------------------- the check
+
+_CLIENT = re.compile(rb'"client": "([^"]*):\d+"')
+
+
+def check_requests() -> list[tuple[str, str, list[str], bytes]]:
+    many = [*TWENTY, "X-Forwarded-For: 10.0.0.1", "Connection: keep-alive, X-Hop", "X-Hop: 1"]
+    return [
+        ("GET", "/check/a%20b?x=1&y=%20&z", many, b""),
+        ("POST", "/post", ["Content-Type: text/plain; charset=utf-8"], "héllo wörld".encode()),
+        ("POST", "/binary", ["Content-Type: application/octet-stream"], b"\xff\x00\xfe\x01"),
+        ("PUT", "/empty?sleep=0", [], b""),
+    ]
+
+
+def check(tmp: Path, pitcher: Where, with_pitcher: bool = True) -> list[str]:
+    """Minimal echo and SDK echo, behind the same minimal proxy, must answer alike.
+
+    Returns notes about Pitcher's own answers (compared without its request id).
+    """
+    answers: dict[str, list[bytes]] = {}
+    for key in ("B", "C", "D") if with_pitcher else ("B", "C"):
+        with setup(key, tmp, pitcher) as running:
+            answers[key] = []
+            for method, target, headers, body in check_requests():
+                status, text = fetch(running.port, http_request(method, target, headers, body))
+                assert status == 200, f"{SETUPS[key]}: {method} {target} -> {status} {text!r}"
+                answers[key].append(_CLIENT.sub(rb'"client": "\1:PORT"', text))
+    for number, (minimal, sdk) in enumerate(zip(answers["B"], answers["C"], strict=True)):
+        assert minimal == sdk, (
+            f"request {number}: the minimal echo and the SDK echo differ\n"
+            f"  minimal: {minimal!r}\n  SDK:     {sdk!r}"
+        )
+    notes = []
+    for number, (ours, pitchers) in enumerate(
+        zip(answers["C"], answers.get("D", []), strict=False)
+    ):
+        document = json.loads(pitchers)
+        document["headers"] = [h for h in document["headers"] if h[0] != "x-request-id"]
+        if document != json.loads(ours):
+            notes.append(
+                f"note: request {number}: Pitcher forwards differently from the minimal proxy"
+                f" (x-request-id aside):\n  minimal: {ours!r}\n  Pitcher: {pitchers!r}"
+            )
+    return notes
+
+
+# ------------------------------------------------------------------------- measurement
+
+
+class Results:
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, int, int, str], list[float]] = {}
+
+    def add(self, key: str, case: tuple[int, int], metric: str, value: float) -> None:
+        self.values.setdefault((key, *case, metric), []).append(value)
+
+    def median(self, key: str, case: tuple[int, int], metric: str) -> float:
+        values = self.values.get((key, *case, metric))
+        return statistics.median(values) if values else float("nan")
+
+    def runs(self, key: str, case: tuple[int, int], metric: str) -> list[float]:
+        return self.values.get((key, *case, metric), [])
+
+
+def measure(running: Running, case: tuple[int, int], seconds: float) -> dict[str, float]:
+    connections, count = case
+    front_before, service_before = tree_cpu(running.front), tree_cpu(running.service)
+    result = load(running.port, connections, HEADERS[count], seconds)
+    front = cpu_spent(front_before, tree_cpu(running.front))
+    service = cpu_spent(service_before, tree_cpu(running.service))
+    requests = max(result.requests, 1)
+    return {
+        "rps": result.rps,
+        "p50": result.p50_us,
+        "p99": result.p99_us,
+        "front_cpu": front / requests * 1e6,
+        "service_cpu": service / requests * 1e6,
+        "errors": result.errors,
+    }
+
+
+def run_rounds(
+    keys: list[str],
+    rounds: int,
+    seconds: float,
+    tmp: Path,
+    pitcher: Where,
+    say: Callable[..., None],
+) -> Results:
+    results = Results()
+    for round_number in range(rounds):
+        # Interleaved, and each round starts with another setup: no setup always goes first.
+        order = keys[round_number % len(keys) :] + keys[: round_number % len(keys)]
+        for key in order:
+            say(f"round {round_number + 1}/{rounds}: {key} {SETUPS[key]}")
+            with setup(key, tmp, pitcher) as running:
+                load(running.port, 64, FIVE, 1.0)  # warm up: connections, pools, caches
+                for case in CASES:
+                    for metric, value in measure(running, case, seconds).items():
+                        results.add(key, case, metric, value)
+    return results
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def report(results: Results, keys: list[str], line: Callable[[str], None]) -> None:
+    m = results.median
+    line(
+        f"{'conns':>5} {'hdrs':>4}  {'setup':<31} {'req/s':>8} {'p50 µs':>8} {'p99 µs':>8}"
+        f" {'front µs/req':>12} {'service µs/req':>14}  req/s of each round"
+    )
+    for case in CASES:
+        for key in keys:
+            errors = sum(results.runs(key, case, "errors"))
+            spread = "/".join(f"{v:.0f}" for v in results.runs(key, case, "rps"))
+            line(
+                f"{case[0]:>5} {case[1]:>4}  {key} {SETUPS[key]:<29}"
+                f" {m(key, case, 'rps'):>8.0f} {m(key, case, 'p50'):>8.0f}"
+                f" {m(key, case, 'p99'):>8.0f} {m(key, case, 'front_cpu'):>12.1f}"
+                f" {m(key, case, 'service_cpu'):>14.1f}  {spread}"
+                + (f"  ({errors:.0f} errors)" if errors else "")
+            )
+        line("")
+
+    def ratio(top: str, bottom: str, connections: int, headers: int, metric: str) -> float:
+        case = (connections, headers)
+        return m(top, case, metric) / m(bottom, case, metric)
+
+    # (label, numerator, denominator, connections, metric, goal or None)
+    lines = [
+        ("proxy CPU/request D/C", "D", "C", 64, "front_cpu", 1.15),
+        ("proxy CPU/request D/C", "D", "C", 1, "front_cpu", 1.15),
+        ("service CPU/request D/B", "D", "B", 64, "service_cpu", 1.15),
+        ("service CPU/request D/B", "D", "B", 1, "service_cpu", 1.15),
+        ("  same proxy in front: C/B", "C", "B", 64, "service_cpu", None),
+        ("  same proxy in front: C/B", "C", "B", 1, "service_cpu", None),
+        ("p50 D/B", "D", "B", 1, "p50", 1.15),
+        ("req/s D/B", "D", "B", 64, "rps", None),
+        ("req/s D/A", "D", "A", 64, "rps", None),
+        ("req/s D/A", "D", "A", 1, "rps", None),
+        ("proxy CPU/request D/A", "D", "A", 64, "front_cpu", None),
+        ("req/s B/A (the design against nginx)", "B", "A", 64, "rps", None),
+    ]
+    line(
+        f"{'ratio':<38} {'conns':>5} {'goal':>6}   {'5 headers':<14} {'20 headers':<14}"
+        " 20h/5h (goal: within 10%)"
+    )
+    for label, top, bottom, connections, metric, goal in lines:
+        if top not in keys or bottom not in keys:
+            line(f"{label:<38} {connections:>5}   n/a: setup {bottom} was skipped")
+            continue
+        five = ratio(top, bottom, connections, 5, metric)
+        twenty = ratio(top, bottom, connections, 20, metric)
+        if goal is None:
+            line(f"{label:<38} {connections:>5} {'-':>6}   {five:<14.2f} {twenty:<14.2f}")
+            continue
+        drift = twenty / five
+        verdicts = [f"{v:.2f} " + ("met" if v <= goal else "not met") for v in (five, twenty)]
+        line(
+            f"{label:<38} {connections:>5} {'≤' + format(goal, '.2f'):>6}   {verdicts[0]:<14}"
+            f" {verdicts[1]:<14} {drift:.2f} " + ("met" if abs(drift - 1) <= 0.10 else "not met")
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pitcher-root", type=Path, help="run C's and D's Pitcher from here")
+    parser.add_argument("--check", action="store_true", help="only compare the echoes' answers")
+    parser.add_argument("--skip-nginx", action="store_true")
+    args = parser.parse_args()
+    pitcher = where(args.pitcher_root.resolve() if args.pitcher_root else None)
+    code = subprocess.run(
+        [PYTHON, "-c", "import pitcher_rpc; print(pitcher_rpc.__file__)"],
+        cwd=pitcher.cwd,
+        env=pitcher.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    keys = list(SETUPS)
+    notes = []
+    if args.skip_nginx:
+        keys.remove("A")
+    elif nginx_binary() is None:
+        notes.append("nginx not found: setup A (nginx + bare HTTP echo) is skipped")
+        keys.remove("A")
+    if not shutil.which("wrk"):
+        notes.append(
+            "wrk not found: load by a bounded Python generator, which takes a core's share"
+            " itself (numbers not comparable with wrk's)"
+        )
+    with tempfile.TemporaryDirectory(prefix="pitcher-pair-", dir="/tmp") as scratch:
+        tmp = Path(scratch)
+        say("check: minimal echo and SDK echo behind the same minimal proxy")
+        notes += check(tmp, pitcher)
+        print(f"check passed: the minimal echo answers as the SDK echo ({code})")
+        for note in notes:
+            print(note)
+        if args.check:
+            return
+        results = run_rounds(keys, args.rounds, args.seconds, tmp, pitcher, say)
+    load_by = "wrk -t1 --latency" if shutil.which("wrk") else "the Python generator"
+    print(
+        f"Pitcher RPC pair benchmark: {args.rounds} rounds x {args.seconds:g}s per run, medians;"
+        f" {os.cpu_count()} CPUs, load by {load_by}; Pitcher code: {code}"
+    )
+    for key in keys:
+        print(f"  {key}: {SETUPS[key]}")
+    print("front/service µs/req: CPU time (user+system, with children) per request")
+    report(results, keys, print)
+
+
+if __name__ == "__main__":
+    main()
