@@ -11,6 +11,10 @@ with the proxy's CPU time per request in bench_spine.py to see the split.
                                    [--with request_id,metrics,...] [--health]
     python bench/bench_hot_path.py --compare 3
 
+Every run also times a baseline in the same process: the least an httptools +
+protobuf proxy does per request (``baseline``), and prints the proxy's work
+as a ratio to it.
+
 ``--modules N`` attaches N trivial modules to every request hook, to measure
 what the hook dispatch costs; ``--with`` loads built-in modules (request_id,
 metrics, throttle, access_log, headers) set to do their whole work on every
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httptools
 import uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,9 +47,10 @@ from pitcher_rpc.codec import encode_response  # noqa: E402
 from pitcher_rpc.config import parse_config  # noqa: E402
 from pitcher_rpc.modules import HookChains, Module  # noqa: E402
 from pitcher_rpc.modules.registry import module_class  # noqa: E402
+from pitcher_rpc.pb import pitcher_pb2  # noqa: E402
 from pitcher_rpc.proxy.server import HttpConnection, ProxyServer  # noqa: E402
 from transports.control import Settings  # noqa: E402
-from transports.frame import PREFACE, FrameType, encode_frame  # noqa: E402
+from transports.frame import HEADER, PREFACE, FrameType, encode_frame  # noqa: E402
 from transports.frame import encode_response as encode_response_frame  # noqa: E402
 from transports.stream_client import _ClientConnection  # noqa: E402
 
@@ -195,6 +201,93 @@ async def run(requests: int, profile: bool, modules: list[Module], health: bool 
     return statistics.median(timings)
 
 
+class _MinimalRequest:
+    """What a minimal httptools proxy keeps of a request: its callbacks and nothing else."""
+
+    __slots__ = ("body", "names", "url", "values")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.names: list[bytes] = []
+        self.values: list[bytes] = []
+        self.body = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.names.append(name.lower())
+        self.values.append(value)
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+
+def baseline(requests: int) -> float:
+    """µs per request of a minimal httptools + protobuf path, the median of five batches.
+
+    The same request bytes and response payload as run(): parse with httptools
+    into a minimal callback object, encode the Request with the generated
+    class and frame it, frame and decode the Response (run() pays for making
+    the response frame too) and build the HTTP response bytes. No routing, no
+    header rules, no modules, no sockets: the floor the proxy's Python work is
+    compared with.
+    """
+    sink = _MinimalRequest()
+    parser = httptools.HttpRequestParser(sink)
+    new_request = pitcher_pb2.Request
+    parse_response = pitcher_pb2.Response.FromString
+    pack = HEADER.pack
+    unpack_from = HEADER.unpack_from
+    date = b"date: Thu, 01 Jan 2026 00:00:00 GMT\r\n"
+    written: list[bytes] = []
+
+    def one(request_id: int) -> None:
+        sink.url = b""
+        names = sink.names = []
+        values = sink.values = []
+        sink.body = b""
+        parser.feed_data(REQUEST)
+        path, _, query = sink.url.partition(b"?")
+        names += (b"x-forwarded-for", b"x-forwarded-proto")
+        values += (b"127.0.0.1", b"http")
+        payload = new_request(
+            method=parser.get_method(),
+            path=path,
+            query=query,
+            header_names=names,
+            header_values=values,
+            body=sink.body,
+            route="echo",
+            client="127.0.0.1:40000",
+        ).SerializeToString()
+        written.append(pack(1, 1, 0, len(payload), request_id, 10000) + payload)
+        frame = encode_response_frame(request_id, RESPONSE)
+        _, _, _, length, _, _ = unpack_from(frame, 0)
+        response = parse_response(frame[20 : 20 + length])
+        lines = [b"HTTP/1.1 200 OK\r\n"]
+        for name, value in zip(response.header_names, response.header_values, strict=True):
+            lines += (name, b": ", value, b"\r\n")
+        body = response.body
+        keep = b"" if parser.should_keep_alive() else b"connection: close\r\n"
+        lines += (date, b"content-length: %d\r\n" % len(body), keep, b"\r\n", body)
+        written.append(b"".join(lines))
+
+    one(1)
+    assert written[-1].startswith(b"HTTP/1.1 200 OK") and written[-1].endswith(b"hello /hello")
+    timings = []
+    request_id = 2
+    for _ in range(5):
+        batch = requests // 5
+        start = time.perf_counter()
+        for _ in range(batch):
+            one(request_id)
+            request_id += 1
+        timings.append((time.perf_counter() - start) / batch * 1e6)
+        written.clear()
+    return statistics.median(timings)
+
+
 VARIANTS: dict[str, tuple[list[str], int, bool]] = {
     # name: (built-in modules, trivial modules, health table on the cluster)
     "core": ([], 0, False),
@@ -211,16 +304,23 @@ VARIANTS: dict[str, tuple[list[str], int, bool]] = {
 async def compare(requests: int, rounds: int) -> None:
     """Every variant, interleaved, ``rounds`` times; medians and the ratio to the core."""
     results: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    floors: list[float] = []
     with tempfile.TemporaryDirectory() as scratch:
         for _ in range(rounds):
+            floors.append(baseline(requests))
             for name, (names, trivial, health) in VARIANTS.items():
                 modules = real_modules(names, scratch) + trivial_modules(trivial)
                 results[name].append(await run(requests, False, modules, health))
     core = statistics.median(results["core"])
+    floor = statistics.median(floors)
     print(f"proxy hot path, µs per request (median of {rounds} runs, each a median of 5 batches)")
+    print(f"  {'baseline':18} {floor:6.2f}  minimal httptools + protobuf path, same run")
     for name, values in results.items():
         median = statistics.median(values)
-        print(f"  {name:18} {median:6.2f}  {median / core:5.2f}x  (+{median - core:.2f})")
+        print(
+            f"  {name:18} {median:6.2f}  {median / core:5.2f}x  (+{median - core:.2f})"
+            f"  {median / floor:5.2f}x baseline"
+        )
 
 
 def main() -> None:
@@ -241,10 +341,15 @@ def main() -> None:
         return
     names = [name for name in args.real.split(",") if name]
     with tempfile.TemporaryDirectory() as scratch:
+        floor = baseline(args.requests)
         modules = real_modules(names, scratch) + trivial_modules(args.modules)
         median = uvloop.run(run(args.requests, args.profile, modules, args.health))
     loaded = ", ".join([*names, f"{args.modules} trivial modules"] + (["health"] * args.health))
     print(f"proxy hot path with {loaded}: {median:.2f} µs per request (median of 5 batches)")
+    print(
+        f"minimal httptools + protobuf baseline, same run: {floor:.2f} µs per request;"
+        f" the proxy's Python work is {median / floor:.2f}x the baseline"
+    )
 
 
 if __name__ == "__main__":
