@@ -11,6 +11,11 @@ before that deadline; the server's replay cache makes sure it runs once.
 As on the stream carriers, a call's outcome goes to a receiver (see
 :mod:`transports.calls`), and one timer, armed for the earliest deadline or
 re-send, serves every call.
+
+The per-call path is flat: ``send`` encodes the datagram itself and the
+protocol's ``datagram_received`` checks a RESPONSE and hands it over itself;
+anything else goes through :func:`~transports.datagram.decode_datagram`,
+which names the reason a datagram is dropped.
 """
 
 from __future__ import annotations
@@ -32,10 +37,14 @@ from .calls import AwaitableCalls, Receiver, deliver_error, error_for
 from .control import ErrorInfo, GoAwayInfo
 from .datagram import (
     CLIENT_ACCEPTS,
+    CRC_SIZE,
+    CRC_TABLE,
+    CRC_XOR,
     DATAGRAM_HEADER_SIZE,
     MAX_UDP_PAYLOAD,
     DatagramDropped,
     DropReason,
+    crc_update,
     decode_datagram,
     encode_datagram,
     encode_request_datagram,
@@ -50,12 +59,15 @@ from .errors import (
     RequestTooLarge,
     TransportError,
 )
-from .frame import FrameType
+from .frame import HEADER, VERSION, FrameType
 from .registry import Address, parse_address
 
 log = logging.getLogger("pitcher.transports")
 
 _RESPONSE = int(FrameType.RESPONSE)
+_pack_crc = struct.Struct(">I").pack
+_pack_header = HEADER.pack
+_unpack_datagram_header = struct.Struct(">IBBHIQI").unpack_from
 # uvloop's timers have millisecond resolution and may fire a little early.
 _TIMER_SLACK = 0.001
 # deadline_ms is a 32-bit field; a longer budget is sent as the largest one.
@@ -71,17 +83,10 @@ _NO_GOAWAY = 1 << 64
 _UNREACHABLE = frozenset((errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN))
 
 
-class _Resend:
-    """What an idempotent call needs to be sent again."""
-
-    __slots__ = ("at", "datagram", "deadline", "interval", "left")
-
-    def __init__(self, datagram: bytes, at: float, interval: float, left: int, deadline: float):
-        self.datagram = datagram
-        self.at = at
-        self.interval = interval
-        self.left = left
-        self.deadline = deadline
+# What an idempotent call needs to be sent again: when next, the pause after
+# that (doubled each time), the copies left, its deadline and the datagram. A
+# tuple, replaced at each copy: cheaper to make than an object, once per call.
+_Resend = tuple[float, float, int, float, bytes]
 
 
 class _ClientProtocol(asyncio.DatagramProtocol):
@@ -93,6 +98,35 @@ class _ClientProtocol(asyncio.DatagramProtocol):
         self._client = client
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        # The common case, inline: a RESPONSE that passes every check of
+        # decode_datagram. Anything else goes there, to be read or dropped.
+        size = len(data)
+        if DATAGRAM_HEADER_SIZE <= size <= MAX_UDP_PAYLOAD:
+            crc, version, kind, _, length, request_id, _ = _unpack_datagram_header(data)
+            if (
+                kind == 2
+                and request_id
+                and version == VERSION
+                and length == size - DATAGRAM_HEADER_SIZE
+                and CRC_XOR ^ crc_update(data[CRC_SIZE:], CRC_XOR, CRC_TABLE) == crc
+            ):
+                client = self._client
+                client._heard = True
+                receiver = client._pending.pop(request_id, None)
+                if receiver is None:
+                    # Its caller gave up, or this is a second copy: never anyone else's.
+                    client.late_responses += 1
+                    return
+                if client._resends:
+                    client._resends.pop(request_id, None)
+                if request_id > client._goaway_last:
+                    # A draining node runs nothing above its GOAWAY: this is its successor.
+                    client._goaway_last = _NO_GOAWAY
+                try:
+                    receiver.on_response(data[DATAGRAM_HEADER_SIZE:])
+                except Exception:
+                    log.exception("a receiver failed on a response from %s", client.address)
+                return
         self._client._datagram_received(data)
 
     def error_received(self, exc: Exception) -> None:
@@ -171,12 +205,25 @@ class UdpClient(AwaitableCalls):
             return
         request_id = self._next_id
         self._next_id = request_id + 1
-        datagram = encode_request_datagram(request_id, payload, int(remaining_ms) or 1)
+        # encode_request_datagram, inline.
+        body = _pack_header(VERSION, 1, 0, len(payload), request_id, int(remaining_ms) or 1)
+        body += payload
+        datagram = _pack_crc(CRC_XOR ^ crc_update(body, CRC_XOR, CRC_TABLE)) + body
         self._pending[request_id] = receiver
         if deadline < self._timer_at:
             self._arm(deadline)
         if receiver.idempotent and self._retries:
-            self._plan_resend(request_id, datagram, now, deadline)
+            resend_at = now + self._retry_interval
+            if resend_at < deadline:
+                self._resends[request_id] = (
+                    resend_at,
+                    self._retry_interval,
+                    self._retries,
+                    deadline,
+                    datagram,
+                )
+                if resend_at < self._timer_at:
+                    self._arm(resend_at)
         sendto(datagram)
 
     def cancel(self, receiver: Receiver) -> None:
@@ -304,8 +351,12 @@ class UdpClient(AwaitableCalls):
     def _plan_resend(self, request_id: int, datagram: bytes, now: float, deadline: float) -> None:
         resend_at = now + self._retry_interval
         if resend_at < deadline:
-            self._resends[request_id] = _Resend(
-                datagram, resend_at, self._retry_interval, self._retries, deadline
+            self._resends[request_id] = (
+                resend_at,
+                self._retry_interval,
+                self._retries,
+                deadline,
+                datagram,
             )
             if resend_at < self._timer_at:
                 self._arm(resend_at)
@@ -410,22 +461,27 @@ class UdpClient(AwaitableCalls):
                 sendto(encode_datagram(FrameType.CANCEL, request_id))
         if resends:
             finished: list[int] = []
+            later: list[tuple[int, _Resend]] = []
             for request_id, resend in resends.items():
-                if resend.at <= now:
+                at, interval, left, resend_deadline, datagram = resend
+                if at <= now:
                     if sendto is None:  # not open yet: its first copy is still queued
-                        resend.at = now + resend.interval
+                        at = now + interval
                     else:
-                        sendto(resend.datagram)
-                        resend.left -= 1
-                        resend.interval *= 2
-                        resend.at = now + resend.interval
-                    if not resend.left or resend.at >= resend.deadline:
+                        sendto(datagram)
+                        left -= 1
+                        interval *= 2
+                        at = now + interval
+                    if not left or at >= resend_deadline:
                         finished.append(request_id)
                         continue
-                if resend.at < earliest:
-                    earliest = resend.at
+                    later.append((request_id, (at, interval, left, resend_deadline, datagram)))
+                if at < earliest:
+                    earliest = at
             for request_id in finished:
                 del resends[request_id]
+            for request_id, resend in later:
+                resends[request_id] = resend
         if expired:
             sent = sendto is not None
             for _, receiver in expired:
