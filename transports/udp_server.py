@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections import Counter, OrderedDict
 from collections.abc import Hashable
 from typing import Any
@@ -26,16 +27,19 @@ from typing import Any
 from .base import Handler, ServerOptions
 from .control import ErrorInfo, GoAwayInfo
 from .datagram import (
+    CRC_SIZE,
+    CRC_TABLE,
+    CRC_XOR,
     DATAGRAM_HEADER_SIZE,
     MAX_UDP_PAYLOAD,
     SERVER_ACCEPTS,
     DatagramDropped,
+    crc_update,
     decode_datagram,
     encode_datagram,
-    encode_response_datagram,
 )
 from .errors import ConnectError, ErrorCode
-from .frame import FrameType
+from .frame import HEADER, VERSION, FrameType
 from .handlers import HandlerRunner
 from .registry import parse_address
 from .udp_client import enlarge_socket_buffers
@@ -44,6 +48,9 @@ log = logging.getLogger("pitcher.transports")
 
 _REQUEST = int(FrameType.REQUEST)
 _ERROR = int(FrameType.ERROR)
+_pack_crc = struct.Struct(">I").pack
+_pack_header = HEADER.pack
+_unpack_datagram_header = struct.Struct(">IBBHIQI").unpack_from
 _SHUTTING_DOWN = "server is shutting down"
 # Marks a request whose caller cancelled it before its REQUEST arrived (the
 # two datagrams were reordered): a REQUEST that comes later is not run.
@@ -63,7 +70,22 @@ class _ServerProtocol(asyncio.DatagramProtocol):
         self._server = server
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._server._datagram_received(data, addr)
+        # The common case, inline: a REQUEST that passes every check of
+        # decode_datagram. Anything else goes there, to be read or dropped.
+        server = self._server
+        size = len(data)
+        if DATAGRAM_HEADER_SIZE <= size <= server.max_datagram:
+            crc, version, kind, _, length, request_id, deadline_ms = _unpack_datagram_header(data)
+            if (
+                kind == 1
+                and request_id
+                and version == VERSION
+                and length == size - DATAGRAM_HEADER_SIZE
+                and CRC_XOR ^ crc_update(data[CRC_SIZE:], CRC_XOR, CRC_TABLE) == crc
+            ):
+                server._request(addr, request_id, data[DATAGRAM_HEADER_SIZE:], deadline_ms)
+                return
+        server._datagram_received(data, addr)
 
     def error_received(self, exc: Exception) -> None:
         # An ICMP error about an answer to a client that has gone: nothing to do.
@@ -185,40 +207,7 @@ class UdpServer:
             return
         kind = frame.type
         if kind == _REQUEST:
-            key = (addr, frame.request_id)
-            replay = self._replay
-            entry = replay.get(key)
-            if entry is not None:
-                answer = entry[1]
-                if answer:
-                    self.replayed += 1
-                    self._send(answer, addr)
-                else:
-                    self.duplicates_ignored += 1
-                return
-            runner = self._runner
-            assert runner is not None
-            # runner.tasks rather than `in runner`: no Python-level call per request.
-            if key in runner.tasks:  # still running, though its entry was evicted
-                self.duplicates_ignored += 1
-                return
-            if self.closing:
-                self._refuse(frame.request_id, addr, _SHUTTING_DOWN)
-                return
-            if len(runner.tasks) >= self._max_in_flight:
-                # Not started, so the client may send it elsewhere (UNAVAILABLE).
-                self._refuse(
-                    frame.request_id, addr, f"more than {self._max_in_flight} requests in flight"
-                )
-                return
-            if self._cache_size:
-                if len(replay) >= self._cache_size:
-                    replay.popitem(last=False)
-                # Before start(): a handler that never waits answers inside it.
-                replay[key] = (self._loop.time(), None)  # type: ignore[union-attr]
-                if self._sweeper is None:
-                    self._arm_sweeper()
-            runner.start(key, frame.payload, frame.deadline_ms)
+            self._request(addr, frame.request_id, frame.payload, frame.deadline_ms)
         elif kind == FrameType.CANCEL:
             key = (addr, frame.request_id)
             runner = self._runner
@@ -232,11 +221,48 @@ class UdpServer:
         else:  # PING, the only other type decode_datagram lets through here
             self._send(encode_datagram(FrameType.PONG, 0, frame.payload), addr)
 
+    def _request(self, addr: Any, request_id: int, payload: bytes, deadline_ms: int) -> None:
+        key = (addr, request_id)
+        replay = self._replay
+        entry = replay.get(key)
+        if entry is not None:
+            answer = entry[1]
+            if answer:
+                self.replayed += 1
+                self._send(answer, addr)
+            else:
+                self.duplicates_ignored += 1
+            return
+        runner = self._runner
+        assert runner is not None
+        tasks = runner.tasks
+        # runner.tasks rather than `in runner`: no Python-level call per request.
+        if key in tasks:  # still running, though its entry was evicted
+            self.duplicates_ignored += 1
+            return
+        if self.closing:
+            self._refuse(request_id, addr, _SHUTTING_DOWN)
+            return
+        if len(tasks) >= self._max_in_flight:
+            # Not started, so the client may send it elsewhere (UNAVAILABLE).
+            self._refuse(request_id, addr, f"more than {self._max_in_flight} requests in flight")
+            return
+        if self._cache_size:
+            if len(replay) >= self._cache_size:
+                replay.popitem(last=False)
+            # Before start(): a handler that never waits answers inside it.
+            replay[key] = (self._loop.time(), None)  # type: ignore[union-attr]
+            if self._sweeper is None:
+                self._arm_sweeper()
+        runner.start(key, payload, deadline_ms)
+
     def _answer(self, key: Any, result: bytes | None, error: ErrorInfo | None) -> None:
         addr, request_id = key
         datagram = None
         if result is not None:
-            datagram = encode_response_datagram(request_id, result)
+            # encode_response_datagram, inline.
+            body = _pack_header(VERSION, 2, 0, len(result), request_id, 0) + result
+            datagram = _pack_crc(CRC_XOR ^ crc_update(body, CRC_XOR, CRC_TABLE)) + body
             if len(datagram) > self.max_datagram:
                 log.error("response to request %d is over the datagram limit", request_id)
                 error = ErrorInfo(
