@@ -32,6 +32,7 @@ back from the method or wait in :attr:`outgoing`; :attr:`half_close` and
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from .parser import RequestParser
 from .request import HttpError, HttpLimits, HttpRequest
@@ -54,6 +55,12 @@ _KEEP_ALIVE_10 = b"connection: keep-alive\r\n"
 # Statuses whose responses never carry content (RFC 9110 §6.4.1).
 _NO_CONTENT = frozenset((204, 304))
 _ERROR_TYPE = b"content-type: text/plain; charset=utf-8\r\n"
+
+
+def _plain_error(status: int, message: str) -> tuple[bytes, bytes]:
+    return _ERROR_TYPE, error_body(status, message)
+
+
 # Queued after the last request when the client half-closed: answer what came
 # before it, then close.
 _CLIENT_DONE = HttpError(0, "client closed its side")
@@ -71,9 +78,9 @@ class ServerConnection:
         "_lingered",
         "_queue",
         "_refused",
-        "_write_blocked",
         "active",
         "draining",
+        "error_answer",
         "half_close",
         "header_timeout",
         "keepalive_timeout",
@@ -83,6 +90,8 @@ class ServerConnection:
         "outgoing",
         "parser",
         "request_started",
+        "request_timeout",
+        "write_blocked",
     )
 
     def __init__(
@@ -92,10 +101,19 @@ class ServerConnection:
         *,
         header_timeout: float = 10.0,
         keepalive_timeout: float = 60.0,
+        request_timeout: float = 0.0,
+        error_answer: Callable[[int, str], tuple[bytes, bytes]] | None = None,
         now: float = 0.0,
     ) -> None:
         self.parser = RequestParser(limits, watch)
+        # The head must arrive within header_timeout of the request's first
+        # byte, and a body may pause no longer than that; with request_timeout
+        # (0: none) the whole request, body included, must arrive within it.
         self.header_timeout = header_timeout
+        self.request_timeout = request_timeout
+        # (header lines, body) of a refusal, by status and reason; plain text
+        # unless the caller says otherwise.
+        self.error_answer = error_answer or _plain_error
         # 0 turns keep-alive off: every answer closes the connection.
         self.keepalive_timeout = keepalive_timeout
         self.active: HttpRequest | None = None
@@ -113,7 +131,8 @@ class ServerConnection:
         self.linger_until = 0.0
         self._lingered = 0
         self._refused = False
-        self._write_blocked = False
+        # The client does not read what it is sent (the caller's pause_writing).
+        self.write_blocked = False
         self._continue_sent = False
 
     # bytes in -------------------------------------------------------------------------
@@ -198,7 +217,9 @@ class ServerConnection:
             and self.keepalive_timeout > 0
         )
 
-    def respond(self, status: int, fields: bytes, body: bytes | memoryview) -> list[bytes]:
+    def respond(
+        self, status: int, fields: bytes, body: bytes | memoryview, now: float | None = None
+    ) -> list[bytes]:
         """The bytes of the answer to the active request, which ends with it.
 
         ``fields`` are the response's header lines, each ending in CRLF,
@@ -207,6 +228,9 @@ class ServerConnection:
         request's version, method and keep-alive call for. The body is left
         out for HEAD and for statuses that carry none. Returns the chunks to
         write, in order (for ``writelines``: the body is not copied).
+        With ``now``, the idle and header deadlines of what follows count from
+        the answer, not from the last bytes received: a slow answer must not
+        make the next request late, or the connection idle, at once.
         """
         request = self.active
         assert request is not None, "respond() without a request to answer"
@@ -219,32 +243,41 @@ class ServerConnection:
             framing += _KEEP_ALIVE_10
         head = status_line(status) + fields + date_line() + framing + b"\r\n"
         self.active = None
+        if now is not None:
+            self.last_activity = now
+            if self.parser.in_request:
+                self.request_started = now
         if not body or request.method == b"HEAD" or status in _NO_CONTENT:
             return [head]
         return [head, body]  # type: ignore[list-item]
 
-    def respond_error(self, status: int, message: str, fields: bytes = b"") -> list[bytes]:
-        """A short plain-text answer to the active request (see response.error_body)."""
-        return self.respond(status, _ERROR_TYPE + fields, error_body(status, message))
+    def respond_error(
+        self, status: int, message: str, fields: bytes = b"", now: float | None = None
+    ) -> list[bytes]:
+        """A short answer to the active request, as ``error_answer`` makes it."""
+        error_fields, body = self.error_answer(status, message)
+        return self.respond(status, error_fields + fields, body, now)
 
     def abandon(self) -> None:
         """The active request will not be answered (the client is gone)."""
         self.active = None
         self.must_close = True
         self._queue.clear()
+        self.parser.close()
 
     def _refuse(self, error: HttpError) -> None:
         if not error.status:
             self.must_close = True
             return
+        fields, body = self.error_answer(error.status, error.reason)
         self.outgoing.append(
             status_line(error.status)
-            + _ERROR_TYPE
+            + fields
             + date_line()
-            + b"content-length: %d\r\n" % len(error_body(error.status, error.reason))
+            + b"content-length: %d\r\n" % len(body)
             + _CLOSE
             + b"\r\n"
-            + error_body(error.status, error.reason)
+            + body
         )
         self._refused = True
         self._queue.clear()
@@ -267,7 +300,7 @@ class ServerConnection:
         """
         if self.linger_until:
             return True
-        if self._write_blocked or self._refused:
+        if self.write_blocked or self._refused:
             return False
         return len(self._queue) < PIPELINE_HIGH
 
@@ -275,13 +308,13 @@ class ServerConnection:
         """Whether reading paused by the water marks may resume (hysteresis)."""
         if self.linger_until:
             return True
-        return not self._write_blocked and not self._refused and len(self._queue) < PIPELINE_LOW
+        return not self.write_blocked and not self._refused and len(self._queue) < PIPELINE_LOW
 
     def pause_writing(self) -> None:
-        self._write_blocked = True
+        self.write_blocked = True
 
     def resume_writing(self) -> None:
-        self._write_blocked = False
+        self.write_blocked = False
 
     @property
     def waiting(self) -> int:
@@ -304,9 +337,11 @@ class ServerConnection:
         parser = self.parser
         if parser.in_request:
             timeout = self.header_timeout
-            if now - self.request_started > timeout and (
-                not parser.headers_complete or now - self.last_activity > timeout
-            ):
+            late = now - self.request_started
+            if (
+                late > timeout
+                and (not parser.headers_complete or now - self.last_activity > timeout)
+            ) or (self.request_timeout and late > self.request_timeout):
                 self._refuse(HttpError(408, "request not received in time"))
         elif now - self.last_activity > self.keepalive_timeout:
             self.must_close = True

@@ -144,32 +144,32 @@ class HeaderEdits:
 
 
 def forward_request_headers(
-    headers: list[tuple[bytes, bytes]], also_drop: bytes | None = None
+    names: list[bytes], values: list[bytes], also_drop: bytes | None = None
 ) -> tuple[list[bytes], list[bytes], bytes]:
     """The request headers a proxy forwards, and the incoming X-Forwarded-For chain.
 
-    Drops hop-by-hop fields, those the client named in Connection (so a
-    client cannot smuggle ``X-Forwarded-For`` past the proxy by naming it
-    there), Content-Length, X-Forwarded-For/-Proto (the proxy writes its
-    own) and ``also_drop``. Returns (names, values, forwarded_for), where
+    ``names`` are lower-case, ``values`` parallel to them. Drops hop-by-hop
+    fields, those the client named in Connection (so a client cannot smuggle
+    ``X-Forwarded-For`` past the proxy by naming it there), Content-Length,
+    X-Forwarded-For/-Proto (the proxy writes its own) and ``also_drop``.
+    Returns new (names, values, forwarded_for) lists, where
     ``forwarded_for`` is every X-Forwarded-For field of the request joined in
     order (RFC 9110 §5.3), or b"" if there was none.
     """
     drop = REQUEST_DROP
-    tokens = connection_tokens(headers)
-    if tokens:
-        drop = drop | tokens
-    names = []
-    values = []
+    if b"connection" in names:
+        drop = drop | connection_tokens(zip(names, values, strict=True))
+    kept_names = []
+    kept_values = []
     forwarded_for = b""
-    for name, value in headers:
+    for name, value in zip(names, values, strict=True):
         if name in drop or name == also_drop:
             if name == b"x-forwarded-for":
                 forwarded_for = forwarded_for + b", " + value if forwarded_for else value
             continue
-        names.append(name)
-        values.append(value)
-    return names, values, forwarded_for
+        kept_names.append(name)
+        kept_values.append(value)
+    return kept_names, kept_values, forwarded_for
 
 
 def response_headers(

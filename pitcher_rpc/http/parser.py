@@ -51,8 +51,6 @@ __all__ = ["HttpError", "HttpLimits", "HttpRequest", "RequestParser"]
 # the request-line length before the version has arrived.
 _REQUEST_LINE_OVERHEAD = len(b"  HTTP/1.1")
 _SUPPORTED_VERSIONS = frozenset(("1.0", "1.1"))
-# Headers this module must look at; every other one is passed through as is.
-_SPECIAL_HEADERS = frozenset((b"host", b"content-length", b"transfer-encoding", b"expect"))
 # llhttp accepts "RTSP/1.0" and "ICE/1.0" in place of "HTTP/x.y" and does not
 # say which it saw; a method that only RTSP defines gives such a request away.
 _RTSP_ONLY_METHODS = frozenset(
@@ -67,6 +65,8 @@ _AUTHORITY = re.compile(
 # characters, so the split is all that is left to do.
 _ABSOLUTE_FORM = re.compile(rb"([A-Za-z][A-Za-z0-9+\-.]*)://([^/?#]*)([^?#]*)(?:\?([^#]*))?")
 _HTTP_SCHEMES = frozenset((b"http", b"https"))
+# Fields besides Host that decide how a request is framed or answered.
+_FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"expect"))
 _BAD_PERCENT_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 # llhttp's texts for the two version errors that deserve 505 rather than 400;
 # httptools gives no error number, only the text.
@@ -75,6 +75,8 @@ _HTTP2_PREFACE_REASON = "Pause on PRI/Upgrade"
 
 
 _DEFAULT_LIMITS = HttpLimits()
+# What a closed parser holds instead of its httptools parser (never fed).
+_DETACHED = HttpRequestParser(SimpleNamespace())
 
 
 class RequestParser:
@@ -92,15 +94,9 @@ class RequestParser:
         "_body_size",
         "_chunk_mark",
         "_closed",
-        "_content_length",
         "_done",
         "_error",
-        "_expect",
-        "_header_bytes",
-        "_header_count",
-        "_headers",
         "_headers_done",
-        "_host",
         "_last_host",
         "_limits",
         "_max_body_size",
@@ -109,7 +105,7 @@ class RequestParser:
         "_max_target",
         "_messages",
         "_method",
-        "_notable",
+        "_names",
         "_parser",
         "_pending_error",
         "_request",
@@ -118,8 +114,8 @@ class RequestParser:
         "_transfer_encoding",
         "_unreported",
         "_upgrading",
+        "_values",
         "_watch",
-        "_watched",
         "in_request",
     )
 
@@ -131,8 +127,6 @@ class RequestParser:
         # Lower-case names the caller wants flagged (HttpRequest.watched), so it
         # can skip its own scan of the headers when none of them is present.
         self._watch = watch
-        self._notable = _SPECIAL_HEADERS | watch
-        self._watched = False
         # Copied out of the dataclass: callbacks read them on every header.
         self._max_target = limits.max_request_line - _REQUEST_LINE_OVERHEAD
         self._max_header_size = limits.max_header_size
@@ -158,13 +152,12 @@ class RequestParser:
         # Scratch state of the request being parsed, reset by _on_message_begin.
         self._target = b""
         self._method: bytes | None = None
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._header_count = 0
-        self._header_bytes = 0
-        self._host: bytes | None = None
-        self._content_length: int | None = None
+        # Field names and values as llhttp reports them, checked and lowered
+        # in bulk once the head is complete (a Python call per field is the
+        # cost: see _on_headers_complete); then the trailer fields, if any.
+        self._names: list[bytes] = []
+        self._values: list[bytes] = []
         self._transfer_encoding: bytes | None = None
-        self._expect: bytes | None = None
         self._body_parts: list[bytes] = []
         self._body_size = 0
         self._chunk_mark = -1
@@ -190,6 +183,16 @@ class RequestParser:
             and self._body_size == 0
         )
 
+    def close(self) -> None:
+        """The connection is gone: later feeds are ignored.
+
+        Drops the httptools parser, and with it the reference cycle through
+        its callbacks, so reference counting frees both at once rather than
+        the cyclic collector later (short connections would feed it).
+        """
+        self._closed = True
+        self._parser = _DETACHED
+
     def feed(self, data: bytes) -> list[HttpRequest]:
         """Feed bytes; return the requests they completed, in order.
 
@@ -212,6 +215,10 @@ class RequestParser:
             except (HttpParserUpgrade, HttpParserError) as exc:
                 self._recover(data, exc)
             if self.in_request and not self._closed:
+                if self._names:
+                    # A head (or trailer) still arriving: its fields so far
+                    # are held to the limits after every read.
+                    self._check_fields()
                 if continuing and self._progress_mark() == mark:
                     # httptools buffers a header line internally until it ends
                     # and reports nothing meanwhile, so its size is bounded here.
@@ -314,19 +321,34 @@ class RequestParser:
             self._messages,
             self._headers_done,
             len(self._target),
-            self._header_count,
+            len(self._names),
             self._body_size,
         )
+
+    def _fields_size(self) -> int:
+        """Bytes of the fields received so far, as ``name: value CRLF`` each."""
+        return sum(map(len, self._names)) + sum(map(len, self._values)) + 4 * len(self._names)
+
+    def _check_fields(self) -> None:
+        """The field limits, on the head's fields or the trailer's received so far."""
+        names = self._names
+        if len(names) > self._max_headers:
+            self._fail(431, "too many header fields")
+        if self._fields_size() > self._max_header_size:
+            self._fail(
+                431,
+                "trailer section too large" if self._headers_done else "header section too large",
+            )
 
     def _check_unreported(self) -> None:
         unreported = self._unreported
         if not self._headers_done:
-            if self._header_bytes + unreported > self._max_header_size:
+            if self._fields_size() + unreported > self._max_header_size:
                 self._fail(431, "header section too large")
         elif self._body_size == self._chunk_mark:
             # Nothing since the last chunk header: that was the last chunk and
             # the bytes are trailer fields, buffered like header lines.
-            if self._header_bytes + unreported > self._max_header_size:
+            if self._fields_size() + unreported > self._max_header_size:
                 self._fail(431, "trailer section too large")
         elif unreported > self._max_header_size:
             self._fail(400, "chunk size line too long")
@@ -356,16 +378,10 @@ class RequestParser:
         # these stores on a path taken for every request.
         self._target = b""
         self._method = None
-        self._headers = []
-        self._header_count = 0
-        self._header_bytes = 0
-        self._host = None
-        self._content_length = None
-        self._transfer_encoding = None
-        self._expect = None
+        self._names = []
+        self._values = []
         self._body_size = 0
         self._chunk_mark = -1
-        self._watched = False
 
     def _on_url(self, url: bytes) -> None:
         target = self._target + url
@@ -385,47 +401,13 @@ class RequestParser:
             self._fail(414, "request-line too long")
 
     def _on_header(self, name: bytes, value: bytes) -> None:
-        count = self._header_count + 1
-        size = self._header_bytes + len(name) + len(value) + 4
-        if count > self._max_headers:
-            self._fail(431, "too many header fields")
-        if size > self._max_header_size:
-            self._fail(431, "header section too large")
-        self._header_count = count
-        self._header_bytes = size
-        # llhttp strips the whitespace before a value but keeps the one after.
-        # rstrip() returns the same object when there is nothing to strip,
-        # which is cheaper than testing the last byte first.
-        value = value.rstrip(b" \t")
-        name = name.lower()
-        if name in self._notable:
-            if name in _SPECIAL_HEADERS:
-                self._on_special_header(name, value)
-            if name in self._watch:
-                self._watched = True
-        self._headers.append((name, value))
-
-    def _on_special_header(self, name: bytes, value: bytes) -> None:
-        if self._headers_done:
-            return  # a trailer field: it cannot change how this request was framed or routed
-        if name == b"host":
-            if self._host is not None:
-                self._fail(400, "more than one Host header")
-            self._host = value
-        elif name == b"content-length":
-            # llhttp refuses these already; checked again because the body
-            # framing must never rest on a single line of defence.
-            if self._content_length is not None:
-                self._fail(400, "more than one Content-Length header")
-            if not value.isdigit():
-                self._fail(400, "invalid Content-Length")
-            self._content_length = int(value)
-        elif name == b"transfer-encoding":
-            previous = self._transfer_encoding
-            self._transfer_encoding = value if previous is None else previous + b"," + value
-        else:
-            previous = self._expect
-            self._expect = value if previous is None else previous + b"," + value
+        # Called once per field: two appends and nothing more. The limits,
+        # lower-casing and the fields that matter are dealt with for all
+        # fields at once (after each read, and when the head ends). llhttp
+        # strips the whitespace before a value but keeps the one after;
+        # rstrip() returns the very object when there is none, at C speed.
+        self._names.append(name)
+        self._values.append(value.rstrip(b" \t"))
 
     def _on_headers_complete(self) -> None:
         if self._synthetic:
@@ -433,8 +415,8 @@ class RequestParser:
             # already built, is still in self._request.
             self._synthetic = False
             self._headers_done = True
-            self._header_count = 0
-            self._header_bytes = 0
+            self._names = []
+            self._values = []
             return
         parser = self._parser
         version = parser.get_http_version()
@@ -443,7 +425,46 @@ class RequestParser:
         method = self._method
         target = self._target
         assert method is not None
-        host = self._host
+        # The fields, dealt with all at once: a Python call per field is the
+        # cost here. Names cannot contain a newline (llhttp refuses it), so
+        # joining with one lowers them all in C.
+        names = self._names
+        values = self._values
+        count = len(names)
+        host = None
+        content_length = None
+        transfer_encoding = None
+        expect = None
+        if count:
+            if count > self._max_headers:
+                self._fail(431, "too many header fields")
+            joined = b"\n".join(names)
+            # name + ": " + value + CRLF each; the join holds count - 1 newlines.
+            if len(joined) + sum(map(len, values)) + 3 * count + 1 > self._max_header_size:
+                self._fail(431, "header section too large")
+            names = joined.lower().split(b"\n")
+            hosts = names.count(b"host")
+            if hosts == 1:
+                host = values[names.index(b"host")]
+            elif hosts:
+                self._fail(400, "more than one Host header")
+            if not _FRAMING_HEADERS.isdisjoint(names):
+                for name, value in zip(names, values, strict=True):
+                    if name == b"content-length":
+                        # llhttp refuses these already; checked again because the
+                        # body framing must never rest on a single line of defence.
+                        if content_length is not None:
+                            self._fail(400, "more than one Content-Length header")
+                        if not value.isdigit():
+                            self._fail(400, "invalid Content-Length")
+                        content_length = int(value)
+                    elif name == b"transfer-encoding":
+                        transfer_encoding = (
+                            value if transfer_encoding is None else transfer_encoding + b"," + value
+                        )
+                    elif name == b"expect":
+                        expect = value if expect is None else expect + b"," + value
+        self._transfer_encoding = transfer_encoding
         if host is None:
             if version == "1.1":
                 self._fail(400, "missing Host header")
@@ -467,8 +488,6 @@ class RequestParser:
             # RFC 9112 §3.2.2: the target's authority wins over Host.
             path, query, host = self._split_absolute_form(target)
 
-        content_length = self._content_length
-        transfer_encoding = self._transfer_encoding
         if transfer_encoding is not None:
             if content_length is not None:
                 self._fail(400, "both Content-Length and Transfer-Encoding")
@@ -480,7 +499,6 @@ class RequestParser:
             self._fail(413, "body too large")
 
         expect_continue = False
-        expect = self._expect
         # RFC 9110 §10.1.1: an expectation in an HTTP/1.0 request is ignored.
         if expect is not None and version == "1.1":
             expect_continue = self._check_expect(expect)
@@ -493,20 +511,20 @@ class RequestParser:
             query,
             target,
             version,
-            self._headers,
+            names,
+            values,
             host,
             b"",
             parser.should_keep_alive(),
             expect_continue,
             content_length,
-            self._watched,
+            bool(self._watch) and not self._watch.isdisjoint(names),
         )
         self._headers_done = True
-        # Trailer fields get a budget and a list of their own; the list is
+        # Trailer fields get a budget and lists of their own; they are
         # dropped, which RFC 9110 §6.5.1 allows.
-        self._header_count = 0
-        self._header_bytes = 0
-        self._headers = []
+        self._names = []
+        self._values = []
 
     def _split_absolute_form(self, target: bytes) -> tuple[bytes, bytes, bytes]:
         match = _ABSOLUTE_FORM.fullmatch(target)
@@ -564,6 +582,8 @@ class RequestParser:
             return  # the body, if any, is still to come: see _resume_after_upgrade
         request = self._request
         assert request is not None
+        if self._names:
+            self._check_fields()  # the trailer's
         parts = self._body_parts
         if parts:
             request.body = parts[0] if len(parts) == 1 else b"".join(parts)

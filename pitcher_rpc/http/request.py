@@ -38,19 +38,25 @@ class HttpError(Exception):
 
 
 class HttpRequest:
-    """One complete request. Names are lower-case; values and the target are raw bytes."""
+    """One complete request. Names are lower-case; values and the target are raw bytes.
+
+    The header fields are two parallel lists, ``names`` and ``values``, in the
+    order received: that is the shape the request frame carries, so the hot
+    path never builds a pair per field. ``headers`` gives the pairs.
+    """
 
     __slots__ = (
         "body",
         "content_length",
         "expect_continue",
-        "headers",
         "host",
         "keep_alive",
         "method",
+        "names",
         "path",
         "query",
         "target",
+        "values",
         "version",
         "watched",
     )
@@ -62,7 +68,8 @@ class HttpRequest:
         query: bytes,
         target: bytes,
         version: str,
-        headers: list[tuple[bytes, bytes]],
+        names: list[bytes],
+        values: list[bytes],
         host: bytes,
         body: bytes,
         keep_alive: bool,
@@ -75,7 +82,8 @@ class HttpRequest:
         self.query = query
         self.target = target
         self.version = version
-        self.headers = headers
+        self.names = names
+        self.values = values
         self.host = host
         self.body = body
         self.keep_alive = keep_alive
@@ -83,6 +91,11 @@ class HttpRequest:
         self.content_length = content_length
         # Whether any header named in the parser's ``watch`` set is present.
         self.watched = watched
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The header fields as (name, value) pairs, in order."""
+        return list(zip(self.names, self.values, strict=True))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HttpRequest):
@@ -94,5 +107,5 @@ class HttpRequest:
     def __repr__(self) -> str:
         return (
             f"HttpRequest({self.method!r}, {self.target!r}, HTTP/{self.version}, "
-            f"{len(self.headers)} headers, {len(self.body)} body bytes)"
+            f"{len(self.names)} headers, {len(self.body)} body bytes)"
         )

@@ -6,7 +6,8 @@ handler for each request it is handed, in a task, and writes the answer.
 Every HTTP rule (pipelining order, keep-alive, HTTP/1.0, HEAD,
 100-continue, refusals with a lingering close, water marks, deadlines) is
 the sans-IO connection's; this module only does what it is told with the
-socket, and says how the admin differs (:class:`AdminHttp`).
+socket (the glue itself is :class:`~pitcher_rpc.proxy.glue.HttpGlue`, shared with
+the proxy), and says how the admin differs: JSON refusals, a whole-request deadline.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import logging
 from typing import TYPE_CHECKING, cast
 
 from ..http.connection import ServerConnection
-from ..http.request import HttpError, HttpRequest
-from ..http.response import date_line, status_line
+from ..http.request import HttpRequest
+from ..proxy.glue import HttpGlue
 
 if TYPE_CHECKING:
     from .admin import AdminServer
 
-__all__ = ["NO_STORE", "AdminAnswer", "AdminConnection", "AdminHttp", "json_error"]
+__all__ = ["NO_STORE", "AdminAnswer", "AdminConnection", "json_error"]
 
 log = logging.getLogger("pitcher.admin")
 
@@ -42,42 +43,13 @@ def json_error(status: int, message: str, fields: bytes = b"") -> AdminAnswer:
     return status, b"content-type: application/json\r\n" + NO_STORE + fields, body
 
 
-class AdminHttp(ServerConnection):
-    """The sans-IO connection with the admin's two differences.
-
-    Refusals answer JSON with ``cache-control: no-store`` like every other
-    admin answer, and ``header_timeout`` bounds the whole request, body
-    included (admin bodies are small), not only the gaps in a body. Both
-    reach into ServerConnection's refusal path, for want of a hook there.
-    """
-
-    __slots__ = ()
-
-    def _refuse(self, error: HttpError) -> None:
-        super()._refuse(error)
-        if error.status:  # 0 is the client's end of stream: nothing to answer
-            status, fields, body = json_error(error.status, error.reason)
-            self.outgoing[-1] = (
-                status_line(status)
-                + fields
-                + date_line()
-                + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-                + body
-            )
-
-    def check_timeouts(self, now: float) -> None:
-        if (
-            self.parser.in_request
-            and now - self.request_started > self.header_timeout
-            and self.active is None
-            and not (self.waiting or self.linger_until or self.half_close or self.must_close)
-        ):
-            self._refuse(HttpError(408, "request not received in time"))
-            return
-        super().check_timeouts(now)
+def _json_refusal(status: int, reason: str) -> tuple[bytes, bytes]:
+    # Refusals answer JSON with ``cache-control: no-store`` like every other admin answer.
+    _, fields, body = json_error(status, reason)
+    return fields, body
 
 
-class AdminConnection(asyncio.Protocol):
+class AdminConnection(HttpGlue):
     """One client connection.
 
     Each request the HTTP connection hands out runs the server's handler in
@@ -87,33 +59,24 @@ class AdminConnection(asyncio.Protocol):
     answer) and the answer is dropped.
     """
 
-    __slots__ = (
-        "client",
-        "closed",
-        "http",
-        "loop",
-        "read_paused",
-        "server",
-        "task",
-        "transport",
-        "write_paused",
-    )
+    __slots__ = ("client", "server", "task")
 
     def __init__(self, server: AdminServer, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self.server = server
         self.loop = loop
-        self.http = AdminHttp(
+        # header_timeout bounds the whole request, body included (admin
+        # bodies are small), not only the gaps in a body.
+        self.http = ServerConnection(
             server.limits,
             header_timeout=server.header_timeout,
             keepalive_timeout=server.keepalive_timeout,
+            request_timeout=server.header_timeout,
+            error_answer=_json_refusal,
             now=loop.time(),
         )
-        self.transport: asyncio.Transport | None = None
         self.client = "unknown"
         self.task: asyncio.Task[AdminAnswer] | None = None  # the handler running
-        self.closed = False  # nothing more is written or answered
-        self.read_paused = False
-        self.write_paused = False
 
     # asyncio callbacks ------------------------------------------------------------
 
@@ -139,24 +102,6 @@ class AdminConnection(asyncio.Protocol):
         request = self.http.receive_data(data, self.loop.time())
         if request is not None:
             self._begin(request)
-        self._advance()
-
-    def eof_received(self) -> bool:
-        # True keeps the write side open: a client that half-closes after
-        # sending its requests still gets the answers (RFC 9112 §9.6).
-        keep_open = self.http.receive_eof()
-        if keep_open:
-            self._advance()
-        return keep_open
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        self.http.pause_writing()
-        self._sync_reading()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self.http.resume_writing()
         self._advance()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -192,13 +137,10 @@ class AdminConnection(asyncio.Protocol):
         http = self.http
         if self.server.stopping:
             http.draining = True
-        chunks = http.respond(*task.result())
+        status, fields, body = task.result()
         # The deadlines count from this answer, not from bytes that waited
         # behind a slow handler: a connection that was busy was not idle.
-        now = self.loop.time()
-        http.last_activity = now
-        if http.parser.in_request:
-            http.request_started = now
+        chunks = http.respond(status, fields, body, self.loop.time())
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.writelines(chunks)
@@ -208,52 +150,8 @@ class AdminConnection(asyncio.Protocol):
         """Start the next request the HTTP connection hands out, then act on its state."""
         # While the client does not read, the next request waits: the master
         # holds at most one answer per connection beyond the transport's mark.
-        if self.task is None and not self.closed and not self.write_paused:
+        if self.task is None and not self.closed and not self.http.write_blocked:
             request = self.http.next_request()
             if request is not None:
                 self._begin(request)
         self._act()
-
-    def _act(self) -> None:
-        """Do what the HTTP connection asks: write, half-close and linger, close, (un)pause."""
-        transport = self.transport
-        if self.closed or transport is None:
-            return
-        http = self.http
-        if http.outgoing:
-            transport.writelines(http.outgoing)
-            http.outgoing.clear()
-        if http.must_close:
-            self.close()
-            return
-        if http.half_close and not http.linger_until:
-            if transport.is_closing() or not transport.can_write_eof():
-                self.close()
-                return
-            transport.write_eof()
-            http.lingering(self.loop.time())
-        self._sync_reading()
-
-    def _sync_reading(self) -> None:
-        transport = self.transport
-        if transport is None or self.closed or transport.is_closing():
-            return
-        if self.read_paused:
-            if self.http.can_resume_read():
-                self.read_paused = False
-                transport.resume_reading()
-        elif not self.http.wants_read:
-            self.read_paused = True
-            transport.pause_reading()
-
-    def check_timeouts(self, now: float) -> None:
-        http = self.http
-        http.check_timeouts(now)
-        if http.outgoing or http.must_close or (http.half_close and not http.linger_until):
-            self._act()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self.transport is not None:
-                self.transport.close()

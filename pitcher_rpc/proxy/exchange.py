@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pitcher.proxy")
 
 _colon_join = b": ".join
+_FORWARDED_NAMES = [b"x-forwarded-for", b"x-forwarded-proto"]
 _ERROR_TYPE = b"content-type: text/plain; charset=utf-8\r\n"
 
 # The status of a request whose client went away before the answer (nginx's).
@@ -168,21 +169,20 @@ class Exchange:
 
     def _encode(self, route: Route) -> bytes:
         request = self.request
-        forwarded_for = b""
+        client_ip = self.connection.client_ip
         if not request.watched and self.connection.watch is self.snapshot.watch:
-            # No header to drop, rewrite or read: the common case, in C loops.
-            names = [header[0] for header in request.headers]
-            values = [header[1] for header in request.headers]
+            # No header to drop, rewrite or read: the common case, two list copies in C.
+            names = request.names + _FORWARDED_NAMES
+            values = [*request.values, client_ip, b"http"]
         else:
             names, values, forwarded_for = forward_request_headers(
-                request.headers, self.id_header if self.request_id else None
+                request.names, request.values, self.id_header if self.request_id else None
             )
+            names += _FORWARDED_NAMES
+            values += (forwarded_for + b", " + client_ip if forwarded_for else client_ip, b"http")
         edits = self.edits
         if edits is not None and edits.request:
             names, values = edits.request.apply(names, values)
-        client_ip = self.connection.client_ip
-        names += (b"x-forwarded-for", b"x-forwarded-proto")
-        values += (forwarded_for + b", " + client_ip if forwarded_for else client_ip, b"http")
         if self.request_id:
             names.append(self.id_header)
             values.append(self.request_id)

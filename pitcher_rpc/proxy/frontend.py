@@ -19,34 +19,24 @@ from ..http.connection import ServerConnection
 from ..http.parser import HttpRequest
 from ..http.response import error_response
 from .exchange import Exchange
+from .glue import HttpGlue
 
 if TYPE_CHECKING:
     from .server import ProxyServer
     from .snapshot import Snapshot
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(HttpGlue):
     """One client connection.
 
     What modules may read: ``client_ip`` (bytes; ``b"unix"`` on a Unix
     socket) and ``client_text`` ("ip:port").
     """
 
-    __slots__ = (
-        "_advancing",
-        "_read_paused",
-        "client_ip",
-        "client_text",
-        "closed",
-        "current",
-        "http",
-        "loop",
-        "server",
-        "transport",
-        "watch",
-    )
+    __slots__ = ("_advancing", "client_ip", "client_text", "current", "server", "watch")
 
     def __init__(self, server: ProxyServer) -> None:
+        super().__init__()
         self.server = server
         self.loop = server.loop
         snapshot = server.snapshot
@@ -61,11 +51,8 @@ class HttpConnection(asyncio.Protocol):
         )
         self.http.draining = server.draining
         self.current: Exchange | None = None
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
         self.client_ip = b"unknown"
         self.client_text = ""
-        self._read_paused = False
         self._advancing = False
 
     # asyncio callbacks -----------------------------------------------------------------
@@ -93,7 +80,7 @@ class HttpConnection(asyncio.Protocol):
                 transport.write(  # type: ignore[attr-defined]
                     error_response(answer.status, answer.message or "refused")
                 )
-                self._close()
+                self.close()
 
     def data_received(self, data: bytes) -> None:
         http = self.http
@@ -103,20 +90,6 @@ class HttpConnection(asyncio.Protocol):
             if not http.waiting:
                 return  # the common case: one request, nothing queued behind it
         self._advance()
-
-    def eof_received(self) -> bool:
-        keep_open = self.http.receive_eof()
-        if keep_open:
-            self._advance()
-        return keep_open
-
-    def pause_writing(self) -> None:
-        self.http.pause_writing()
-        self._sync_reading()
-
-    def resume_writing(self) -> None:
-        self.http.resume_writing()
-        self._sync_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -152,42 +125,6 @@ class HttpConnection(asyncio.Protocol):
         finally:
             self._advancing = False
 
-    def _act(self) -> None:
-        """Do what the HTTP connection asks: write, half-close and linger, close, (un)pause."""
-        if self.closed:
-            return
-        http = self.http
-        transport = self.transport
-        if transport is None:
-            return
-        if http.outgoing:
-            transport.writelines(http.outgoing)
-            http.outgoing.clear()
-        if http.must_close:
-            self._close()
-            return
-        if http.half_close and not http.linger_until:
-            if not transport.can_write_eof():
-                self._close()
-                return
-            transport.write_eof()
-            http.lingering(self.loop.time())
-        self._sync_reading()
-
-    def _sync_reading(self) -> None:
-        transport = self.transport
-        if transport is None or self.closed:
-            return
-        if self._read_paused:
-            if self.http.can_resume_read():
-                self._read_paused = False
-                with contextlib.suppress(RuntimeError):
-                    transport.resume_reading()
-        elif not self.http.wants_read:
-            self._read_paused = True
-            with contextlib.suppress(RuntimeError):
-                transport.pause_reading()
-
     def finish(self, exchange: Exchange, status: int, fields: bytes, body: bytes) -> None:
         """Write an exchange's answer; go on to the next request or close."""
         if exchange is not self.current or self.closed:
@@ -195,7 +132,7 @@ class HttpConnection(asyncio.Protocol):
         self.current = None
         self.server.requests_served += 1
         http = self.http
-        chunks = http.respond(status, fields, body)
+        chunks = http.respond(status, fields, body, self.loop.time())
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if len(chunks) == 1:
@@ -210,30 +147,27 @@ class HttpConnection(asyncio.Protocol):
             exchange.finish_now()
             exchange.snapshot.modules.run(finished, exchange)
         if http.must_close:
-            self._close()
-        elif http.waiting or self._read_paused or http.parser.in_request:
+            self.close()
+        elif http.waiting or self.read_paused or http.parser.in_request:
             self._advance()
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self.closed:
             return
-        self.closed = True
-        if self.current is not None:
-            self.current.abandon()
+        current = self.current
+        if current is not None:
             self.current = None
-        if self.transport is not None:
-            self.transport.close()
+            current.abandon()
+        super().close()
 
     # the sweep -----------------------------------------------------------------------
 
-    def check_timeouts(self, now: float, snapshot: Snapshot) -> None:
+    def sweep(self, now: float, snapshot: Snapshot) -> None:
+        """The periodic sweep: a reload's new timeouts apply to connections already open."""
         http = self.http
-        # A reload's new timeouts apply to connections already open.
         http.header_timeout = snapshot.header_timeout
         http.keepalive_timeout = snapshot.keepalive_timeout
-        http.check_timeouts(now)
-        if http.outgoing or http.must_close or (http.half_close and not http.linger_until):
-            self._act()
+        self.check_timeouts(now)
 
     def drain(self) -> None:
         """The proxy is draining: the next answer says ``connection: close``."""
@@ -242,4 +176,4 @@ class HttpConnection(asyncio.Protocol):
     def close_if_idle(self, now: float, quiet_for: float) -> None:
         """Close if no request is running or arriving, and none came for ``quiet_for`` seconds."""
         if self.current is None and self.http.close_if_idle(now, quiet_for):
-            self._close()
+            self.close()

@@ -249,7 +249,7 @@ class ProxyServer:
         now = self.loop.time()
         snapshot = self.snapshot
         for connection in list(self.connections):
-            connection.check_timeouts(now, snapshot)
+            connection.sweep(now, snapshot)
         self._schedule_sweep()
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -270,7 +270,7 @@ class ProxyServer:
                 connection.close_if_idle(now, _DRAIN_QUIET)
             await asyncio.sleep(0.01)
         for connection in list(self.connections):
-            connection._close()
+            connection.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._overload_timer is not None:

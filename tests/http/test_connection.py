@@ -380,3 +380,20 @@ def test_the_stream_itself_is_answered_as_expected() -> None:
 @settings(max_examples=300, deadline=None)
 def test_any_bytes_split_anyhow_give_the_same_result(data: bytes, cuts: list[int]) -> None:
     assert drive(_splits(data, cuts)) == drive([data])
+
+
+def test_a_finished_connection_leaves_no_garbage_for_the_cyclic_collector() -> None:
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(50):
+            conn = ServerConnection()
+            conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /", 0.0)
+            conn.respond(200, b"", b"ok")
+            conn.abandon()
+            del conn
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
