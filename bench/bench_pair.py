@@ -39,6 +39,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import select
 import shutil
 import signal
@@ -468,14 +469,36 @@ class Results:
         return self.values.get((key, *case, metric), [])
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent not idle (all cores), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(n) for n in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process and its finished children (wrk, or the Python generator)."""
+    seconds = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        seconds += usage.ru_utime + usage.ru_stime
+    return seconds
+
+
 def measure(running: Running, case: tuple[int, int], seconds: float) -> dict[str, float]:
     connections, count = case
     front_before, service_before = tree_cpu(running.front), tree_cpu(running.service)
+    busy_before, own_before, began = machine_busy(), own_cpu(), time.monotonic()
     result = load(running.port, connections, HEADERS[count], seconds)
     front = cpu_spent(front_before, tree_cpu(running.front))
     service = cpu_spent(service_before, tree_cpu(running.service))
+    # What the rest of the machine took meanwhile, in cores: the numbers are only as
+    # good as this is small (the machine is shared).
+    others = machine_busy() - busy_before - front - service - (own_cpu() - own_before)
     requests = max(result.requests, 1)
     return {
+        "others": max(0.0, others) / (time.monotonic() - began),
         "rps": result.rps,
         "p50": result.p50_us,
         "p99": result.p99_us,
@@ -514,7 +537,7 @@ def report(results: Results, keys: list[str], line: Callable[[str], None]) -> No
     m = results.median
     line(
         f"{'conns':>5} {'hdrs':>4}  {'setup':<31} {'req/s':>8} {'p50 µs':>8} {'p99 µs':>8}"
-        f" {'front µs/req':>12} {'service µs/req':>14}  req/s of each round"
+        f" {'front µs/req':>12} {'service µs/req':>14} {'others':>6}  req/s of each round"
     )
     for case in CASES:
         for key in keys:
@@ -524,7 +547,7 @@ def report(results: Results, keys: list[str], line: Callable[[str], None]) -> No
                 f"{case[0]:>5} {case[1]:>4}  {key} {SETUPS[key]:<29}"
                 f" {m(key, case, 'rps'):>8.0f} {m(key, case, 'p50'):>8.0f}"
                 f" {m(key, case, 'p99'):>8.0f} {m(key, case, 'front_cpu'):>12.1f}"
-                f" {m(key, case, 'service_cpu'):>14.1f}  {spread}"
+                f" {m(key, case, 'service_cpu'):>14.1f} {m(key, case, 'others'):>6.2f}  {spread}"
                 + (f"  ({errors:.0f} errors)" if errors else "")
             )
         line("")
@@ -620,6 +643,7 @@ def main() -> None:
     for key in keys:
         print(f"  {key}: {SETUPS[key]}")
     print("front/service µs/req: CPU time (user+system, with children) per request")
+    print("others: cores busy with other processes than these and the load generator")
     report(results, keys, print)
 
 
