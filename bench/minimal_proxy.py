@@ -271,6 +271,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "body",
         "closed",
+        "deep",
         "ending",
         "forwarded",
         "ip",
@@ -294,7 +295,10 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         # A request without keep-alive was read: nothing after it is.
         self.ending = False
+        # Reading is paused while any of: the socket's buffer is full, too many
+        # pipelined requests wait (deep), a request without keep-alive was read.
         self.paused = 0
+        self.deep = False
         self.url = b""
         self.parts: list[bytes] = []
         self.body = b""
@@ -394,7 +398,8 @@ class ClientConnection(asyncio.Protocol):
         keep_alive = parser.should_keep_alive()
         exchange = Exchange(self, keep_alive, method == b"HEAD", parser.get_http_version() == "1.0")
         self.queue.append(exchange)
-        if len(self.queue) == HIGH_WATER:
+        if len(self.queue) >= HIGH_WATER and not self.deep:
+            self.deep = True
             self._pause()
         if not keep_alive:
             self.ending = True
@@ -449,7 +454,8 @@ class ClientConnection(asyncio.Protocol):
                 self.closed = True
                 self.transport.close()
                 return
-            if len(queue) == LOW_WATER and self.paused:
+            if self.deep and len(queue) <= LOW_WATER:
+                self.deep = False
                 self._resume()
 
 
