@@ -551,6 +551,12 @@ def report(results: Results, keys: list[str], line: Callable[[str], None]) -> No
                 + (f"  ({errors:.0f} errors)" if errors else "")
             )
         line("")
+    busiest = max(m(key, case, "others") for key in keys for case in CASES)
+    if busiest > 0.2:
+        line(
+            f"warning: other processes kept up to {busiest:.2f} cores busy during these runs"
+            " (median of a setup and case): the numbers are skewed by them"
+        )
 
     def ratio(top: str, bottom: str, connections: int, headers: int, metric: str) -> float:
         case = (connections, headers)
