@@ -29,6 +29,7 @@ from ..http.headers import (
     HeaderEdits,
     InvalidHeader,
     forward_request_headers,
+    response_fields,
     response_headers,
 )
 from ..http.parser import HttpRequest
@@ -339,24 +340,27 @@ class Exchange:
             # 1xx cannot be relayed as a final answer (and 101 would need an upgrade).
             self.fail(502, f"backend answered with status {status}")
             return
+        add_name = self.id_header if self.echo_id else None
+        edits = self.edits
         try:
-            names, values = response_headers(
-                list(response.header_names),
-                list(response.header_values),
-                self.id_header if self.echo_id else None,
-                self.request_id,
-            )
+            if edits is None or not edits.response:
+                fields = response_fields(
+                    response.header_names, response.header_values, add_name, self.request_id
+                )
+            else:
+                names, values = response_headers(
+                    list(response.header_names),
+                    list(response.header_values),
+                    add_name,
+                    self.request_id,
+                )
+                names, values = edits.response.apply(names, values)
+                fields = b"".join(
+                    [_colon_join(pair) + b"\r\n" for pair in zip(names, values, strict=True)]
+                )
         except InvalidHeader:
             self.fail(502, "backend answered with an invalid header")
             return
-        edits = self.edits
-        if edits is not None and edits.response:
-            names, values = edits.response.apply(names, values)
-        fields = (
-            b"\r\n".join(map(_colon_join, zip(names, values, strict=True))) + b"\r\n"
-            if names
-            else b""
-        )
         self.connection.finish(self, status, fields, response.body)
 
     def fail(self, status: int, message: str, retry_after: int = 0) -> None:

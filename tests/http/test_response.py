@@ -242,3 +242,26 @@ def test_http_1_0_keep_alive_is_announced() -> None:
     assert (b"connection", b"close") in headers
     _, headers, _ = split_response(build_response(200, [], b"", keep_alive=True))
     assert not any(name == b"connection" for name, _ in headers)
+
+
+def test_response_fields_are_the_validated_headers_joined_and_repeat_from_the_cache() -> None:
+    from pitcher_rpc.http.headers import InvalidHeader, response_fields
+
+    names = [b"Content-Type", b"Connection", b"X-Gone", b"Content-Length"]
+    values = [b"application/json", b"x-gone", b"1", b"12"]
+    for _ in range(2):  # built, then from the cache
+        assert response_fields(names, values, None, b"") == b"Content-Type: application/json\r\n"
+        assert (
+            response_fields(names, values, b"x-request-id", b"7")
+            == b"Content-Type: application/json\r\nx-request-id: 7\r\n"
+        )
+    assert response_fields([b"X-Request-Id"], [b"own"], b"x-request-id", b"7") == (
+        b"X-Request-Id: own\r\n"
+    )
+    assert response_fields([], [], b"x-request-id", b"7") == b"x-request-id: 7\r\n"
+    # Split differently, the same bytes are invalid, and stay so after the valid ones were cached.
+    response_fields([b"a", b"b"], [b"x", b"y"], None, b"")
+    with pytest.raises(InvalidHeader):
+        response_fields([b"a\nb"], [b"x\ny"], None, b"")
+    with pytest.raises(InvalidHeader):
+        response_fields([b"a"], [b"x\r\nInjected: 1"], None, b"")
