@@ -96,13 +96,12 @@ class RequestId(Module):
         request = exchange.request
         request_id = b""
         if request.watched and self.trust_incoming:
-            header = self.header
-            for name, value in request.headers:
-                if name == header:
-                    # The first one counts; a later duplicate is dropped with it.
-                    if _VALID_ID(value):
-                        request_id = value
-                    break
+            names = request.names
+            if self.header in names:
+                # The first one counts; a later duplicate is dropped with it.
+                value = request.values[names.index(self.header)]
+                if _VALID_ID(value):
+                    request_id = value
         exchange.request_id = request_id or _PREFIX + b"%x" % next(_counter)
         exchange.id_header = self.header
         exchange.echo_id = self.echo
