@@ -5,6 +5,11 @@ task per request costs several microseconds, so the server first runs the
 handler's coroutine by hand up to its first suspension; only a handler that
 really waits is handed to a task, which carries on from where it stopped.
 This is what Python 3.12's eager task factory does, written for 3.11.
+
+A handler may also be a plain function that returns the response bytes
+when it has them at once, and an awaitable only when it must wait: then not
+even a coroutine is made for the request (the SDK's services run this way,
+stepping their own handlers' coroutines).
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ from .errors import ErrorCode
 log = logging.getLogger("pitcher.transports")
 
 
+_CoroutineType = types.CoroutineType
+
+
 async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
 
 def as_coroutine(awaitable: Awaitable[Any]) -> Coroutine[Any, Any, Any]:
     """The awaitable itself if it is a coroutine, else a coroutine awaiting it."""
-    if isinstance(awaitable, types.CoroutineType):
+    if isinstance(awaitable, _CoroutineType):
         return awaitable
     return _as_coroutine(awaitable)
 
@@ -58,6 +66,11 @@ def resume(coroutine: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, 
             return stop.value
 
 
+# A handler as the runner takes it: a transport Handler (request payload in,
+# awaitable of the response payload out), or a function answering the bytes
+# at once and an awaitable only when it has to wait.
+RunnerHandler = Callable[[bytes], "Awaitable[bytes] | bytes"]
+
 # What a server is told when one request is done: the key it started the
 # request with, and either the response payload or the error to send.
 Answer = Callable[[Hashable, "bytes | None", "ErrorInfo | None"], None]
@@ -66,19 +79,20 @@ Answer = Callable[[Hashable, "bytes | None", "ErrorInfo | None"], None]
 class HandlerRunner:
     """Runs a server's handler once per request, for every carrier.
 
-    ``start`` runs the handler at once; a handler that has to wait goes on in
-    a task, which a CANCEL (``cancel``) or the request's deadline cancels.
-    Every request ends in exactly one call of ``answer`` unless it was
-    cancelled: with the response payload, or with an ErrorInfo (INTERNAL for
-    a handler that raised or returned something other than bytes,
-    DEADLINE_EXCEEDED for one stopped at its deadline).
+    ``start`` runs the handler at once; a handler that answers at once costs
+    no task, no timer and no closure. One that has to wait goes on in a task,
+    which a CANCEL (``cancel``) or the request's deadline cancels. Every
+    request ends in exactly one call of ``answer`` unless it was cancelled:
+    with the response payload, or with an ErrorInfo (INTERNAL for a handler
+    that raised or returned something other than bytes, DEADLINE_EXCEEDED
+    for one stopped at its deadline).
     """
 
-    __slots__ = ("_answer", "_handler", "_loop", "_on_settled", "tasks")
+    __slots__ = ("_answer", "_handler", "_loop", "_on_settled", "_timers", "tasks")
 
     def __init__(
         self,
-        handler: Callable[[bytes], Awaitable[bytes]],
+        handler: RunnerHandler,
         loop: asyncio.AbstractEventLoop,
         answer: Answer,
         on_settled: Callable[[], None] = lambda: None,
@@ -90,6 +104,8 @@ class HandlerRunner:
         # server may have been waiting for its last one to close or drain.
         self._on_settled = on_settled
         self.tasks: dict[Hashable, asyncio.Task[None]] = {}
+        # The deadline timers of the waiting requests that have one.
+        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -98,27 +114,38 @@ class HandlerRunner:
         return key in self.tasks
 
     def start(self, key: Hashable, payload: bytes, deadline_ms: int) -> None:
+        coroutine: Coroutine[Any, Any, Any] | None = None
         try:
-            coroutine = as_coroutine(self._handler(payload))
-            yielded = coroutine.send(None)
+            result = self._handler(payload)
+            if not isinstance(result, bytes):
+                coroutine = result if isinstance(result, _CoroutineType) else _as_coroutine(result)
+                yielded = coroutine.send(None)
         except StopIteration as done:
-            self._finish(key, done.value, None)
-            return
+            coroutine = None
+            result = done.value
         except Exception as exc:
             self._finish(key, None, exc)
+            return
+        if coroutine is None:
+            if isinstance(result, bytes):
+                self._answer(key, result, None)
+            else:
+                self._finish(key, result, None)
             return
         task = self._loop.create_task(self._carry_on(key, coroutine, yielded))
         self.tasks[key] = task
         if deadline_ms:
             # Nobody waits for the answer after this: stop the work.
-            timer = self._loop.call_later(deadline_ms / 1000, self._expire, key, task)
-            task.add_done_callback(lambda _: timer.cancel())
+            self._timers[key] = self._loop.call_later(deadline_ms / 1000, self._expire, key, task)
 
     def cancel(self, key: Hashable) -> bool:
         """The caller gave up (CANCEL): stop the handler, send nothing."""
         task = self.tasks.pop(key, None)
         if task is None:
             return False
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
         task.cancel()
         return True
 
@@ -126,24 +153,40 @@ class HandlerRunner:
         tasks, self.tasks = self.tasks, {}
         for task in tasks.values():
             task.cancel()
+        timers, self._timers = self._timers, {}
+        for timer in timers.values():
+            timer.cancel()
 
     async def _carry_on(self, key: Hashable, coroutine: Any, yielded: Any) -> None:
+        error: Exception | None = None
         try:
             result = await resume(coroutine, yielded)
         except asyncio.CancelledError:
-            if self.tasks.get(key) is asyncio.current_task():
-                # Our own deadline (_expire); a CANCEL pops the task first.
-                del self.tasks[key]
+            # Our own deadline (_expire) if the request is still ours; a CANCEL
+            # or cancel_all forgets it first, and then nothing is sent.
+            if self._settle(key):
                 self._answer(key, None, ErrorInfo(ErrorCode.DEADLINE_EXCEEDED, "deadline passed"))
             self._on_settled()
             raise
         except Exception as exc:
-            if self.tasks.pop(key, None) is not None:
-                self._finish(key, None, exc)
-        else:
-            if self.tasks.pop(key, None) is not None:
-                self._finish(key, result, None)
+            result = None
+            error = exc
+        if self._settle(key):
+            self._finish(key, result, error)
         self._on_settled()
+
+    def _settle(self, key: Hashable) -> bool:
+        """Forget the running task's request; False if it was forgotten already.
+
+        Compared by identity: a datagram peer may reuse a cancelled request's key.
+        """
+        if self.tasks.get(key) is not asyncio.current_task():
+            return False
+        del self.tasks[key]
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        return True
 
     def _expire(self, key: Hashable, task: asyncio.Task[None]) -> None:
         if self.tasks.get(key) is task:

@@ -21,10 +21,11 @@ from .decoder import FrameDecoder
 from .errors import ConnectError, ErrorCode, ProtocolError
 from .frame import (
     DEFAULT_MAX_FRAME_SIZE,
+    HEADER,
     PREFACE,
+    VERSION,
     FrameType,
     encode_frame,
-    encode_response,
 )
 from .handlers import HandlerRunner
 from .registry import parse_address
@@ -32,15 +33,18 @@ from .stream_io import Batcher, remove_stale_socket, set_nodelay
 
 log = logging.getLogger("pitcher.transports")
 
-_REQUEST = FrameType.REQUEST
+_REQUEST = int(FrameType.REQUEST)
 _ERROR = FrameType.ERROR
+_pack_header = HEADER.pack
 
 
 class _ServerConnection(asyncio.Protocol):
     __slots__ = (
+        "_answer_limit",
         "_batcher",
         "_decoder",
         "_loop",
+        "_max_in_flight",
         "_server",
         "closed",
         "goaway_sent",
@@ -54,15 +58,19 @@ class _ServerConnection(asyncio.Protocol):
     def __init__(self, server: StreamServer, loop: asyncio.AbstractEventLoop) -> None:
         self._server = server
         self._loop = loop
-        self._decoder = FrameDecoder(server.options.max_frame_size)
+        options = server.options
+        self._decoder = FrameDecoder(options.max_frame_size)
         self._batcher = Batcher(loop)
         # The requests whose handlers are still waiting, keyed by request id.
         self.tasks = HandlerRunner(server.handler, loop, self._answer, self._maybe_finish)
+        self._max_in_flight = options.max_in_flight
         self.transport: asyncio.Transport | None = None
         self.last_request_id = 0
         self.goaway_sent = False
         self.peer_done = False
         self.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
+        # The largest response payload both sides accept.
+        self._answer_limit = min(options.max_frame_size, DEFAULT_MAX_FRAME_SIZE)
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,21 +97,40 @@ class _ServerConnection(asyncio.Protocol):
         except ProtocolError as exc:
             with contextlib.suppress(ProtocolError):
                 for frame in exc.frames:  # type: ignore[attr-defined]
-                    self._on_frame(frame)
+                    self._on_frame(*frame)
             self.fail(exc.code, str(exc))
             return
+        runner = self.tasks
+        batcher = self._batcher
+        # Answers made while these frames are handled leave together when they are.
+        batcher.hold()
         try:
-            for frame in frames:
-                self._on_frame(frame)
+            for kind, request_id, payload, deadline_ms, _ in frames:
+                # A request on an open connection, in order and within the
+                # limit, is nearly all the traffic: it is handled here, and
+                # everything else in _on_frame.
+                if (
+                    kind == _REQUEST
+                    and request_id > self.last_request_id
+                    and len(runner.tasks) < self._max_in_flight
+                    and not self.goaway_sent
+                    and not self.closed
+                ):
+                    self.last_request_id = request_id
+                    runner.start(request_id, payload, deadline_ms)
+                else:
+                    self._on_frame(kind, request_id, payload, deadline_ms)
         except ProtocolError as exc:  # a control payload that does not decode
             self.fail(exc.code, str(exc))
+        finally:
+            batcher.release()
 
-    def _on_frame(self, frame: Any) -> None:
+    def _on_frame(
+        self, kind: int, request_id: int, payload: bytes, deadline_ms: int, *_: Any
+    ) -> None:
         if self.closed:
             return
-        kind = frame.type
         if kind == _REQUEST:
-            request_id = frame.request_id
             if self.goaway_sent and request_id > self.last_request_id:
                 self._batcher.write(
                     encode_frame(
@@ -113,35 +140,37 @@ class _ServerConnection(asyncio.Protocol):
                     )
                 )
                 return
-            if request_id <= self.last_request_id or request_id in self.tasks:
+            if request_id <= self.last_request_id:
+                # Ids only grow, so this also refuses the id of a request still running.
                 self.fail(ErrorCode.PROTOCOL_ERROR, f"request id {request_id} reused")
                 return
-            if len(self.tasks) >= self._server.options.max_in_flight:
+            if len(self.tasks) >= self._max_in_flight:
                 self.fail(
                     ErrorCode.TOO_MANY_IN_FLIGHT,
-                    f"more than {self._server.options.max_in_flight} requests in flight",
+                    f"more than {self._max_in_flight} requests in flight",
                 )
                 return
             self.last_request_id = request_id
-            self.tasks.start(request_id, frame.payload, frame.deadline_ms)
+            self.tasks.start(request_id, payload, deadline_ms)
         elif kind == FrameType.CANCEL:
-            if self.tasks.cancel(frame.request_id):
+            if self.tasks.cancel(request_id):
                 self._maybe_finish()
         elif kind == FrameType.PING:
-            self._batcher.write(encode_frame(FrameType.PONG, 0, frame.payload))
+            self._batcher.write(encode_frame(FrameType.PONG, 0, payload))
         elif kind == FrameType.GOAWAY:
             self.peer_done = True
             self._maybe_finish()
         elif kind == _ERROR:
-            if frame.request_id == 0:
-                log.warning(
-                    "peer closed the connection: %s", ErrorInfo.decode(frame.payload).describe()
-                )
+            if request_id == 0:
+                log.warning("peer closed the connection: %s", ErrorInfo.decode(payload).describe())
                 self.close()
         elif kind == FrameType.SETTINGS:
-            settings = Settings.decode(frame.payload)
+            settings = Settings.decode(payload)
             if settings.max_frame_size:
                 self.peer_max_frame_size = settings.max_frame_size
+                self._answer_limit = min(
+                    self._server.options.max_frame_size, settings.max_frame_size
+                )
         elif kind == FrameType.PONG:
             pass
         else:
@@ -149,14 +178,15 @@ class _ServerConnection(asyncio.Protocol):
 
     def _answer(self, request_id: Any, result: bytes | None, error: ErrorInfo | None) -> None:
         if result is not None:
-            limit = min(self._server.options.max_frame_size, self.peer_max_frame_size)
-            if len(result) <= limit:
-                self._batcher.write(encode_response(request_id, result))
+            size = len(result)
+            if size <= self._answer_limit:
+                self._batcher.write(_pack_header(VERSION, 2, 0, size, request_id, 0) + result)
                 return
+            limit = self._answer_limit
             log.error("response to request %d is over the frame limit", request_id)
             error = ErrorInfo(
                 ErrorCode.INTERNAL,
-                f"ValueError: response of {len(result)} bytes exceeds the frame limit of {limit}",
+                f"ValueError: response of {size} bytes exceeds the frame limit of {limit}",
             )
         assert error is not None
         self._batcher.write(encode_frame(_ERROR, request_id, error.encode()))
