@@ -508,24 +508,49 @@ def measure(running: Running, case: tuple[int, int], seconds: float) -> dict[str
     }
 
 
+def wait_quiet(limit: float) -> None:
+    """Wait, at most ``limit`` seconds, for half a second in which the machine is all but idle.
+
+    The machine may be shared: a run that overlaps someone else's work measures
+    both. What is left of it shows in the ``others`` column.
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        busy, began = machine_busy(), time.monotonic()
+        time.sleep(0.5)
+        if (machine_busy() - busy) / (time.monotonic() - began) < 0.1:
+            return
+
+
 def run_rounds(
     keys: list[str],
     rounds: int,
     seconds: float,
+    quiet: float,
     tmp: Path,
     pitcher: Where,
     say: Callable[..., None],
 ) -> Results:
+    """Every setup runs through a round, fresh; runs alternate between setups case by case.
+
+    Interleaving each case across the setups, rather than running one setup's
+    cases back to back, spreads whatever else the machine does over all of them.
+    """
     results = Results()
     for round_number in range(rounds):
-        # Interleaved, and each round starts with another setup: no setup always goes first.
+        # Each round starts with another setup: no setup always goes first.
         order = keys[round_number % len(keys) :] + keys[: round_number % len(keys)]
-        for key in order:
-            say(f"round {round_number + 1}/{rounds}: {key} {SETUPS[key]}")
-            with setup(key, tmp, pitcher) as running:
-                load(running.port, 64, FIVE, 1.0)  # warm up: connections, pools, caches
-                for case in CASES:
-                    for metric, value in measure(running, case, seconds).items():
+        with contextlib.ExitStack() as stack:
+            running = {key: stack.enter_context(setup(key, tmp, pitcher)) for key in order}
+            for key in order:
+                load(running[key].port, 64, FIVE, 1.0)  # warm up: connections, pools, caches
+            for case in CASES:
+                for key in order:
+                    say(
+                        f"round {round_number + 1}/{rounds}: {case[0]} conns, {case[1]} hdrs, {key}"
+                    )
+                    wait_quiet(quiet)
+                    for metric, value in measure(running[key], case, seconds).items():
                         results.add(key, case, metric, value)
     return results
 
@@ -605,6 +630,13 @@ def main() -> None:
     parser.add_argument("--pitcher-root", type=Path, help="run C's and D's Pitcher from here")
     parser.add_argument("--check", action="store_true", help="only compare the echoes' answers")
     parser.add_argument("--skip-nginx", action="store_true")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="before each run, wait at most this long for the machine to be idle",
+    )
     args = parser.parse_args()
     pitcher = where(args.pitcher_root.resolve() if args.pitcher_root else None)
     code = subprocess.run(
@@ -640,7 +672,7 @@ def main() -> None:
             print(note)
         if args.check:
             return
-        results = run_rounds(keys, args.rounds, args.seconds, tmp, pitcher, say)
+        results = run_rounds(keys, args.rounds, args.seconds, args.wait_quiet, tmp, pitcher, say)
     load_by = "wrk -t1 --latency" if shutil.which("wrk") else "the Python generator"
     print(
         f"Pitcher RPC pair benchmark: {args.rounds} rounds x {args.seconds:g}s per run, medians;"

@@ -3,10 +3,12 @@
 It answers every REQUEST frame with exactly the JSON that the SDK's echo
 service (``pitcher_rpc/sdk/echo.py``) returns for the same request, as
 ``application/json``, but with nothing between the socket and the answer: one
-uvloop Protocol per connection, the Request payload decoded by hand, the
-Response payload and its frame written by hand, the answers of one read sent
-in one write. It imports nothing from the project, so what it costs is what
-the wire protocol itself allows in pure Python (docs/wire.md).
+uvloop Protocol per connection, the Response payload and its frame written by
+hand, the answers of one read sent in one write. The Request is decoded by
+the generated (upb) class, which beat decoding it by hand here (4.5 against
+8.2 µs with 5 headers, 10.5 against 20 µs with 20, timeit on a busy
+machine); nothing else comes from the project, so what it costs is what the
+wire protocol allows in pure Python (docs/wire.md).
 
     python bench/minimal_echo.py --listen unix:///tmp/echo.sock
 
@@ -22,10 +24,16 @@ import json
 import os
 import signal
 import struct
+import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pitcher_rpc.pb import pitcher_pb2
 
 PREFACE = b"PITCHER\x01"
 HEADER = struct.Struct(">BBHIQI")
@@ -41,6 +49,7 @@ _RESPONSE_HEAD = b"\x08\xc8\x01\x12\x0ccontent-type\x1a\x10application/json\x22"
 # ERROR payload for an undecodable request: code BAD_PAYLOAD (7), a message.
 _BAD_PAYLOAD = b"\x08\x07\x12\x13undecodable request"
 _dumps = json.dumps
+parse_request = pitcher_pb2.Request.FromString
 
 
 def varint(value: int) -> bytes:
@@ -52,80 +61,29 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
-def read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = 0
-    shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def decode_request(payload: bytes) -> tuple[list[bytes], list[bytes], list[bytes]]:
-    """Fields 1..8 of a pitcher.v1.Request (index = field number), header names, values."""
-    fields = [b"", b"", b"", b"", b"", b"", b"", b"", b""]
-    names: list[bytes] = []
-    values: list[bytes] = []
-    pos = 0
-    end = len(payload)
-    while pos < end:
-        tag = payload[pos]
-        pos += 1
-        if tag >= 0x80:
-            tag, pos = read_varint(payload, pos - 1)
-        kind = tag & 7
-        if kind == 2:
-            size = payload[pos]
-            pos += 1
-            if size >= 0x80:
-                size, pos = read_varint(payload, pos - 1)
-            stop = pos + size
-            if stop > end:
-                raise ValueError("field runs past the payload")
-            number = tag >> 3
-            if number == 4:
-                names.append(payload[pos:stop])
-            elif number == 5:
-                values.append(payload[pos:stop])
-            elif number < 9:
-                fields[number] = payload[pos:stop]
-            pos = stop
-        elif kind == 0:  # an unknown varint field: skipped
-            _, pos = read_varint(payload, pos)
-        elif kind == 1:
-            pos += 8
-        elif kind == 5:
-            pos += 4
-        else:
-            raise ValueError(f"wire type {kind}")
-    if pos != end or len(names) != len(values):
-        raise ValueError("malformed request")
-    return fields, names, values
-
-
-def echo_body(fields: list[bytes], names: list[bytes], values: list[bytes]) -> tuple[bytes, float]:
+def echo_body(payload: bytes) -> tuple[bytes, float]:
     """The SDK echo's JSON for this request, and the delay it asked for (?sleep=)."""
-    body = fields[6]
+    request = parse_request(payload)
+    names = request.header_names
+    values = request.header_values
+    if len(names) != len(values):
+        raise ValueError("header names and values do not pair up")
+    body = request.body
     try:
         text = body.decode("utf-8")
         encoding = "utf-8"
     except UnicodeDecodeError:
         text = base64.b64encode(body).decode()
         encoding = "base64"
-    query = fields[3].decode("latin-1")
+    query = request.query.decode("latin-1")
     # The echo application's own work (its ?sleep= look-up), as the SDK echo does it.
     delay = None
     if "sleep" in query or "%" in query:
         delay = dict(parse_qsl(query, keep_blank_values=True)).get("sleep")
     document = _dumps(
         {
-            "method": fields[1].decode("latin-1"),
-            "path": fields[2].decode("latin-1"),
+            "method": request.method.decode("latin-1"),
+            "path": request.path.decode("latin-1"),
             "query": query,
             "headers": [
                 (name.decode("latin-1").lower(), value.decode("latin-1"))
@@ -133,8 +91,8 @@ def echo_body(fields: list[bytes], names: list[bytes], values: list[bytes]) -> t
             ],
             "body": text,
             "body_encoding": encoding,
-            "route": fields[7].decode(),
-            "client": fields[8].decode(),
+            "route": request.route,
+            "client": request.client,
         }
     ).encode()
     return document, min(float(delay), 60.0) if delay else 0.0
@@ -194,9 +152,8 @@ class EchoConnection(asyncio.Protocol):
                 break
             if kind == 1:
                 try:
-                    fields, names, values = decode_request(buffer[pos + 20 : stop])
-                    document, delay = echo_body(fields, names, values)
-                except ValueError:
+                    document, delay = echo_body(buffer[pos + 20 : stop])
+                except Exception:  # DecodeError, or upb's own errors on hostile input
                     out.append(_pack(1, 7, 0, len(_BAD_PAYLOAD), request_id, 0) + _BAD_PAYLOAD)
                 else:
                     if delay:
