@@ -1,4 +1,13 @@
-"""The SDK: turn Python functions into a split service on any registered transport."""
+"""The SDK: turn Python functions into a split service on any registered transport.
+
+Per request the service pays for what the handler uses and little else: the
+payload is parsed by the generated class (C), the route found (one look-up
+when a single handler serves every path), and the handler gets a Request
+whose headers and query parameters are decoded only when it reads them. A
+coroutine handler is stepped by hand; only one that really waits goes on in
+a task (see :mod:`transports.handlers`). A dict or list comes back as one
+JSON encode and one Response payload written straight to bytes.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +16,57 @@ import inspect
 import json
 import logging
 import signal
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import types
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
 from transports.base import Server, ServerOptions
+from transports.handlers import resume
 from transports.registry import transport_for
 
-from ..codec import decode_request, encode_response
+from ..codec import Request as RequestMessage
+from ..codec import decode_request, encode_response, response_head, with_body
 from .registration import Registration
 
 log = logging.getLogger("pitcher.sdk")
+
+
+# ----------------------------------------------------------------------------- JSON
+
+# json.dumps builds an encoder (and a closure) on every call; the C encoder
+# made once does the same work for half the cost of a small document. Its
+# output is json.dumps's, byte for byte.
+_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_c_encode: Callable[[Any, int], Iterable[str]] | None = (
+    _make_encoder(
+        None,  # no circular check here: json.dumps below reports a cycle
+        json.JSONEncoder().default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ": ",
+        ", ",
+        False,
+        False,
+        True,
+    )
+    if _make_encoder is not None
+    else None
+)
+
+
+def json_bytes(value: Any) -> bytes:
+    """``json.dumps(value).encode()``, faster."""
+    if _c_encode is not None:
+        try:
+            return "".join(_c_encode(value, 0)).encode()
+        except (ValueError, TypeError, RecursionError):
+            pass  # json.dumps raises its own error (a cycle is a RecursionError here)
+    return json.dumps(value).encode()
+
+
+# ----------------------------------------------------------------------------- Request
 
 
 class Headers(Mapping[str, str]):
@@ -26,8 +74,16 @@ class Headers(Mapping[str, str]):
 
     __slots__ = ("_items",)
 
-    def __init__(self, items: Iterable[tuple[str, str]]) -> None:
-        self._items = [(name.lower(), value) for name, value in items]
+    def __init__(
+        self,
+        items: Iterable[tuple[str, str]] = (),
+        *,
+        lowered: list[tuple[str, str]] | None = None,
+    ) -> None:
+        # ``lowered``: pairs whose names are lower-case already, taken as they are.
+        self._items = (
+            lowered if lowered is not None else [(name.lower(), value) for name, value in items]
+        )
 
     def __getitem__(self, name: str) -> str:
         name = name.lower()
@@ -35,6 +91,19 @@ class Headers(Mapping[str, str]):
             if key == name:
                 return value
         raise KeyError(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        name = name.lower()
+        for key, value in self._items:
+            if key == name:
+                return value
+        return default
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        name = name.lower()
+        return any(key == name for key, _ in self._items)
 
     def get_all(self, name: str) -> list[str]:
         name = name.lower()
@@ -53,20 +122,90 @@ class Headers(Mapping[str, str]):
     def __len__(self) -> int:
         return len({key for key, _ in self._items})
 
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
 
-@dataclass(slots=True)
+
+def _wire_headers(names: Any, values: Any) -> Headers:
+    """Headers from the parallel name and value lists of a Request payload (latin-1)."""
+    # A slice copies a protobuf repeated field to a list in one C call (iterating
+    # it costs three times as much); decoding all names, and all values, as one
+    # string split at NULs runs in C too. A NUL inside a name or value would
+    # split wrong: the counts catch it, and then each is decoded on its own.
+    names = names[:]
+    values = values[:]
+    count = len(names)
+    lowered = b"\0".join(names).decode("latin-1").lower().split("\0")
+    decoded = b"\0".join(values).decode("latin-1").split("\0")
+    if len(lowered) != count or len(decoded) != count:
+        lowered = [name.decode("latin-1").lower() for name in names]
+        decoded = [value.decode("latin-1") for value in values]
+    return Headers(lowered=list(zip(lowered, decoded, strict=True)))
+
+
 class Request:
-    method: str
-    path: str
-    query: str
-    headers: Headers
-    body: bytes
-    route: str = ""
-    client: str = ""
+    """One request as the handler sees it; headers and query parameters are decoded on use."""
+
+    __slots__ = (
+        "_headers",
+        "_message",
+        "_params",
+        "body",
+        "client",
+        "method",
+        "path",
+        "query",
+        "route",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: str = "",
+        headers: Headers | Iterable[tuple[str, str]] | None = None,
+        body: bytes = b"",
+        route: str = "",
+        client: str = "",
+        *,
+        message: RequestMessage | None = None,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.body = body
+        self.route = route
+        self.client = client
+        # The decoded payload whose header fields are read when headers are asked for.
+        self._message = message
+        self._headers: Headers | None = (
+            headers if isinstance(headers, Headers) or headers is None else Headers(headers)
+        )
+        self._params: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> Headers:
+        headers = self._headers
+        if headers is None:
+            message = self._message
+            headers = (
+                Headers(lowered=[])
+                if message is None
+                else _wire_headers(message.header_names, message.header_values)
+            )
+            self._headers = headers
+        return headers
+
+    @headers.setter
+    def headers(self, headers: Headers) -> None:
+        self._headers = headers
 
     @property
     def query_params(self) -> dict[str, str]:
-        return dict(parse_qsl(self.query, keep_blank_values=True))
+        params = self._params
+        if params is None:
+            params = self._params = dict(parse_qsl(self.query, keep_blank_values=True))
+        return params
 
     def text(self) -> str:
         return self.body.decode("utf-8", "replace")
@@ -74,39 +213,96 @@ class Request:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.method!r}, {self.path!r}, {self.query!r}, {self.headers!r},"
+            f" {self.body!r}, route={self.route!r}, client={self.client!r})"
+        )
+
+
+# ----------------------------------------------------------------------------- Response
+
+_JSON_TYPE = ("content-type", "application/json")
+_TEXT_TYPE = ("content-type", "text/plain; charset=utf-8")
+
 
 @dataclass(slots=True)
 class Response:
+    """What a handler may return: a str body is sent as text/plain unless a content-type is set."""
+
     status: int = 200
     body: bytes | str = b""
     headers: list[tuple[str, str]] | dict[str, str] = field(default_factory=list)
 
     @classmethod
     def json(cls, value: Any, status: int = 200) -> Response:
-        return cls(status, json.dumps(value).encode(), [("content-type", "application/json")])
+        return cls(status, json_bytes(value), [_JSON_TYPE])
 
     def encode(self) -> bytes:
-        body = self.body.encode() if isinstance(self.body, str) else self.body
-        pairs = self.headers.items() if isinstance(self.headers, dict) else self.headers
+        body = self.body
+        headers = self.headers
+        pairs = list(headers.items()) if isinstance(headers, dict) else headers
+        if isinstance(body, str):
+            body = body.encode()
+            if "content-type" not in (name.lower() for name, _ in pairs):
+                pairs = [*pairs, _TEXT_TYPE]
+        status = self.status
+        if len(pairs) == 1 and 100 <= status < 600:
+            # Most responses carry one header, most often one of these two:
+            # their fields before the body are made once per status.
+            pair = pairs[0]
+            if pair == _JSON_TYPE:
+                return with_body(_JSON_HEADS[status - 100], body)
+            if pair == _TEXT_TYPE:
+                return with_body(_TEXT_HEADS[status - 100], body)
         names = [name.encode("latin-1") for name, _ in pairs]
         values = [value.encode("latin-1") for _, value in pairs]
-        if isinstance(self.body, str) and "content-type" not in (n.lower() for n, _ in pairs):
-            names.append(b"content-type")
-            values.append(b"text/plain; charset=utf-8")
-        return encode_response(self.status, names, values, body)
+        return encode_response(status, names, values, body)
 
+
+def _heads(pair: tuple[str, str]) -> tuple[bytes, ...]:
+    name, value = pair[0].encode(), pair[1].encode()
+    return tuple(response_head(status, (name,), (value,)) for status in range(100, 600))
+
+
+_JSON_HEADS = _heads(_JSON_TYPE)
+_TEXT_HEADS = _heads(_TEXT_TYPE)
+_JSON_OK = _JSON_HEADS[200 - 100]
+_NO_CONTENT = Response(204).encode()
+_NOT_FOUND = Response(404, "not found\n").encode()
+_NOT_ALLOWED = Response(405, "method not allowed\n").encode()
+# What a handler returns that is surely no awaitable: no inspection for these.
+_PLAIN = frozenset((dict, list, bytes, str, Response, type(None)))
+
+
+def _encode_result(result: Any) -> bytes:
+    """The Response payload for what a handler returned."""
+    kind = type(result)
+    if kind is dict or kind is list:
+        return with_body(_JSON_OK, json_bytes(result))
+    if isinstance(result, Response):
+        return result.encode()
+    if isinstance(result, bytes | str):
+        return Response(200, result).encode()
+    if result is None:
+        return _NO_CONTENT
+    return with_body(_JSON_OK, json_bytes(result))
+
+
+# ----------------------------------------------------------------------------- Service
 
 Handler = Callable[[Request], Any]
 
 
-def _as_response(result: Any) -> Response:
-    if isinstance(result, Response):
-        return result
-    if isinstance(result, bytes | str):
-        return Response(200, result)
-    if result is None:
-        return Response(204)
-    return Response.json(result)
+class _Route:
+    __slots__ = ("handler", "is_coroutine", "methods", "prefix")
+
+    def __init__(self, prefix: str, methods: frozenset[str] | None, handler: Handler) -> None:
+        self.prefix = prefix
+        self.methods = methods
+        self.handler = handler
+        # Decided once: no inspection per request.
+        self.is_coroutine = inspect.iscoroutinefunction(handler)
 
 
 class Service:
@@ -114,9 +310,11 @@ class Service:
 
     def __init__(self, name: str = "service", handler: Handler | None = None) -> None:
         self.name = name
-        self._routes: list[tuple[str, frozenset[str] | None, Handler]] = []
+        self._routes: list[_Route] = []
+        # The route of every request when one handler serves all paths and methods.
+        self._only: _Route | None = None
         if handler is not None:
-            self._routes.append(("/", None, handler))
+            self._add("/", None, handler)
 
     def route(
         self, prefix: str = "/", methods: Iterable[str] | None = None
@@ -125,49 +323,89 @@ class Service:
         allowed = frozenset(m.upper() for m in methods) if methods is not None else None
 
         def register(handler: Handler) -> Handler:
-            self._routes.append((prefix, allowed, handler))
-            self._routes.sort(key=lambda r: len(r[0]), reverse=True)
+            self._add(prefix, allowed, handler)
             return handler
 
         return register
 
-    async def handle(self, request: Request) -> Response:
+    def _add(self, prefix: str, methods: frozenset[str] | None, handler: Handler) -> None:
+        self._routes.append(_Route(prefix, methods, handler))
+        self._routes.sort(key=lambda r: len(r.prefix), reverse=True)
+        first = self._routes[0]
+        alone = len(self._routes) == 1 and first.prefix == "/" and first.methods is None
+        self._only = first if alone else None
+
+    def _match(self, method: str, path: str) -> _Route | bytes:
+        """The route for a request, or the 404 or 405 payload."""
         path_matched = False
-        for prefix, methods, handler in self._routes:
-            if request.path.startswith(prefix):
+        for route in self._routes:
+            if path.startswith(route.prefix):
+                if route.methods is None or method in route.methods:
+                    return route
                 path_matched = True
-                if methods is None or request.method in methods:
-                    result = handler(request)
-                    if inspect.isawaitable(result):
-                        result = await result
-                    return _as_response(result)
-        if path_matched:
-            return Response(405, "method not allowed\n")
-        return Response(404, "not found\n")
+        return _NOT_ALLOWED if path_matched else _NOT_FOUND
+
+    async def handle(self, request: Request) -> Response:
+        """Run the handler for ``request`` and return its answer as a Response."""
+        found = self._only or self._match(request.method, request.path)
+        if isinstance(found, bytes):
+            return (
+                Response(405, "method not allowed\n")
+                if found is _NOT_ALLOWED
+                else Response(404, "not found\n")
+            )
+        result = found.handler(request)
+        if type(result) not in _PLAIN and _awaitable(result):
+            result = await result
+        if isinstance(result, Response):
+            return result
+        if isinstance(result, bytes | str):
+            return Response(200, result)
+        if result is None:
+            return Response(204)
+        return Response(200, json_bytes(result), [_JSON_TYPE])
+
+    def respond(self, payload: bytes) -> bytes | Awaitable[bytes]:
+        """The transport handler: a Request payload in, the Response payload out.
+
+        The payload comes back at once when the handler does not wait, else an
+        awaitable of it (:class:`transports.handlers.HandlerRunner` takes both).
+        """
+        message = decode_request(payload)
+        method = message.method.decode("latin-1")
+        path = message.path.decode("latin-1")
+        route = self._only or self._match(method, path)
+        if isinstance(route, bytes):
+            return route
+        request = Request(
+            method,
+            path,
+            message.query.decode("latin-1"),
+            None,
+            message.body,
+            message.route,
+            message.client,
+            message=message,
+        )
+        result = route.handler(request)
+        if route.is_coroutine and type(result) is _CoroutineType:
+            try:
+                waiting_on = result.send(None)
+            except StopIteration as done:
+                return _encode_result(done.value)
+            return _carry_on(result, waiting_on)
+        if type(result) not in _PLAIN and _awaitable(result):
+            return _finish_later(result)
+        return _encode_result(result)
 
     async def handle_payload(self, payload: bytes) -> bytes:
-        """The transport handler: Request payload in, Response payload out."""
-        message = decode_request(payload)
-        request = Request(
-            method=message.method.decode("latin-1"),
-            path=message.path.decode("latin-1"),
-            query=message.query.decode("latin-1"),
-            headers=Headers(
-                zip(
-                    (n.decode("latin-1") for n in message.header_names),
-                    (v.decode("latin-1") for v in message.header_values),
-                    strict=True,
-                )
-            ),
-            body=message.body,
-            route=message.route,
-            client=message.client,
-        )
-        return (await self.handle(request)).encode()
+        """:meth:`respond`, always awaited."""
+        answer = self.respond(payload)
+        return answer if isinstance(answer, bytes) else await answer
 
     async def serve(self, address: str, options: ServerOptions | None = None) -> Server:
         """Start serving on ``address`` (any registered transport URI); returns the server."""
-        server: Server = await transport_for(address).serve(address, self.handle_payload, options)
+        server: Server = await transport_for(address).serve(address, self.respond, options)
         log.info("%s serving on %s", self.name, server.address)
         return server
 
@@ -209,3 +447,16 @@ class Service:
             await server.close(grace)
         if register is not None:
             await register.deregister(server.address)
+
+
+_CoroutineType = types.CoroutineType
+_awaitable = inspect.isawaitable
+
+
+async def _carry_on(coroutine: Any, waiting_on: Any) -> bytes:
+    """The rest of a handler's coroutine that was stepped by hand and had to wait."""
+    return _encode_result(await resume(coroutine, waiting_on))
+
+
+async def _finish_later(awaitable: Awaitable[Any]) -> bytes:
+    return _encode_result(await awaitable)
