@@ -149,6 +149,58 @@ def test_answers_out_of_order_are_matched_by_id(carrier: str, directory: str) ->
     scenario(carrier, directory, body)
 
 
+def test_receivers_sending_their_next_call_from_on_response_each_get_their_own_answers(
+    carrier: str, directory: str
+) -> None:
+    """The proxy's and the benchmark's way: send() with receivers, the next call made inside
+    on_response while the client is still reading the answers that came with it."""
+
+    async def body(e: Endpoints) -> None:
+        server = await e.serve()
+        client = e.client(server.address)
+        await client.call(b"warm", 2.0)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        chains_left = [32]
+
+        class Chain:
+            __slots__ = ("answers", "deadline", "idempotent", "name", "sent")
+
+            def __init__(self, name: int) -> None:
+                self.name = name
+                self.deadline = loop.time() + 5.0
+                self.idempotent = False
+                self.sent = 0
+                self.answers: list[bytes] = []
+
+            def next(self) -> None:
+                self.sent += 1
+                client.send(b"%d/%d" % (self.name, self.sent), self)
+
+            def on_response(self, payload: bytes) -> None:
+                self.answers.append(payload)
+                if self.sent < 20:
+                    self.next()
+                else:
+                    chains_left[0] -= 1
+                    if not chains_left[0]:
+                        done.set_result(None)
+
+            def on_error(self, error: TransportError) -> None:
+                if not done.done():
+                    done.set_exception(error)
+
+        chains = [Chain(name) for name in range(32)]
+        for chain in chains:
+            chain.next()
+        await asyncio.wait_for(done, 5.0)
+        for chain in chains:
+            assert chain.answers == [b"%d/%d" % (chain.name, n) for n in range(1, 21)]
+        assert client.in_flight == 0
+
+    scenario(carrier, directory, body)
+
+
 def test_a_handler_error_fails_that_call_only(carrier: str, directory: str) -> None:
     async def picky(payload: bytes) -> bytes:
         if payload == b"bad":
