@@ -134,10 +134,20 @@ class _ClientConnection(asyncio.Protocol):
         transport.write(PREFACE + encode_frame(FrameType.SETTINGS, 0, settings))
 
     def data_received(self, data: bytes) -> None:
-        if not self._direct:
-            self._feed(data)
-            return
-        # The common case, inline: whole RESPONSE frames, one after the other.
+        # Calls that receivers send from inside on_response leave together once
+        # this read is handled (the first at once), with no end-of-turn callback.
+        batcher = self._batcher
+        batcher.hold()
+        try:
+            if self._direct:
+                self._read_answers(data)
+            else:
+                self._feed(data)
+        finally:
+            batcher.release()
+
+    def _read_answers(self, data: bytes) -> None:
+        """The common case, inline: whole RESPONSE frames, one after the other."""
         pending = self.pending
         max_frame_size = self._max_frame_size
         pos = 0
