@@ -17,8 +17,11 @@ from .frame import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_IN_FLIGHT
 
 # A server-side handler: request payload in, response payload out. The server
 # runs one per request, concurrently, and cancels it when the caller cancels
-# or the request's deadline passes.
-Handler = Callable[[bytes], Awaitable[bytes]]
+# or the request's deadline passes. It is a coroutine function, or a plain
+# function returning the response bytes when it has them at once and an
+# awaitable only when it must wait (no coroutine is then made per request;
+# see transports/handlers.py).
+Handler = Callable[[bytes], "Awaitable[bytes] | bytes"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from transports.frame import PREFACE, FrameType, encode_frame
 from transports.registry import parse_address, transport_for
 
 CARRIERS = ["tcp", "unix", "udp", "zmq+tcp", "zmq+ipc"]
-Handler = Callable[[bytes], Awaitable[bytes]]
+Handler = Callable[[bytes], Awaitable[bytes] | bytes]
 
 
 @pytest.fixture(params=CARRIERS)
@@ -197,6 +197,37 @@ def test_receivers_sending_their_next_call_from_on_response_each_get_their_own_a
         for chain in chains:
             assert chain.answers == [b"%d/%d" % (chain.name, n) for n in range(1, 21)]
         assert client.in_flight == 0
+
+    scenario(carrier, directory, body)
+
+
+def test_a_plain_function_handler_answers_at_once_or_returns_an_awaitable(
+    carrier: str, directory: str
+) -> None:
+    async def body(e: Endpoints) -> None:
+        waited = asyncio.Event()
+
+        async def later(payload: bytes) -> bytes:
+            await asyncio.sleep(0.01)
+            waited.set()
+            return payload + b" later"
+
+        def plain(payload: bytes) -> Awaitable[bytes] | bytes:
+            if payload.startswith(b"wait"):
+                return later(payload)
+            if payload == b"bad":
+                raise ValueError("no")
+            return payload + b" at once"
+
+        server = await e.serve(plain)
+        client = e.client(server.address)
+        assert await client.call(b"now", 2.0) == b"now at once"
+        assert await client.call(b"wait", 2.0) == b"wait later"
+        assert waited.is_set()
+        with pytest.raises(RemoteError):
+            await client.call(b"bad", 2.0)
+        answers = await asyncio.gather(*(client.call(b"%d" % n, 2.0) for n in range(50)))
+        assert answers == [b"%d at once" % n for n in range(50)]
 
     scenario(carrier, directory, body)
 
