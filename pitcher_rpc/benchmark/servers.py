@@ -5,7 +5,7 @@ Kinds:
 * ``floor``: the cheapest echo a carrier allows, with no Pitcher framing: a
   plain uvloop protocol writing back what it reads (tcp://, unix://), a plain
   datagram protocol (udp://), a plain zmq.asyncio ROUTER (zmq+tcp://, zmq+ipc://).
-* ``frames``: a Pitcher transport server whose handler returns the payload.
+* ``frames``: a Pitcher transport server whose handler returns the payload at once.
 * ``pitcher``: a Pitcher split service answering ``200 hello <path>`` as a
   protobuf Response, the backend the proxy is measured with.
 * ``http``: the same answer over HTTP/1.1 (uvloop + httptools), the backend
@@ -33,7 +33,9 @@ _NAMES = (b"content-type",)
 _VALUES = (b"text/plain",)
 
 
-async def frame_echo(payload: bytes) -> bytes:
+def frame_echo(payload: bytes) -> bytes:
+    # A plain function, as a service that answers at once is written for the
+    # servers: no coroutine per request (see transports/handlers.py).
     return payload
 
 
