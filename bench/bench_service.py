@@ -21,8 +21,17 @@ Both echoes must answer byte-identical JSON; the script checks it first.
 other way of doing the same work (generated upb classes, or bytes by hand),
 for a request of 5 and of 20 headers: the numbers in codec.py's docstring.
 
+``--live`` measures real processes instead: the SDK echo as ``pitcher
+backend`` runs it (from each ``--roots`` source tree, e.g. a checkout of the
+code before a change and this one) and the minimal echo above, each on a Unix
+socket, loaded in turn by one StreamClient connection from this process
+keeping 64 calls in flight; a server's CPU time (utime + stime from
+/proc/PID/stat) over a 5-second window, divided by the answers in it. Run it
+under ``flock /tmp/pitcher-bench.lock`` on a shared machine.
+
     python bench/bench_service.py [--requests 20000] [--rounds 5] [--profile VARIANT]
     python bench/bench_service.py --codec [--rounds 15]
+    python bench/bench_service.py --live [--roots DIR,DIR] [--rounds 3] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -30,11 +39,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import cProfile
 import json
+import os
 import pstats
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import timeit
 from collections.abc import Callable
@@ -50,8 +64,10 @@ sys.path.insert(0, str(ROOT))
 from pitcher_rpc import codec  # noqa: E402
 from pitcher_rpc.pb import pitcher_pb2  # noqa: E402
 from pitcher_rpc.sdk.echo import app as echo_app  # noqa: E402
-from transports.base import ServerOptions  # noqa: E402
-from transports.frame import HEADER, PREFACE, encode_request  # noqa: E402
+from transports.base import ClientOptions, ServerOptions  # noqa: E402
+from transports.control import Settings  # noqa: E402
+from transports.errors import TransportError  # noqa: E402
+from transports.frame import HEADER, PREFACE, FrameType, encode_frame, encode_request  # noqa: E402
 from transports.stream_server import StreamServer, _ServerConnection  # noqa: E402
 
 HEADERS_5 = [
@@ -493,17 +509,206 @@ def time_codec(rounds: int) -> None:
             print(f"    {name:34} {statistics.median(values_):6.2f}  ({min(values_):.2f})")
 
 
+# ----------------------------------------------------------------------------- live
+
+
+class LiveMinimalEcho(MinimalEcho):
+    """The minimal echo with the stream handshake a StreamClient needs: preface and SETTINGS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.preface_left = len(PREFACE)
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        settings = Settings(4 * 1024 * 1024, 100_000).encode()
+        transport.write(PREFACE + encode_frame(FrameType.SETTINGS, 0, settings))
+
+    def data_received(self, data: bytes) -> None:
+        if self.preface_left:
+            taken = min(self.preface_left, len(data))
+            self.preface_left -= taken
+            data = data[taken:]
+        if data:
+            super().data_received(data)
+
+
+async def serve_minimal(address: str) -> None:
+    loop = asyncio.get_running_loop()
+    path = address.removeprefix("unix://")
+    server = await loop.create_unix_server(LiveMinimalEcho, path)
+    stop = asyncio.Event()
+    for signum in (15, 2):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    server.close()
+
+
+class Caller:
+    """One call always in flight: each answer sends the next request until told to stop."""
+
+    __slots__ = ("client", "deadline", "errors", "idempotent", "load", "payload")
+
+    def __init__(self, load: Load, client: Any, payload: bytes, deadline: float) -> None:
+        self.load = load
+        self.client = client
+        self.payload = payload
+        self.deadline = deadline
+        self.idempotent = False
+        self.errors = 0
+
+    def on_response(self, payload: bytes) -> None:
+        load = self.load
+        load.answers += 1
+        if load.running:
+            self.client.send(self.payload, self)
+        else:
+            load.in_flight -= 1
+
+    def on_error(self, error: TransportError) -> None:
+        self.errors += 1
+        self.load.in_flight -= 1
+
+
+class Load:
+    __slots__ = ("answers", "in_flight", "running")
+
+    def __init__(self) -> None:
+        self.answers = 0
+        self.in_flight = 0
+        self.running = True
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load_once(
+    address: str, pid: int, payload: bytes, in_flight: int, seconds: float
+) -> tuple[float, float]:
+    """(server CPU µs per answer, answers per second) over ``seconds`` after a warm-up."""
+    from transports.stream import StreamClient
+
+    loop = asyncio.get_running_loop()
+    client = StreamClient(address, ClientOptions(max_connections=1))
+    load = Load()
+    deadline = loop.time() + seconds + 30
+    callers = [Caller(load, client, payload, deadline) for _ in range(in_flight)]
+    try:
+        for caller in callers:
+            load.in_flight += 1
+            client.send(payload, caller)
+        await asyncio.sleep(1.0)  # warm-up: connection made, caches and allocator settled
+        answers, cpu, started = load.answers, cpu_seconds(pid), loop.time()
+        await asyncio.sleep(seconds)
+        answers = load.answers - answers
+        cpu = cpu_seconds(pid) - cpu
+        elapsed = loop.time() - started
+        load.running = False
+        for _ in range(500):  # bounded: the calls in flight come back
+            if not load.in_flight:
+                break
+            await asyncio.sleep(0.01)
+        errors = sum(caller.errors for caller in callers)
+        assert not errors, f"{errors} calls failed on {address}"
+    finally:
+        await client.close(1.0)
+    return cpu / answers * 1e6, answers / elapsed
+
+
+def start_server(command: list[str], cwd: str, address: str) -> subprocess.Popen[bytes]:
+    environment = dict(os.environ, PYTHONPATH=cwd)
+    process = subprocess.Popen(command, cwd=cwd, env=environment)
+    path = address.removeprefix("unix://")
+    for _ in range(200):  # at most 10 s to start listening
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            return process
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(f"{command} exited with {process.returncode}") from None
+            time.sleep(0.05)
+        finally:
+            probe.close()
+    stop_server(process)
+    raise RuntimeError(f"{command} did not listen on {address}")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+def live(roots: list[str], rounds: int, seconds: float, in_flight: int) -> None:
+    scratch = tempfile.mkdtemp(prefix="pitcher-bench-service-")
+    servers: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
+    try:
+        address = f"unix://{scratch}/minimal.sock"
+        command = [sys.executable, str(Path(__file__).resolve()), "--serve-minimal", address]
+        servers["minimal"] = (address, start_server(command, str(ROOT), address))
+        for number, root in enumerate(roots):
+            address = f"unix://{scratch}/sdk{number}.sock"
+            command = [sys.executable, "-m", "pitcher_rpc.cli", "backend"]
+            command += ["pitcher_rpc.sdk.echo:app", "--listen", address]
+            servers[f"sdk echo @ {root}"] = (address, start_server(command, root, address))
+        payloads = {5: request_payload(HEADERS_5), 20: request_payload(HEADERS_20)}
+        results: dict[tuple[int, str], list[tuple[float, float]]] = {}
+        for _ in range(rounds):
+            for headers, payload in payloads.items():
+                for name, (address, process) in servers.items():
+                    outcome = uvloop.run(
+                        load_once(address, process.pid, payload, in_flight, seconds)
+                    )
+                    results.setdefault((headers, name), []).append(outcome)
+    finally:
+        for _, process in servers.values():
+            stop_server(process)
+        for entry in os.listdir(scratch):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(scratch, entry))
+        os.rmdir(scratch)
+    print(
+        f"split service processes, {in_flight} calls in flight on one connection,"
+        f" {seconds:g} s windows, median of {rounds} rounds"
+    )
+    print(f"  {'headers':>7}  {'server':50} {'CPU µs/req':>10} {'ratio':>6} {'req/s':>8}")
+    for headers in payloads:
+        base = statistics.median(cpu for cpu, _ in results[(headers, "minimal")])
+        for name in servers:
+            cpu = statistics.median(cpu for cpu, _ in results[(headers, name)])
+            rate = statistics.median(rate for _, rate in results[(headers, name)])
+            print(f"  {headers:>7}  {name:50} {cpu:10.2f} {cpu / base:5.2f}x {rate:8.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, help="default: 5, --codec 15, --live 3")
     parser.add_argument("--profile", choices=VARIANTS, help="profile one variant instead")
     parser.add_argument("--codec", action="store_true", help="time the payload codec instead")
+    parser.add_argument("--live", action="store_true", help="load real server processes instead")
+    parser.add_argument("--roots", default=str(ROOT), help="source trees of the SDK echo (--live)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="window per load (--live)")
+    parser.add_argument("--in-flight", type=int, default=64, help="calls in flight (--live)")
+    parser.add_argument("--serve-minimal", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.codec:
-        time_codec(args.rounds if args.rounds != 5 else 15)
+    if args.serve_minimal:
+        uvloop.run(serve_minimal(args.serve_minimal))
         return
-    uvloop.run(compare(args.requests, args.rounds, args.profile))
+    if args.live:
+        live(args.roots.split(","), args.rounds or 3, args.seconds, args.in_flight)
+        return
+    if args.codec:
+        time_codec(args.rounds or 15)
+        return
+    uvloop.run(compare(args.requests, args.rounds or 5, args.profile))
 
 
 if __name__ == "__main__":
