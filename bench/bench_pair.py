@@ -1,31 +1,50 @@
-"""Pitcher and its SDK against the yardsticks of their own design, in one run (issue 10).
+"""Pitcher and its SDK against the yardsticks of their own design, in one run.
 
 Run from the repository root, under the benchmark lock::
 
     flock /tmp/pitcher-bench.lock .venv/bin/python bench/bench_pair.py
     flock /tmp/pitcher-bench.lock .venv/bin/python bench/bench_pair.py --pitcher-root /tmp/old
+    flock /tmp/pitcher-bench.lock .venv/bin/python bench/bench_pair.py \\
+        --setups D,E --cases 64x5 --rounds 1 --seconds 3
     .venv/bin/python bench/bench_pair.py --check
 
-Four setups, each an HTTP front and a service behind it on a Unix socket:
+Five setups, each an HTTP front and a service behind it on a Unix socket:
 
     A  nginx (1 worker, keep-alive upstream) + bare_http_echo.py (httptools)
     B  minimal_proxy.py + minimal_echo.py: the minimal pair of Pitcher's design
     C  minimal_proxy.py + the SDK echo (pitcher backend pitcher_rpc.sdk.echo:app)
     D  pitcher serve --workers 1 (default modules) + the SDK echo
+    E  D with access_log, metrics and throttle on as well (request_id is on in
+       both): the log in the run's scratch directory, the default buckets, a
+       proxy-wide rate and concurrency limit and a business quota for the
+       route, all far above what the load asks, so that nothing is refused
 
 Every service answers the same JSON. Each setup is measured at 64 and at 1
 connection, with 5 and with 20 request headers (wrk -t1 --latency; without
 wrk, a bounded Python load generator stands in), in interleaved rounds,
 medians: req/s, p50, p99, and the CPU time per request of the front and of
 the service (utime + stime from /proc of each process and its children,
-over the run). Then the ratios the goals of issue 10 name, each with its
-goal and whether it is met.
+over the run). ``--setups`` and ``--cases`` (``64x5`` is 64 connections, 5
+headers) choose a part of it for a quick look.
+
+Around each of E's runs the master's admin ``/metrics`` is read, before and
+after: the difference of the route's residence histogram (time a request
+spent in the proxy itself) gives that run's p50 and p99, each as the upper
+bound of the first bucket whose cumulative count reaches the share. The
+same reading shows requests the throttle refused and modules the overload
+guard shed (either would make E's numbers mean something else).
+
+Then the ratios against their goals: proxy CPU per request against the
+minimal proxy's, the SDK service's against the minimal echo's, one-connection
+p50 against the minimal pair's, the modules' cost (E's proxy CPU per request
+against D's), E's residence p99 in µs, and, for information, the pair against
+nginx. A ratio whose setups or cases were not run is left out.
 
 Before any of it (and alone with ``--check``), the minimal echo and the SDK
 echo behind the same minimal proxy must answer the same requests with the
 same bytes (but for the client port); Pitcher's answer is compared too.
 
-``--pitcher-root PATH`` runs C's and D's Pitcher processes from another
+``--pitcher-root PATH`` runs C's, D's and E's Pitcher processes from another
 checkout (PYTHONPATH and working directory PATH), so numbers before a change
 are measured by this same script. Every process is started and stopped here
 by its pid; every load is bounded in time.
@@ -37,6 +56,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import resource
@@ -49,10 +69,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+from prometheus_client.parser import text_string_to_metric_families
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -87,6 +110,7 @@ SETUPS = {
     "B": "minimal proxy + minimal echo",
     "C": "minimal proxy + SDK echo",
     "D": "Pitcher + SDK echo",
+    "E": "Pitcher + SDK echo, with modules",
 }
 
 PITCHER_CONFIG = """
@@ -102,9 +126,27 @@ name = "echo"
 prefix = "/"
 cluster = "echo"
 timeout = 10.0
-
+{route}
 [clusters.echo]
 nodes = ["unix://{socket}"]
+"""
+# Setup E: D's file with these. request_id is on by default (in D too). Every
+# limit is far above what 64 connections of one wrk thread ask of one
+# worker, so the throttle does all its work and refuses nothing.
+E_ROUTE = 'business = "bench"\n'
+E_MODULES = """
+[modules.access_log]
+path = "{log}"
+
+[modules.metrics]
+
+[modules.throttle]
+rate = 1000000
+concurrency = 4096
+
+[modules.throttle.business.bench]
+rate = 500000
+concurrency = 1024
 """
 
 NGINX_CONFIG = """{user}
@@ -189,6 +231,17 @@ def wait_for_unix(path: str, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on {path}")
 
 
+def wait_for_line(path: Path, timeout: float = 10.0) -> None:
+    """Until the file has a line (the access log writes in batches, every 0.2 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if b"\n" in path.read_bytes():
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing was written to {path}")
+
+
 def tree(pid: int) -> list[int]:
     """The process and its descendants, from /proc/PID/task/*/children."""
     pids = [pid]
@@ -216,6 +269,9 @@ class Running(NamedTuple):
     port: int
     front: int  # pid of the HTTP front (its children count too)
     service: int
+    # The admin port whose /metrics has the metrics module's numbers; 0: none.
+    metrics: int = 0
+    access_log: Path | None = None
 
 
 def nginx_binary() -> str | None:
@@ -229,6 +285,7 @@ def setup(key: str, tmp: Path, pitcher: Where) -> Iterator[Running]:
     sock = str(tmp / f"{key}.sock")
     port = free_port()
     log = tmp / f"{key}.log"
+    access_log = tmp / f"{key}-access.log"
     minimal_proxy = [PYTHON, str(BENCH / "minimal_proxy.py"), "--listen", f"127.0.0.1:{port}"]
     minimal_proxy += ["--backend", f"unix://{sock}"]
     sdk_echo = [PYTHON, "-m", "pitcher_rpc.cli", "backend", "pitcher_rpc.sdk.echo:app"]
@@ -255,13 +312,25 @@ def setup(key: str, tmp: Path, pitcher: Where) -> Iterator[Running]:
         else:
             service = stack.enter_context(started(sdk_echo, pitcher, log, ready=False))
             wait_for_unix(sock)
-            conf = tmp / "pitcher.toml"
-            conf.write_text(PITCHER_CONFIG.format(port=port, admin=free_port(), socket=sock))
+            conf = tmp / f"pitcher-{key}.toml"
+            admin = free_port()
+            text = PITCHER_CONFIG.format(
+                port=port, admin=admin, socket=sock, route=E_ROUTE if key == "E" else ""
+            )
+            if key == "E":
+                text += E_MODULES.format(log=access_log)
+            conf.write_text(text)
             serve = [PYTHON, "-m", "pitcher_rpc.cli", "serve", "-c", str(conf), "--workers", "1"]
             front = stack.enter_context(started(serve, pitcher, log, ready=False))
         wait_for_port(port, 15.0)
         wait_until_answers(port)
-        yield Running(port, front, service)
+        if key == "E":
+            # The modules must be seen at work, or E would measure D again.
+            wait_for_line(access_log)
+            scrape(admin, retry=10.0)
+            yield Running(port, front, service, admin, access_log)
+        else:
+            yield Running(port, front, service)
 
 
 # ---------------------------------------------------------------------------------- HTTP
@@ -404,6 +473,66 @@ def load(port: int, connections: int, headers: list[str], seconds: float) -> Loa
     return uvloop.run(_python_load(port, connections, headers, seconds))
 
 
+# ------------------------------------------------------------------ the proxy's own numbers
+
+RESIDENCE = "pitcher_residence_seconds"
+ROUTE = "echo"
+
+
+class Scrape(NamedTuple):
+    """What the master's /metrics said at one moment."""
+
+    # The route's residence histogram: upper bound in seconds (inf last) -> cumulative count.
+    residence: dict[float, float]
+    refused: float  # requests the throttle refused, every limit
+    shed: float  # modules switched off by the overload guard, every worker
+
+
+def scrape(admin: int, retry: float = 0.0) -> Scrape:
+    """Read /metrics; with ``retry``, for at most that many seconds until the route shows."""
+    deadline = time.monotonic() + retry
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as answer:
+                text = answer.read().decode()
+            residence: dict[float, float] = {}
+            refused = shed = 0.0
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == f"{RESIDENCE}_bucket" and sample.labels["route"] == ROUTE:
+                        residence[float(sample.labels["le"])] = sample.value
+                    elif sample.name == "pitcher_throttle_refused_total":
+                        refused += sample.value
+                    elif sample.name == "pitcher_modules_shed":
+                        shed += sample.value
+            if not residence:
+                raise RuntimeError(f"no {RESIDENCE} of route {ROUTE!r} on :{admin}/metrics")
+            return Scrape(dict(sorted(residence.items())), refused, shed)
+        except (OSError, RuntimeError):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
+def bucket_counts(before: Scrape, after: Scrape) -> list[float]:
+    """Requests per bucket (not cumulative) between two readings, in the order of the bounds."""
+    cumulative = [n - before.residence.get(bound, 0.0) for bound, n in after.residence.items()]
+    return [n - previous for n, previous in zip(cumulative, [0.0, *cumulative[:-1]], strict=True)]
+
+
+def quantile_bound(bounds: list[float], counts: list[float], share: float) -> float:
+    """The upper bound (µs) of the first bucket whose cumulative count reaches ``share``."""
+    total = sum(counts)
+    if total <= 0:
+        return math.nan
+    running = 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        running += count
+        if running >= share * total:
+            return bound * 1e6
+    return math.inf
+
+
 # ---------------------------------------------------------------------------- the check
 
 _CLIENT = re.compile(rb'"client": "([^"]*):\d+"')
@@ -457,13 +586,30 @@ def check(tmp: Path, pitcher: Where, with_pitcher: bool = True) -> list[str]:
 class Results:
     def __init__(self) -> None:
         self.values: dict[tuple[str, int, int, str], list[float]] = {}
+        # Residence histograms, by setup and case: bounds (s), requests per bucket of all rounds.
+        self.residence: dict[tuple[str, int, int], tuple[list[float], list[float]]] = {}
 
     def add(self, key: str, case: tuple[int, int], metric: str, value: float) -> None:
         self.values.setdefault((key, *case, metric), []).append(value)
 
+    def add_residence(
+        self, key: str, case: tuple[int, int], bounds: list[float], counts: list[float]
+    ) -> None:
+        held = self.residence.get((key, *case))
+        if held is not None and held[0] == bounds:
+            counts = [a + b for a, b in zip(held[1], counts, strict=True)]
+        self.residence[(key, *case)] = (bounds, counts)
+
     def median(self, key: str, case: tuple[int, int], metric: str) -> float:
         values = self.values.get((key, *case, metric))
-        return statistics.median(values) if values else float("nan")
+        if not values:
+            return float("nan")
+        # A bucket's bound stays a bound: no mean of two of them.
+        return (
+            statistics.median_high(values)
+            if metric.startswith("res_")
+            else statistics.median(values)
+        )
 
     def runs(self, key: str, case: tuple[int, int], metric: str) -> list[float]:
         return self.values.get((key, *case, metric), [])
@@ -486,8 +632,20 @@ def own_cpu() -> float:
     return seconds
 
 
-def measure(running: Running, case: tuple[int, int], seconds: float) -> dict[str, float]:
+Residence = tuple[list[float], list[float]]  # bounds (s), requests per bucket
+
+
+def measure(
+    running: Running, case: tuple[int, int], seconds: float
+) -> tuple[dict[str, float], Residence | None]:
     connections, count = case
+    before: Scrape | None = None
+    if running.access_log is not None:
+        # Append-only: cut back between runs so that rounds do not fill /tmp.
+        os.truncate(running.access_log, 0)
+    if running.metrics:
+        # Outside the CPU window: the master's scrape work is not the requests'.
+        before = scrape(running.metrics)
     front_before, service_before = tree_cpu(running.front), tree_cpu(running.service)
     busy_before, own_before, began = machine_busy(), own_cpu(), time.monotonic()
     result = load(running.port, connections, HEADERS[count], seconds)
@@ -497,7 +655,7 @@ def measure(running: Running, case: tuple[int, int], seconds: float) -> dict[str
     # good as this is small (the machine is shared).
     others = machine_busy() - busy_before - front - service - (own_cpu() - own_before)
     requests = max(result.requests, 1)
-    return {
+    values = {
         "others": max(0.0, others) / (time.monotonic() - began),
         "rps": result.rps,
         "p50": result.p50_us,
@@ -506,6 +664,16 @@ def measure(running: Running, case: tuple[int, int], seconds: float) -> dict[str
         "service_cpu": service / requests * 1e6,
         "errors": result.errors,
     }
+    if before is None:
+        return values, None
+    after = scrape(running.metrics)
+    bounds = list(after.residence)
+    counts = bucket_counts(before, after)
+    values["res_p50"] = quantile_bound(bounds, counts, 0.50)
+    values["res_p99"] = quantile_bound(bounds, counts, 0.99)
+    values["refused"] = after.refused - before.refused
+    values["shed"] = after.shed
+    return values, (bounds, counts)
 
 
 def wait_quiet(limit: float) -> None:
@@ -524,6 +692,7 @@ def wait_quiet(limit: float) -> None:
 
 def run_rounds(
     keys: list[str],
+    cases: list[tuple[int, int]],
     rounds: int,
     seconds: float,
     quiet: float,
@@ -544,51 +713,62 @@ def run_rounds(
             running = {key: stack.enter_context(setup(key, tmp, pitcher)) for key in order}
             for key in order:
                 load(running[key].port, 64, FIVE, 1.0)  # warm up: connections, pools, caches
-            for case in CASES:
+            for case in cases:
                 for key in order:
                     say(
                         f"round {round_number + 1}/{rounds}: {case[0]} conns, {case[1]} hdrs, {key}"
                     )
                     wait_quiet(quiet)
-                    for metric, value in measure(running[key], case, seconds).items():
+                    values, residence = measure(running[key], case, seconds)
+                    for metric, value in values.items():
                         results.add(key, case, metric, value)
+                    if residence is not None:
+                        results.add_residence(key, case, *residence)
     return results
 
 
 # ------------------------------------------------------------------------------ report
 
 
-def report(results: Results, keys: list[str], line: Callable[[str], None]) -> None:
+def report(
+    results: Results,
+    keys: list[str],
+    cases: list[tuple[int, int]],
+    line: Callable[[str], None],
+    skipped: tuple[str, ...] = (),
+) -> None:
+    """The table, E's residence histograms under it, then the ratios.
+
+    ``skipped``: setups asked for but not run (nginx missing); their ratios say so.
+    """
     m = results.median
     line(
-        f"{'conns':>5} {'hdrs':>4}  {'setup':<31} {'req/s':>8} {'p50 µs':>8} {'p99 µs':>8}"
+        f"{'conns':>5} {'hdrs':>4}  {'setup':<35} {'req/s':>8} {'p50 µs':>8} {'p99 µs':>8}"
         f" {'front µs/req':>12} {'service µs/req':>14} {'others':>6}  req/s of each round"
     )
-    for case in CASES:
+    for case in cases:
         for key in keys:
             errors = sum(results.runs(key, case, "errors"))
             spread = "/".join(f"{v:.0f}" for v in results.runs(key, case, "rps"))
             line(
-                f"{case[0]:>5} {case[1]:>4}  {key} {SETUPS[key]:<29}"
+                f"{case[0]:>5} {case[1]:>4}  {key} {SETUPS[key]:<33}"
                 f" {m(key, case, 'rps'):>8.0f} {m(key, case, 'p50'):>8.0f}"
                 f" {m(key, case, 'p99'):>8.0f} {m(key, case, 'front_cpu'):>12.1f}"
                 f" {m(key, case, 'service_cpu'):>14.1f} {m(key, case, 'others'):>6.2f}  {spread}"
                 + (f"  ({errors:.0f} errors)" if errors else "")
             )
         line("")
-    busiest = max(m(key, case, "others") for key in keys for case in CASES)
+    if "E" in keys:
+        residence_lines(results, cases, line)
+    busiest = max(m(key, case, "others") for key in keys for case in cases)
     if busiest > 0.2:
         line(
             f"warning: other processes kept up to {busiest:.2f} cores busy during these runs"
             " (median of a setup and case): the numbers are skewed by them"
         )
 
-    def ratio(top: str, bottom: str, connections: int, headers: int, metric: str) -> float:
-        case = (connections, headers)
-        return m(top, case, metric) / m(bottom, case, metric)
-
-    # (label, numerator, denominator, connections, metric, goal or None)
-    lines = [
+    # (label, numerator, denominator or "" for E's own number, connections, metric, goal)
+    lines: list[tuple[str, str, str, int, str, float | None]] = [
         ("proxy CPU/request D/C", "D", "C", 64, "front_cpu", 1.15),
         ("proxy CPU/request D/C", "D", "C", 1, "front_cpu", 1.15),
         ("service CPU/request D/B", "D", "B", 64, "service_cpu", 1.15),
@@ -596,6 +776,9 @@ def report(results: Results, keys: list[str], line: Callable[[str], None]) -> No
         ("  same proxy in front: C/B", "C", "B", 64, "service_cpu", None),
         ("  same proxy in front: C/B", "C", "B", 1, "service_cpu", None),
         ("p50 D/B", "D", "B", 1, "p50", 1.15),
+        ("modules' CPU E/D", "E", "D", 64, "front_cpu", 1.25),
+        ("modules' CPU E/D", "E", "D", 1, "front_cpu", 1.25),
+        ("residence p99 E (µs)", "E", "", 64, "res_p99", 100.0),
         ("req/s D/B", "D", "B", 64, "rps", None),
         ("req/s D/A", "D", "A", 64, "rps", None),
         ("req/s D/A", "D", "A", 1, "rps", None),
@@ -607,27 +790,133 @@ def report(results: Results, keys: list[str], line: Callable[[str], None]) -> No
         " 20h/5h (goal: within 10%)"
     )
     for label, top, bottom, connections, metric, goal in lines:
-        if top not in keys or bottom not in keys:
-            line(f"{label:<38} {connections:>5}   n/a: setup {bottom} was skipped")
+        setups = [top, bottom] if bottom else [top]
+        missing = [key for key in setups if key not in keys]
+        if any(key in skipped for key in missing):
+            line(f"{label:<38} {connections:>5}   n/a: setup {missing[0]} was skipped")
             continue
-        five = ratio(top, bottom, connections, 5, metric)
-        twenty = ratio(top, bottom, connections, 20, metric)
-        if goal is None:
-            line(f"{label:<38} {connections:>5} {'-':>6}   {five:<14.2f} {twenty:<14.2f}")
+        run = [(connections, h) in cases for h in (5, 20)]
+        if missing or not any(run):
             continue
-        drift = twenty / five
-        verdicts = [f"{v:.2f} " + ("met" if v <= goal else "not met") for v in (five, twenty)]
-        line(
-            f"{label:<38} {connections:>5} {'≤' + format(goal, '.2f'):>6}   {verdicts[0]:<14}"
-            f" {verdicts[1]:<14} {drift:.2f} " + ("met" if abs(drift - 1) <= 0.10 else "not met")
+        values: list[float | None] = []
+        for headers, was_run in zip((5, 20), run, strict=True):
+            case = (connections, headers)
+            if not was_run:
+                values.append(None)
+            elif bottom:
+                values.append(m(top, case, metric) / m(bottom, case, metric))
+            else:
+                values.append(m(top, case, metric))
+        digits = 2 if bottom else 0
+        cells = []
+        for value in values:
+            if value is None:
+                cells.append("not run")
+            elif goal is None:
+                cells.append(f"{value:.{digits}f}")
+            else:
+                verdict = "met" if value <= goal else "not met"
+                cells.append(f"{value:.{digits}f} {verdict}")
+        drift = "-"
+        five, twenty = values
+        # The residence is a bucket's bound: its 20h/5h says nothing finer than the buckets.
+        if goal is not None and bottom and five is not None and twenty is not None:
+            ratio = twenty / five
+            drift = f"{ratio:.2f} " + ("met" if abs(ratio - 1) <= 0.10 else "not met")
+        shown_goal = "-" if goal is None else "≤" + format(goal, f".{digits}f")
+        text = f"{label:<38} {connections:>5} {shown_goal:>6}   {cells[0]:<14} {cells[1]:<14}"
+        line((text + (f" {drift}" if goal is not None else "")).rstrip())
+
+
+def _micro(bound: float) -> str:
+    """A bucket's upper bound in seconds, as µs."""
+    if math.isinf(bound):
+        return "+Inf"
+    micro = bound * 1e6
+    return f"≤{micro:.0f}" if micro >= 1 else f"≤{micro:g}"
+
+
+def residence_lines(
+    results: Results, cases: list[tuple[int, int]], line: Callable[[str], None]
+) -> None:
+    """E's time in the proxy, from its /metrics: quantiles and the requests per bucket."""
+    shown = [case for case in cases if ("E", *case) in results.residence]
+    if not shown:
+        return
+    m = results.median
+    line(
+        "E's residence in the proxy (its /metrics, the difference over each run; a quantile"
+        " is the upper bound of its bucket, median of the rounds; share of the requests by"
+        " bucket, all rounds):"
+    )
+    bounds: list[float] = []
+    for case in shown:
+        bounds, counts = results.residence[("E", *case)]
+        total = sum(counts) or 1.0
+        shares = " ".join(
+            f"{_micro(bound)} {count / total:.1%}"
+            for bound, count in zip(bounds, counts, strict=True)
+            if count
         )
+        line(
+            f"  {case[0]:>3} conns {case[1]:>2} hdrs: p50 {_micro(m('E', case, 'res_p50') / 1e6)}"
+            f" µs, p99 {_micro(m('E', case, 'res_p99') / 1e6)} µs; {total:.0f} requests: {shares}"
+        )
+    line("  bucket bounds, µs: " + " ".join(_micro(bound) for bound in bounds))
+    refused = sum(sum(results.runs("E", case, "refused")) for case in shown)
+    if refused:
+        line(f"  warning: the throttle refused {refused:.0f} requests of E's: raise its limits")
+    shed = max(max(results.runs("E", case, "shed"), default=0.0) for case in shown)
+    if shed:
+        line(
+            f"  warning: the overload guard shed {shed:.0f} module(s) during E's runs:"
+            " their cost is not all in E's numbers"
+        )
+    line("")
+
+
+def setups_option(text: str) -> list[str]:
+    keys = [key.strip().upper() for key in text.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in SETUPS]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"setups are among {','.join(SETUPS)}, not {text!r}")
+    # In the table's order, once each.
+    return [key for key in SETUPS if key in keys]
+
+
+def cases_option(text: str) -> list[tuple[int, int]]:
+    cases: list[tuple[int, int]] = []
+    for part in text.split(","):
+        found = re.fullmatch(r"\s*(\d+)x(\d+)\s*", part)
+        if found is None or int(found.group(1)) < 1 or int(found.group(2)) not in HEADERS:
+            raise argparse.ArgumentTypeError(
+                f"{part!r}: a case is CONNECTIONSxHEADERS, headers 5 or 20 (64x5,1x20 ...)"
+            )
+        case = (int(found.group(1)), int(found.group(2)))
+        if case not in cases:
+            cases.append(case)
+    return cases
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--pitcher-root", type=Path, help="run C's and D's Pitcher from here")
+    parser.add_argument("--pitcher-root", type=Path, help="run C-E's Pitcher from here")
+    parser.add_argument(
+        "--setups",
+        type=setups_option,
+        default=list(SETUPS),
+        metavar="A,B,C,D,E",
+        help="the setups to run (default: all)",
+    )
+    parser.add_argument(
+        "--cases",
+        type=cases_option,
+        default=list(CASES),
+        metavar="64x5,64x20,1x5,1x20",
+        help="connections x request headers (5 or 20) to run (default: all four)",
+    )
     parser.add_argument("--check", action="store_true", help="only compare the echoes' answers")
     parser.add_argument("--skip-nginx", action="store_true")
     parser.add_argument(
@@ -651,13 +940,17 @@ def main() -> None:
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    keys = list(SETUPS)
+    keys: list[str] = args.setups
+    cases: list[tuple[int, int]] = args.cases
     notes = []
-    if args.skip_nginx:
+    skipped: tuple[str, ...] = ()
+    if "A" in keys and (args.skip_nginx or nginx_binary() is None):
+        if not args.skip_nginx:
+            notes.append("nginx not found: setup A (nginx + bare HTTP echo) is skipped")
         keys.remove("A")
-    elif nginx_binary() is None:
-        notes.append("nginx not found: setup A (nginx + bare HTTP echo) is skipped")
-        keys.remove("A")
+        skipped = ("A",)
+    if not keys:
+        parser.error("no setup left to run")
     if not shutil.which("wrk"):
         notes.append(
             "wrk not found: load by a bounded Python generator, which takes a core's share"
@@ -672,7 +965,9 @@ def main() -> None:
             print(note)
         if args.check:
             return
-        results = run_rounds(keys, args.rounds, args.seconds, args.wait_quiet, tmp, pitcher, say)
+        results = run_rounds(
+            keys, cases, args.rounds, args.seconds, args.wait_quiet, tmp, pitcher, say
+        )
     load_by = "wrk -t1 --latency" if shutil.which("wrk") else "the Python generator"
     print(
         f"Pitcher RPC pair benchmark: {args.rounds} rounds x {args.seconds:g}s per run, medians;"
@@ -682,7 +977,7 @@ def main() -> None:
         print(f"  {key}: {SETUPS[key]}")
     print("front/service µs/req: CPU time (user+system, with children) per request")
     print("others: cores busy with other processes than these and the load generator")
-    report(results, keys, print)
+    report(results, keys, cases, print, skipped)
 
 
 if __name__ == "__main__":
