@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections import Counter, OrderedDict
+from collections import Counter, deque
 from collections.abc import Hashable
 from typing import Any
 
@@ -117,8 +117,11 @@ class UdpServer:
         self._transport: asyncio.DatagramTransport | None = None
         self._sendto: Any = None
         self._runner: HandlerRunner | None = None
-        # (peer, request id) -> (arrival time, answer datagram; None while running)
-        self._replay: OrderedDict[Hashable, tuple[float, bytes | None]] = OrderedDict()
+        # (peer, request id) -> [arrival time, answer datagram; None while running].
+        # A list, so the answer is filled in place; a plain dict and a deque of
+        # its keys in arrival order cost less per request than an OrderedDict.
+        self._replay: dict[Hashable, list[Any]] = {}
+        self._replay_order: deque[Hashable] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None
         self._socket_closed: asyncio.Future[None] | None = None
@@ -213,9 +216,7 @@ class UdpServer:
             runner = self._runner
             assert runner is not None
             if not runner.cancel(key) and self._cache_size and key not in self._replay:
-                if len(self._replay) >= self._cache_size:
-                    self._replay.popitem(last=False)
-                self._replay[key] = (self._loop.time(), _NO_ANSWER)  # type: ignore[union-attr]
+                self._remember(key, _NO_ANSWER)
                 if self._sweeper is None:
                     self._arm_sweeper()
         else:  # PING, the only other type decode_datagram lets through here
@@ -248,13 +249,25 @@ class UdpServer:
             self._refuse(request_id, addr, f"more than {self._max_in_flight} requests in flight")
             return
         if self._cache_size:
-            if len(replay) >= self._cache_size:
-                replay.popitem(last=False)
             # Before start(): a handler that never waits answers inside it.
-            replay[key] = (self._loop.time(), None)  # type: ignore[union-attr]
+            order = self._replay_order
+            if len(order) >= self._cache_size:
+                del replay[order.popleft()]
+            replay[key] = [self._loop.time(), None]  # type: ignore[union-attr]
+            order.append(key)
             if self._sweeper is None:
                 self._arm_sweeper()
         runner.start(key, payload, deadline_ms)
+
+    def _remember(self, key: Hashable, answer: bytes | None) -> None:
+        """A new replay-cache entry, the oldest leaving if the cache is full."""
+        order = self._replay_order
+        if len(order) >= self._cache_size:
+            del self._replay[order.popleft()]
+        self._replay[key] = [self._loop.time(), answer]  # type: ignore[union-attr]
+        order.append(key)
+        if self._sweeper is None:
+            self._arm_sweeper()
 
     def _answer(self, key: Any, result: bytes | None, error: ErrorInfo | None) -> None:
         addr, request_id = key
@@ -277,7 +290,7 @@ class UdpServer:
             datagram = encode_datagram(_ERROR, request_id, error.encode())
         entry = self._replay.get(key)
         if entry is not None:
-            self._replay[key] = (entry[0], datagram)
+            entry[1] = datagram
         sendto = self._sendto
         if sendto is not None:
             sendto(datagram, addr)
@@ -319,13 +332,11 @@ class UdpServer:
     def _sweep(self) -> None:
         self._sweeper = None
         replay = self._replay
+        order = self._replay_order
         # Oldest first: entries are in arrival order, and all live equally long.
         oldest_kept = self._loop.time() - self._ttl  # type: ignore[union-attr]
-        while replay:
-            key = next(iter(replay))
-            if replay[key][0] > oldest_kept:
-                break
-            del replay[key]
+        while order and replay[order[0]][0] <= oldest_kept:
+            del replay[order.popleft()]
         if replay and self._sendto is not None:
             self._arm_sweeper()
 
