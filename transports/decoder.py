@@ -78,6 +78,11 @@ class FrameDecoder:
         self._max_frame_size = value
 
     @property
+    def in_preface(self) -> bool:
+        """Whether the peer's preface is still (partly) to come."""
+        return self._preface_left > 0
+
+    @property
     def buffered(self) -> int:
         """Bytes received that do not yet form a complete frame."""
         return len(self._buffer)

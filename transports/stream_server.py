@@ -22,6 +22,7 @@ from .errors import ConnectError, ErrorCode, ProtocolError
 from .frame import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER,
+    HEADER_SIZE,
     PREFACE,
     VERSION,
     FrameType,
@@ -36,6 +37,7 @@ log = logging.getLogger("pitcher.transports")
 _REQUEST = int(FrameType.REQUEST)
 _ERROR = FrameType.ERROR
 _pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
 
 
 class _ServerConnection(asyncio.Protocol):
@@ -43,6 +45,7 @@ class _ServerConnection(asyncio.Protocol):
         "_answer_limit",
         "_batcher",
         "_decoder",
+        "_direct",
         "_loop",
         "_max_in_flight",
         "_server",
@@ -60,6 +63,9 @@ class _ServerConnection(asyncio.Protocol):
         self._loop = loop
         options = server.options
         self._decoder = FrameDecoder(options.max_frame_size)
+        # True once the preface is read and while the decoder keeps no bytes:
+        # data_received may then read REQUEST frames itself.
+        self._direct = False
         self._batcher = Batcher(loop)
         # The requests whose handlers are still waiting, keyed by request id.
         self.tasks = HandlerRunner(server.handler, loop, self._answer, self._maybe_finish)
@@ -92,25 +98,70 @@ class _ServerConnection(asyncio.Protocol):
             self.send_goaway("server is shutting down")
 
     def data_received(self, data: bytes) -> None:
-        try:
-            frames = self._decoder.feed(data)
-        except ProtocolError as exc:
-            with contextlib.suppress(ProtocolError):
-                for frame in exc.frames:  # type: ignore[attr-defined]
-                    self._on_frame(*frame)
-            self.fail(exc.code, str(exc))
-            return
-        runner = self.tasks
         batcher = self._batcher
-        # Answers made while these frames are handled leave together when they are.
+        # Answers made while these bytes are handled leave together when they
+        # are (the first at once, then every BATCH_FRAMES), with no callback.
         batcher.hold()
         try:
+            if self._direct:
+                self._read_requests(data)
+            else:
+                self._feed(data)
+        finally:
+            batcher.release()
+
+    def _read_requests(self, data: bytes) -> None:
+        """The common case, inline: whole REQUEST frames in order, within the limits.
+
+        No Frame and no list per read; the first frame that is anything else
+        (another type, cut in two, out of order, over a limit, or the
+        connection going away) and all after it go through the decoder.
+        """
+        runner = self.tasks
+        max_frame_size = self._decoder.max_frame_size
+        pos = 0
+        end = len(data)
+        while end - pos >= HEADER_SIZE:
+            version, kind, _, length, request_id, deadline_ms = _unpack_header(data, pos)
+            start = pos + HEADER_SIZE
+            stop = start + length
+            if (
+                kind != 1
+                or stop > end
+                or version != VERSION
+                or length > max_frame_size
+                or request_id <= self.last_request_id
+                or len(runner.tasks) >= self._max_in_flight
+                or self.goaway_sent
+                or self.closed
+            ):
+                break
+            pos = stop
+            self.last_request_id = request_id
+            runner.start(request_id, data[start:stop], deadline_ms)
+        if pos < end:
+            self._feed(data[pos:] if pos else data)
+
+    def _feed(self, data: bytes) -> None:
+        """Bytes through the decoder: the preface, control frames, frames cut in two, errors."""
+        decoder = self._decoder
+        try:
+            frames = decoder.feed(data)
+        except ProtocolError as exc:
+            self._direct = False
+            error = exc
+            try:
+                for frame in exc.frames:  # type: ignore[attr-defined]
+                    self._on_frame(*frame)
+            except ProtocolError as earlier:  # a control payload before the bad frame
+                error = earlier
+            self.fail(error.code, str(error))
+            return
+        runner = self.tasks
+        try:
             for kind, request_id, payload, deadline_ms, _ in frames:
-                # A request on an open connection, in order and within the
-                # limit, is nearly all the traffic: it is handled here, and
-                # everything else in _on_frame.
                 if (
-                    kind == _REQUEST
+                    kind == 1
                     and request_id > self.last_request_id
                     and len(runner.tasks) < self._max_in_flight
                     and not self.goaway_sent
@@ -121,9 +172,11 @@ class _ServerConnection(asyncio.Protocol):
                 else:
                     self._on_frame(kind, request_id, payload, deadline_ms)
         except ProtocolError as exc:  # a control payload that does not decode
+            self._direct = False
             self.fail(exc.code, str(exc))
-        finally:
-            batcher.release()
+            return
+        # Past the preface with no bytes kept: the next read may start inline.
+        self._direct = not decoder.buffered and not decoder.in_preface and not self.closed
 
     def _on_frame(
         self, kind: int, request_id: int, payload: bytes, deadline_ms: int, *_: Any
@@ -144,7 +197,7 @@ class _ServerConnection(asyncio.Protocol):
                 # Ids only grow, so this also refuses the id of a request still running.
                 self.fail(ErrorCode.PROTOCOL_ERROR, f"request id {request_id} reused")
                 return
-            if len(self.tasks) >= self._max_in_flight:
+            if len(self.tasks.tasks) >= self._max_in_flight:
                 self.fail(
                     ErrorCode.TOO_MANY_IN_FLIGHT,
                     f"more than {self._max_in_flight} requests in flight",

@@ -1,11 +1,14 @@
-"""The sans-IO frame decoder, on byte strings alone."""
+"""The sans-IO frame decoder, on byte strings alone; and the stream server's own reads."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from transports.base import ServerOptions
 from transports.decoder import FrameDecoder
 from transports.errors import BadPreface, ErrorCode, FrameTooLarge, ProtocolError
 from transports.frame import (
@@ -18,6 +21,7 @@ from transports.frame import (
     FrameType,
     encode_frame,
 )
+from transports.stream_server import StreamServer, _ServerConnection
 
 CALL_TYPES = (FrameType.REQUEST, FrameType.RESPONSE, FrameType.CANCEL)
 CONNECTION_TYPES = (FrameType.PING, FrameType.PONG, FrameType.GOAWAY, FrameType.SETTINGS)
@@ -357,3 +361,144 @@ def test_header_size_is_twenty_bytes() -> None:
     # Other implementations are written against this number (docs/wire.md).
     assert HEADER_SIZE == 20
     assert PREFACE == b"PITCHER\x01"
+
+
+# ----------------------------------------------------------------------------- the server's reads
+
+# The stream server reads whole in-order REQUEST frames itself and leaves
+# everything else to the decoder; however the bytes are cut, a connection
+# must write the same bytes and end in the same state as if every byte came
+# alone (which takes the decoder's path nearly always).
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def serve_in_chunks(chunks: list[bytes], max_frame_size: int) -> tuple[bytes, bool, int]:
+    """What a server connection writes for these reads, whether it closed, the last id taken.
+
+    The handler answers at once, except a payload starting with ``!`` (it
+    raises), ``?`` (it waits, for longer than the test: two of them fill the
+    connection), ``G`` (the server sends GOAWAY before it answers) and ``X``
+    (the server closes the connection).
+    """
+
+    async def scenario() -> tuple[bytes, bool, int]:
+        loop = asyncio.get_running_loop()
+
+        def handler(payload: bytes) -> bytes | asyncio.Future[bytes]:
+            if payload.startswith(b"!"):
+                raise ValueError("refused on purpose")
+            if payload.startswith(b"?"):
+                return loop.create_future()  # never done
+            if payload.startswith(b"G"):
+                connection.send_goaway("going away on purpose")
+            if payload.startswith(b"X"):
+                connection.close()
+            return b"<" + payload + b">"
+
+        server = StreamServer("unix:///nonexistent/never-bound.sock", handler)  # type: ignore[arg-type]
+        server.options = ServerOptions(max_frame_size=max_frame_size, max_in_flight=2)
+        connection = _ServerConnection(server, loop)
+        sink = _Sink()
+        connection.connection_made(sink)  # type: ignore[arg-type]
+        for chunk in chunks:
+            if sink.closed:
+                break
+            connection.data_received(chunk)
+            await asyncio.sleep(0)
+        written = b"".join(sink.written)
+        connection.close()
+        return written, sink.closed, connection.last_request_id
+
+    return asyncio.run(scenario())
+
+
+@st.composite
+def request_streams(draw: st.DrawFn) -> list[bytes]:
+    """A client's bytes: mostly requests in order, with control frames and mistakes among them."""
+    parts = [PREFACE] if draw(st.integers(0, 9)) else [draw(st.binary(max_size=9))]
+    last = 0
+    for _ in range(draw(st.integers(0, 12))):
+        choice = draw(st.integers(0, 19))
+        payload = draw(
+            st.one_of(
+                st.binary(max_size=12),
+                st.binary(min_size=60, max_size=70),
+                st.sampled_from([b"!", b"?", b"?", b"G", b"X"]),
+            )
+        )
+        if choice < 11:  # the usual: the next request ids, some payloads refused
+            last += draw(st.integers(1, 3))
+            deadline = draw(st.sampled_from([0, 60_000]))
+            parts.append(encode_frame(FrameType.REQUEST, last, payload, deadline))
+        elif choice == 11:  # a request in another version of the protocol
+            last += 1
+            parts.append(HEADER.pack(VERSION + 1, 1, 0, len(payload), last, 0) + payload)
+        elif choice == 12:
+            parts.append(encode_frame(FrameType.REQUEST, draw(st.integers(0, last + 1)), payload))
+        elif choice == 13:
+            parts.append(encode_frame(FrameType.PING, 0, payload[:8]))
+        elif choice == 14:
+            parts.append(encode_frame(FrameType.CANCEL, draw(st.integers(1, last + 2))))
+        elif choice == 15:
+            parts.append(encode_frame(FrameType.SETTINGS, 0, b"\x08\x80\x01"))
+        elif choice == 16:
+            parts.append(encode_frame(FrameType.GOAWAY, 0))
+        else:
+            parts.append(draw(frame_bytes()))
+    if draw(st.integers(0, 4)) == 0:
+        parts[-1] = parts[-1][: draw(st.integers(0, len(parts[-1])))]
+    return parts
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    parts=request_streams(),
+    cuts=st.lists(st.integers(0), max_size=8),
+    groups=st.lists(st.integers(1, 4), max_size=12),
+    cut=st.integers(0),
+    max_frame_size=st.sampled_from([64, 5000]),
+)
+def test_a_server_connection_answers_the_same_however_its_reads_are_cut(
+    parts: list[bytes], cuts: list[int], groups: list[int], cut: int, max_frame_size: int
+) -> None:
+    data = b"".join(parts)
+    alone = serve_in_chunks([data[i : i + 1] for i in range(len(data))], max_frame_size)
+    assert serve_in_chunks([data], max_frame_size) == alone
+    assert serve_in_chunks(split_at(data, cuts), max_frame_size) == alone
+    # Reads that end where frames end: the server reads these itself.
+    assert serve_in_chunks(parts, max_frame_size) == alone
+    after_preface = b"".join(parts[1:])
+    assert serve_in_chunks([parts[0], after_preface], max_frame_size) == alone
+    # A read from a frame's start that ends inside a later frame.
+    cut %= len(after_preface) + 1
+    two_reads = [parts[0], after_preface[:cut], after_preface[cut:]]
+    assert serve_in_chunks(two_reads, max_frame_size) == alone
+    grouped = []
+    start = 0
+    for size in [*groups, len(parts)]:
+        grouped.append(b"".join(parts[start : start + size]))
+        start += size
+    assert serve_in_chunks(grouped, max_frame_size) == alone
