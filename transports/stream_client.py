@@ -376,6 +376,9 @@ class StreamClient(AwaitableCalls):
         self._retry_at = 0.0
         self._last_connect_error = ""
         self._closed = False
+        # close() has begun: no new call waits for a connection, but the calls
+        # already waiting for one are sent once it is there, like the calls in flight.
+        self._draining = False
         self.late_responses_closed = 0
 
     # public ---------------------------------------------------------------------------
@@ -426,8 +429,8 @@ class StreamClient(AwaitableCalls):
             connection._arm(deadline)
 
     def _send_later(self, payload: bytes, receiver: Receiver) -> None:
-        """send() with no connection free: wait for one (or fail at once if closed)."""
-        if self._closed:
+        """send() with no connection free: wait for one (or fail at once if closing)."""
+        if self._closed or self._draining:
             receiver.on_error(Closed(f"client for {self.address} is closed"))
             return
         task = asyncio.get_running_loop().create_task(
@@ -452,7 +455,18 @@ class StreamClient(AwaitableCalls):
             await self._acquire(loop.time() + timeout)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Stop new calls, let in-flight ones finish (at most ``timeout``), then close."""
+        """Stop new calls, let in-flight ones finish (at most ``timeout``), then close.
+
+        In flight are also the calls still waiting for a connection: a node
+        dropped by a reload must not fail requests that were routed to it
+        just before, only because its connection was still being made.
+        """
+        self._draining = True
+        deadline = time.monotonic() + timeout
+        while (self._starting or any(c.pending for c in self._connections)) and (
+            time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.01)
         self._closed = True
         closed = Closed(f"client for {self.address} closed")
         for waiter in self._waiters:
@@ -464,9 +478,6 @@ class StreamClient(AwaitableCalls):
         for receiver, task in starting.items():
             task.cancel()
             deliver_error(receiver, closed)
-        deadline = time.monotonic() + timeout
-        while any(c.pending for c in self._connections) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
         self.abort()
 
     def abort(self) -> None:

@@ -763,6 +763,31 @@ def test_client_close_lets_calls_finish_then_refuses_new_ones(net: Net) -> None:
     net.run(scenario)
 
 
+def test_client_close_still_sends_a_call_waiting_for_its_connection(net: Net) -> None:
+    # A reload that drops a node closes its client; a request routed there just
+    # before, whose connection was still being made, must be sent, not failed.
+    async def late_handshake(peer: RawPeer, number: int) -> None:
+        await asyncio.sleep(0.3)
+        peer.send(PREFACE + encode_frame(FrameType.SETTINGS, 0, RAW_SERVER_SETTINGS.encode()))
+        await peer.expect(FrameType.SETTINGS)
+        request = await peer.expect(FrameType.REQUEST)
+        peer.send(encode_frame(FrameType.RESPONSE, request.request_id, b"answered"))
+        await peer.frames_until_eof(timeout=5)
+
+    async def scenario() -> None:
+        address = await net.raw_server(late_handshake, handshake=False)
+        client = net.client(address, connect_timeout=3)
+        call = net.spawn(client.call(b"x", 3))
+        await asyncio.sleep(0.05)
+        closing = net.spawn(client.close(timeout=2))
+        assert await asyncio.wait_for(call, 2) == b"answered"
+        await asyncio.wait_for(closing, 2)
+        with pytest.raises(Closed):
+            await client.call(b"after", 1)
+
+    net.run(scenario)
+
+
 def test_client_close_fails_a_call_still_waiting_for_its_connection(net: Net) -> None:
     async def scenario() -> None:
         async def silent(peer: RawPeer, number: int) -> None:
