@@ -93,6 +93,8 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 _string = json.encoder.encode_basestring_ascii
 # Route and node pairs whose fields are kept made; cleared when full.
 _WHERE_CACHE = 4096
+# Client addresses and methods kept as JSON strings; cleared when full.
+_TEXTS_CACHE = 4096
 
 
 class AccessLog(Module):
@@ -150,6 +152,8 @@ class AccessLog(Module):
         self._failing = False  # a failure streak (open/write errors) is under way
         # The route/cluster/node/transport part of a line, by (route, node).
         self._where: dict[tuple[Any, Any], str] = {}
+        # Client addresses and methods made JSON strings, by their bytes.
+        self._texts: dict[bytes, str] = {}
         # The formatted UTC second of the last line, made once per second.
         self._second = -1
         self._second_text = ""
@@ -219,14 +223,29 @@ class AccessLog(Module):
             self._second = second
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         request_id = exchange.request_id
+        client = exchange.connection.client_ip
+        method = request.method
+        texts = self._texts
+        client_text = texts.get(client)
+        if client_text is None:
+            client_text = self._text(client)
+        method_text = texts.get(method)
+        if method_text is None:
+            method_text = self._text(method)
         return (
             f'{{"time":"{self._second_text}.{int((now - second) * 1000):03d}Z",'
-            f'"client":{_string(exchange.connection.client_ip.decode("latin-1"))},'
-            f'"method":{_string(request.method.decode("latin-1"))},'
+            f'"client":{client_text},"method":{method_text},'
             f'"path":{_string(path.decode("latin-1"))},'
             f'"request_id":{_string(request_id.decode("latin-1")) if request_id else "null"},'
             f'{where},"status":{exchange.status},"bytes":{exchange.response_bytes},{timing}}}'
         )
+
+    def _text(self, value: bytes) -> str:
+        """A client address or a method as a JSON string, kept: they repeat."""
+        if len(self._texts) >= _TEXTS_CACHE:
+            self._texts.clear()
+        text = self._texts[value] = _string(value.decode("latin-1"))
+        return text
 
     def _where_of(self, route: Any, node: Any) -> str:
         """The route, cluster, node and transport fields, made once per route and node."""
