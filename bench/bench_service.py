@@ -5,7 +5,7 @@ Request frames are fed into the stream server's connection protocol
 batch per event-loop turn as a socket would deliver them; the transport is a
 sink that keeps what is written, and the answers are counted afterwards. So
 what is timed is Python work only (CPU time of this process), not system
-calls. Three variants, interleaved, in the same run:
+calls. Four variants, interleaved, in the same run:
 
 * ``minimal``: the yardstick, a bare asyncio protocol that cuts frames with
   ``struct``, decodes the Request with the generated protobuf class, builds
@@ -13,9 +13,12 @@ calls. Three variants, interleaved, in the same run:
   generated class, frames it and writes once per batch;
 * ``server+raw``: the same handler as a plain transport handler behind the
   real stream server connection (what the transport costs on its own);
-* ``sdk echo``: ``pitcher_rpc.sdk.echo:app``, as ``pitcher backend`` runs it.
+* ``sdk echo``: ``pitcher_rpc.sdk.echo:app``, as ``pitcher backend`` runs it;
+* ``minimal+sdk codecs``: the yardstick with the SDK's JSON encoder and its
+  Response written by hand, to tell what of the SDK's figure is encoders and
+  what is the framework around them.
 
-Both echoes must answer byte-identical JSON; the script checks it first.
+All of them must answer byte-identical payloads; the script checks it first.
 
 ``--codec`` times instead each function of ``pitcher_rpc.codec`` against the
 other way of doing the same work (generated upb classes, or bytes by hand),
@@ -64,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 from pitcher_rpc import codec  # noqa: E402
 from pitcher_rpc.pb import pitcher_pb2  # noqa: E402
 from pitcher_rpc.sdk.echo import app as echo_app  # noqa: E402
+from pitcher_rpc.sdk.service import json_bytes  # noqa: E402
 from transports.base import ClientOptions, ServerOptions  # noqa: E402
 from transports.control import Settings  # noqa: E402
 from transports.errors import TransportError  # noqa: E402
@@ -191,10 +195,40 @@ def minimal_answer(payload: bytes) -> bytes:
     return response.SerializeToString()
 
 
+_JSON_HEAD = codec.response_head(200, [b"content-type"], [b"application/json"])
+
+
+def minimal_fast_answer(payload: bytes) -> bytes:
+    """minimal_answer with the SDK's encoders: its C JSON encoder, a Response head made once."""
+    request = _Request.FromString(payload)
+    raw = request.body
+    try:
+        body = raw.decode("utf-8")
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        body = base64.b64encode(raw).decode()
+        encoding = "base64"
+    document = {
+        "method": request.method.decode("latin-1"),
+        "path": request.path.decode("latin-1"),
+        "query": request.query.decode("latin-1"),
+        "headers": [
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in zip(request.header_names, request.header_values, strict=True)
+        ],
+        "body": body,
+        "body_encoding": encoding,
+        "route": request.route,
+        "client": request.client,
+    }
+    return codec.with_body(_JSON_HEAD, json_bytes(document))
+
+
 class MinimalEcho(asyncio.Protocol):
     """A frame echo with nothing but the work: no limits, no tasks, no control frames."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Callable[[bytes], bytes] = minimal_answer) -> None:
+        self.answer = answer
         self.transport: Any = None
         self.buffer = b""
 
@@ -213,7 +247,7 @@ class MinimalEcho(asyncio.Protocol):
             if stop > end:
                 break
             if kind == 1:
-                answer = minimal_answer(data[pos + _HEADER_SIZE : stop])
+                answer = self.answer(data[pos + _HEADER_SIZE : stop])
                 out.append(_pack(1, 2, 0, len(answer), request_id, 0))
                 out.append(answer)
             pos = stop
@@ -231,8 +265,8 @@ async def raw_handler(payload: bytes) -> bytes:
 
 def make_connection(variant: str, loop: asyncio.AbstractEventLoop) -> tuple[Any, SinkTransport]:
     sink = SinkTransport()
-    if variant == "minimal":
-        protocol: Any = MinimalEcho()
+    if variant.startswith("minimal"):
+        protocol: Any = MinimalEcho(minimal_answer if variant == "minimal" else minimal_fast_answer)
         protocol.connection_made(sink)
         return protocol, sink
     # The SDK's transport handler, as Service.serve passes it. It may answer bytes
@@ -290,7 +324,7 @@ async def check_same_answers(payload: bytes) -> None:
     assert json.loads(first.body)["path"] == "/hello"
 
 
-VARIANTS = ("minimal", "server+raw", "sdk echo")
+VARIANTS = ("minimal", "server+raw", "sdk echo", "minimal+sdk codecs")
 
 
 async def compare(requests: int, rounds: int, profile: str | None) -> None:
