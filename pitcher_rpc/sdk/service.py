@@ -268,6 +268,8 @@ def _heads(pair: tuple[str, str]) -> tuple[bytes, ...]:
 _JSON_HEADS = _heads(_JSON_TYPE)
 _TEXT_HEADS = _heads(_TEXT_TYPE)
 _JSON_OK = _JSON_HEADS[200 - 100]
+_TEXT_OK = _TEXT_HEADS[200 - 100]
+_BARE_OK = response_head(200, (), ())
 _NO_CONTENT = Response(204).encode()
 _NOT_FOUND = Response(404, "not found\n").encode()
 _NOT_ALLOWED = Response(405, "method not allowed\n").encode()
@@ -280,6 +282,10 @@ def _encode_result(result: Any) -> bytes:
     kind = type(result)
     if kind is dict or kind is list:
         return with_body(_JSON_OK, json_bytes(result))
+    if kind is bytes:
+        return with_body(_BARE_OK, result)
+    if kind is str:
+        return with_body(_TEXT_OK, result.encode())
     if isinstance(result, Response):
         return result.encode()
     if isinstance(result, bytes | str):

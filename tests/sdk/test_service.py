@@ -213,6 +213,10 @@ def test_a_single_root_route_serves_every_path_and_a_second_route_is_honoured() 
 # ----------------------------------------------------------------------------- results
 
 
+class _Text(str):
+    pass
+
+
 @pytest.mark.parametrize(
     ("result", "status", "headers", "body"),
     [
@@ -221,6 +225,7 @@ def test_a_single_root_route_serves_every_path_and_a_second_route_is_honoured() 
         (7, 200, [(b"content-type", b"application/json")], b"7"),
         ("héllo", 200, [(b"content-type", b"text/plain; charset=utf-8")], "héllo".encode()),
         (b"\x00raw", 200, [], b"\x00raw"),
+        (_Text("sub"), 200, [(b"content-type", b"text/plain; charset=utf-8")], b"sub"),
         (None, 204, [], b""),
         (
             Response(201, b"made", {"x-a": "1", "x-b": "2"}),
