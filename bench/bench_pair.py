@@ -1,12 +1,11 @@
 """Pitcher and its SDK against the yardsticks of their own design, in one run.
 
-Run from the repository root, under the benchmark lock::
+Run from the repository root, on a machine doing nothing else::
 
-    flock /tmp/pitcher-bench.lock .venv/bin/python bench/bench_pair.py
-    flock /tmp/pitcher-bench.lock .venv/bin/python bench/bench_pair.py --pitcher-root /tmp/old
-    flock /tmp/pitcher-bench.lock .venv/bin/python bench/bench_pair.py \\
-        --setups D,E --cases 64x5 --rounds 1 --seconds 3
-    .venv/bin/python bench/bench_pair.py --check
+    python bench/bench_pair.py
+    python bench/bench_pair.py --pitcher-root ../pitcher-before   # another checkout, same way
+    python bench/bench_pair.py --setups D,E --cases 64x5 --rounds 1 --seconds 3
+    python bench/bench_pair.py --check
 
 Five setups, each an HTTP front and a service behind it on a Unix socket:
 
