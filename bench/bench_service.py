@@ -613,16 +613,18 @@ class Load:
         self.running = True
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process so far."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 async def load_once(
     address: str, pid: int, payload: bytes, in_flight: int, seconds: float
-) -> tuple[float, float]:
-    """(server CPU µs per answer, answers per second) over ``seconds`` after a warm-up."""
+) -> tuple[float, float, float]:
+    """Server CPU µs per answer (user, system), answers per second, over ``seconds``."""
     from transports.stream import StreamClient
 
     loop = asyncio.get_running_loop()
@@ -635,10 +637,11 @@ async def load_once(
             load.in_flight += 1
             client.send(payload, caller)
         await asyncio.sleep(1.0)  # warm-up: connection made, caches and allocator settled
-        answers, cpu, started = load.answers, cpu_seconds(pid), loop.time()
+        answers, (user, system), started = load.answers, cpu_seconds(pid), loop.time()
         await asyncio.sleep(seconds)
         answers = load.answers - answers
-        cpu = cpu_seconds(pid) - cpu
+        user_after, system_after = cpu_seconds(pid)
+        user, system = user_after - user, system_after - system
         elapsed = loop.time() - started
         load.running = False
         for _ in range(500):  # bounded: the calls in flight come back
@@ -649,7 +652,7 @@ async def load_once(
         assert not errors, f"{errors} calls failed on {address}"
     finally:
         await client.close(1.0)
-    return cpu / answers * 1e6, answers / elapsed
+    return user / answers * 1e6, system / answers * 1e6, answers / elapsed
 
 
 def start_server(command: list[str], cwd: str, address: str) -> subprocess.Popen[bytes]:
@@ -693,7 +696,7 @@ def live(roots: list[str], rounds: int, seconds: float, in_flight: int) -> None:
             command += ["pitcher_rpc.sdk.echo:app", "--listen", address]
             servers[f"sdk echo @ {root}"] = (address, start_server(command, root, address))
         payloads = {5: request_payload(HEADERS_5), 20: request_payload(HEADERS_20)}
-        results: dict[tuple[int, str], list[tuple[float, float]]] = {}
+        results: dict[tuple[int, str], list[tuple[float, float, float]]] = {}
         for _ in range(rounds):
             for headers, payload in payloads.items():
                 for name, (address, process) in servers.items():
@@ -712,13 +715,22 @@ def live(roots: list[str], rounds: int, seconds: float, in_flight: int) -> None:
         f"split service processes, {in_flight} calls in flight on one connection,"
         f" {seconds:g} s windows, median of {rounds} rounds"
     )
-    print(f"  {'headers':>7}  {'server':50} {'CPU µs/req':>10} {'ratio':>6} {'req/s':>8}")
+    print(
+        f"  {'headers':>7}  {'server':44} {'CPU µs/req':>10} {'ratio':>6}"
+        f" {'user':>6} {'system':>6} {'req/s':>7}"
+    )
     for headers in payloads:
-        base = statistics.median(cpu for cpu, _ in results[(headers, "minimal")])
+        base = statistics.median(user + system for user, system, _ in results[(headers, "minimal")])
         for name in servers:
-            cpu = statistics.median(cpu for cpu, _ in results[(headers, name)])
-            rate = statistics.median(rate for _, rate in results[(headers, name)])
-            print(f"  {headers:>7}  {name:50} {cpu:10.2f} {cpu / base:5.2f}x {rate:8.0f}")
+            outcomes = results[(headers, name)]
+            cpu = statistics.median(user + system for user, system, _ in outcomes)
+            user = statistics.median(user for user, _, _ in outcomes)
+            system = statistics.median(system for _, system, _ in outcomes)
+            rate = statistics.median(rate for _, _, rate in outcomes)
+            print(
+                f"  {headers:>7}  {name:44} {cpu:10.2f} {cpu / base:5.2f}x"
+                f" {user:6.2f} {system:6.2f} {rate:7.0f}"
+            )
 
 
 def main() -> None:
