@@ -30,7 +30,7 @@ code before a change and this one) and the minimal echo above, each on a Unix
 socket, loaded in turn by one StreamClient connection from this process
 keeping 64 calls in flight; a server's CPU time (utime + stime from
 /proc/PID/stat) over a 5-second window, divided by the answers in it. Run it
-under ``flock /tmp/pitcher-bench.lock`` on a shared machine.
+on a machine doing nothing else.
 
     python bench/bench_service.py [--requests 20000] [--rounds 5] [--profile VARIANT]
     python bench/bench_service.py --codec [--rounds 15]
