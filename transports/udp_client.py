@@ -112,20 +112,7 @@ class _ClientProtocol(asyncio.DatagramProtocol):
             ):
                 client = self._client
                 client._heard = True
-                receiver = client._pending.pop(request_id, None)
-                if receiver is None:
-                    # Its caller gave up, or this is a second copy: never anyone else's.
-                    client.late_responses += 1
-                    return
-                if client._resends:
-                    client._resends.pop(request_id, None)
-                if request_id > client._goaway_last:
-                    # A draining node runs nothing above its GOAWAY: this is its successor.
-                    client._goaway_last = _NO_GOAWAY
-                try:
-                    receiver.on_response(data[DATAGRAM_HEADER_SIZE:])
-                except Exception:
-                    log.exception("a receiver failed on a response from %s", client.address)
+                client._deliver(request_id, data[DATAGRAM_HEADER_SIZE:])
                 return
         self._client._datagram_received(data)
 
@@ -494,6 +481,23 @@ class UdpClient(AwaitableCalls):
 
     # receiving ---------------------------------------------------------------------------
 
+    def _deliver(self, request_id: int, payload: bytes) -> None:
+        """A RESPONSE datagram that passed every check: to its caller, once."""
+        receiver = self._pending.pop(request_id, None)
+        if receiver is None:
+            # Its caller gave up, or this is a second copy: never anyone else's.
+            self.late_responses += 1
+            return
+        if self._resends:
+            self._resends.pop(request_id, None)
+        if request_id > self._goaway_last:
+            # A draining node runs nothing above its GOAWAY: this is its successor.
+            self._goaway_last = _NO_GOAWAY
+        try:
+            receiver.on_response(payload)
+        except Exception:
+            log.exception("a receiver failed on a response from %s", self.address)
+
     def _datagram_received(self, data: bytes) -> None:
         try:
             frame = decode_datagram(data, CLIENT_ACCEPTS)
@@ -502,21 +506,7 @@ class UdpClient(AwaitableCalls):
             return
         self._heard = True
         if frame.type == _RESPONSE:
-            request_id = frame.request_id
-            receiver = self._pending.pop(request_id, None)
-            if receiver is None:
-                # Its caller gave up, or this is a second copy: never anyone else's.
-                self.late_responses += 1
-                return
-            if self._resends:
-                self._resends.pop(request_id, None)
-            if request_id > self._goaway_last:
-                # A draining node runs nothing above its GOAWAY: this is its successor.
-                self._goaway_last = _NO_GOAWAY
-            try:
-                receiver.on_response(frame.payload)
-            except Exception:
-                log.exception("a receiver failed on a response from %s", self.address)
+            self._deliver(frame.request_id, frame.payload)
             return
         try:
             self._on_control(frame.type, frame.request_id, frame.payload)
