@@ -207,16 +207,6 @@ class ServerConnection:
 
     # answers out ----------------------------------------------------------------------
 
-    def keep_alive(self) -> bool:
-        """Whether the connection stays open after the active request's answer."""
-        request = self.active
-        return (
-            request is not None
-            and request.keep_alive
-            and not self.draining
-            and self.keepalive_timeout > 0
-        )
-
     def respond(
         self, status: int, fields: bytes, body: bytes | memoryview, now: float | None = None
     ) -> list[bytes]:
