@@ -12,6 +12,8 @@ import urllib.parse
 
 import click
 
+from transports.native import describe as describe_build
+
 from .config import Config, ConfigError, load_config
 
 
@@ -31,7 +33,9 @@ def _run(coro: object) -> None:
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-@click.version_option(package_name="pitcher-rpc")
+@click.version_option(
+    package_name="pitcher-rpc", message=f"%(prog)s, version %(version)s, {describe_build()}"
+)
 def main(verbose: bool) -> None:
     """Pitcher RPC: an HTTP/1.1 traffic entry for split services."""
     _setup_logging(verbose)
@@ -140,11 +144,12 @@ async def _serve(path: str, config: Config) -> None:
     apply(GcSettings(config.server.gc_freeze, config.server.gc_thresholds))
     # Announced only once the signal handlers are in place.
     log.info(
-        "listening on %s (%s; config %s, sha256 %s)",
+        "listening on %s (%s; config %s, sha256 %s; %s)",
         proxy.address,
         describe_backlog(config.server.backlog),
         path,
         config.checksum[:12],
+        describe_build(),
     )
     await stop.wait()
     log.info("draining")
@@ -307,6 +312,7 @@ def bench(seconds: float, carriers: str, in_flight: int, no_proxy: bool, chart: 
         with_proxy=not no_proxy,
         progress=lambda step: click.echo(f"  measuring {step}", err=True),
     )
+    click.echo(f"build: {describe_build()}")
     click.echo(report.table(rows))
     if chart:
         if report.chart(rows, chart):

@@ -64,6 +64,9 @@ def encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
+# A body may be any of these; the frame takes it as it is.
+BytesLike = bytes | bytearray | memoryview
+
 _BYTES = tuple(bytes((n,)) for n in range(256))
 
 
@@ -101,19 +104,19 @@ def encode_request(
     query: bytes,
     header_names: Iterable[bytes],
     header_values: Iterable[bytes],
-    body: bytes,
+    body: BytesLike,
     route: str,
     client: str,
 ) -> bytes:
     """The Request payload, written straight to bytes (any bytes-like body will do)."""
-    if type(header_names) is list and len(header_names) > HAND_MAX_HEADERS:
+    if type(header_names) is list and len(header_names) > HAND_MAX_HEADERS and type(body) is bytes:
         try:
             return _encode_request_upb(
                 method, path, query, header_names, header_values, body, route, client
             )
         except TypeError:  # a bytes-like field the generated class refuses (memoryview)
             pass
-    parts: list[bytes] = []
+    parts: list[BytesLike] = []
     append = parts.append
     size = len(method)
     if size:
@@ -230,7 +233,7 @@ def response_head(
     return b"".join(parts)
 
 
-def with_body(head: bytes, body: bytes) -> bytes:
+def with_body(head: bytes, body: BytesLike) -> bytes:
     """A Response payload: ``head`` (from :func:`response_head`) and ``body``."""
     size = len(body)
     if size < 0x80:
@@ -239,7 +242,7 @@ def with_body(head: bytes, body: bytes) -> bytes:
 
 
 def encode_response(
-    status: int, header_names: Iterable[bytes], header_values: Iterable[bytes], body: bytes
+    status: int, header_names: Iterable[bytes], header_values: Iterable[bytes], body: BytesLike
 ) -> bytes:
     return with_body(response_head(status, header_names, header_values), body)
 

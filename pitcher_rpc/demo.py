@@ -12,6 +12,7 @@ import tempfile
 import click
 
 from transports.base import Server
+from transports.native import describe as describe_build
 
 from .config import Config, parse_config
 from .embedded import embedded_config
@@ -60,7 +61,7 @@ async def run_demo(listen: str | None) -> None:
             click.echo(f"pitcher demo: cannot listen on {listen_on}: {exc.strerror}", err=True)
             raise SystemExit(1) from None
         base = f"http://{proxy.address}"
-        click.echo(f"Pitcher RPC demo: proxy on {base}")
+        click.echo(f"Pitcher RPC demo: proxy on {base} ({describe_build()})")
         for route in config.routes:
             cluster = config.clusters[route.cluster]
             click.echo(f"  {route.prefix:<8} -> echo service at {cluster.nodes[0].uri}")

@@ -268,7 +268,9 @@ def test_demo_with_a_bad_listen_address_is_a_usage_error(workdir: str) -> None:
 def test_version_and_help(workdir: str) -> None:
     version = pitcher("--version", cwd=workdir)
     assert version.returncode == 0
-    assert re.fullmatch(r"pitcher, version \d+\.\d+\.\d+\S*\n", version.stdout)
+    assert re.fullmatch(
+        r"pitcher, version \d+\.\d+\.\d+\S*, (compiled|pure Python) \(.+\)\n", version.stdout
+    )
     help_text = pitcher("--help", cwd=workdir)
     assert help_text.returncode == 0
     for command in ("serve", "check", "demo", "backend"):

@@ -17,53 +17,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import Any
 
 from .control import ErrorInfo
 from .errors import ErrorCode
+from .stepping import as_coroutine, resume
 
 log = logging.getLogger("pitcher.transports")
 
 
 _CoroutineType = types.CoroutineType
-
-
-async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
-
-
-def as_coroutine(awaitable: Awaitable[Any]) -> Coroutine[Any, Any, Any]:
-    """The awaitable itself if it is a coroutine, else a coroutine awaiting it."""
-    if isinstance(awaitable, _CoroutineType):
-        return awaitable
-    return _as_coroutine(awaitable)
-
-
-@types.coroutine
-def resume(coroutine: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
-    """Carry on a coroutine that was stepped by hand and yielded ``yielded``.
-
-    Awaited inside a task, this hands ``yielded`` (the future the coroutine
-    waits for) to the task, then passes what the task sends or throws back
-    into the coroutine, until it returns.
-    """
-    while True:
-        try:
-            sent = yield yielded
-        except GeneratorExit:
-            coroutine.close()
-            raise
-        except BaseException as exc:
-            try:
-                yielded = coroutine.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-            continue
-        try:
-            yielded = coroutine.send(sent)
-        except StopIteration as stop:
-            return stop.value
 
 
 # A handler as the runner takes it: a transport Handler (request payload in,
@@ -118,7 +82,7 @@ class HandlerRunner:
         try:
             result = self._handler(payload)
             if not isinstance(result, bytes):
-                coroutine = result if isinstance(result, _CoroutineType) else _as_coroutine(result)
+                coroutine = result if isinstance(result, _CoroutineType) else as_coroutine(result)
                 yielded = coroutine.send(None)
         except StopIteration as done:
             coroutine = None

@@ -344,7 +344,11 @@ class StreamServer:
             raise ConnectError(f"cannot listen on {self.address}: {exc.strerror or exc}") from exc
         if address.scheme != "unix" and address.port == 0:
             # Report the port the kernel picked.
-            host, port = self._server.sockets[0].getsockname()[:2]
+            # Untyped on purpose: uvloop's sockets are a list where asyncio's
+            # are a tuple, and the compiled build checks declared types.
+            server: Any = self._server
+            name = server.sockets[0].getsockname()
+            host, port = name[0], name[1]
             self.address = f"{address.scheme}://{_format_host(host)}:{port}"
 
     async def close(self, grace: float = 5.0) -> None:
@@ -366,7 +370,8 @@ class StreamServer:
         for connection in list(self._connections):
             connection.close()
         if self._socket_file is not None:
-            path, self._socket_file, bound = self._parsed.path, None, self._socket_file
+            bound = self._socket_file
+            path, self._socket_file = self._parsed.path, None
             with contextlib.suppress(OSError):
                 info = os.stat(path)
                 if (info.st_dev, info.st_ino) == bound:

@@ -37,6 +37,25 @@ class HttpError(Exception):
         return f"{self.status} {self.reason}"
 
 
+# The fields of a request, which equality compares (a compiled class keeps no
+# __slots__ to read back).
+_FIELDS = (
+    "body",
+    "content_length",
+    "expect_continue",
+    "host",
+    "keep_alive",
+    "method",
+    "names",
+    "path",
+    "query",
+    "target",
+    "values",
+    "version",
+    "watched",
+)
+
+
 class HttpRequest:
     """One complete request. Names are lower-case; values and the target are raw bytes.
 
@@ -45,21 +64,7 @@ class HttpRequest:
     path never builds a pair per field. ``headers`` gives the pairs.
     """
 
-    __slots__ = (
-        "body",
-        "content_length",
-        "expect_continue",
-        "host",
-        "keep_alive",
-        "method",
-        "names",
-        "path",
-        "query",
-        "target",
-        "values",
-        "version",
-        "watched",
-    )
+    __slots__ = _FIELDS
 
     def __init__(
         self,
@@ -100,7 +105,7 @@ class HttpRequest:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HttpRequest):
             return NotImplemented
-        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
+        return all(getattr(self, name) == getattr(other, name) for name in _FIELDS)
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from transports.native import describe as describe_build
+
 from ..config import Config, ConfigError, load_config
 from ..config.overlay import NodeChange, Overlay
 from ..proxy.backlog import describe_backlog
@@ -163,7 +165,7 @@ class Master:
         else:
             notify(READY=1, MAINPID=os.getpid())
         log.info(
-            "listening on %s (%s) with %d workers (admin on %s:%d, config %s, sha256 %s)",
+            "listening on %s (%s) with %d workers (admin on %s:%d, config %s, sha256 %s; %s)",
             self.address,
             describe_backlog(self.config.server.backlog),
             len(self.slots),
@@ -171,6 +173,7 @@ class Master:
             port,
             self.config_path,
             self.config.checksum[:12],
+            describe_build(),
         )
         try:
             await self.stopping.wait()

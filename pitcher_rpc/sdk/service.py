@@ -23,8 +23,9 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from transports.base import Server, ServerOptions
-from transports.handlers import resume
+from transports.native import describe as describe_build
 from transports.registry import transport_for
+from transports.stepping import resume
 
 from ..codec import Request as RequestMessage
 from ..codec import decode_request, encode_response, response_head, with_body
@@ -412,7 +413,7 @@ class Service:
     async def serve(self, address: str, options: ServerOptions | None = None) -> Server:
         """Start serving on ``address`` (any registered transport URI); returns the server."""
         server: Server = await transport_for(address).serve(address, self.respond, options)
-        log.info("%s serving on %s", self.name, server.address)
+        log.info("%s serving on %s (%s)", self.name, server.address, describe_build())
         return server
 
     def run(

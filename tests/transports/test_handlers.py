@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from transports.handlers import as_coroutine, resume
+from transports.handlers import as_coroutine
+from transports.stepping import resume
 
 
 def test_a_handler_that_never_waits_finishes_on_its_first_step() -> None:
