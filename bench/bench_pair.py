@@ -5,18 +5,27 @@ Run from the repository root, on a machine doing nothing else::
     python bench/bench_pair.py
     python bench/bench_pair.py --pitcher-root ../pitcher-before   # another checkout, same way
     python bench/bench_pair.py --setups D,E --cases 64x5 --rounds 1 --seconds 3
+    python bench/bench_pair.py --setups A,P,D --cases 64x5,1x5   # the two builds and nginx
     python bench/bench_pair.py --check
 
-Five setups, each an HTTP front and a service behind it on a Unix socket:
+Six setups, each an HTTP front and a service behind it on a Unix socket:
 
     A  nginx (1 worker, keep-alive upstream) + bare_http_echo.py (httptools)
     B  minimal_proxy.py + minimal_echo.py: the minimal pair of Pitcher's design
     C  minimal_proxy.py + the SDK echo (pitcher backend pitcher_rpc.sdk.echo:app)
-    D  pitcher serve --workers 1 (default modules) + the SDK echo
+    P  D, but pure Python: PITCHER_PURE_PYTHON=1 for the proxy and the SDK echo
+    D  pitcher serve --workers 1 (default modules) + the SDK echo, as built:
+       compiled by mypyc when the install has the extensions
     E  D with access_log, metrics and throttle on as well (request_id is on in
        both): the log in the run's scratch directory, the default buckets, a
        proxy-wide rate and concurrency limit and a business quota for the
        route, all far above what the load asks, so that nothing is refused
+
+Every setup but P runs Pitcher as installed: PITCHER_PURE_PYTHON is taken out
+of their environment. The header names the build D and P run (each asked of
+a process started the way theirs are); the run stops if P's is not pure
+Python, and a note says so if D's is pure as well (no compiled build: D and P
+then measure the same thing).
 
 Every service answers the same JSON. Each setup is measured at 64 and at 1
 connection, with 5 and with 20 request headers (wrk -t1 --latency; without
@@ -33,17 +42,22 @@ bound of the first bucket whose cumulative count reaches the share. The
 same reading shows requests the throttle refused and modules the overload
 guard shed (either would make E's numbers mean something else).
 
-Then the ratios against their goals: proxy CPU per request against the
-minimal proxy's, the SDK service's against the minimal echo's, one-connection
-p50 against the minimal pair's, the modules' cost (E's proxy CPU per request
-against D's), E's residence p99 in µs, and, for information, the pair against
-nginx. A ratio whose setups or cases were not run is left out.
+Then the ratios against their goals, a ceiling (≤) or a floor (≥): proxy
+CPU per request against the minimal proxy's and the SDK service's against the
+minimal echo's, for both builds (D/C, D/B and the pure core's own P/C, P/B:
+≤1.15); one-connection p50 against the minimal pair's; the modules' cost (E's
+proxy CPU per request against D's); E's residence p99 in µs; the compiled
+build against nginx (req/s D/A at 64 connections ≥1.0, and ≥1.3 as the
+long-term mark; one-connection p50 ≤1.0; proxy and service CPU per request,
+SDK echo against the bare HTTP echo, ≤0.8); for information, the pure build
+against the compiled one (P/D, D/P) and the pair against nginx. A ratio
+whose setups or cases were not run is left out.
 
 Before any of it (and alone with ``--check``), the minimal echo and the SDK
 echo behind the same minimal proxy must answer the same requests with the
 same bytes (but for the client port); Pitcher's answer is compared too.
 
-``--pitcher-root PATH`` runs C's, D's and E's Pitcher processes from another
+``--pitcher-root PATH`` runs C's, P's, D's and E's Pitcher processes from another
 checkout (PYTHONPATH and working directory PATH), so numbers before a change
 are measured by this same script. Every process is started and stopped here
 by its pid; every load is bounded in time.
@@ -82,6 +96,8 @@ sys.path.insert(0, str(BENCH))
 from bench_spine import ROOT, cpu_seconds, free_port, wait_for_port  # noqa: E402
 
 PYTHON = sys.executable
+# Set for a process, it runs Pitcher's pure-Python modules (transports/native.py).
+PURE_ENV = "PITCHER_PURE_PYTHON"
 # wrk sends Host itself; these make 5 and 20 request headers.
 FIVE = ["User-Agent: wrk/4 bench", "Accept: */*", "Accept-Encoding: gzip", "X-Trace: abc123"]
 TWENTY = [
@@ -108,7 +124,8 @@ SETUPS = {
     "A": "nginx + bare HTTP echo",
     "B": "minimal proxy + minimal echo",
     "C": "minimal proxy + SDK echo",
-    "D": "Pitcher + SDK echo",
+    "P": "Pitcher + SDK echo, pure Python",
+    "D": "Pitcher + SDK echo, as built",
     "E": "Pitcher + SDK echo, with modules",
 }
 
@@ -187,11 +204,43 @@ class Where(NamedTuple):
 
 
 def where(root: Path | None) -> Where:
+    """Pitcher as installed under ``root`` (default: this checkout), compiled if it was built."""
+    env = {name: value for name, value in os.environ.items() if name != PURE_ENV}
     if root is None:
-        return Where(ROOT, dict(os.environ))
+        return Where(ROOT, env)
     # The working directory matters too: pitcher serve starts its workers with
     # `python -m`, which puts the working directory first on sys.path.
-    return Where(root, {**os.environ, "PYTHONPATH": str(root)})
+    return Where(root, {**env, "PYTHONPATH": str(root)})
+
+
+def pure_python(at: Where) -> Where:
+    """The same, told to run the pure-Python modules (setup P)."""
+    return Where(at.cwd, {**at.env, PURE_ENV: "1"})
+
+
+# A process started this way says which build it runs. A checkout from before
+# the compiled build has no transports/native.py and is pure Python; it is looked
+# for beside the transports package imported, since an editable install's finder
+# would take a missing module from the installed tree instead.
+_BUILD_OF = """
+import os
+import transports
+if os.path.isfile(os.path.join(os.path.dirname(transports.__file__), "native.py")):
+    from transports.native import describe
+    print(describe())
+else:
+    print("pure Python (no transports/native.py in this checkout)")
+"""
+
+
+def build_of(at: Where) -> str:
+    """Which build of Pitcher's request path a process started ``at`` runs."""
+    asked = subprocess.run(
+        [PYTHON, "-c", _BUILD_OF], cwd=at.cwd, env=at.env, capture_output=True, text=True
+    )
+    if asked.returncode != 0:
+        raise RuntimeError(f"cannot tell which build runs in {at.cwd}:\n{asked.stderr}")
+    return asked.stdout.strip()
 
 
 @contextlib.contextmanager
@@ -309,6 +358,9 @@ def setup(key: str, tmp: Path, pitcher: Where) -> Iterator[Running]:
             wait_for_unix(sock)
             front = stack.enter_context(started(minimal_proxy, here, log, ready=True))
         else:
+            if key == "P":
+                # Both sides: the proxy and the SDK echo share the request path's modules.
+                pitcher = pure_python(pitcher)
             service = stack.enter_context(started(sdk_echo, pitcher, log, ready=False))
             wait_for_unix(sock)
             conf = tmp / f"pitcher-{key}.toml"
@@ -729,6 +781,27 @@ def run_rounds(
 # ------------------------------------------------------------------------------ report
 
 
+class Goal(NamedTuple):
+    """A ratio's goal: at most ``bound`` (a ceiling) or, with ``floor``, at least ``bound``."""
+
+    bound: float
+    floor: bool = False
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.floor else value <= self.bound
+
+    def shown(self, digits: int) -> str:
+        return ("≥" if self.floor else "≤") + format(self.bound, f".{digits}f")
+
+
+def at_most(bound: float) -> Goal:
+    return Goal(bound)
+
+
+def at_least(bound: float) -> Goal:
+    return Goal(bound, floor=True)
+
+
 def report(
     results: Results,
     keys: list[str],
@@ -767,21 +840,39 @@ def report(
         )
 
     # (label, numerator, denominator or "" for E's own number, connections, metric, goal)
-    lines: list[tuple[str, str, str, int, str, float | None]] = [
-        ("proxy CPU/request D/C", "D", "C", 64, "front_cpu", 1.15),
-        ("proxy CPU/request D/C", "D", "C", 1, "front_cpu", 1.15),
-        ("service CPU/request D/B", "D", "B", 64, "service_cpu", 1.15),
-        ("service CPU/request D/B", "D", "B", 1, "service_cpu", 1.15),
+    lines: list[tuple[str, str, str, int, str, Goal | None]] = [
+        ("proxy CPU/request D/C", "D", "C", 64, "front_cpu", at_most(1.15)),
+        ("proxy CPU/request D/C", "D", "C", 1, "front_cpu", at_most(1.15)),
+        # The request core in pure Python keeps the goals it had before it was compiled.
+        ("proxy CPU/request P/C", "P", "C", 64, "front_cpu", at_most(1.15)),
+        ("proxy CPU/request P/C", "P", "C", 1, "front_cpu", at_most(1.15)),
+        ("service CPU/request D/B", "D", "B", 64, "service_cpu", at_most(1.15)),
+        ("service CPU/request D/B", "D", "B", 1, "service_cpu", at_most(1.15)),
+        ("service CPU/request P/B", "P", "B", 64, "service_cpu", at_most(1.15)),
+        ("service CPU/request P/B", "P", "B", 1, "service_cpu", at_most(1.15)),
         ("  same proxy in front: C/B", "C", "B", 64, "service_cpu", None),
         ("  same proxy in front: C/B", "C", "B", 1, "service_cpu", None),
-        ("p50 D/B", "D", "B", 1, "p50", 1.15),
-        ("modules' CPU E/D", "E", "D", 64, "front_cpu", 1.25),
-        ("modules' CPU E/D", "E", "D", 1, "front_cpu", 1.25),
-        ("residence p99 E (µs)", "E", "", 64, "res_p99", 100.0),
-        ("req/s D/B", "D", "B", 64, "rps", None),
-        ("req/s D/A", "D", "A", 64, "rps", None),
+        ("p50 D/B", "D", "B", 1, "p50", at_most(1.15)),
+        ("modules' CPU E/D", "E", "D", 64, "front_cpu", at_most(1.25)),
+        ("modules' CPU E/D", "E", "D", 1, "front_cpu", at_most(1.25)),
+        ("residence p99 E (µs)", "E", "", 64, "res_p99", at_most(100.0)),
+        # The compiled build against nginx and the bare HTTP echo behind it.
+        ("req/s D/A", "D", "A", 64, "rps", at_least(1.0)),
+        ("req/s D/A, long-term mark", "D", "A", 64, "rps", at_least(1.3)),
         ("req/s D/A", "D", "A", 1, "rps", None),
-        ("proxy CPU/request D/A", "D", "A", 64, "front_cpu", None),
+        ("p50 D/A", "D", "A", 1, "p50", at_most(1.0)),
+        ("proxy CPU/request D/A", "D", "A", 64, "front_cpu", at_most(0.8)),
+        ("proxy CPU/request D/A", "D", "A", 1, "front_cpu", at_most(0.8)),
+        ("service CPU/request D/A", "D", "A", 64, "service_cpu", at_most(0.8)),
+        ("service CPU/request D/A", "D", "A", 1, "service_cpu", at_most(0.8)),
+        # What compiling gives: the pure build against the compiled one.
+        ("proxy CPU/request P/D", "P", "D", 64, "front_cpu", None),
+        ("proxy CPU/request P/D", "P", "D", 1, "front_cpu", None),
+        ("service CPU/request P/D", "P", "D", 64, "service_cpu", None),
+        ("service CPU/request P/D", "P", "D", 1, "service_cpu", None),
+        ("req/s D/P", "D", "P", 64, "rps", None),
+        ("req/s D/P", "D", "P", 1, "rps", None),
+        ("req/s D/B", "D", "B", 64, "rps", None),
         ("req/s B/A (the design against nginx)", "B", "A", 64, "rps", None),
     ]
     line(
@@ -814,7 +905,7 @@ def report(
             elif goal is None:
                 cells.append(f"{value:.{digits}f}")
             else:
-                verdict = "met" if value <= goal else "not met"
+                verdict = "met" if goal.met(value) else "not met"
                 cells.append(f"{value:.{digits}f} {verdict}")
         drift = "-"
         five, twenty = values
@@ -822,7 +913,7 @@ def report(
         if goal is not None and bottom and five is not None and twenty is not None:
             ratio = twenty / five
             drift = f"{ratio:.2f} " + ("met" if abs(ratio - 1) <= 0.10 else "not met")
-        shown_goal = "-" if goal is None else "≤" + format(goal, f".{digits}f")
+        shown_goal = "-" if goal is None else goal.shown(digits)
         text = f"{label:<38} {connections:>5} {shown_goal:>6}   {cells[0]:<14} {cells[1]:<14}"
         line((text + (f" {drift}" if goal is not None else "")).rstrip())
 
@@ -901,12 +992,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--pitcher-root", type=Path, help="run C-E's Pitcher from here")
+    parser.add_argument("--pitcher-root", type=Path, help="run C, P, D and E's Pitcher from here")
     parser.add_argument(
         "--setups",
         type=setups_option,
         default=list(SETUPS),
-        metavar="A,B,C,D,E",
+        metavar="A,B,C,P,D,E",
         help="the setups to run (default: all)",
     )
     parser.add_argument(
@@ -935,13 +1026,26 @@ def main() -> None:
         text=True,
         check=True,
     ).stdout.strip()
+    built, pure = build_of(pitcher), build_of(pure_python(pitcher))
+    builds = f"Pitcher's build: D (and E, C's SDK echo) {built}; P {pure}"
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
     keys: list[str] = args.setups
     cases: list[tuple[int, int]] = args.cases
+    say(builds)
+    if "P" in keys and not pure.startswith("pure Python"):
+        parser.error(
+            f"setup P must run pure Python, but with {PURE_ENV}=1 Pitcher in {pitcher.cwd}"
+            f" runs: {pure}"
+        )
     notes = []
+    if not built.startswith("compiled"):
+        notes.append(
+            f"note: D runs {built}, as P does: there is no compiled build to run,"
+            " D and P measure the same thing"
+        )
     skipped: tuple[str, ...] = ()
     if "A" in keys and (args.skip_nginx or nginx_binary() is None):
         if not args.skip_nginx:
@@ -974,6 +1078,7 @@ def main() -> None:
     )
     for key in keys:
         print(f"  {key}: {SETUPS[key]}")
+    print(builds)
     print("front/service µs/req: CPU time (user+system, with children) per request")
     print("others: cores busy with other processes than these and the load generator")
     report(results, keys, cases, print, skipped)
