@@ -52,7 +52,7 @@ class HandlerRunner:
     for one stopped at its deadline).
     """
 
-    __slots__ = ("_answer", "_handler", "_loop", "_on_settled", "_timers", "tasks")
+    __slots__ = ("_answer", "_handler", "_loop", "_on_settled", "_timers", "_unstarted", "tasks")
 
     def __init__(
         self,
@@ -70,6 +70,8 @@ class HandlerRunner:
         self.tasks: dict[Hashable, asyncio.Task[None]] = {}
         # The deadline timers of the waiting requests that have one.
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        # Tasks not yet started, with the handler coroutine each will carry on.
+        self._unstarted: dict[asyncio.Task[None], Coroutine[Any, Any, Any]] = {}
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -98,6 +100,7 @@ class HandlerRunner:
             return
         task = self._loop.create_task(self._carry_on(key, coroutine, yielded))
         self.tasks[key] = task
+        self._unstarted[task] = coroutine
         if deadline_ms:
             # Nobody waits for the answer after this: stop the work.
             self._timers[key] = self._loop.call_later(deadline_ms / 1000, self._expire, key, task)
@@ -110,18 +113,39 @@ class HandlerRunner:
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
-        task.cancel()
+        self._stop(task)
         return True
 
     def cancel_all(self) -> None:
         tasks, self.tasks = self.tasks, {}
         for task in tasks.values():
-            task.cancel()
+            self._stop(task)
         timers, self._timers = self._timers, {}
         for timer in timers.values():
             timer.cancel()
 
+    def _stop(self, task: asyncio.Task[None]) -> None:
+        task.cancel()
+        coroutine = self._unstarted.pop(task, None)
+        if coroutine is None:
+            return
+        # Cancelled before its first step, the task will run no line of
+        # _carry_on: the handler gets its CancelledError here, where it waits,
+        # as it would have in the task.
+        try:
+            coroutine.throw(asyncio.CancelledError())
+        except (asyncio.CancelledError, StopIteration):
+            pass
+        except Exception:
+            log.exception("handler failed while cancelled")
+        else:
+            coroutine.close()  # it waits again, and nothing will carry it on
+        self._on_settled()
+
     async def _carry_on(self, key: Hashable, coroutine: Any, yielded: Any) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._unstarted.pop(task, None)
         error: Exception | None = None
         try:
             result = await resume(coroutine, yielded)

@@ -32,8 +32,9 @@ from pathlib import Path
 from types import ModuleType
 
 # The modules of the request path on both sides, compiled as one group: the
-# proxy's HTTP connection, exchange and codec; the transports' stream client
-# and server; the SDK's server path. Order does not matter.
+# proxy's HTTP connection, exchange, codec and the built-in modules it runs per
+# request; the transports' stream and UDP clients and servers; the SDK's
+# server path. Order does not matter.
 COMPILED = (
     "pitcher_rpc.codec",
     "pitcher_rpc.http.connection",
@@ -41,20 +42,30 @@ COMPILED = (
     "pitcher_rpc.http.parser",
     "pitcher_rpc.http.request",
     "pitcher_rpc.http.response",
+    "pitcher_rpc.modules.access_log",
+    "pitcher_rpc.modules.chain",
+    "pitcher_rpc.modules.metrics",
+    "pitcher_rpc.modules.request_id",
+    "pitcher_rpc.modules.throttle",
     "pitcher_rpc.process.admin_http",
     "pitcher_rpc.proxy.balance",
     "pitcher_rpc.proxy.exchange",
     "pitcher_rpc.proxy.frontend",
     "pitcher_rpc.proxy.glue",
+    "pitcher_rpc.proxy.module_host",
     "pitcher_rpc.proxy.routing",
+    "pitcher_rpc.proxy.snapshot",
     "pitcher_rpc.proxy.upstream",
     "pitcher_rpc.sdk.service",
+    "transports.datagram",
     "transports.decoder",
     "transports.frame",
     "transports.handlers",
     "transports.stream_client",
     "transports.stream_io",
     "transports.stream_server",
+    "transports.udp_client",
+    "transports.udp_server",
 )
 
 # Set to anything but "" or "0": run the pure-Python modules.

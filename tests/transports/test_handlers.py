@@ -368,3 +368,64 @@ def test_nothing_is_written_to_a_closing_transport() -> None:
         assert log.writes == [b"1"]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("how", ["cancel", "cancel_all"])
+def test_a_handler_cancelled_before_its_task_first_runs_still_gets_the_cancellation(
+    how: str,
+) -> None:
+    # A server aborting (or a CANCEL arriving) in the same loop turn as the
+    # request: the task has not taken a step, and a task cancelled then never
+    # runs its coroutine, so the handler must be told by the runner itself.
+    seen: list[str] = []
+
+    async def handler(payload: bytes) -> bytes:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            seen.append("cancelled inside")
+            raise
+        finally:
+            seen.append("finally")
+        return payload
+
+    async def scenario() -> None:
+        runner, answers = runner_for(handler, asyncio.get_running_loop())
+        runner.start(3, b"x", 5000)
+        assert 3 in runner
+        if how == "cancel":
+            assert runner.cancel(3)
+        else:
+            runner.cancel_all()
+        assert seen == ["cancelled inside", "finally"]
+        assert answers.settled == 1
+        await asyncio.sleep(0.01)  # the cancelled task ends without running a line
+        assert answers.got == [] and not runner.tasks and not runner._unstarted
+        assert answers.settled == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_handler_that_ignores_a_cancellation_before_its_first_step_is_closed() -> None:
+    seen: list[str] = []
+
+    async def stubborn(payload: bytes) -> bytes:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            seen.append("ignored")
+        try:
+            await asyncio.sleep(10)
+        finally:
+            seen.append("closed")
+        return payload
+
+    async def scenario() -> None:
+        runner, answers = runner_for(stubborn, asyncio.get_running_loop())
+        runner.start(4, b"x", 0)
+        runner.cancel_all()
+        assert seen == ["ignored", "closed"]
+        await asyncio.sleep(0.01)
+        assert answers.got == []
+
+    asyncio.run(scenario())
