@@ -157,3 +157,17 @@ def test_the_source_finder_loads_the_py_file_beside_an_extension(tmp_path: Path)
     spec = finder.find_spec("pkg.sub.faster", [str(tmp_path / "pkg" / "sub")])
     assert spec is not None and spec.origin == str(tmp_path / "pkg" / "sub" / "faster.py")
     assert finder.find_spec("pkg.other", [str(tmp_path / "pkg")]) is None
+
+
+def test_every_source_directory_is_a_package_the_build_ships() -> None:
+    # setup.py ships what find_packages() finds; a directory without an
+    # __init__.py would be left out of an installed (non-editable) package.
+    from setuptools import find_packages
+
+    found = set(find_packages(str(ROOT), include=["pitcher_rpc*", "transports*"]))
+    with_sources = {
+        ".".join(path.parent.relative_to(ROOT).parts)
+        for top in ("pitcher_rpc", "transports")
+        for path in (ROOT / top).rglob("*.py")
+    }
+    assert with_sources <= found, sorted(with_sources - found)

@@ -1,0 +1,1 @@
+"""The proxy: asyncio glue over http/, routing, balancing, the exchange, node pools."""
