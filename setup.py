@@ -11,7 +11,6 @@ ever used with the source it was compiled from.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import runpy
@@ -32,7 +31,8 @@ def note(message: str) -> None:
 
 
 def sources() -> list[str]:
-    return [str(Path(*name.split(".")).with_suffix(".py")) for name in MODULES]
+    """The compiled modules' files, relative to the project root (where builds run)."""
+    return [str(NATIVE["module_source"](name, Path())) for name in MODULES]
 
 
 # The commands that build extensions; the others (metadata, sdist) need no mypyc run.
@@ -74,9 +74,9 @@ class OptionalBuildExt(build_ext):
             return
         import mypy.version
 
+        # The digest the import-time check compares with (transports/native.py).
         digests = {
-            name: hashlib.sha256(Path(HERE, source).read_bytes()).hexdigest()
-            for name, source in zip(MODULES, sources(), strict=True)
+            name: NATIVE["source_digest"](NATIVE["module_source"](name, HERE)) for name in MODULES
         }
         manifest.parent.mkdir(parents=True, exist_ok=True)
         manifest.write_text(

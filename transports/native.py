@@ -78,13 +78,14 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 
 class Build:
-    """What :func:`choose` decided, and why."""
+    """What :func:`choose` decided, and why; ``extensions``: whether any are installed."""
 
-    __slots__ = ("compiled", "reason")
+    __slots__ = ("compiled", "extensions", "reason")
 
-    def __init__(self, compiled: bool, reason: str) -> None:
+    def __init__(self, compiled: bool, reason: str, extensions: bool) -> None:
         self.compiled = compiled
         self.reason = reason
+        self.extensions = extensions
 
     def __str__(self) -> str:
         return self.reason
@@ -115,33 +116,34 @@ def inspect_build(
     if env is None:
         env = os.environ
     present = [name for name in modules if module_extension(name, root) is not None]
+
+    def pure(reason: str) -> Build:
+        return Build(False, f"pure Python ({reason})", bool(present))
+
     if env.get(PURE_ENV, "") not in ("", "0"):
-        return Build(False, f"pure Python ({PURE_ENV} is set)")
+        return pure(f"{PURE_ENV} is set")
     if not present:
-        return Build(False, "pure Python (no compiled modules in this install)")
+        return pure("no compiled modules in this install")
     missing = [name for name in modules if name not in present]
     if missing:
-        return Build(False, f"pure Python (compiled build incomplete: {missing[0]} is missing)")
+        return pure(f"compiled build incomplete: {missing[0]} is missing")
     manifest_path = root / "transports" / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         digests: dict[str, str] = manifest["modules"]
         compiler = str(manifest["compiler"])
     except (OSError, ValueError, KeyError, TypeError):
-        return Build(False, f"pure Python (no readable build manifest at {manifest_path})")
+        return pure(f"no readable build manifest at {manifest_path}")
     for name in modules:
         source = module_source(name, root)
         try:
             digest = source_digest(source)
         except OSError:
-            return Build(False, f"pure Python ({source} is missing)")
+            return pure(f"{source} is missing")
         if digests.get(name) != digest:
-            return Build(
-                False,
-                f"pure Python ({source.relative_to(root)} changed since it was compiled;"
-                " install again to rebuild)",
-            )
-    return Build(True, f"compiled ({compiler}, {len(modules)} modules)")
+            relative = source.relative_to(root)
+            return pure(f"{relative} changed since it was compiled; install again to rebuild")
+    return Build(True, f"compiled ({compiler}, {len(modules)} modules)", True)
 
 
 class _SourceFinder(importlib.abc.MetaPathFinder):
@@ -172,7 +174,7 @@ def choose() -> Build:
     if _chosen is not None:
         return _chosen
     build = inspect_build()
-    if not build.compiled and any(module_extension(name) for name in COMPILED):
+    if not build.compiled and build.extensions:
         sys.meta_path.insert(0, _SourceFinder(COMPILED))
     _chosen = build
     return build

@@ -157,7 +157,7 @@ class _ClientConnection(asyncio.Protocol):
             start = pos + HEADER_SIZE
             stop = start + length
             if (
-                kind != 2
+                kind != 2  # FrameType.RESPONSE
                 or stop > end
                 or version != VERSION
                 or not request_id

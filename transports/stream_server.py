@@ -126,7 +126,7 @@ class _ServerConnection(asyncio.Protocol):
             start = pos + HEADER_SIZE
             stop = start + length
             if (
-                kind != 1
+                kind != 1  # FrameType.REQUEST
                 or stop > end
                 or version != VERSION
                 or length > max_frame_size
@@ -161,7 +161,7 @@ class _ServerConnection(asyncio.Protocol):
         try:
             for kind, request_id, payload, deadline_ms, _ in frames:
                 if (
-                    kind == 1
+                    kind == 1  # FrameType.REQUEST
                     and request_id > self.last_request_id
                     and len(runner.tasks) < self._max_in_flight
                     and not self.goaway_sent

@@ -217,8 +217,6 @@ class UdpServer:
             assert runner is not None
             if not runner.cancel(key) and self._cache_size and key not in self._replay:
                 self._remember(key, _NO_ANSWER)
-                if self._sweeper is None:
-                    self._arm_sweeper()
         else:  # PING, the only other type decode_datagram lets through here
             self._send(encode_datagram(FrameType.PONG, 0, frame.payload), addr)
 
@@ -250,13 +248,7 @@ class UdpServer:
             return
         if self._cache_size:
             # Before start(): a handler that never waits answers inside it.
-            order = self._replay_order
-            if len(order) >= self._cache_size:
-                del replay[order.popleft()]
-            replay[key] = [self._loop.time(), None]  # type: ignore[union-attr]
-            order.append(key)
-            if self._sweeper is None:
-                self._arm_sweeper()
+            self._remember(key, None)
         runner.start(key, payload, deadline_ms)
 
     def _remember(self, key: Hashable, answer: bytes | None) -> None:
