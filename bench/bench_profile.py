@@ -60,7 +60,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+# The same pair as bench_pair.py's setup D: its configuration and 5 request headers.
+from bench_pair import FIVE as HEADERS  # noqa: E402
+from bench_pair import PITCHER_CONFIG, machine_busy, wait_quiet  # noqa: E402
+from bench_spine import ROOT, cpu_seconds, free_port  # noqa: E402
+
 PYTHON = sys.executable
 BUILDS = ("compiled", "pure")
 SIDES = ("proxy", "service")
@@ -74,27 +81,7 @@ CLASSES = (
     "other",
 )
 EVAL_LOOP = "_PyEval_EvalFrameDefault"
-# wrk sends Host itself: with these, 5 request headers, as in bench_pair.py.
-HEADERS = ["User-Agent: wrk/4 bench", "Accept: */*", "Accept-Encoding: gzip", "X-Trace: abc123"]
 CONNECTIONS = 64
-
-CONFIG = """
-[server]
-listen = "127.0.0.1:{port}"
-backlog = 4096
-
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[[routes]]
-name = "echo"
-prefix = "/"
-cluster = "echo"
-timeout = 10.0
-
-[clusters.echo]
-nodes = ["unix://{socket}"]
-"""
 
 
 # ------------------------------------------------------------------------------ processes
@@ -138,12 +125,6 @@ def started(args: list[str], env: dict[str, str], log: Path) -> Iterator[int]:
             proc.wait(10)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for_unix(path: Path, pid: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -182,33 +163,10 @@ def alive(pid: int) -> None:
     raise RuntimeError(f"process {pid} exited")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy() -> float:
-    """CPU seconds the whole machine has spent not idle, all cores, from /proc/stat."""
-    with open("/proc/stat") as stat:
-        fields = [int(n) for n in stat.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def children_cpu() -> float:
     """CPU seconds of this process's finished children (wrk)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def wait_quiet(limit: float) -> None:
-    """Wait, at most ``limit`` seconds, for half a second in which the machine is all but idle."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        busy, began = machine_busy(), time.monotonic()
-        time.sleep(0.5)
-        if (machine_busy() - busy) / (time.monotonic() - began) < 0.1:
-            return
 
 
 # ----------------------------------------------------------------------------- wrk, perf
@@ -384,7 +342,7 @@ def profile_once(
     sock = tmp / f"{tag}.sock"
     port, admin = free_port(), free_port()
     conf = tmp / f"{tag}.toml"
-    conf.write_text(CONFIG.format(port=port, admin=admin, socket=sock))
+    conf.write_text(PITCHER_CONFIG.format(port=port, admin=admin, socket=sock, route=""))
     echo = [PYTHON, "-m", "pitcher_rpc.cli", "backend", "pitcher_rpc.sdk.echo:app"]
     serve = [PYTHON, "-m", "pitcher_rpc.cli", "serve", "-c", str(conf), "--workers", "0"]
     data = {side: tmp / f"{tag}-{side}.data" for side in SIDES}
