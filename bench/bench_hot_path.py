@@ -297,6 +297,7 @@ VARIANTS: dict[str, tuple[list[str], int, bool]] = {
     "throttle": (["throttle"], 0, False),
     "access_log": (["access_log"], 0, False),
     "node health": ([], 0, True),
+    "bench_pair's E": (["request_id", "metrics", "throttle", "access_log"], 0, False),
     "all of them": (["request_id", "metrics", "throttle", "access_log", "headers"], 0, True),
 }
 

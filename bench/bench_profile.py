@@ -11,7 +11,8 @@ at most 1)::
 The pair of bench_pair.py's setup D, one build at a time: the SDK echo
 (``pitcher backend pitcher_rpc.sdk.echo:app``) on a Unix socket behind
 ``pitcher serve --workers 0`` (one process, so that one pid is the whole
-proxy), loaded by ``wrk -t1 -c64 --latency`` with 5 request headers. After a
+proxy), loaded by ``wrk -t1 -c64 --latency`` with 5 request headers; with
+``--modules``, setup E's instead (access_log, metrics and throttle on). After a
 second of warm-up, ``perf record -e cpu-clock -F 999 -g`` is attached to the
 proxy and to the service at once, each writing its own file, for the length
 of a ``--seconds`` wrk run; ``perf script`` then gives the shared object and
@@ -63,9 +64,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-# The same pair as bench_pair.py's setup D: its configuration and 5 request headers.
+# The same pair as bench_pair.py's setup D (or E): its configuration and 5 request headers.
+from bench_pair import E_MODULES, E_ROUTE, PITCHER_CONFIG, machine_busy, wait_quiet  # noqa: E402
 from bench_pair import FIVE as HEADERS  # noqa: E402
-from bench_pair import PITCHER_CONFIG, machine_busy, wait_quiet  # noqa: E402
 from bench_spine import ROOT, cpu_seconds, free_port  # noqa: E402
 
 PYTHON = sys.executable
@@ -336,13 +337,17 @@ class Run:
 
 
 def profile_once(
-    build: str, tmp: Path, seconds: float, tag: str, keep: Path | None
+    build: str, tmp: Path, seconds: float, tag: str, keep: Path | None, modules: bool
 ) -> tuple[Run, dict[str, Side]]:
     env = build_env(build)
     sock = tmp / f"{tag}.sock"
     port, admin = free_port(), free_port()
     conf = tmp / f"{tag}.toml"
-    conf.write_text(PITCHER_CONFIG.format(port=port, admin=admin, socket=sock, route=""))
+    route = E_ROUTE if modules else ""
+    text = PITCHER_CONFIG.format(port=port, admin=admin, socket=sock, route=route)
+    if modules:
+        text += E_MODULES.format(log=tmp / f"{tag}-access.log")
+    conf.write_text(text)
     echo = [PYTHON, "-m", "pitcher_rpc.cli", "backend", "pitcher_rpc.sdk.echo:app"]
     serve = [PYTHON, "-m", "pitcher_rpc.cli", "serve", "-c", str(conf), "--workers", "0"]
     data = {side: tmp / f"{tag}-{side}.data" for side in SIDES}
@@ -508,6 +513,11 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8, help="symbols listed per build and side")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the perf data files here")
     parser.add_argument(
+        "--modules",
+        action="store_true",
+        help="the pair of bench_pair.py's setup E: access_log, metrics and throttle on as well",
+    )
+    parser.add_argument(
         "--wait-quiet",
         type=float,
         default=20.0,
@@ -539,7 +549,7 @@ def main() -> None:
                 say(f"round {number + 1}/{args.rounds}: {build}")
                 wait_quiet(args.wait_quiet)
                 tag = f"{build}-{number}"
-                run, found = profile_once(build, tmp, args.seconds, tag, args.keep)
+                run, found = profile_once(build, tmp, args.seconds, tag, args.keep, args.modules)
                 runs[build].append(run)
                 for side in SIDES:
                     merge(sides[(side, build)], found[side])
@@ -551,6 +561,8 @@ def main() -> None:
         f" {os.cpu_count()} CPUs; perf record -e cpu-clock -F 999 -g on the proxy"
         f" (serve --workers 0) and the SDK echo; wrk -t1 -c{CONNECTIONS}, 5 request headers"
     )
+    if args.modules:
+        print("  the proxy runs setup E's modules: access_log, metrics, throttle, request_id")
     for build in builds:
         print(f"  {build}: transports.native.describe() in its environment: {described[build]}")
         # The processes' own start-up lines say the same, or the numbers are not the build's.

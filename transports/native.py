@@ -37,12 +37,14 @@ from types import ModuleType
 # server path. Order does not matter.
 COMPILED = (
     "pitcher_rpc.codec",
+    "pitcher_rpc.degrade.limits",
     "pitcher_rpc.http.connection",
     "pitcher_rpc.http.headers",
     "pitcher_rpc.http.parser",
     "pitcher_rpc.http.request",
     "pitcher_rpc.http.response",
     "pitcher_rpc.modules.access_log",
+    "pitcher_rpc.modules.base",
     "pitcher_rpc.modules.chain",
     "pitcher_rpc.modules.metrics",
     "pitcher_rpc.modules.request_id",

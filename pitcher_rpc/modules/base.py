@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
 
+from mypy_extensions import mypyc_attr
+
 
 class Hook(Enum):
     ACCEPT = "on_accept"
@@ -63,6 +65,9 @@ class Answer:
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
+# Compiled, so that the built-in modules' own attributes are read as fields;
+# a module written in Python subclasses it as any class.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Module:
     """Base of every module; subclasses set the class attributes and define handlers."""
 

@@ -159,8 +159,10 @@ class HookChains:
             and module.name not in self.shed
         ]
 
-    def run(self, handlers: tuple[Handler, ...], *arguments: Any) -> Answer | None:
-        """Call each handler in order; the first Answer ends the chain.
+    def run(self, handlers: tuple[Handler, ...], argument: Any) -> Answer | None:
+        """Call each handler with ``argument`` (the exchange, or the connection) in order.
+
+        The first Answer ends the chain.
 
         A handler that raises is logged with its module's name and counted;
         the chain goes on without it, or, for a module whose policy is
@@ -168,7 +170,7 @@ class HookChains:
         """
         for module, handler in handlers:
             try:
-                answer = handler(*arguments)
+                answer = handler(argument)
             except Exception:
                 self.failures[module.name] += 1
                 log.exception("module %s failed", module.name)

@@ -256,3 +256,45 @@ def test_a_priority_tie_is_refused_when_the_configuration_is_checked() -> None:
     finally:
         registry.unregister("tie_a")
         registry.unregister("tie_b")
+
+
+class Tenant(Module):
+    """A module written in Python, reading a header it names at class level."""
+
+    name = "tenant"
+    priority = 60
+    watch = frozenset({b"x-tenant"})
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.seen: list[bytes] = []
+
+    def before_cluster(self, exchange: Any) -> Answer | None:
+        request = exchange.request
+        if not request.watched:
+            return None
+        tenant = request.values[request.names.index(b"x-tenant")]
+        self.seen.append(tenant)
+        return Answer(403, "tenant refused") if tenant == b"blocked" else None
+
+
+def test_a_python_module_subclasses_the_base_and_the_core_sees_its_watched_header() -> None:
+    tenant = Tenant({})
+    assert tenant.watch == frozenset({b"x-tenant"}) and Tenant.hooks() == (Hook.BEFORE_CLUSTER,)
+
+    async def get(port: int, tenant_header: str) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"GET /x HTTP/1.1\r\nHost: x\r\n{tenant_header}Connection: close\r\n\r\n".encode()
+        )
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return int(data.split(b" ", 2)[1])
+
+    async def body(port: int, chains: HookChains) -> None:
+        assert await get(port, "") == 200
+        assert await get(port, "X-Tenant: shop\r\n") == 200
+        assert await get(port, "X-Tenant: blocked\r\n") == 403
+
+    with_proxy([tenant], body)
+    assert tenant.seen == [b"shop", b"blocked"]
