@@ -76,7 +76,7 @@ from typing import Any
 
 import aiofiles
 
-from .base import Module
+from .base import AnyRecord, Module
 
 log = logging.getLogger("pitcher.access_log")
 
@@ -171,7 +171,7 @@ class AccessLog(Module):
 
     # the request path ---------------------------------------------------------------
 
-    def request_finish(self, exchange: Any) -> None:
+    def request_finish(self, exchange: AnyRecord) -> None:
         if self._closed:
             self.dropped += 1
             return
@@ -208,7 +208,7 @@ class AccessLog(Module):
                 self.capacity,
             )
 
-    def _line(self, exchange: Any) -> str:
+    def _line(self, exchange: AnyRecord) -> str:
         request = exchange.request
         route = exchange.route
         node = exchange.node

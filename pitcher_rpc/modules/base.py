@@ -37,9 +37,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
 
 from mypy_extensions import mypyc_attr
+
+from ..http.headers import HeaderEdits
+from ..http.request import HttpRequest
 
 
 class Hook(Enum):
@@ -54,6 +57,69 @@ class Hook(Enum):
     def method(self) -> str:
         """The name of the handler method a module defines to subscribe."""
         return self.value
+
+
+RouteT = TypeVar("RouteT")
+NodeT = TypeVar("NodeT")
+ConnectionT = TypeVar("ConnectionT")
+
+
+class Record(Generic[RouteT, NodeT, ConnectionT]):
+    """What a module reads and writes of one request: the proxy's exchange is one.
+
+    ``request`` (the parsed request), ``route`` and ``node`` (the route taken
+    and the node of the last attempt, None until there is one), ``connection``
+    (the client's: ``client_ip``), ``status`` and ``response_bytes`` once
+    answered, and the ``perf_counter()`` times ``started`` (the request was
+    read and begins), ``backend_started`` / ``backend_ended`` (the last
+    attempt was sent / its answer or error came; 0.0 if no backend was called)
+    and ``finished`` (the response was handed to the socket). The times are
+    taken only when a module that runs at REQUEST_FINISH is on
+    (``HookChains.timed``). Modules write ``request_id`` / ``id_header`` /
+    ``echo_id`` (request_id), ``edits`` (header changes, see HeaderEdits) and
+    ``module_state`` (per-request state by module name; None until a module
+    keeps some).
+
+    A handler of a compiled module declares its argument as ``AnyRecord`` and
+    reads these as fields; the proxy's types fill in the parameters.
+    """
+
+    __slots__ = (
+        "backend_ended",
+        "backend_started",
+        "connection",
+        "echo_id",
+        "edits",
+        "finished",
+        "id_header",
+        "module_state",
+        "node",
+        "request",
+        "request_id",
+        "response_bytes",
+        "route",
+        "started",
+        "status",
+    )
+
+    request: HttpRequest
+    route: RouteT | None
+    node: NodeT | None
+    connection: ConnectionT
+    status: int
+    response_bytes: int
+    request_id: bytes
+    id_header: bytes
+    echo_id: bool
+    edits: HeaderEdits | None
+    started: float
+    backend_started: float
+    backend_ended: float
+    finished: float
+    module_state: dict[str, Any] | None
+
+
+AnyRecord: TypeAlias = Record[Any, Any, Any]
 
 
 @dataclass(frozen=True, slots=True)

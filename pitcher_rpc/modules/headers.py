@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..http.headers import HOP_BY_HOP, HeaderChanges, HeaderEdits, is_valid_name, is_valid_value
-from .base import Module
+from .base import AnyRecord, Module
 
 _RULES = (
     "request_add",
@@ -114,7 +114,9 @@ class Headers(Module):
             route: _merge(checked["base"], rules) for route, rules in checked["routes"].items()
         }
 
-    def after_cluster(self, exchange: Any) -> None:
-        edits = self._by_route.get(exchange.route.name, self._default)
+    def after_cluster(self, exchange: AnyRecord) -> None:
+        # AFTER_CLUSTER runs once a route has taken the request.
+        route = exchange.route
+        edits = self._by_route.get(route.name, self._default) if route else self._default
         if edits.request or edits.response:
             exchange.edits = edits

@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
-from .base import Module
+from .base import AnyRecord, Module
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -204,7 +204,7 @@ class Metrics(Module):
         self.bounds: tuple[float, ...] = self.validate(settings)["buckets"]
         self._routes: dict[str, _RouteNumbers] = {}
 
-    def request_finish(self, exchange: Any) -> None:
+    def request_finish(self, exchange: AnyRecord) -> None:
         # Every request runs this: a few dict operations and bisects, the
         # histograms updated inline (three observe() calls made it ~15% slower,
         # 0.47 against 0.40 µs).

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..http.headers import is_valid_name
-from .base import Module
+from .base import AnyRecord, Module
 
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}").fullmatch
 _PREFIX = os.urandom(6).hex().encode() + b"-"
@@ -92,7 +92,7 @@ class RequestId(Module):
         # dropped from what is forwarded whether it is kept or replaced.
         self.watch = frozenset({self.header})
 
-    def before_cluster(self, exchange: Any) -> None:
+    def before_cluster(self, exchange: AnyRecord) -> None:
         request = exchange.request
         request_id = b""
         if request.watched and self.trust_incoming:

@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..degrade.limits import Gate, TokenBucket
-from .base import Answer, Module
+from .base import Answer, AnyRecord, Module
 
 log = logging.getLogger("pitcher.throttle")
 
@@ -167,8 +167,10 @@ class Throttle(Module):
 
     # the hot path ---------------------------------------------------------------------
 
-    def after_cluster(self, exchange: Any) -> Answer | None:
-        business = self.businesses.get(exchange.route.business)
+    def after_cluster(self, exchange: AnyRecord) -> Answer | None:
+        # AFTER_CLUSTER runs once a route has taken the request.
+        route = exchange.route
+        business = self.businesses.get(route.business) if route is not None else None
         detect = self.detect_only
         # Concurrency first (a refusal then costs no token), business then proxy.
         gates = self._gates if business is None else business.gates
@@ -221,7 +223,7 @@ class Throttle(Module):
             self._logged = now
             log.info("detect mode: would refuse a request (%s); counted, not refused", reason)
 
-    def request_finish(self, exchange: Any) -> None:
+    def request_finish(self, exchange: AnyRecord) -> None:
         state = exchange.module_state
         if state is not None:
             held = state.pop(_NAME, None)

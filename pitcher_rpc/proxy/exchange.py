@@ -26,7 +26,6 @@ from transports.errors import (
 
 from ..codec import BadPayload, decode_response, encode_request
 from ..http.headers import (
-    HeaderEdits,
     InvalidHeader,
     forward_request_headers,
     response_fields,
@@ -34,6 +33,7 @@ from ..http.headers import (
 )
 from ..http.parser import HttpRequest
 from ..http.response import error_body
+from ..modules.base import Record
 from .routing import normalize_path
 
 if TYPE_CHECKING:
@@ -65,46 +65,23 @@ def _failure_kind(error: TransportError) -> str | None:
     return "reset"
 
 
-class Exchange:
+class Exchange(Record["Route", "Node", "HttpConnection"]):
     """One request's way through the proxy.
 
-    What modules may read: ``request``, ``route``, ``node`` (the last one
-    tried), ``status`` and ``response_bytes`` once answered, ``request_id``,
-    and the ``perf_counter()`` times ``started`` (the request was read and
-    begins), ``backend_started`` / ``backend_ended`` (the last attempt was
-    sent / its answer or error came; 0.0 if no backend was called) and
-    ``finished`` (the response was handed to the socket). The times are taken
-    only when a module that runs at REQUEST_FINISH is on (``HookChains.timed``):
-    a clock read costs as much as a few attribute stores, four per request.
-
-    The exchange answers; the client connection decides what the answer's
+    What modules may read and write is its :class:`Record` part. The
+    exchange answers; the client connection decides what the answer's
     framing is and when the request is over.
     """
 
     __slots__ = (
         "attempts",
-        "backend_ended",
-        "backend_started",
         "calling",
         "chains",
-        "connection",
         "deadline",
-        "echo_id",
-        "edits",
-        "finished",
-        "id_header",
         "idempotent",
-        "module_state",
-        "node",
         "path",
         "payload",
-        "request",
-        "request_id",
-        "response_bytes",
-        "route",
         "snapshot",
-        "started",
-        "status",
         "timed",
         "tried",
     )
@@ -119,16 +96,16 @@ class Exchange:
         # The module chains this request runs: the default ones until routed.
         self.chains = modules.default
         # Header changes a module asks for (see HeaderEdits); None for none.
-        self.edits: HeaderEdits | None = None
+        self.edits = None
         self.status = 0
         self.idempotent = False
-        self.node: Node | None = None
+        self.node = None
         # The nodes tried before the current one, for a retry to avoid them.
         self.tried: tuple[Node, ...] = ()
         self.attempts = 0
         # A call to a node whose health is watched is outstanding.
         self.calling = False
-        self.route: Route | None = None
+        self.route = None
         self.payload = b""
         self.path = b""
         # Set by the request_id module: the id, the header that carries it to
@@ -142,7 +119,7 @@ class Exchange:
         self.finished = 0.0
         self.response_bytes = 0
         # Per-request state modules keep, by module name; None until one does.
-        self.module_state: dict[str, Any] | None = None
+        self.module_state = None
 
     # start -----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import pytest
 
 from pitcher_rpc.config import parse_config
 from pitcher_rpc.modules.access_log import AccessLog
+from pitcher_rpc.modules.base import Record
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
 from tests.inprocess import (
@@ -227,7 +228,7 @@ def test_every_field_of_a_proxied_an_unrouted_and_a_unix_request(tmp_path: Any) 
     assert lost["residence"] == lost["total"]
 
     # Closed: a late line is dropped and counted, not written.
-    module.request_finish(object())
+    module.request_finish(Record())
     assert module.stats() == {"written": 3, "dropped": 1, "buffered": 0}
     assert len(read_lines(path)) == 3
 
