@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -191,6 +192,14 @@ class _Validator(PolicySections):
             keepalive_timeout=self._seconds(
                 table, (*path, "keepalive_timeout"), defaults.keepalive_timeout, allow_zero=True
             ),
+            body_timeout=self._seconds(table, (*path, "body_timeout"), defaults.body_timeout),
+            body_deadline=self._seconds(
+                table, (*path, "body_deadline"), defaults.body_deadline, allow_zero=True
+            ),
+            max_connections=self._integer(
+                table, (*path, "max_connections"), defaults.max_connections, 1, 1_000_000
+            ),
+            trusted_proxies=self._networks(table, (*path, "trusted_proxies")),
             max_request_line=self._integer(
                 table, (*path, "max_request_line"), defaults.max_request_line, 1
             ),
@@ -206,6 +215,27 @@ class _Validator(PolicySections):
             gc_freeze=self._gc_freeze(table, (*path, "gc_freeze")),
             gc_thresholds=self._gc_thresholds(table, (*path, "gc_thresholds")),
         )
+
+    def _networks(self, table: Mapping[str, Any], path: KeyPath) -> tuple[str, ...]:
+        """CIDRs (``10.0.0.0/8``, ``::1``), normalised; host bits set are masked, as nginx."""
+        value = table.get(str(path[-1]))
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.report(path, type_message("an array of addresses or CIDRs", value))
+            return ()
+        networks: list[str] = []
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                self.report((*path, index), type_message("an address or a CIDR", item))
+                continue
+            try:
+                network = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                self.report((*path, index), f"must be an address or a CIDR, got {show(item)}")
+                continue
+            networks.append(str(network))
+        return tuple(dict.fromkeys(networks))
 
     def _gc_freeze(self, table: Mapping[str, Any], path: KeyPath) -> bool:
         value = table.get("gc_freeze", True)
