@@ -21,8 +21,14 @@ here, once, for the proxy's frontend and the admin API alike:
 - water marks: reading should pause while too many requests wait or while
   the client does not read what it is sent (:attr:`wants_read`);
 - deadlines: the head of a request must arrive within ``header_timeout`` of
-  its first byte (408), an idle keep-alive connection is closed after
-  ``keepalive_timeout``, a lingering close ends after ``LINGER_SECONDS``.
+  its first byte; its body may pause no longer than ``body_timeout`` between
+  two reads (the read that ended the head counts) and must be complete within
+  ``body_deadline`` of its head (0: no limit), for Content-Length and chunked
+  bodies alike (408 for each, answered in its turn like any refusal); an idle
+  keep-alive connection is closed after ``keepalive_timeout``, a lingering
+  close ends after ``LINGER_SECONDS``. A request's deadlines run while it is
+  its turn: while an earlier request is being answered they wait, and they
+  count again from that answer, as the header deadline always has.
 
 The caller acts on a few plain attributes after a call: bytes to write come
 back from the method or wait in :attr:`outgoing`; :attr:`half_close` and
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import Final
 
 from .parser import RequestParser
 from .request import HttpError, HttpLimits, HttpRequest
@@ -64,6 +71,8 @@ def _plain_error(status: int, message: str) -> tuple[bytes, bytes]:
 # Queued after the last request when the client half-closed: answer what came
 # before it, then close.
 _CLIENT_DONE = HttpError(0, "client closed its side")
+# ``body_started`` while the request arriving has no complete head yet.
+_NO_BODY_YET: Final = -1.0
 
 
 class ServerConnection:
@@ -79,6 +88,9 @@ class ServerConnection:
         "_queue",
         "_refused",
         "active",
+        "body_deadline",
+        "body_started",
+        "body_timeout",
         "draining",
         "error_answer",
         "half_close",
@@ -105,12 +117,20 @@ class ServerConnection:
         error_answer: Callable[[int, str], tuple[bytes, bytes]] | None = None,
         now: float = 0.0,
     ) -> None:
-        self.parser = RequestParser(limits, watch)
+        self.parser = parser = RequestParser(limits, watch)
         # The head must arrive within header_timeout of the request's first
-        # byte, and a body may pause no longer than that; with request_timeout
-        # (0: none) the whole request, body included, must arrive within it.
+        # byte; with request_timeout (0: none) the whole request, body
+        # included, must arrive within it.
         self.header_timeout = header_timeout
         self.request_timeout = request_timeout
+        # The body's deadlines, from the limits; plain attributes, so that the
+        # caller may change them on a connection already open.
+        limits = parser.limits
+        self.body_timeout = limits.body_timeout
+        self.body_deadline = limits.body_deadline
+        # When the head of the request arriving was complete (or its turn
+        # came, see respond()); _NO_BODY_YET while it is not.
+        self.body_started = _NO_BODY_YET
         # (header lines, body) of a refusal, by status and reason; plain text
         # unless the caller says otherwise.
         self.error_answer = error_answer or _plain_error
@@ -148,6 +168,7 @@ class ServerConnection:
         parser = self.parser
         if not parser.in_request:
             self.request_started = now
+            self.body_started = _NO_BODY_YET
         try:
             requests = parser.feed(data)
         except HttpError as error:
@@ -160,12 +181,15 @@ class ServerConnection:
             if parser.in_request:
                 # The bytes after the last complete request began the next one.
                 self.request_started = now
+                self.body_started = now if parser.headers_complete else _NO_BODY_YET
             if self.active is None and not self._queue and len(requests) == 1:
                 # The common case, kept short: one request with nothing ahead of it.
                 request = self.active = requests[0]
                 return request
             self._queue.extend(requests)
             return self.next_request() if self.active is None else None
+        if self.body_started == _NO_BODY_YET and parser.headers_complete:
+            self.body_started = now  # the head is complete: the body's clock starts
         if self.active is None:
             self._idle()
         return None
@@ -237,6 +261,8 @@ class ServerConnection:
             self.last_activity = now
             if self.parser.in_request:
                 self.request_started = now
+                if self.body_started != _NO_BODY_YET:
+                    self.body_started = now
         if not body or request.method == b"HEAD" or status in _NO_CONTENT:
             return [head]
         return [head, body]  # type: ignore[list-item]
@@ -326,13 +352,16 @@ class ServerConnection:
             return
         parser = self.parser
         if parser.in_request:
-            timeout = self.header_timeout
             late = now - self.request_started
-            if (
-                late > timeout
-                and (not parser.headers_complete or now - self.last_activity > timeout)
-            ) or (self.request_timeout and late > self.request_timeout):
+            if self.request_timeout and late > self.request_timeout:
                 self._refuse(HttpError(408, "request not received in time"))
+            elif not parser.headers_complete:
+                if late > self.header_timeout:
+                    self._refuse(HttpError(408, "request head not received in time"))
+            elif now - self.last_activity > self.body_timeout:
+                self._refuse(HttpError(408, "request body paused too long"))
+            elif self.body_deadline and now - self.body_started > self.body_deadline:
+                self._refuse(HttpError(408, "request body not received in time"))
         elif now - self.last_activity > self.keepalive_timeout:
             self.must_close = True
 

@@ -1,7 +1,10 @@
 """The header rules a proxy applies, each in one pass over a message's headers.
 
 - Hop-by-hop fields, and every field a ``Connection`` header names, are not
-  forwarded in either direction (RFC 9110 §7.6.1).
+  forwarded in either direction (RFC 9110 §7.6.1); a field named so is gone
+  before the proxy adds its own, so it never reaches the X-Forwarded-For
+  chain either. Host is kept whatever Connection says: routing used it, and
+  the backend must see the host routing saw.
 - The edits modules ask for (:class:`HeaderChanges`: remove, set, add).
 - A backend's response headers are validated as a whole (one C-level regex
   match over all names and one over all values) before anything is relayed.
@@ -60,6 +63,9 @@ REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | {
 }
 # Response headers the proxy itself owns: the HTTP framing is ours to write.
 RESPONSE_DROP: frozenset[bytes] = HOP_BY_HOP | {b"content-length"}
+# Request fields a Connection header cannot remove: a client naming Host there
+# would have the request routed by one host and served without any.
+_END_TO_END: frozenset[bytes] = frozenset((b"host",))
 
 # RFC 9110 §5.6.2 token and §5.5 field-value (no leading or trailing
 # whitespace, HTAB inside, obs-text allowed, no other CTL).
@@ -150,22 +156,26 @@ def forward_request_headers(
     """The request headers a proxy forwards, and the incoming X-Forwarded-For chain.
 
     ``names`` are lower-case, ``values`` parallel to them. Drops hop-by-hop
-    fields, those the client named in Connection (so a client cannot smuggle
-    ``X-Forwarded-For`` past the proxy by naming it there), Content-Length,
-    X-Forwarded-For/-Proto (the proxy writes its own) and ``also_drop``.
-    Returns new (names, values, forwarded_for) lists, where
+    fields, those the client named in Connection (Host excepted),
+    Content-Length, X-Forwarded-For/-Proto (the proxy writes its own) and
+    ``also_drop``. Returns new (names, values, forwarded_for) lists, where
     ``forwarded_for`` is every X-Forwarded-For field of the request joined in
-    order (RFC 9110 §5.3), or b"" if there was none.
+    order (RFC 9110 §5.3), or b"" if there was none or the client named it in
+    Connection: a field addressed to this hop only is removed before the
+    proxy adds its own, so its value does not reach the chain.
     """
     drop = REQUEST_DROP
+    chain = True
     if b"connection" in names:
-        drop = drop | connection_tokens(zip(names, values, strict=True))
+        named = connection_tokens(zip(names, values, strict=True)) - _END_TO_END
+        drop = drop | named
+        chain = b"x-forwarded-for" not in named
     kept_names = []
     kept_values = []
     forwarded_for = b""
     for name, value in zip(names, values, strict=True):
         if name in drop or name == also_drop:
-            if name == b"x-forwarded-for":
+            if chain and name == b"x-forwarded-for":
                 forwarded_for = forwarded_for + b", " + value if forwarded_for else value
             continue
         kept_names.append(name)

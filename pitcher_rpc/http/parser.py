@@ -14,12 +14,21 @@ a list or over 2**64-1, Content-Length together with Transfer-Encoding,
 
 What is added here: only HTTP/1.0 and HTTP/1.1 (llhttp also takes 0.9 and 2.0),
 CONNECT refused, fragments and malformed percent-escapes refused, asterisk-form
-only as ``OPTIONS *``, absolute-form only for http(s) without userinfo, Host
-present exactly once and shaped like an authority, transfer codings other than
-a final "chunked" refused, Transfer-Encoding on HTTP/1.0 refused, unknown
-expectations refused, size limits enforced while bytes arrive, trailing
-whitespace stripped from values, and an ``Upgrade`` request treated as an
-ordinary one.
+only as ``OPTIONS *``, transfer codings other than a final "chunked" refused,
+Transfer-Encoding on HTTP/1.0 refused, unknown expectations refused, size
+limits enforced while bytes arrive, trailing whitespace stripped from values,
+and an ``Upgrade`` request treated as an ordinary one.
+
+Host (RFC 9112 §3.2): required on HTTP/1.1, at most one field on any version,
+and its value a non-empty authority (reg-name or IP literal, optional port, no
+userinfo; RFC 9110 §4.2.1 makes an http URI with an empty host invalid), else
+400; an HTTP/1.0 request may leave it out. An absolute-form target (RFC 9112
+§3.2.2) must be http(s) with a valid, non-empty authority and no userinfo;
+that authority replaces Host: it is the request's ``host`` and the value of
+its Host field (added if the request had none), so that routing and whatever
+the request is forwarded to see one and the same host. ``OPTIONS`` with an
+absolute-form target with an empty path and no query is ``OPTIONS *``
+(RFC 9112 §3.2.4).
 
 A violation raises :class:`HttpError`; the complete requests that came before
 it in the same ``feed`` are on the exception as ``requests``. After an error
@@ -30,6 +39,7 @@ false) later bytes are ignored, as RFC 9112 §9.6 requires.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from types import SimpleNamespace
 from typing import NoReturn
@@ -57,9 +67,10 @@ _RTSP_ONLY_METHODS = frozenset(
     b"DESCRIBE ANNOUNCE SETUP PLAY PAUSE TEARDOWN GET_PARAMETER SET_PARAMETER REDIRECT RECORD "
     b"FLUSH".split()
 )
-# RFC 3986 host (an IPv6 literal or a reg-name, IPvFuture left out) and port.
+# RFC 3986 host (an IPv6 literal or a reg-name, IPvFuture left out) and port;
+# what is inside the brackets is checked as an IPv6 address besides.
 _AUTHORITY = re.compile(
-    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]{0,5})?"
+    rb"(?:\[([0-9A-Fa-f:.]+)\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]{0,5})?"
 )
 # RFC 3986 appendix B, with the fragment left out: llhttp has vetted the
 # characters, so the split is all that is left to do.
@@ -75,6 +86,25 @@ _HTTP2_PREFACE_REASON = "Pause on PRI/Upgrade"
 
 
 _DEFAULT_LIMITS = HttpLimits()
+
+
+def valid_authority(authority: bytes) -> bool:
+    """Whether ``authority`` is ``host[:port]`` as Host (and an http URI) must carry it.
+
+    Not empty, no userinfo, an IPv6 literal only if it is a real address.
+    """
+    match = _AUTHORITY.fullmatch(authority)
+    if match is None:
+        return False
+    literal = match.group(1)
+    if literal is not None:
+        try:
+            ipaddress.IPv6Address(literal.decode("ascii"))
+        except ValueError:
+            return False
+    return True
+
+
 # What a closed parser holds instead of its httptools parser (never fed).
 _DETACHED = HttpRequestParser(SimpleNamespace())
 
@@ -471,7 +501,9 @@ class RequestParser:
             host = b""
         elif host != self._last_host:
             # A keep-alive client repeats one Host; validating it once is enough.
-            if host and not _AUTHORITY.fullmatch(host):
+            if not host:
+                self._fail(400, "empty Host header")
+            if not valid_authority(host):
                 self._fail(400, "invalid Host header")
             self._last_host = host
         if target[:1] == b"/":
@@ -485,8 +517,14 @@ class RequestParser:
                 self._fail(400, "asterisk-form is only for OPTIONS")
             path, query = target, b""
         else:
-            # RFC 9112 §3.2.2: the target's authority wins over Host.
-            path, query, host = self._split_absolute_form(target)
+            # RFC 9112 §3.2.2: the target's authority wins over Host, for
+            # routing and for the Host field forwarded alike.
+            path, query, host = self._split_absolute_form(target, method)
+            if b"host" in names:
+                values[names.index(b"host")] = host
+            else:
+                names.append(b"host")
+                values.append(host)
 
         if transfer_encoding is not None:
             if content_length is not None:
@@ -526,7 +564,7 @@ class RequestParser:
         self._names = []
         self._values = []
 
-    def _split_absolute_form(self, target: bytes) -> tuple[bytes, bytes, bytes]:
+    def _split_absolute_form(self, target: bytes, method: bytes) -> tuple[bytes, bytes, bytes]:
         match = _ABSOLUTE_FORM.fullmatch(target)
         if match is None:
             self._fail(400, "invalid request-target")
@@ -534,12 +572,18 @@ class RequestParser:
         if scheme.lower() not in _HTTP_SCHEMES:
             self._fail(400, "absolute-form target must be http or https")
         # RFC 9110 §4.2.4: userinfo in an http(s) URI is an error; "@" also
-        # fails the authority pattern.
-        if not authority or not _AUTHORITY.fullmatch(authority):
+        # fails the authority pattern. §4.2.1: so is an empty host.
+        if b"@" in authority:
+            self._fail(400, "userinfo in request-target")
+        if not authority or not valid_authority(authority):
             self._fail(400, "invalid authority in request-target")
         if b"%" in path and _BAD_PERCENT_ESCAPE.search(path):
             self._fail(400, "malformed percent-encoding in path")
-        return path or b"/", query or b"", authority
+        if not path:
+            if query is None and method == b"OPTIONS":
+                return b"*", b"", authority  # RFC 9112 §3.2.4: the server as a whole
+            path = b"/"
+        return path, query or b"", authority
 
     def _check_transfer_codings(self, transfer_encoding: bytes) -> None:
         # RFC 9110 §5.6.1: empty list elements are ignored.

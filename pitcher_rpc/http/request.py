@@ -9,18 +9,32 @@ __all__ = ["HttpError", "HttpLimits", "HttpRequest"]
 
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
-    """Sizes above which a request is refused; each is checked as bytes arrive."""
+    """What a request may take: sizes checked as bytes arrive, times checked by the caller's clock.
+
+    The sizes are the parser's; the body times are the connection's
+    (:class:`~pitcher_rpc.http.connection.ServerConnection`), which reads them
+    once when it is made.
+    """
 
     max_request_line: int = 8192  # method + target + version -> 414
     max_header_size: int = 32768  # all header lines, name + ": " + value + CRLF each -> 431
     max_headers: int = 100  # number of header fields -> 431
     max_body_size: int = 1048576  # de-chunked body -> 413
+    # Seconds: the longest wait between two reads of a body (the head's read
+    # counts as the first) -> 408...
+    body_timeout: float = 30.0
+    # ...and the most a whole body may take after its head; 0: no limit -> 408.
+    body_deadline: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("max_request_line", "max_header_size", "max_headers", "max_body_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        if not self.body_timeout > 0:
+            raise ValueError(f"body_timeout must be positive, not {self.body_timeout!r}")
+        if not self.body_deadline >= 0:
+            raise ValueError(f"body_deadline must be 0 or positive, not {self.body_deadline!r}")
 
 
 class HttpError(Exception):

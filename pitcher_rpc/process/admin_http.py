@@ -7,7 +7,8 @@ Every HTTP rule (pipelining order, keep-alive, HTTP/1.0, HEAD,
 100-continue, refusals with a lingering close, water marks, deadlines) is
 the sans-IO connection's; this module only does what it is told with the
 socket (the glue itself is :class:`~pitcher_rpc.proxy.glue.HttpGlue`, shared with
-the proxy), and says how the admin differs: JSON refusals, a whole-request deadline.
+the proxy), and says how the admin differs: JSON refusals, a whole-request
+deadline, and fixed body deadlines.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ AdminAnswer = tuple[int, bytes, bytes]
 # Admin answers describe the proxy at one instant; a cache in between must
 # never replay an old /healthz or config.
 NO_STORE = b"cache-control: no-store\r\n"
+# An admin body is a few hundred bytes of JSON from a tool on the same
+# machine: a pause of seconds in one means a stuck or hostile client, and the
+# master has better things to hold a connection for.
+BODY_TIMEOUT = 2.0
+BODY_DEADLINE = 10.0
 
 
 def json_error(status: int, message: str, fields: bytes = b"") -> AdminAnswer:
@@ -66,7 +72,8 @@ class AdminConnection(HttpGlue):
         self.server = server
         self.loop = loop
         # header_timeout bounds the whole request, body included (admin
-        # bodies are small), not only the gaps in a body.
+        # bodies are small); within it a body may not pause for BODY_TIMEOUT,
+        # and BODY_DEADLINE holds even with a long header_timeout.
         self.http = ServerConnection(
             server.limits,
             header_timeout=server.header_timeout,
@@ -75,6 +82,8 @@ class AdminConnection(HttpGlue):
             error_answer=_json_refusal,
             now=loop.time(),
         )
+        self.http.body_timeout = BODY_TIMEOUT
+        self.http.body_deadline = BODY_DEADLINE
         self.client = "unknown"
         self.task: asyncio.Task[AdminAnswer] | None = None  # the handler running
 

@@ -77,6 +77,8 @@ class Snapshot:
             max_header_size=server.max_header_size,
             max_headers=server.max_headers,
             max_body_size=server.max_body_size,
+            body_timeout=server.body_timeout,
+            body_deadline=server.body_deadline,
         )
         self.header_timeout = server.header_timeout
         self.keepalive_timeout = server.keepalive_timeout

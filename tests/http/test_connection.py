@@ -261,6 +261,165 @@ def test_header_deadline_refuses_with_408() -> None:
     assert conn.half_close
 
 
+# -- body deadlines ------------------------------------------------------------------
+
+_POST_HEAD = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+_CHUNKED_HEAD = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def body_limits(timeout: float = 1.0, deadline: float = 5.0) -> HttpLimits:
+    return HttpLimits(body_timeout=timeout, body_deadline=deadline)
+
+
+def refusal_status(conn: ServerConnection) -> int | None:
+    """The status of the refusal the connection asks to write, if any."""
+    if not conn.outgoing:
+        return None
+    (refusal,) = conn.outgoing
+    assert conn.half_close
+    assert b"connection: close\r\n" in refusal
+    return int(refusal[9:12])
+
+
+def test_limits_take_body_times() -> None:
+    conn = ServerConnection(HttpLimits(body_timeout=2.5, body_deadline=0.0))
+    assert (conn.body_timeout, conn.body_deadline) == (2.5, 0.0)
+    for bad in ({"body_timeout": 0.0}, {"body_timeout": -1.0}, {"body_deadline": -0.5}):
+        with pytest.raises(ValueError, match="body_"):
+            HttpLimits(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="body_timeout"):
+        HttpLimits(body_timeout=float("nan"))
+
+
+@pytest.mark.parametrize("head", [_POST_HEAD, _CHUNKED_HEAD], ids=["length", "chunked"])
+def test_a_body_that_pauses_longer_than_body_timeout_gets_408(head: bytes) -> None:
+    conn = ServerConnection(body_limits(timeout=1.0), header_timeout=60.0)
+    first = b"abc" if head is _POST_HEAD else b"3\r\nabc\r\n"
+    assert conn.receive_data(head + first, 100.0) is None
+    conn.check_timeouts(100.9)
+    assert refusal_status(conn) is None
+    assert conn.receive_data(first[:1], 100.9) is None  # a read restarts the pause
+    conn.check_timeouts(101.8)
+    assert refusal_status(conn) is None
+    conn.check_timeouts(102.0)
+    assert refusal_status(conn) == 408
+    assert conn.outgoing[0].endswith(b"408 Request Timeout: request body paused too long\n")
+
+
+def test_the_wait_for_the_first_body_byte_counts_as_a_pause() -> None:
+    conn = ServerConnection(body_limits(timeout=1.0), header_timeout=60.0)
+    conn.receive_data(_POST_HEAD[:-2], 0.0)  # the head is not complete: the header deadline
+    conn.check_timeouts(30.0)
+    assert refusal_status(conn) is None
+    conn.receive_data(b"\r\n", 30.0)
+    conn.check_timeouts(31.1)
+    assert refusal_status(conn) == 408
+
+
+@pytest.mark.parametrize("head", [_POST_HEAD, _CHUNKED_HEAD], ids=["length", "chunked"])
+def test_a_trickled_body_gets_408_at_body_deadline(head: bytes) -> None:
+    # One byte every half second never pauses for body_timeout; the whole body is late.
+    conn = ServerConnection(body_limits(timeout=1.0, deadline=3.0), header_timeout=60.0)
+    body = b"0123456789" if head is _POST_HEAD else b"a\r\n0123456789\r\n0\r\n\r\n"
+    conn.receive_data(head[:10], 0.0)  # the head's time is not the body's
+    conn.receive_data(head[10:], 5.0)
+    now = 5.0
+    for byte in body[:6]:
+        now += 0.5
+        conn.check_timeouts(now)
+        assert refusal_status(conn) is None, now
+        conn.receive_data(bytes([byte]), now)
+    conn.check_timeouts(8.1)
+    assert refusal_status(conn) == 408
+    assert conn.outgoing[0].endswith(b"request body not received in time\n")
+
+
+def test_body_deadline_zero_is_no_limit() -> None:
+    conn = ServerConnection(body_limits(timeout=1.0, deadline=0.0))
+    conn.receive_data(_POST_HEAD, 0.0)
+    request = None
+    now = 0.0
+    for byte in b"0123456789":  # 9 s in all: body_limits' default deadline would say 408
+        now += 0.9
+        conn.check_timeouts(now)
+        assert refusal_status(conn) is None
+        request = conn.receive_data(bytes([byte]), now) or request
+    assert request is not None and request.body == b"0123456789"
+
+
+def test_a_timely_body_is_untouched() -> None:
+    conn = ServerConnection(body_limits(timeout=1.0, deadline=2.0))
+    conn.receive_data(_POST_HEAD + b"01234", 0.0)
+    conn.check_timeouts(0.9)
+    request = conn.receive_data(b"56789", 1.9)
+    assert request is not None and request.body == b"0123456789"
+    conn.check_timeouts(2.5)
+    assert refusal_status(conn) is None and not conn.must_close
+
+
+def test_a_pipelined_bodys_deadlines_count_from_the_answer_ahead_of_it() -> None:
+    conn = ServerConnection(body_limits(timeout=1.0, deadline=3.0), header_timeout=60.0)
+    first = conn.receive_data(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n" + _POST_HEAD + b"ab", 0.0)
+    assert first is not None
+    conn.check_timeouts(50.0)
+    assert refusal_status(conn) is None, "not its turn: the request ahead is being answered"
+    conn.respond(200, b"", b"", 50.0)
+    assert conn.next_request() is None
+    conn.check_timeouts(50.9)
+    assert refusal_status(conn) is None
+    conn.check_timeouts(51.1)
+    assert refusal_status(conn) == 408
+
+
+def test_a_pipelined_body_trickled_behind_an_answer_gets_408_at_its_deadline() -> None:
+    conn = ServerConnection(body_limits(timeout=1.0, deadline=2.0), header_timeout=60.0)
+    first = conn.receive_data(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n", 0.0)
+    assert first is not None
+    conn.receive_data(_POST_HEAD, 0.1)  # the next head arrives while /1 is answered
+    conn.respond(200, b"", b"", 0.2)
+    for step in range(1, 5):
+        conn.check_timeouts(0.2 + step * 0.5)
+        assert refusal_status(conn) is None
+        conn.receive_data(b"x", 0.2 + step * 0.5)
+    conn.check_timeouts(2.3)
+    assert refusal_status(conn) == 408
+
+
+def test_a_body_that_came_with_its_head_in_the_read_completing_another_is_timed() -> None:
+    conn = ServerConnection(body_limits(timeout=1.0), header_timeout=60.0)
+    first = conn.receive_data(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n", 0.0)
+    assert first is not None
+    conn.respond(200, b"", b"", 0.0)
+    assert conn.receive_data(_POST_HEAD[:10], 0.5) is None
+    request = conn.receive_data(_POST_HEAD[10:] + b"0123456789" + _POST_HEAD + b"abc", 0.6)
+    assert request is not None and request.body == b"0123456789"
+    conn.respond(200, b"", b"")
+    conn.check_timeouts(1.5)
+    assert refusal_status(conn) is None
+    conn.check_timeouts(1.7)
+    assert refusal_status(conn) == 408
+
+
+def test_a_body_behind_100_continue_is_timed_from_the_interim_answer() -> None:
+    conn = ServerConnection(body_limits(timeout=1.0), header_timeout=60.0)
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+    conn.receive_data(head, 0.0)
+    assert conn.outgoing == [CONTINUE]
+    conn.outgoing.clear()
+    conn.check_timeouts(1.1)
+    assert refusal_status(conn) == 408
+
+
+def test_request_timeout_still_bounds_the_whole_request() -> None:
+    # The admin API's rule: the whole request within request_timeout, body included.
+    conn = ServerConnection(body_limits(timeout=5.0), header_timeout=3.0, request_timeout=3.0)
+    conn.receive_data(_POST_HEAD, 0.0)
+    for now in (1.0, 2.0, 3.0):
+        conn.receive_data(b"x", now)
+    conn.check_timeouts(3.1)
+    assert refusal_status(conn) == 408
+
+
 def test_idle_keepalive_connection_closes_after_its_timeout() -> None:
     conn = ServerConnection(keepalive_timeout=2.0, now=0.0)
     conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1.0)
@@ -325,6 +484,10 @@ _ENDINGS = [
     b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n",
     b"\x16\x03\x01\x02\x00\x01",
     b"GET /open HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /empty-host HTTP/1.1\r\nHost:\r\n\r\n",
+    b"GET http://u@y.example/userinfo HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /bad-v6 HTTP/1.1\r\nHost: [1:2:3]\r\n\r\n",
+    b"OPTIONS http://y.example HTTP/1.0\r\n\r\n",
 ]
 
 
@@ -397,3 +560,139 @@ def test_a_finished_connection_leaves_no_garbage_for_the_cyclic_collector() -> N
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+# The deadlines hold whatever the split and the pace -------------------------------------
+
+# (head, body) of each request of a stream, so that a model knows where each
+# request's head and body begin and end.
+_TIMED_REQUESTS = [
+    (b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", b""),
+    (b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n", b"1234567"),
+    (
+        b"PUT /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"3;e=1\r\nabc\r\n2\r\nde\r\n0\r\nT: 1\r\n\r\n",
+    ),
+    (b"HEAD /d HTTP/1.1\r\nHost: x\r\n\r\n", b""),
+    (b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n", b"ok"),
+    (b"GET http://y.example/f HTTP/1.1\r\nHost: x\r\n\r\n", b""),
+    (b"POST /g HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\n", b"xyz"),
+]
+_HEADER_TIMEOUT = 3.0
+_BODY_TIMEOUT = 1.0
+_BODY_DEADLINE = 2.5
+
+
+class _Span:
+    __slots__ = ("body_starts", "end", "start", "target")
+
+    def __init__(self, start: int, body_starts: int, end: int, target: bytes) -> None:
+        self.start = start
+        self.body_starts = body_starts
+        self.end = end
+        self.target = target
+
+
+def _timed_stream() -> tuple[bytes, list[_Span]]:
+    spans = []
+    offset = 0
+    for head, body in _TIMED_REQUESTS:
+        target = head.split(b" HTTP/")[0]
+        spans.append(_Span(offset, offset + len(head), offset + len(head) + len(body), target))
+        offset += len(head) + len(body)
+    return b"".join(head + body for head, body in _TIMED_REQUESTS), spans
+
+
+def _drive_timed(pieces: list[tuple[float, bytes]]) -> tuple[list[bytes], int | None]:
+    """Feed each piece at its time, checking the deadlines first; answer requests at once."""
+    conn = ServerConnection(
+        HttpLimits(body_timeout=_BODY_TIMEOUT, body_deadline=_BODY_DEADLINE),
+        header_timeout=_HEADER_TIMEOUT,
+        keepalive_timeout=1e9,
+    )
+    seen: list[bytes] = []
+    for now, piece in pieces:
+        conn.check_timeouts(now)
+        if conn.outgoing:
+            (refusal,) = conn.outgoing
+            return seen, int(refusal[9:12])
+        request = conn.receive_data(piece, now)
+        while request is not None:
+            seen.append(request.method + b" " + request.target)
+            conn.respond(200, b"", b"", now)
+            request = conn.next_request()
+        assert conn.outgoing in ([], [CONTINUE]), conn.outgoing
+        conn.outgoing.clear()
+    return seen, None
+
+
+def _expected(spans: list[_Span], pieces: list[tuple[float, bytes]]) -> tuple[list[bytes], int]:
+    """What the deadlines say, from where each request's bytes fall among the pieces."""
+    arrival: list[float] = []  # the time of each byte's read
+    for now, piece in pieces:
+        arrival += [now] * len(piece)
+    consumed = 0
+    last_read = 0.0
+    for now, piece in pieces:
+        for span in spans:
+            if span.start < consumed < span.end:
+                if consumed < span.body_starts:
+                    late = now - arrival[span.start] > _HEADER_TIMEOUT
+                else:
+                    head_done = arrival[span.body_starts - 1]
+                    late = (
+                        now - last_read > _BODY_TIMEOUT or now - head_done > _BODY_DEADLINE
+                    ) and span.end > span.body_starts
+                if late:
+                    done = [s.target for s in spans if s.end <= consumed]
+                    return done, 408
+        consumed += len(piece)
+        last_read = now
+    return [span.target for span in spans], 0
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=30),
+    gaps=st.lists(st.sampled_from([0.0, 0.3, 0.9, 1.2, 2.0, 3.5]), min_size=31, max_size=31),
+)
+def test_deadlines_hold_however_the_bytes_are_split_and_paced(
+    cuts: list[int], gaps: list[float]
+) -> None:
+    stream, spans = _timed_stream()
+    pieces = []
+    now = 0.0
+    for gap, piece in zip(gaps, _splits(stream, cuts), strict=False):
+        now += gap
+        pieces.append((now, piece))
+    seen, status = _drive_timed(pieces)
+    expected_seen, expected_status = _expected(spans, pieces)
+    assert (seen, status or 0) == (expected_seen, expected_status)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=30))
+def test_a_timely_client_is_never_refused(cuts: list[int]) -> None:
+    # The whole stream within 2 s, whole, in pieces and byte by byte: no pause reaches
+    # body_timeout, no head header_timeout, no body body_deadline.
+    stream, spans = _timed_stream()
+    everything = ([span.target for span in spans], None)
+    assert _drive_timed([(0.0, stream)]) == everything
+    pieces = _splits(stream, cuts)
+    assert _drive_timed([(i * 2.0 / len(pieces), p) for i, p in enumerate(pieces)]) == everything
+    single = [stream[i : i + 1] for i in range(len(stream))]
+    assert _drive_timed([(i * 2.0 / len(single), p) for i, p in enumerate(single)]) == everything
+
+
+def test_a_stall_anywhere_in_a_body_is_408_and_nowhere_else() -> None:
+    # Byte by byte with no wait, then a stall of body_timeout and a little more at every
+    # offset in turn: 408 exactly where a body (not a head, not between requests) is arriving.
+    stream, spans = _timed_stream()
+    for cut in range(1, len(stream)):
+        pieces = [(0.0, stream[i : i + 1]) for i in range(cut)] + [(_BODY_TIMEOUT + 0.1, b"")]
+        in_body = any(
+            span.body_starts <= cut < span.end and span.end > span.body_starts for span in spans
+        )
+        seen, status = _drive_timed(pieces)
+        assert status == (408 if in_body else None), cut
+        assert seen == [span.target for span in spans if span.end <= cut], cut

@@ -30,6 +30,9 @@ UPGRADE_CHUNKED = (
 HTTP10_KEEP_ALIVE = b"GET /old HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
 OPTIONS_STAR = b"OPTIONS * HTTP/1.1\r\nHost: example.com\r\n\r\n"
 ABSOLUTE = b"GET http://backend.example:8080/p/q?r=s HTTP/1.1\r\nHost: ignored.example\r\n\r\n"
+# HTTP/1.0 may leave Host out; the target's authority becomes one.
+ABSOLUTE_10 = b"GET http://[2001:db8::1]/v6 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+OPTIONS_ABSOLUTE = b"OPTIONS https://other.example:8443 HTTP/1.1\r\nHost: example.com\r\n\r\n"
 EXPECT = (
     b"PUT /e HTTP/1.1\r\nHost: example.com\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok"
 )
@@ -45,6 +48,8 @@ KEEP_ALIVE_REQUESTS = [
     HTTP10_KEEP_ALIVE,
     OPTIONS_STAR,
     ABSOLUTE,
+    ABSOLUTE_10,
+    OPTIONS_ABSOLUTE,
     EXPECT,
 ]
 
@@ -214,6 +219,46 @@ def test_absolute_form_takes_path_query_and_host_from_the_target() -> None:
     req = parse_one(ABSOLUTE)
     assert (req.path, req.query, req.host) == (b"/p/q", b"r=s", b"backend.example:8080")
     assert req.target == b"http://backend.example:8080/p/q?r=s"
+    # What is forwarded carries the host routing used, not the one the client wrote.
+    assert req.headers == [(b"host", b"backend.example:8080")]
+
+
+def test_absolute_form_replaces_host_in_place_among_other_fields() -> None:
+    req = parse_one(
+        request(b"GET", b"http://a.example/x", b"Accept: */*", b"HOST: b.example", b"X-A: 1")
+    )
+    assert req.host == b"a.example"
+    assert req.headers == [(b"accept", b"*/*"), (b"host", b"a.example"), (b"x-a", b"1")]
+
+
+def test_absolute_form_on_http10_without_host_gets_one() -> None:
+    req = parse_one(ABSOLUTE_10)
+    assert (req.host, req.path) == (b"[2001:db8::1]", b"/v6")
+    assert req.headers == [(b"connection", b"keep-alive"), (b"host", b"[2001:db8::1]")]
+
+
+def test_absolute_form_host_still_validated() -> None:
+    # RFC 9112 §3.2: an invalid Host value is a 400 whatever the target's form.
+    assert refusal(request(b"GET", b"http://a.example/", b"Host: a b")).status == 400
+    assert refusal(request(b"GET", b"http://a.example/", b"Host:")).status == 400
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "query", "host"),
+    [
+        (b"http://a.example", b"*", b"", b"a.example"),
+        (b"https://a.example:8443", b"*", b"", b"a.example:8443"),
+        (b"http://a.example/", b"/", b"", b"a.example"),
+        (b"http://a.example?x=1", b"/", b"x=1", b"a.example"),
+        (b"http://a.example?", b"/", b"", b"a.example"),
+    ],
+)
+def test_options_with_absolute_form_and_empty_path_is_asterisk(
+    target: bytes, path: bytes, query: bytes, host: bytes
+) -> None:
+    # RFC 9112 §3.2.4: an empty path and no query asks about the server as a whole.
+    req = parse_one(request(b"OPTIONS", target, H))
+    assert (req.path, req.query, req.host) == (path, query, host)
 
 
 @pytest.mark.parametrize(
@@ -222,6 +267,9 @@ def test_absolute_form_takes_path_query_and_host_from_the_target() -> None:
         (b"http://example.com", b"/", b"", b"example.com"),
         (b"HTTPS://example.com?x", b"/", b"x", b"example.com"),
         (b"http://[::1]:8080/v6", b"/v6", b"", b"[::1]:8080"),
+        (b"http://[::ffff:10.0.0.1]/v4", b"/v4", b"", b"[::ffff:10.0.0.1]"),
+        (b"http://Example.COM.:/x", b"/x", b"", b"Example.COM.:"),
+        (b"http://10.0.0.1:80//a", b"//a", b"", b"10.0.0.1:80"),
     ],
 )
 def test_absolute_form_variants(target: bytes, path: bytes, query: bytes, host: bytes) -> None:
@@ -343,7 +391,17 @@ BAD_REQUESTS = {
     "authority-form for GET": (request(b"GET", b"example.com:80", H), 400),
     "absolute ftp": (request(b"GET", b"ftp://example.com/x", H), 400),
     "absolute with userinfo": (request(b"GET", b"http://user:pw@example.com/x", H), 400),
+    "absolute with empty userinfo": (request(b"GET", b"http://@example.com/x", H), 400),
+    "absolute https with userinfo": (request(b"GET", b"https://u@example.com", H), 400),
     "absolute with empty host": (request(b"GET", b"http:///x", H), 400),
+    "absolute with nothing after //": (request(b"GET", b"http://", H), 400),
+    "absolute with port only": (request(b"GET", b"http://:80/x", H), 400),
+    "absolute bad port": (request(b"GET", b"http://example.com:8o/x", H), 400),
+    "absolute bad IPv6": (request(b"GET", b"http://[1:2:3]/x", H), 400),
+    "absolute IPv6 zone": (request(b"GET", b"http://[fe80::1%25eth0]/x", H), 400),
+    "absolute IPvFuture": (request(b"GET", b"http://[v1.a]/x", H), 400),
+    "absolute without slashes": (request(b"GET", b"http:example.com/x", H), 400),
+    "absolute with empty Host": (request(b"GET", b"http://example.com/x", b"Host:"), 400),
     "absolute with fragment": (request(b"GET", b"http://example.com/x#f", H), 400),
     "absolute bad escape": (request(b"GET", b"http://example.com/%g0", H), 400),
     "absolute without Host": (request(b"GET", b"http://example.com/x"), 400),
@@ -367,6 +425,16 @@ BAD_REQUESTS = {
     "Host bad port": (request(b"GET", b"/", b"Host: example.com:8o"), 400),
     "Host long port": (request(b"GET", b"/", b"Host: example.com:123456"), 400),
     "Host open bracket": (request(b"GET", b"/", b"Host: [::1"), 400),
+    "Host empty": (request(b"GET", b"/", b"Host:"), 400),
+    "Host only whitespace": (request(b"GET", b"/", b"Host:  \t "), 400),
+    "Host empty, HTTP/1.0": (b"GET / HTTP/1.0\r\nHost:\r\n\r\n", 400),
+    "Host empty and another": (request(b"GET", b"/", b"Host:", H), 400),
+    "Host not an IPv6 address": (request(b"GET", b"/", b"Host: [1:2:3]"), 400),
+    "Host IPv6 too many groups": (request(b"GET", b"/", b"Host: [1:2:3:4:5:6:7:8:9]"), 400),
+    "Host IPv6 bad embedded v4": (request(b"GET", b"/", b"Host: [::1.2.3.999]"), 400),
+    "Host IPv6 zone": (request(b"GET", b"/", b"Host: [fe80::1%25eth0]"), 400),
+    "Host with scheme": (request(b"GET", b"/", b"Host: http://example.com"), 400),
+    "Host invalid on HTTP/1.0": (b"GET / HTTP/1.0\r\nHost: a b\r\n\r\n", 400),
     "Host bad escape": (request(b"GET", b"/", b"Host: ex%zzample"), 400),
     # header syntax
     "space before colon": (request(b"GET", b"/", H, b"X-A : b"), 400),
@@ -511,9 +579,13 @@ def test_valid_host_values(value: bytes) -> None:
     assert parse_one(request(b"GET", b"/", b"Host: " + value)).host == value
 
 
-def test_empty_host_is_allowed() -> None:
-    # RFC 9112 §3.2: an empty Host is what a client sends for a target with no authority.
-    assert parse_one(request(b"GET", b"/", b"Host:")).host == b""
+def test_a_valid_host_after_an_invalid_one_is_still_checked() -> None:
+    # The last valid Host is remembered to skip checking a repeat; a new value is checked.
+    parser = RequestParser()
+    assert [r.host for r in parser.feed(request(b"GET", b"/", H))] == [b"example.com"]
+    with pytest.raises(HttpError) as info:
+        parser.feed(request(b"GET", b"/", b"Host:"))
+    assert info.value.reason == "empty Host header"
 
 
 @pytest.mark.parametrize("coding", [b"chunked", b"CHUNKED", b"Chunked ", b", chunked"])
