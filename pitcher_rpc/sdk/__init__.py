@@ -18,6 +18,15 @@ at stop: ``app.run(uri, register=Registration(admin_url, "cluster"))`` or
 """
 
 from .registration import Registration, RegistrationError
-from .service import Headers, Request, Response, Service
+from .service import Context, Headers, InvalidResponse, Request, Response, Service
 
-__all__ = ["Headers", "Registration", "RegistrationError", "Request", "Response", "Service"]
+__all__ = [
+    "Context",
+    "Headers",
+    "InvalidResponse",
+    "Registration",
+    "RegistrationError",
+    "Request",
+    "Response",
+    "Service",
+]

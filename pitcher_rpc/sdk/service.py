@@ -15,7 +15,9 @@ import asyncio
 import inspect
 import json
 import logging
+import re
 import signal
+import time
 import types
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from transports.base import Server, ServerOptions
+from transports.frame import DEFAULT_MAX_FRAME_SIZE
 from transports.native import describe as describe_build
 from transports.registry import transport_for
 from transports.stepping import resume
@@ -236,10 +239,22 @@ class Response:
     headers: list[tuple[str, str]] | dict[str, str] = field(default_factory=list)
 
     @classmethod
-    def json(cls, value: Any, status: int = 200) -> Response:
-        return cls(status, json_bytes(value), [_JSON_TYPE])
+    def json(
+        cls,
+        value: Any,
+        status: int = 200,
+        headers: list[tuple[str, str]] | dict[str, str] | None = None,
+    ) -> Response:
+        """``value`` as JSON; ``headers`` come after the content-type (which they may set)."""
+        if not headers:
+            return cls(status, json_bytes(value), [_JSON_TYPE])
+        pairs = list(headers.items()) if isinstance(headers, dict) else list(headers)
+        if any(name.lower() == "content-type" for name, _ in pairs):
+            return cls(status, json_bytes(value), pairs)
+        return cls(status, json_bytes(value), [_JSON_TYPE, *pairs])
 
     def encode(self) -> bytes:
+        """The Response payload; InvalidResponse for a status or header the proxy would refuse."""
         body = self.body
         headers = self.headers
         pairs = list(headers.items()) if isinstance(headers, dict) else headers
@@ -248,7 +263,10 @@ class Response:
             if "content-type" not in (name.lower() for name, _ in pairs):
                 pairs = [*pairs, _TEXT_TYPE]
         status = self.status
-        if len(pairs) == 1 and 100 <= status < 600:
+        if not 200 <= status <= 599:
+            # The proxy relays no 1xx (not even 101) and no number that is not HTTP.
+            raise InvalidResponse(f"status {status} is not a final HTTP status (200..599)")
+        if len(pairs) == 1:
             # Most responses carry one header, most often one of these two:
             # their fields before the body are made once per status.
             pair = pairs[0]
@@ -256,9 +274,61 @@ class Response:
                 return with_body(_JSON_HEADS[status - 100], body)
             if pair == _TEXT_TYPE:
                 return with_body(_TEXT_HEADS[status - 100], body)
-        names = [name.encode("latin-1") for name, _ in pairs]
-        values = [value.encode("latin-1") for _, value in pairs]
+        try:
+            names = [name.encode("latin-1") for name, _ in pairs]
+            values = [value.encode("latin-1") for _, value in pairs]
+        except (UnicodeEncodeError, AttributeError, ValueError, TypeError):
+            raise InvalidResponse(_bad_header(pairs)) from None
+        if names and not _valid_headers(names, values):
+            raise InvalidResponse(_bad_header(pairs))
         return encode_response(status, names, values, body)
+
+
+class InvalidResponse(ValueError):
+    """A response the proxy would refuse (it answers 502): a bad status, header name or value."""
+
+
+# The proxy's rules (pitcher_rpc/http/headers.py, docs/wire.md section 8): a
+# name is an RFC 9110 token; a value has no leading or trailing whitespace and
+# no control character but HTAB inside. All names, then all values, joined by
+# a newline (which neither may contain) are checked by one match each.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VALUE = rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
+_NAMES = re.compile(rb"%s(?:\n%s)*" % (_TOKEN, _TOKEN)).fullmatch
+_VALUES = re.compile(rb"%s(?:\n%s)*" % (_VALUE, _VALUE)).fullmatch
+_NAME = re.compile(_TOKEN).fullmatch
+_VALUE_ONE = re.compile(_VALUE).fullmatch
+
+
+def _valid_headers(names: list[bytes], values: list[bytes]) -> bool:
+    joined_names = b"\n".join(names)
+    joined_values = b"\n".join(values)
+    separators = len(names) - 1
+    return (
+        _NAMES(joined_names) is not None
+        and _VALUES(joined_values) is not None
+        and joined_names.count(b"\n") == separators
+        and joined_values.count(b"\n") == separators
+    )
+
+
+def _bad_header(pairs: Iterable[Any]) -> str:
+    """Which header of ``pairs`` the proxy would refuse, and why."""
+    for pair in pairs:
+        try:
+            name, value = pair
+            raw_name = name.encode("latin-1")
+            raw_value = value.encode("latin-1")
+        except (UnicodeEncodeError, AttributeError, ValueError, TypeError):
+            return f"header {pair!r} is not a (name, value) pair of latin-1 strings"
+        if _NAME(raw_name) is None:
+            return f"header name {name!r} is not an HTTP token"
+        if _VALUE_ONE(raw_value) is None:
+            return (
+                f"value of header {name!r} has a control character or leading or"
+                f" trailing whitespace: {value!r}"
+            )
+    return "invalid headers"
 
 
 def _heads(pair: tuple[str, str]) -> tuple[bytes, ...]:
@@ -296,13 +366,92 @@ def _encode_result(result: Any) -> bytes:
     return with_body(_JSON_OK, json_bytes(result))
 
 
+# ----------------------------------------------------------------------------- Context
+
+
+class Context:
+    """What a handler may know about its call besides the request.
+
+    A handler gets one when it takes a second parameter (``def h(request,
+    context)``); one that takes only the request pays nothing for it.
+
+    - ``request_id``: the proxy's request id (the ``X-Request-Id`` header it
+      sends, also in its access log), "" if the request came without one.
+    - ``deadline``: the :func:`time.monotonic` time after which nobody waits
+      for the answer, or None when the request has no deadline (or the
+      transport did not say); :meth:`remaining` is the seconds left.
+    - ``cancelled``: True once the answer is no longer wanted: the caller
+      sent CANCEL (the HTTP client went away), the deadline passed, or the
+      server is stopping. An async handler learns it first, as
+      ``asyncio.CancelledError`` where it awaits; the flag turns true as that
+      error leaves the handler. It is for work that does not await, such as
+      a loop in a thread started with ``run_in_executor``, which may read it
+      from that thread.
+    """
+
+    __slots__ = ("_cancelled", "_request", "deadline")
+
+    def __init__(self, request: Request, deadline: float | None = None) -> None:
+        self._request = request
+        self.deadline = deadline
+        self._cancelled = False
+
+    @property
+    def request_id(self) -> str:
+        value: str = self._request.headers.get("x-request-id", "")
+        return value
+
+    def remaining(self) -> float | None:
+        """Seconds until the deadline (0.0 once it passed); None without a deadline."""
+        deadline = self.deadline
+        if deadline is None:
+            return None
+        return max(0.0, deadline - time.monotonic())
+
+    @property
+    def cancelled(self) -> bool:
+        if self._cancelled:
+            return True
+        deadline = self.deadline
+        return deadline is not None and time.monotonic() >= deadline
+
+    def __repr__(self) -> str:
+        return (
+            f"Context(request_id={self.request_id!r}, remaining={self.remaining()!r},"
+            f" cancelled={self.cancelled!r})"
+        )
+
+
 # ----------------------------------------------------------------------------- Service
 
-Handler = Callable[[Request], Any]
+Handler = Callable[..., Any]
+
+
+def _takes_context(handler: Handler) -> bool:
+    """Whether ``handler`` requires a second positional argument: the Context.
+
+    Only a parameter without a default counts: a handler that could be
+    called with the request alone before is still called so.
+    """
+    try:
+        parameters = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        p for p in parameters if p.kind in positional and p.default is inspect.Parameter.empty
+    ]
+    return len(required) >= 2
+
+
+def _handler_name(handler: Handler) -> str:
+    module = getattr(handler, "__module__", None) or "?"
+    name = getattr(handler, "__qualname__", None) or repr(handler)
+    return f"{module}.{name}"
 
 
 class _Route:
-    __slots__ = ("handler", "is_coroutine", "methods", "prefix")
+    __slots__ = ("handler", "is_coroutine", "methods", "name", "prefix", "wants_context")
 
     def __init__(self, prefix: str, methods: frozenset[str] | None, handler: Handler) -> None:
         self.prefix = prefix
@@ -310,6 +459,9 @@ class _Route:
         self.handler = handler
         # Decided once: no inspection per request.
         self.is_coroutine = inspect.iscoroutinefunction(handler)
+        self.wants_context = _takes_context(handler)
+        # For the log when what the handler returned cannot be sent.
+        self.name = _handler_name(handler)
 
 
 class Service:
@@ -320,6 +472,9 @@ class Service:
         self._routes: list[_Route] = []
         # The route of every request when one handler serves all paths and methods.
         self._only: _Route | None = None
+        # The largest payload this service's server sends (set by serve()): a
+        # handler's answer over it is logged with the handler's name.
+        self._frame_limit = DEFAULT_MAX_FRAME_SIZE
         if handler is not None:
             self._add("/", None, handler)
 
@@ -361,7 +516,11 @@ class Service:
                 if found is _NOT_ALLOWED
                 else Response(404, "not found\n")
             )
-        result = found.handler(request)
+        result = (
+            found.handler(request, Context(request))
+            if found.wants_context
+            else found.handler(request)
+        )
         if type(result) not in _PLAIN and _awaitable(result):
             result = await result
         if isinstance(result, Response):
@@ -372,11 +531,13 @@ class Service:
             return Response(204)
         return Response(200, json_bytes(result), [_JSON_TYPE])
 
-    def respond(self, payload: bytes) -> bytes | Awaitable[bytes]:
+    def respond(self, payload: bytes, deadline_ms: int = 0) -> bytes | Awaitable[bytes]:
         """The transport handler: a Request payload in, the Response payload out.
 
         The payload comes back at once when the handler does not wait, else an
         awaitable of it (:class:`transports.handlers.HandlerRunner` takes both).
+        ``deadline_ms`` is the REQUEST frame's budget (0: none), for the
+        handlers that take a :class:`Context`.
         """
         message = decode_request(payload)
         method = message.method.decode("latin-1")
@@ -394,16 +555,81 @@ class Service:
             message.client,
             message=message,
         )
+        if route.wants_context:
+            return self._respond_with_context(route, request, deadline_ms)
         result = route.handler(request)
         if route.is_coroutine and type(result) is _CoroutineType:
             try:
                 waiting_on = result.send(None)
             except StopIteration as done:
-                return _encode_result(done.value)
-            return _carry_on(result, waiting_on)
+                return self._answer(route, done.value)
+            return self._carry_on(route, result, waiting_on)
         if type(result) not in _PLAIN and _awaitable(result):
-            return _finish_later(result)
-        return _encode_result(result)
+            return self._finish_later(route, result)
+        # _answer inlined: most requests end here.
+        try:
+            answer = _encode_result(result)
+        except Exception as exc:
+            _log_unsendable(route, exc)
+            raise
+        if len(answer) > self._frame_limit:
+            self._log_too_large(route, len(answer))
+        return answer
+
+    def _respond_with_context(
+        self, route: _Route, request: Request, deadline_ms: int
+    ) -> bytes | Awaitable[bytes]:
+        context = Context(request, time.monotonic() + deadline_ms / 1000 if deadline_ms else None)
+        result = route.handler(request, context)
+        if type(result) is _CoroutineType:
+            try:
+                waiting_on = result.send(None)
+            except StopIteration as done:
+                return self._answer(route, done.value)
+            return self._carry_on_with_context(route, result, waiting_on, context)
+        if type(result) not in _PLAIN and _awaitable(result):
+            return self._finish_later(route, result)
+        return self._answer(route, result)
+
+    def _answer(self, route: _Route, result: Any) -> bytes:
+        """The Response payload for what ``route``'s handler returned; the log names it if bad."""
+        try:
+            answer = _encode_result(result)
+        except Exception as exc:
+            _log_unsendable(route, exc)
+            raise
+        if len(answer) > self._frame_limit:
+            self._log_too_large(route, len(answer))
+        return answer
+
+    def _log_too_large(self, route: _Route, size: int) -> None:
+        # The transport refuses to send it (the caller gets an INTERNAL error,
+        # the HTTP client a 502) and logs the request id; this says whose it is.
+        log.error(
+            "handler %s answered %d bytes, over the frame limit of %d bytes: not sent",
+            route.name,
+            size,
+            self._frame_limit,
+        )
+
+    async def _carry_on(self, route: _Route, coroutine: Any, waiting_on: Any) -> bytes:
+        """The rest of a handler's coroutine that was stepped by hand and had to wait."""
+        return self._answer(route, await resume(coroutine, waiting_on))
+
+    async def _carry_on_with_context(
+        self, route: _Route, coroutine: Any, waiting_on: Any, context: Context
+    ) -> bytes:
+        # The server cancels the task this runs in (CANCEL, deadline, shutdown),
+        # and the error comes through here on its way out of the handler.
+        try:
+            result = await resume(coroutine, waiting_on)
+        except asyncio.CancelledError:
+            context._cancelled = True
+            raise
+        return self._answer(route, result)
+
+    async def _finish_later(self, route: _Route, awaitable: Awaitable[Any]) -> bytes:
+        return self._answer(route, await awaitable)
 
     async def handle_payload(self, payload: bytes) -> bytes:
         """:meth:`respond`, always awaited."""
@@ -412,6 +638,11 @@ class Service:
 
     async def serve(self, address: str, options: ServerOptions | None = None) -> Server:
         """Start serving on ``address`` (any registered transport URI); returns the server."""
+        settings = options if options is not None else ServerOptions()
+        limit = settings.max_frame_size
+        if address.startswith("udp"):
+            limit = min(limit, settings.max_datagram - 24)  # CRC and frame header
+        self._frame_limit = limit
         server: Server = await transport_for(address).serve(address, self.respond, options)
         log.info("%s serving on %s (%s)", self.name, server.address, describe_build())
         return server
@@ -460,10 +691,10 @@ _CoroutineType = types.CoroutineType
 _awaitable = inspect.isawaitable
 
 
-async def _carry_on(coroutine: Any, waiting_on: Any) -> bytes:
-    """The rest of a handler's coroutine that was stepped by hand and had to wait."""
-    return _encode_result(await resume(coroutine, waiting_on))
-
-
-async def _finish_later(awaitable: Awaitable[Any]) -> bytes:
-    return _encode_result(await awaitable)
+def _log_unsendable(route: _Route, error: Exception) -> None:
+    log.error(
+        "handler %s returned an answer that cannot be sent (%s: %s)",
+        route.name,
+        type(error).__name__,
+        error,
+    )

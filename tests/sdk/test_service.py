@@ -247,7 +247,19 @@ class _Text(str):
         ),
         (Response(299, b"", [("x-odd", "caf\xe9")]), 299, [(b"x-odd", b"caf\xe9")], b""),
         (Response(), 200, [], b""),
-        (Response(600, b"x" * 200), 600, [], b"x" * 200),
+        (Response(599, b"x" * 200), 599, [], b"x" * 200),
+        (
+            Response.json([], headers={"cache-control": "no-store"}),
+            200,
+            [(b"content-type", b"application/json"), (b"cache-control", b"no-store")],
+            b"[]",
+        ),
+        (
+            Response.json(1, 201, [("Content-Type", "application/problem+json")]),
+            201,
+            [(b"Content-Type", b"application/problem+json")],
+            b"1",
+        ),
     ],
 )
 def test_what_a_handler_returns_becomes_the_response(
