@@ -93,7 +93,7 @@ from prometheus_client.parser import text_string_to_metric_families
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from bench_spine import ROOT, cpu_seconds, free_port, wait_for_port  # noqa: E402
+from bench_spine import ROOT, cpu_seconds, exit_on_sigterm, free_port, wait_for_port  # noqa: E402
 
 PYTHON = sys.executable
 # Set for a process, it runs Pitcher's pure-Python modules (transports/native.py).
@@ -989,6 +989,7 @@ def cases_option(text: str) -> list[tuple[int, int]]:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3)

@@ -67,7 +67,7 @@ sys.path.insert(0, str(BENCH))
 # The same pair as bench_pair.py's setup D (or E): its configuration and 5 request headers.
 from bench_pair import E_MODULES, E_ROUTE, PITCHER_CONFIG, machine_busy, wait_quiet  # noqa: E402
 from bench_pair import FIVE as HEADERS  # noqa: E402
-from bench_spine import ROOT, cpu_seconds, free_port  # noqa: E402
+from bench_spine import ROOT, cpu_seconds, exit_on_sigterm, free_port  # noqa: E402
 
 PYTHON = sys.executable
 BUILDS = ("compiled", "pure")
@@ -504,6 +504,7 @@ def builds_option(text: str) -> list[str]:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per measured wrk run")
     parser.add_argument("--rounds", type=int, default=3)

@@ -52,6 +52,11 @@ PYTHON = sys.executable
 SERVERS = [PYTHON, "-m", "pitcher_rpc.benchmark.servers"]
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM ends a run as Ctrl-C does: every ``finally`` then stops what the run started."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -312,6 +317,7 @@ def report(runs: Runs, line: Callable[[str], None]) -> None:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--runs", type=int, default=3)

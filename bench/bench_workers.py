@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_spine import SERVERS, free_port, http_load, process, wait_for_port
+from bench_spine import SERVERS, exit_on_sigterm, free_port, http_load, process, wait_for_port
 
 CONFIG = """
 [server]
@@ -49,6 +49,7 @@ def measure(workers: int, seconds: float, directory: str, node: str) -> float:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--runs", type=int, default=3)
