@@ -4,8 +4,10 @@ Every tick (0.1 s) each worker reports, per limit, its demand and the limit's
 capacity, in the same unit: for a rate, the requests per second that asked
 for a token since the last tick, and the proxy-wide rate; for a concurrency
 gate, its peak in flight plus the requests it refused, and the proxy-wide
-limit. The master smooths each worker's demand over ticks and splits the
-capacity:
+limit; for the connection cap, its peak of open connections plus the times
+it stopped accepting at its cap, and ``server.max_connections`` (a worker
+turns a share into a local limit of at least 1). The master smooths each
+worker's demand over ticks and splits the capacity:
 
 * while the demand of all workers together is below the capacity, each
   worker gets its own demand plus an equal part of what is left over, so no

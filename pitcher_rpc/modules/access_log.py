@@ -35,8 +35,21 @@ A line, written when the response has been handed to the socket::
     spent in the proxy itself (earlier failed attempts of a retried request
     included).
 
-Requests the HTTP parser refuses (400, 408 ...) and connections refused at
-ACCEPT have no exchange and are not logged.
+A request refused before it makes an exchange (the HTTP parser's 400, 408,
+413, 414, 431, 505, and a connection refused at ACCEPT) has a line too, with
+what is known of it, written when its answer is handed to the socket::
+
+    {"time":"2024-05-01T12:00:04.001Z","client":"10.0.0.9","method":"GET",
+     "path":"/big","request_id":null,"route":null,"cluster":null,"node":null,
+     "transport":null,"status":431,"bytes":153,"total":null,"backend":null,
+     "residence":null,"reason":"headers_too_large","detail":"header section too large"}
+
+``method`` and ``path`` are null when the request line was not received
+whole; ``reason`` is a short fixed name (``header_timeout``,
+``body_timeout``, ``body_too_large``, ``request_line_too_long``,
+``headers_too_large``, ``too_many_headers``, ``bad_request``, ``bad_host``,
+``bad_framing``, ``version_not_supported``, ``method_not_implemented``,
+``refused_at_accept`` ...) and ``detail`` the text of the answer.
 
 Writing never blocks the event loop: a request only appends its line to a
 buffer in memory; a writer task appends the buffered lines to the file in a
@@ -185,15 +198,55 @@ class AccessLog(Module):
         lines.append(self._line(exchange))
         count = len(lines)
         if count == 1:
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-                self._writer = loop.create_task(self._write_lines(), name="pitcher-access-log")
-                self._writer.add_done_callback(self._writer_done)
-            self._first_at = loop.time()
-            self._wake.set()
+            self._first_line()
         elif count == self._urgent_at:
             self._wake.set()
+
+    def request_refused(self, refusal: Any) -> None:
+        """A line for a request refused without an exchange (see the module docstring)."""
+        if self._closed:
+            self.dropped += 1
+            return
+        lines = self._lines
+        if len(lines) + self._in_flight >= self.capacity:
+            self.dropped += 1
+            if not self._dropping:
+                self._dropping = True
+                self._warn_of_drops()
+            return
+        lines.append(self._refusal_line(refusal))
+        count = len(lines)
+        if count == 1:
+            self._first_line()
+        elif count == self._urgent_at:
+            self._wake.set()
+
+    def _first_line(self) -> None:
+        """The buffer had been empty: start the writer if need be, and note when."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            self._writer = loop.create_task(self._write_lines(), name="pitcher-access-log")
+            self._writer.add_done_callback(self._writer_done)
+        self._first_at = loop.time()
+        self._wake.set()
+
+    def _refusal_line(self, refusal: Any) -> str:
+        now = time.time()
+        second = int(now)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        method = refusal.method
+        target = refusal.target
+        return (
+            f'{{"time":"{stamp}{_MILLIS[int((now - second) * 1000)]}'
+            f'"client":{_string(refusal.client_ip.decode("latin-1"))},'
+            f'"method":{_string(method.decode("latin-1")) if method else "null"},'
+            f'"path":{_string(target.decode("latin-1")) if target else "null"},'
+            '"request_id":null,"route":null,"cluster":null,"node":null,"transport":null,'
+            f'"status":{refusal.status},"bytes":{refusal.response_bytes},'
+            '"total":null,"backend":null,"residence":null,'
+            f'"reason":{_string(refusal.reason)},"detail":{_string(refusal.detail)}}}'
+        )
 
     def _warn_of_drops(self) -> None:
         # One warning per streak, and streaks of a disk that keeps up only

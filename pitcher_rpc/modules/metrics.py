@@ -24,9 +24,14 @@ the master adds them up at scrape time (``pitcher_http_requests_total``,
 The numbers belong to the module instance: a reload that keeps
 ``[modules.metrics]`` as it was keeps them, one that changes it starts from
 zero. A request whose client left before the answer is counted with status
-499 (as nginx). Requests the HTTP parser refuses (400, 408, 413 ...) never
-make an exchange and are not counted; nor are those of a route whose own
-``modules`` list leaves ``metrics`` out.
+499 (as nginx). Requests of a route whose own ``modules`` list leaves
+``metrics`` out are not counted.
+
+Requests refused before they make an exchange (the HTTP parser's 400, 408,
+413, 414, 431, 505, and connections refused at ACCEPT) are counted apart,
+by status and reason (``header_timeout``, ``body_too_large`` ... see
+:class:`pitcher_rpc.proxy.glue.Refusal`): they have no route and no times
+(``pitcher_http_refusals_total``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ __all__ = [
     "HistogramSnapshot",
     "MergedRoute",
     "Metrics",
+    "merge_refusals",
     "merge_reports",
 ]
 
@@ -203,6 +209,8 @@ class Metrics(Module):
         super().__init__(settings)
         self.bounds: tuple[float, ...] = self.validate(settings)["buckets"]
         self._routes: dict[str, _RouteNumbers] = {}
+        # Refusals by (status, reason): a few fixed reasons, so a few keys.
+        self._refusals: dict[tuple[int, str], int] = {}
 
     def request_finish(self, exchange: AnyRecord) -> None:
         # Every request runs this: a few dict operations and bisects, the
@@ -233,12 +241,39 @@ class Metrics(Module):
         histogram.counts[bisect_left(bounds, total)] += 1
         histogram.sum += total
 
+    def request_refused(self, refusal: Any) -> None:
+        """A request refused without an exchange (see :class:`~pitcher_rpc.proxy.glue.Refusal`)."""
+        key = (refusal.status, refusal.reason)
+        self._refusals[key] = self._refusals.get(key, 0) + 1
+
     def stats(self) -> dict[str, Any]:
-        """``{"bounds": [...], "routes": {route: {requests, response_bytes, <histograms>}}}``."""
+        """``{"bounds": [...], "routes": {route: {...}}, "refusals": {status: {reason: n}}}``.
+
+        A route's numbers are its ``requests`` by status, ``response_bytes``
+        and histograms.
+        """
+        refusals: dict[str, dict[str, int]] = {}
+        for (status, reason), count in self._refusals.items():
+            refusals.setdefault(str(status), {})[reason] = count
         return {
             "bounds": list(self.bounds),
             "routes": {name: numbers.report() for name, numbers in self._routes.items()},
+            "refusals": refusals,
         }
+
+
+def merge_refusals(reports: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], int]:
+    """Several workers' refusal counts added up, by (status, reason)."""
+    merged: dict[tuple[str, str], int] = {}
+    for report in reports:
+        refusals = report.get("refusals")
+        if not isinstance(refusals, Mapping):
+            continue
+        for status, reasons in refusals.items():
+            for reason, count in reasons.items():
+                key = (str(status), str(reason))
+                merged[key] = merged.get(key, 0) + int(count)
+    return merged
 
 
 class MergedRoute:

@@ -1,8 +1,9 @@
 """The master's tick: proxy-wide limits split by demand, node health judged once.
 
 Every ``TICK`` seconds the master sends each worker its shares of every
-proxy-wide limit and the node weight factors of the health book, and gets
-back the demand the worker saw since the last tick (see
+proxy-wide limit (the modules' limits, and the connection cap,
+``server.max_connections``) and the node weight factors of the health book,
+and gets back the demand the worker saw since the last tick (see
 pitcher_rpc.degrade.shares) and its requests' outcomes per node. The
 outcomes of all workers are added up and judged in one book, so an ejection
 holds for the whole proxy. A worker that does not answer within the tick
@@ -26,6 +27,8 @@ from .control import ControlError
 log = logging.getLogger("pitcher.master")
 
 TICK = 0.1
+# The connection cap's key in the share book: no module's name is empty.
+_CONNECTIONS = "\0connections"
 
 
 class _Link(Protocol):
@@ -41,6 +44,8 @@ class Coordination:
         self.verdicts: dict[str, dict[str, float]] = {}
         self._hurry = asyncio.Event()
         self.shares: dict[int, dict[str, dict[str, float]]] = {}
+        # Each worker's share of the connection cap.
+        self.connection_shares: dict[int, float] = {}
         self.ticks = 0
 
     def hurry(self) -> None:
@@ -81,15 +86,23 @@ class Coordination:
             for module, demand in (answer.get("demand") or {}).items():
                 for key, (wanted, capacity) in demand.items():
                     flat[f"{module}\0{key}"] = (float(wanted), float(capacity))
+            connections = answer.get("connections")
+            if connections:
+                flat[_CONNECTIONS] = (float(connections[0]), float(connections[1]))
             reports[index] = flat
         shares: dict[int, dict[str, dict[str, float]]] = {}
+        connection_shares: dict[int, float] = {}
         for index, flat_shares in self._book.update(reports).items():
             nested: dict[str, dict[str, float]] = {}
             for flat_key, share in flat_shares.items():
+                if flat_key == _CONNECTIONS:
+                    connection_shares[index] = share
+                    continue
                 module, _, key = flat_key.partition("\0")
                 nested.setdefault(module, {})[key] = share
             shares[index] = nested
         self.shares = shares
+        self.connection_shares = connection_shares
         for merged in outcomes.values():
             if merged[0] == 0:
                 merged[2] = merged[1]
@@ -100,9 +113,10 @@ class Coordination:
         self.ticks += 1
 
     async def _ask(self, index: int, link: _Link) -> dict[str, Any] | None:
+        arguments: dict[str, Any] = {"shares": self.shares.get(index, {}), "health": self.verdicts}
+        connections = self.connection_shares.get(index)
+        if connections is not None:
+            arguments["connections"] = connections
         with contextlib.suppress(ControlError, TimeoutError, ConnectionError):
-            return await asyncio.wait_for(
-                link.command("tick", shares=self.shares.get(index, {}), health=self.verdicts),
-                TICK * 5,
-            )
+            return await asyncio.wait_for(link.command("tick", **arguments), TICK * 5)
         return None

@@ -20,7 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
-from ..modules.metrics import MergedRoute, merge_reports
+from ..modules.metrics import MergedRoute, merge_refusals, merge_reports
 from .gc_tuning import GcPauses
 
 __all__ = ["CONTENT_TYPE_LATEST", "render"]
@@ -54,6 +54,7 @@ class _Snapshot:
             connections.add_metric([str(worker["index"])], worker.get("connections", 0))
         yield requests
         yield connections
+        yield from _connection_cap(alive)
         yield GaugeMetricFamily("pitcher_workers", "Workers answering", value=len(alive))
         restarts = CounterMetricFamily(
             "pitcher_worker_restarts", "Workers replaced after dying", labels=["worker"]
@@ -90,6 +91,63 @@ class _Snapshot:
         ]
         if reports:
             yield from _route_families(merge_reports(reports))
+            refusals = CounterMetricFamily(
+                "pitcher_http_refusals",
+                "Requests refused before reaching a route (the parser's 400, 408, 413, 414,"
+                " 431, 505; refusals at accept), by status and reason, all workers",
+                labels=["status", "reason"],
+            )
+            for (status, reason), count in sorted(merge_refusals(reports).items()):
+                refusals.add_metric([status, reason], count)
+            yield refusals
+
+
+def _connection_cap(workers: Sequence[dict[str, Any]]) -> Iterable[Metric]:
+    """Each worker's part of server.max_connections and what reaching it did."""
+    families = (
+        (
+            GaugeMetricFamily,
+            "pitcher_connection_limit",
+            "limit",
+            "Connections this worker may hold",
+        ),
+        (
+            GaugeMetricFamily,
+            "pitcher_accept_paused",
+            "paused",
+            "1 while the worker, at its cap, does not accept",
+        ),
+        (
+            CounterMetricFamily,
+            "pitcher_accept_pauses",
+            "pauses",
+            "Times the worker reached its connection cap and stopped accepting",
+        ),
+        (
+            CounterMetricFamily,
+            "pitcher_accept_paused_seconds",
+            "paused_seconds",
+            "Time spent at the connection cap, not accepting",
+        ),
+        (
+            CounterMetricFamily,
+            "pitcher_idle_connections_closed",
+            "idle_closed",
+            "Idle keep-alive connections closed at the cap to make room for a waiting client",
+        ),
+    )
+    reports = [
+        (str(w["index"]), w["connection_cap"])
+        for w in workers
+        if isinstance(w.get("connection_cap"), dict)
+    ]
+    if not reports:
+        return
+    for kind, name, key, text in families:
+        family = kind(name, f"{text}, per worker", labels=["worker"])
+        for index, report in reports:
+            family.add_metric([index], float(report.get(key, 0)))
+        yield family
 
 
 # Histogram families of the metrics module: (name, its key in a route's report, help).

@@ -107,11 +107,14 @@ class Worker:
         op = message.get("op")
         if op == "tick":
             proxy.apply_shares(message.get("shares") or {})
+            if "connections" in message:
+                proxy.set_connection_share(float(message["connections"]))
             if "health" in message:
                 proxy.apply_health(message["health"])
             return {
                 "index": self.index,
                 "demand": proxy.module_demand(),
+                "connections": proxy.connection_demand(),
                 "outcomes": proxy.upstreams.take_outcomes(),
             }
         if op == "status":
@@ -152,6 +155,7 @@ class Worker:
             "checksum": snapshot.config.checksum,
             "requests": proxy.requests_served,
             "connections": len(proxy.connections),
+            "connection_cap": proxy.connection_status(),
             "draining": proxy.draining,
             "gc": self.pauses.snapshot(),
             "modules": proxy.module_stats(),

@@ -6,6 +6,12 @@
 answers. Every HTTP rule (pipelining order, keep-alive, 100-continue,
 refusals, deadlines) is the sans-IO connection's; this class only does what
 it is told with the socket.
+
+A refusal (by the parser, a deadline, or a module at ACCEPT) makes no
+exchange; it is reported to the server as a :class:`~.glue.Refusal`, which
+passes it on to the modules that count and log refusals
+(``request_refused``). Each connection also counts against the connection
+cap (:meth:`ProxyServer.at_connection_cap`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from ..http.connection import ServerConnection
 from ..http.parser import HttpRequest
 from ..http.response import error_response
 from .exchange import Exchange
-from .glue import HttpGlue
+from .glue import HttpGlue, Refusal, refusal_of
 
 if TYPE_CHECKING:
     from .server import ProxyServer
@@ -33,7 +39,15 @@ class HttpConnection(HttpGlue):
     socket) and ``client_text`` ("ip:port").
     """
 
-    __slots__ = ("_advancing", "client_ip", "client_text", "current", "server", "watch")
+    __slots__ = (
+        "_advancing",
+        "answered",
+        "client_ip",
+        "client_text",
+        "current",
+        "server",
+        "watch",
+    )
 
     def __init__(self, server: ProxyServer) -> None:
         super().__init__()
@@ -54,6 +68,8 @@ class HttpConnection(HttpGlue):
         self.client_ip = b"unknown"
         self.client_text = ""
         self._advancing = False
+        # A request was answered: idle now means idle between two requests.
+        self.answered = False
 
     # asyncio callbacks -----------------------------------------------------------------
 
@@ -70,17 +86,34 @@ class HttpConnection(HttpGlue):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.connections.add(self)
-        modules = self.server.snapshot.modules
+        server = self.server
+        connections = server.connections
+        connections.add(self)
+        count = len(connections)
+        if count >= server.connection_limit:
+            # The last place taken, or one beyond it: parked unread until one frees.
+            server.at_connection_cap(self)
+        if count > server.peak_connections:
+            server.peak_connections = count
+        modules = server.snapshot.modules
         accept = modules.default.on_accept
         if accept:
             answer = modules.run(accept, self)
             if answer is not None:
                 self.http.must_close = True
-                transport.write(  # type: ignore[attr-defined]
-                    error_response(answer.status, answer.message or "refused")
-                )
+                message = answer.message or "refused"
+                response = error_response(answer.status, message)
+                transport.write(response)  # type: ignore[attr-defined]
                 self.close()
+                server.report_refusal(
+                    Refusal(
+                        answer.status,
+                        "refused_at_accept",
+                        message,
+                        self.client_ip,
+                        response_bytes=len(response),
+                    )
+                )
 
     def data_received(self, data: bytes) -> None:
         http = self.http
@@ -97,8 +130,11 @@ class HttpConnection(HttpGlue):
             self.current.abandon()
             self.current = None
         self.http.abandon()
-        self.server.connections.discard(self)
-        modules = self.server.snapshot.modules
+        server = self.server
+        server.connections.discard(self)
+        if server.accept_paused:
+            server.connection_gone()
+        modules = server.snapshot.modules
         if modules.default.on_finish:
             modules.run(modules.default.on_finish, self)
 
@@ -131,6 +167,7 @@ class HttpConnection(HttpGlue):
             return
         self.current = None
         self.server.requests_served += 1
+        self.answered = True
         http = self.http
         chunks = http.respond(status, fields, body, self.loop.time())
         transport = self.transport
@@ -150,6 +187,9 @@ class HttpConnection(HttpGlue):
             self.close()
         elif http.waiting or self.read_paused or http.parser.in_request:
             self._advance()
+
+    def refused(self, answer: bytes) -> None:
+        self.server.report_refusal(refusal_of(answer, self.client_ip, self.http.parser))
 
     def close(self) -> None:
         if self.closed:
@@ -172,6 +212,17 @@ class HttpConnection(HttpGlue):
     def drain(self) -> None:
         """The proxy is draining: the next answer says ``connection: close``."""
         self.http.draining = True
+
+    @property
+    def idle_between_requests(self) -> bool:
+        """Open, a request answered, nothing running, waiting or arriving: may close for room."""
+        return (
+            self.answered
+            and self.current is None
+            and not self.closed
+            and not self.http.busy
+            and not self.http.half_close
+        )
 
     def close_if_idle(self, now: float, quiet_for: float) -> None:
         """Close if no request is running or arriving, and none came for ``quiet_for`` seconds."""

@@ -5,6 +5,11 @@ The proxy's client connections (:mod:`.frontend`) and the admin API's
 request; :class:`HttpGlue` acts on the sans-IO connection's state for both:
 writes what it asks to write, half-closes and lingers after a refusal,
 closes, pauses and resumes reading, applies deadlines.
+
+A refusal (the parser's 400, 408, 413, 414, 431, 505 ...) makes no request
+to hand out; :meth:`HttpGlue.refused` is told of each one as its answer is
+written, with a :class:`Refusal` that says what is known of it, so that a
+subclass can count and log it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,97 @@ import asyncio
 import contextlib
 
 from ..http.connection import ServerConnection
+
+# What a refusal is counted and logged as, by status: a small fixed set, since
+# each one is a metrics label. A 400's details are in ``Refusal.detail``.
+_REASONS = {
+    400: "bad_request",
+    403: "forbidden",
+    408: "header_timeout",
+    413: "body_too_large",
+    414: "request_line_too_long",
+    431: "headers_too_large",
+    501: "method_not_implemented",
+    505: "version_not_supported",
+}
+
+
+class Refusal:
+    """A request answered without an exchange: refused by the parser, a deadline, or at accept.
+
+    ``status`` and ``response_bytes`` are what was written; ``reason`` a
+    short fixed name (``header_timeout``, ``body_too_large`` ...) and
+    ``detail`` the text of the answer; ``client_ip`` is the connection's;
+    ``method`` and ``target`` are the request's as far as they were parsed
+    (None when they were not, or not completely).
+    """
+
+    __slots__ = ("client_ip", "detail", "method", "reason", "response_bytes", "status", "target")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        detail: str,
+        client_ip: bytes,
+        method: bytes | None = None,
+        target: bytes | None = None,
+        response_bytes: int = 0,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+        self.client_ip = client_ip
+        self.method = method
+        self.target = target
+        self.response_bytes = response_bytes
+
+
+def refusal_reason(status: int, detail: str, head_complete: bool) -> str:
+    """The fixed name a refusal is counted under (see ``_REASONS``)."""
+    if status == 408:
+        return "body_timeout" if head_complete else "header_timeout"
+    if status == 431 and detail.startswith("too many"):
+        return "too_many_headers"
+    if status == 400:
+        if "Host" in detail:
+            return "bad_host"
+        if "Content-Length" in detail or "Transfer-Encoding" in detail or "chunk" in detail:
+            return "bad_framing"
+    reason = _REASONS.get(status)
+    return reason if reason is not None else "status_" + str(status)
+
+
+def refusal_of(answer: bytes, client_ip: bytes, parser: object) -> Refusal:
+    """What is known of the refusal whose whole answer is ``answer``.
+
+    The status comes from the status line and the detail from the plain-text
+    body (``"<status> <phrase>: <detail>"``, see ``error_body``). The method
+    and target are the parser's scratch state of the refused request, read
+    by name: absent (None) if it keeps none, as before its request line ended.
+    """
+    status = int(answer[9:12]) if answer[9:12].isdigit() else 0
+    body = answer.partition(b"\r\n\r\n")[2]
+    detail = body.partition(b": ")[2].rstrip(b"\n").decode("utf-8", "replace")
+    method: bytes | None = None
+    target: bytes | None = None
+    if getattr(parser, "in_request", False):
+        value = getattr(parser, "_method", None)
+        method = value if isinstance(value, bytes) and value else None
+        value = getattr(parser, "_target", None)
+        # A 414's target is cut short: not logged as if it were the path.
+        if isinstance(value, bytes) and value and status != 414 and method is not None:
+            target = value
+    head_complete = bool(getattr(parser, "headers_complete", False))
+    return Refusal(
+        status,
+        refusal_reason(status, detail, head_complete),
+        detail,
+        client_ip,
+        method,
+        target,
+        len(answer),
+    )
 
 
 class HttpGlue(asyncio.Protocol):
@@ -35,6 +131,13 @@ class HttpGlue(asyncio.Protocol):
 
     def _advance(self) -> None:
         raise NotImplementedError
+
+    def refused(self, answer: bytes) -> None:
+        """A refusal's whole answer (status line to body) is being written; see :class:`Refusal`.
+
+        Called once per refusal, before the connection half-closes. Nothing
+        here; the proxy's connection counts and logs it.
+        """
 
     # asyncio callbacks ---------------------------------------------------------------
 
@@ -63,6 +166,9 @@ class HttpGlue(asyncio.Protocol):
             return
         http = self.http
         if http.outgoing:
+            if http.half_close and not http.linger_until:
+                # A refusal was just queued (last): it is written now, once.
+                self.refused(http.outgoing[-1])
             transport.writelines(http.outgoing)
             http.outgoing.clear()
         if http.must_close:

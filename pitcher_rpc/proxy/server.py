@@ -4,6 +4,15 @@
 parser: it queues complete requests, answers them strictly in order (HTTP/1.1
 pipelining), and closes where RFC 9112 says to. Timeouts are enforced by one
 periodic sweep over all connections instead of a timer per request.
+
+The connection cap (``server.max_connections``, for the whole proxy; this
+process holds its share of it, at least 1): when a new connection takes the
+last place, the proxy stops accepting and the kernel's backlog holds the
+clients that come next; accepting resumes as soon as a connection closes.
+While it is paused and a client waits, the connections idle longest
+between two requests are closed to make room (nginx's reusable
+connections). docs/degradation.md says why it pauses rather than answering
+503.
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
+import select
 import socket
 import time
 from collections import deque
@@ -23,6 +34,7 @@ from ..degrade.overload import Shedder
 from ..degrade.scale import ScaleRunner
 from ..modules.chain import HookChains
 from .frontend import HttpConnection
+from .glue import Refusal
 from .module_host import ModuleHost
 from .snapshot import Snapshot
 from .upstream import Upstreams
@@ -37,6 +49,53 @@ HEALTH_TICK = 0.1
 # Event-loop lag is sampled this often and averaged over this many samples.
 _LAG_INTERVAL = 0.05
 _LAG_SAMPLES = 4
+# At the cap, a waiting client is looked at again after this long before idle
+# connections are closed for it: another worker with room may take it first.
+_ROOM_CHECK_DELAY = 0.02
+# At most this many idle connections are closed at once to make room, and at
+# least one, an eighth of those idle in between (nginx's drain of reusable ones).
+_EVICT_MOST = 32
+# The least time between two warnings that the cap is reached.
+_CAP_WARN_EVERY = 60.0
+
+
+def local_cap(max_connections: int, share: float) -> int:
+    """This process's part of the proxy-wide connection cap: never below 1."""
+    return max(1, math.floor(max_connections * share + 1e-9))
+
+
+class _Parked(asyncio.Protocol):
+    """A connection accepted beyond the cap, held as if still in the backlog.
+
+    The event loop accepts every connection waiting when the listening
+    socket turns readable, before the proxy can stop it: those beyond the cap
+    are parked here, unread (what arrives before reading stops is kept), and
+    handed back to their :class:`HttpConnection` when a place frees.
+    """
+
+    __slots__ = ("buffered", "connection", "eof", "waiting")
+
+    def __init__(self, connection: HttpConnection, waiting: deque[_Parked]) -> None:
+        self.connection = connection
+        self.buffered = bytearray()
+        self.eof = False
+        # The server's queue of parked connections, which this one leaves if it closes.
+        self.waiting = waiting
+
+    def data_received(self, data: bytes) -> None:
+        self.buffered += data
+        transport = self.connection.transport
+        if transport is not None:
+            transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # answered when its turn comes, as RFC 9112 §9.6 allows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        with contextlib.suppress(ValueError):
+            self.waiting.remove(self)  # the client gave up waiting
+        self.connection.connection_lost(exc)
 
 
 class ProxyServer:
@@ -80,23 +139,41 @@ class ProxyServer:
         self.connections: set[HttpConnection] = set()
         self.requests_served = 0
         self.draining = False
-        self._server: asyncio.Server | None = None
+        # The connection cap: this process's share of max_connections.
+        self.connection_share = default_share
+        self.connection_limit = local_cap(config.server.max_connections, default_share)
+        self.accept_paused = False
+        self.accept_pauses = 0  # times the cap stopped accepting
+        self.idle_evicted = 0  # idle connections closed to make room
+        self.paused_seconds = 0.0  # time spent not accepting, before the current pause
+        self.peak_connections = 0  # since the last demand report
+        self._paused_at = 0.0
+        self._pauses_reported = 0
+        self._cap_warned_at = -_CAP_WARN_EVERY
+        # The listening sockets, kept open (dups) so that accepting can stop
+        # and start again: closing an asyncio server closes its socket.
+        self._listeners: list[socket.socket] = []
+        self._listen_address = ""
+        self._servers: list[asyncio.Server] = []
+        self._resuming: asyncio.Task[None] | None = None
+        self._parked: deque[_Parked] = deque()
+        self._watching = False
+        self._room_check: asyncio.TimerHandle | None = None
+        # Modules told of refusals, and the default chains they were found in.
+        self._refusal_handlers: tuple[tuple[Any, Any], ...] = ()
+        self._refusal_source: object = None
         self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def address(self) -> str:
         """Where the proxy listens, with the real port when 0 was asked for."""
-        assert self._server is not None
-        name = self._server.sockets[0].getsockname()
-        if isinstance(name, str):
-            return f"unix://{name}"
-        host, port = name[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        assert self._listen_address, "not started"
+        return self._listen_address
 
     async def start(self, sock: socket.socket | None = None) -> None:
         config = self.snapshot.config.server
         if sock is not None:
-            self._server = await self.loop.create_server(
+            server = await self.loop.create_server(
                 lambda: HttpConnection(self), sock=sock, backlog=config.backlog
             )
         else:
@@ -104,17 +181,25 @@ class ProxyServer:
             if listen.is_unix:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(listen.path)
-                self._server = await self.loop.create_unix_server(
+                server = await self.loop.create_unix_server(
                     lambda: HttpConnection(self), listen.path, backlog=config.backlog
                 )
             else:
-                self._server = await self.loop.create_server(
+                server = await self.loop.create_server(
                     lambda: HttpConnection(self),
                     listen.host,
                     listen.port,
                     backlog=config.backlog,
                     reuse_address=True,
                 )
+        self._servers = [server]
+        self._listeners = [socket.socket(fileno=os.dup(s.fileno())) for s in server.sockets]
+        name = self._listeners[0].getsockname()
+        if isinstance(name, str):
+            self._listen_address = f"unix://{name}"
+        else:
+            host, port = name[:2]
+            self._listen_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._schedule_sweep()
         self._schedule_overload_check()
         if self.health is not None:
@@ -129,6 +214,7 @@ class ProxyServer:
         snapshot = Snapshot(config, self.upstreams, self.snapshot.generation + 1, chains)
         self.snapshot = snapshot
         self.upstreams.retain_only(snapshot.node_uris())
+        self._apply_connection_limit()
         return snapshot
 
     def reopen_modules(self) -> None:
@@ -150,6 +236,208 @@ class ProxyServer:
     def set_module(self, name: str, enabled: bool) -> None:
         """Switch a module on or off now and for every later snapshot; KeyError if unknown."""
         self.modules.switch(self.snapshot.modules, name, enabled)
+
+    # refusals ---------------------------------------------------------------------------
+
+    def report_refusal(self, refusal: Refusal) -> None:
+        """Tell the modules on now that define ``request_refused(refusal)`` (metrics, access_log).
+
+        A refusal has no exchange and no route: the default chains' modules
+        are told, highest priority first, isolated as any handler is.
+        """
+        modules = self.snapshot.modules
+        if modules.default is not self._refusal_source:
+            # Found again whenever the chains are rebuilt (a module switched,
+            # shed, or a reload): a refusal does not pay for the search.
+            self._refusal_source = modules.default
+            self._refusal_handlers = tuple(
+                (module, module.request_refused)  # type: ignore[attr-defined]
+                for module in sorted(modules.modules.values(), key=lambda m: -m.priority)
+                if module.name not in modules.disabled
+                and module.name not in modules.shed
+                and callable(getattr(module, "request_refused", None))
+            )
+        if self._refusal_handlers:
+            modules.run(self._refusal_handlers, refusal)
+
+    # the connection cap -----------------------------------------------------------------
+
+    def set_connection_share(self, share: float) -> None:
+        """This process's share (0-1] of the proxy-wide connection cap, from the master."""
+        if share > 0 and share != self.connection_share:
+            self.connection_share = share
+            self._apply_connection_limit()
+
+    def connection_demand(self) -> tuple[float, float]:
+        """(peak open connections plus pauses since the last call, max_connections)."""
+        pauses = self.accept_pauses - self._pauses_reported
+        self._pauses_reported = self.accept_pauses
+        demand = float(self.peak_connections + pauses)
+        self.peak_connections = len(self.connections)
+        return demand, float(self.snapshot.config.server.max_connections)
+
+    def connection_status(self) -> dict[str, Any]:
+        paused = self.paused_seconds
+        if self.accept_paused:
+            paused += self.loop.time() - self._paused_at
+        return {
+            "open": len(self.connections),
+            "waiting": len(self._parked),
+            "limit": self.connection_limit,
+            "share": round(self.connection_share, 4),
+            "paused": self.accept_paused,
+            "pauses": self.accept_pauses,
+            "paused_seconds": round(paused, 3),
+            "idle_closed": self.idle_evicted,
+        }
+
+    def _apply_connection_limit(self) -> None:
+        limit = local_cap(self.snapshot.config.server.max_connections, self.connection_share)
+        self.connection_limit = limit
+        if self.accept_paused:
+            self.connection_gone()
+        elif len(self.connections) >= limit and self._servers:
+            self._pause_accepting()
+
+    def at_connection_cap(self, connection: HttpConnection) -> None:
+        """A new connection took the last place, or one beyond it came in the same accept.
+
+        Accepting stops until a place frees; a connection beyond the cap is
+        parked unread until then.
+        """
+        if len(self.connections) - len(self._parked) > self.connection_limit and (
+            connection.transport is not None
+        ):
+            parked = _Parked(connection, self._parked)
+            connection.transport.set_protocol(parked)
+            self._parked.append(parked)
+        self._pause_accepting()
+        if self._parked:
+            self._make_room()
+
+    def _pause_accepting(self) -> None:
+        if self.accept_paused or self.draining or not self._listeners:
+            return
+        self.accept_paused = True
+        self.accept_pauses += 1
+        self._paused_at = self.loop.time()
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+        now = time.monotonic()
+        if now - self._cap_warned_at >= _CAP_WARN_EVERY:
+            self._cap_warned_at = now
+            log.warning(
+                "%d connections open, this process's cap (its share of max_connections %d):"
+                " not accepting until one closes; waiting clients stay in the backlog",
+                len(self.connections),
+                self.snapshot.config.server.max_connections,
+            )
+        self._watch_listeners()
+
+    def connection_gone(self) -> None:
+        """A connection closed while accepting is paused: serve a parked one, or resume."""
+        parked = self._parked
+        limit = self.connection_limit
+        while parked and len(self.connections) - len(parked) < limit:
+            self._unpark(parked.popleft())
+        if self.accept_paused and not parked and len(self.connections) < limit:
+            self._resume_accepting()
+
+    def _unpark(self, parked: _Parked) -> None:
+        connection = parked.connection
+        transport = connection.transport
+        if connection.closed or transport is None or transport.is_closing():
+            return
+        transport.set_protocol(connection)
+        # Its deadlines count from now, not from the accept.
+        connection.http.last_activity = self.loop.time()
+        if parked.buffered:
+            connection.data_received(bytes(parked.buffered))
+        if parked.eof and not connection.eof_received():
+            connection.close()
+            return
+        if not connection.closed and not connection.read_paused:
+            transport.resume_reading()
+
+    def _resume_accepting(self) -> None:
+        if not self.accept_paused or self.draining:
+            return
+        self.accept_paused = False
+        self.paused_seconds += self.loop.time() - self._paused_at
+        self._unwatch_listeners()
+        if self._resuming is None:
+            self._resuming = self.loop.create_task(self._listen_again(), name="pitcher-accept")
+
+    async def _listen_again(self) -> None:
+        backlog = self.snapshot.config.server.backlog
+        failed = False
+        try:
+            for listener in self._listeners:
+                if self.accept_paused or self.draining:
+                    return
+                server = await self.loop.create_server(
+                    lambda: HttpConnection(self), sock=listener.dup(), backlog=backlog
+                )
+                if self.accept_paused or self.draining:
+                    server.close()  # paused again (or stopping) meanwhile
+                    return
+                self._servers.append(server)
+        except OSError:
+            failed = True
+            log.exception("cannot accept again on the listening socket")
+        finally:
+            self._resuming = None
+            # Paused, then given room again while this ran: serve every listener.
+            if not (failed or self.accept_paused or self.draining or self._servers):
+                self._resuming = self.loop.create_task(self._listen_again(), name="pitcher-accept")
+
+    def _watch_listeners(self) -> None:
+        # While paused, a listener that turns readable means a client waits.
+        if self._watching or not self.accept_paused:
+            return
+        self._watching = True
+        for listener in self._listeners:
+            self.loop.add_reader(listener.fileno(), self._client_waiting)
+
+    def _unwatch_listeners(self) -> None:
+        if self._room_check is not None:
+            self._room_check.cancel()
+            self._room_check = None
+        if self._watching:
+            self._watching = False
+            for listener in self._listeners:
+                self.loop.remove_reader(listener.fileno())
+
+    def _client_waiting(self) -> None:
+        self._unwatch_listeners()
+        self._room_check = self.loop.call_later(_ROOM_CHECK_DELAY, self._make_room)
+
+    def _make_room(self) -> None:
+        """A client waits at the cap: close the longest-idle connections for it.
+
+        Waiting means parked here, or still in the backlog a moment after the
+        listening socket turned readable (so no other worker took it).
+        """
+        self._room_check = None
+        if not self.accept_paused or self.draining:
+            return
+        if not self._parked:
+            try:
+                readable, _, _ = select.select(self._listeners, (), (), 0)
+            except (OSError, ValueError):
+                return
+            if not readable:
+                self._watch_listeners()  # taken by another worker: nobody waits here
+                return
+        idle = [connection for connection in self.connections if connection.idle_between_requests]
+        if not idle:
+            return  # every place is busy: the sweep looks again, or a close resumes
+        idle.sort(key=lambda connection: connection.http.last_activity)
+        count = max(1, min(_EVICT_MOST, len(idle) // 8))
+        for connection in idle[:count]:
+            connection.close()
+        self.idle_evicted += count
 
     # node health --------------------------------------------------------------------------
 
@@ -248,15 +536,30 @@ class ProxyServer:
     def _sweep(self) -> None:
         now = self.loop.time()
         snapshot = self.snapshot
+        # Parked connections wait as if in the backlog: no deadline runs for them.
+        parked = {waiting.connection for waiting in self._parked} if self._parked else ()
         for connection in list(self.connections):
-            connection.sweep(now, snapshot)
+            if connection not in parked:
+                connection.sweep(now, snapshot)
+        if self.accept_paused and self._room_check is None:
+            # Clients that waited when no connection was idle: look again.
+            if self._parked:
+                self._make_room()
+            else:
+                self._watch_listeners()
         self._schedule_sweep()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, finish in-flight requests (at most ``grace``), close everything."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        self._unwatch_listeners()
+        if self._resuming is not None:
+            self._resuming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resuming
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
         for connection in self.connections:
             connection.drain()
         # A busy keep-alive client gets its next answer with "connection: close"
@@ -280,6 +583,8 @@ class ProxyServer:
         await self.scaler.close()
         await self.upstreams.close(timeout=1.0)
         await self.modules.close(self.snapshot.modules)
-        if self._server is not None:
+        for server in servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        for listener in self._listeners:
+            listener.close()

@@ -187,7 +187,11 @@ def test_numbers_survive_a_reload_that_keeps_the_settings_and_restart_when_they_
         # New buckets: a new instance, counting from zero with them.
         reload("[modules.metrics]\nbuckets = [0.5, 5]\n")
         assert proxy.snapshot.modules.modules["metrics"] is not module
-        assert proxy.module_stats()["metrics"] == {"bounds": [0.5, 5.0], "routes": {}}
+        assert proxy.module_stats()["metrics"] == {
+            "bounds": [0.5, 5.0],
+            "routes": {},
+            "refusals": {},
+        }
         assert (await get(port, "/a/x"))[0] == 200
         numbers = route_stats(proxy)["a"]
         assert numbers["requests"] == {"200": 1}

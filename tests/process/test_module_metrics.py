@@ -139,3 +139,71 @@ def test_a_worker_on_other_buckets_is_left_out_of_the_histograms_only() -> None:
         if s.name == "pitcher_residence_seconds_count"
     ]
     assert count == 3
+
+
+def test_refusals_of_every_worker_are_added_up_by_status_and_reason() -> None:
+    first = numbers((1.0,), 0.5)
+    first["refusals"] = {"431": {"headers_too_large": 2}, "408": {"header_timeout": 1}}
+    second = numbers((1.0,), 0.5)
+    second["refusals"] = {"431": {"headers_too_large": 3, "too_many_headers": 1}}
+    # A worker still on a build that reports no refusals adds nothing.
+    families = families_of(
+        [
+            worker(0, {"metrics": first}),
+            worker(1, {"metrics": second}),
+            worker(2, {"metrics": numbers((1.0,), 0.5)}),
+        ]
+    )
+    refusals = {
+        (s.labels["status"], s.labels["reason"]): s.value
+        for s in families["pitcher_http_refusals"].samples
+        if s.name == "pitcher_http_refusals_total"
+    }
+    assert refusals == {
+        ("431", "headers_too_large"): 5,
+        ("431", "too_many_headers"): 1,
+        ("408", "header_timeout"): 1,
+    }
+
+
+def test_each_worker_s_connection_cap_is_shown() -> None:
+    workers = [worker(0, {}), worker(1, {})]
+    workers[0]["connections"] = 3
+    workers[0]["connection_cap"] = {
+        "open": 3,
+        "limit": 3,
+        "share": 0.6,
+        "paused": True,
+        "pauses": 4,
+        "paused_seconds": 1.5,
+        "idle_closed": 2,
+    }
+    workers[1]["connection_cap"] = {
+        "open": 1,
+        "limit": 2,
+        "share": 0.4,
+        "paused": False,
+        "pauses": 0,
+        "paused_seconds": 0.0,
+        "idle_closed": 0,
+    }
+    families = families_of(workers)
+
+    def by_worker(family: str, sample: str | None = None) -> dict[str, float]:
+        return {
+            s.labels["worker"]: s.value
+            for s in families[family].samples
+            if s.name == (sample or family)
+        }
+
+    assert by_worker("pitcher_connections") == {"0": 3, "1": 0}
+    assert by_worker("pitcher_connection_limit") == {"0": 3, "1": 2}
+    assert by_worker("pitcher_accept_paused") == {"0": 1, "1": 0}
+    assert by_worker("pitcher_accept_pauses", "pitcher_accept_pauses_total") == {"0": 4, "1": 0}
+    assert by_worker("pitcher_accept_paused_seconds", "pitcher_accept_paused_seconds_total") == {
+        "0": 1.5,
+        "1": 0.0,
+    }
+    assert by_worker(
+        "pitcher_idle_connections_closed", "pitcher_idle_connections_closed_total"
+    ) == {"0": 2, "1": 0}
