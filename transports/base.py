@@ -126,9 +126,8 @@ class Transport(Protocol):
 class CarrierTransport:
     """The registry's view of one carrier: check the scheme, make clients, start servers.
 
-    Subclasses name their ``schemes`` and their client and server classes
-    (``client_class``/``server_class``, or ``_classes()`` where the classes
-    must be imported late).
+    Subclasses name their ``schemes`` and their ``client_class`` and
+    ``server_class``.
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
@@ -136,20 +135,16 @@ class CarrierTransport:
     server_class: ClassVar[Any] = None
 
     @classmethod
-    def _classes(cls) -> tuple[Any, Any]:
-        return cls.client_class, cls.server_class
-
-    @classmethod
     def client(cls, address: str, options: ClientOptions | None = None) -> Any:
         cls.check(address)
-        return cls._classes()[0](address, options)
+        return cls.client_class(address, options)
 
     @classmethod
     async def serve(
         cls, address: str, handler: Handler, options: ServerOptions | None = None
     ) -> Any:
         cls.check(address)
-        server = cls._classes()[1](address, handler, options)
+        server = cls.server_class(address, handler, options)
         await server.start()
         return server
 

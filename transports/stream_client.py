@@ -6,8 +6,9 @@ connections to one node and opens another only when the ones it has are
 saturated (one connection per node beat four in the proxy's benchmarks).
 
 A call's outcome goes to a receiver (see :mod:`transports.calls`), called
-straight from ``data_received``. Deadlines are enforced by one timer per
-connection, armed for the earliest pending deadline.
+straight from ``data_received``. Each connection's calls are a
+:class:`~transports.calls.CallTable`: ids, one deadline timer per connection,
+the request header, cancel and fail-all; this module is the socket's part.
 
 The per-call path is written flat: ``StreamClient.send`` encodes and queues
 the frame itself, and ``data_received`` reads whole RESPONSE frames straight
@@ -29,8 +30,8 @@ from typing import Any, cast
 
 from .base import ClientOptions
 from .calls import (
-    MAX_DEADLINE_MS,
     AwaitableCalls,
+    CallTable,
     Receiver,
     deliver_error,
     deliver_response,
@@ -67,10 +68,7 @@ log = logging.getLogger("pitcher.transports")
 
 _RESPONSE = FrameType.RESPONSE
 _ERROR = FrameType.ERROR
-_pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
-# uvloop's timers have millisecond resolution and may fire a little early.
-_TIMER_SLACK = 0.001
 
 
 class _ClientConnection(asyncio.Protocol):
@@ -82,11 +80,9 @@ class _ClientConnection(asyncio.Protocol):
         "_direct",
         "_loop",
         "_max_frame_size",
-        "_next_id",
         "_pool",
-        "_timer",
-        "_timer_at",
         "accepting",
+        "calls",
         "closed",
         "draining",
         "late_responses",
@@ -107,10 +103,9 @@ class _ClientConnection(asyncio.Protocol):
         # data_received may then read RESPONSE frames itself.
         self._direct = False
         self._batcher = Batcher(loop)
-        self._next_id = 1
-        self.pending: dict[int, Receiver] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
+        self.calls = CallTable(self, loop)
+        # The table's own dict (it stays the same object): the read path pops from it.
+        self.pending: dict[int, Receiver] = self.calls.pending
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = loop.create_future()
         self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
@@ -273,8 +268,7 @@ class _ClientConnection(asyncio.Protocol):
             self.ready.set_exception(ConnectError(f"connection closed during handshake{reason}"))
             # Nobody may be waiting if the connect itself timed out.
             self.ready.exception()
-        if self._timer is not None:
-            self._timer.cancel()
+        self.calls.close()
         self._fail_all(ConnectionLost(f"connection to {self._pool.address} lost{reason}"))
         self._pool.connection_closed(self)
 
@@ -297,45 +291,24 @@ class _ClientConnection(asyncio.Protocol):
             receiver.on_error(DeadlineExceeded("deadline passed before sending", sent=False))
 
     def cancel(self, receiver: Receiver) -> bool:
-        for request_id, pending in self.pending.items():
-            if pending is receiver:
-                self.give_up(request_id)
-                return True
-        return False
-
-    def give_up(self, request_id: int) -> bool:
-        """Forget a call whose caller stopped waiting and tell the node; True if it was pending."""
-        if self.pending.pop(request_id, None) is None:
+        request_id = self.calls.cancel(receiver)
+        if not request_id:
             return False
+        self.call_expired(request_id)
+        return True
+
+    # the CallTable's questions ---------------------------------------------------------
+
+    def call_expired(self, request_id: int) -> bool:
+        """A call its caller stopped waiting for: tell the node (it may have it)."""
         self._batcher.write(encode_frame(FrameType.CANCEL, request_id))
         if self.draining and not self.pending:
             self._close_transport()
         self._pool.wake_waiters()
         return True
 
-    def _arm(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = self._loop.call_at(when, self._expire_due)
-
-    def _expire_due(self) -> None:
-        self._timer = None
-        self._timer_at = math.inf
-        now = self._loop.time() + _TIMER_SLACK
-        earliest = math.inf
-        expired: list[tuple[int, Receiver]] = []
-        for request_id, receiver in self.pending.items():
-            deadline = receiver.deadline
-            if deadline <= now:
-                expired.append((request_id, receiver))
-            elif deadline < earliest:
-                earliest = deadline
-        for request_id, receiver in expired:
-            if self.give_up(request_id):
-                deliver_error(receiver, DeadlineExceeded("no answer before the deadline"))
-        if earliest < math.inf and not self.closed:
-            self._arm(earliest)
+    def timer_due(self, now: float) -> float:
+        return math.inf
 
     def _fail(self, code: int, message: str) -> None:
         log.warning("closing connection to %s: %s", self._pool.address, message)
@@ -346,9 +319,7 @@ class _ClientConnection(asyncio.Protocol):
         self._close_transport()
 
     def _fail_all(self, error: CallError) -> None:
-        pending, self.pending = self.pending, {}
-        for receiver in pending.values():
-            deliver_error(receiver, error)
+        self.calls.fail_all(error)
         if not self.ready.done():
             self.ready.set_exception(ConnectError(str(error)))
 
@@ -404,29 +375,13 @@ class StreamClient(AwaitableCalls):
             self._send_later(payload, receiver)
             return
         size = len(payload)
-        deadline = receiver.deadline
-        remaining = deadline - connection._loop.time()
+        remaining = receiver.deadline - connection._loop.time()
         if remaining <= 0 or size > connection.peer_max_frame_size:
             connection.refuse(payload, receiver)
             return
-        request_id = connection._next_id
-        connection._next_id = request_id + 1
-        connection.pending[request_id] = receiver
-        # The header's deadline_ms: at least 1, and 0 (none) when it does not fit.
-        milliseconds = remaining * 1000.0
         connection._batcher.write(
-            _pack_header(
-                VERSION,
-                1,
-                0,
-                size,
-                request_id,
-                (int(milliseconds) or 1) if milliseconds < MAX_DEADLINE_MS else 0,
-            )
-            + payload
+            connection.calls.request_header(receiver, size, remaining) + payload
         )
-        if deadline < connection._timer_at:
-            connection._arm(deadline)
 
     def _send_later(self, payload: bytes, receiver: Receiver) -> None:
         """send() with no connection free: wait for one (or fail at once if closing)."""

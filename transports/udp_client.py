@@ -8,9 +8,9 @@ for the client's life: a restarted server is reachable again at once.
 Loss is handled by the caller's deadline and, for idempotent calls only, by
 re-sending the very same datagram (same request id) a bounded number of times
 before that deadline; the server's replay cache makes sure it runs once.
-As on the stream carriers, a call's outcome goes to a receiver (see
-:mod:`transports.calls`), and one timer, armed for the earliest deadline or
-re-send, serves every call.
+As on the stream carriers, a call's outcome goes to a receiver and the
+calls are a :class:`~transports.calls.CallTable`, whose one timer, armed for
+the earliest deadline or re-send, serves every call.
 
 The per-call path is flat: ``send`` encodes the datagram itself and the
 protocol's ``datagram_received`` checks a RESPONSE and hands it over itself;
@@ -25,7 +25,6 @@ import errno
 import logging
 import math
 import random
-import socket
 import struct
 import time
 from collections import Counter
@@ -33,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import ClientOptions
-from .calls import AwaitableCalls, Receiver, deliver_error, error_for
+from .calls import AwaitableCalls, CallTable, Receiver, deliver_error, error_for
 from .control import ErrorInfo, GoAwayInfo
 from .datagram import (
     CLIENT_ACCEPTS,
@@ -44,10 +43,11 @@ from .datagram import (
     MAX_UDP_PAYLOAD,
     DatagramDropped,
     DropReason,
+    crc32c,
     crc_update,
     decode_datagram,
     encode_datagram,
-    encode_request_datagram,
+    warn_if_crc_is_slow,
 )
 from .errors import (
     Closed,
@@ -59,22 +59,15 @@ from .errors import (
     RequestTooLarge,
     TransportError,
 )
-from .frame import HEADER, VERSION, FrameType
+from .frame import VERSION, FrameType
 from .registry import Address, parse_address
+from .udp_io import enlarge_socket_buffers
 
 log = logging.getLogger("pitcher.transports")
 
 _RESPONSE = int(FrameType.RESPONSE)
 _pack_crc = struct.Struct(">I").pack
-_pack_header = HEADER.pack
 _unpack_datagram_header = struct.Struct(">IBBHIQI").unpack_from
-# uvloop's timers have millisecond resolution and may fire a little early.
-_TIMER_SLACK = 0.001
-# deadline_ms is a 32-bit field; a longer budget is sent as the largest one.
-_MAX_DEADLINE_MS = 0xFFFFFFFF
-# Room for a burst of answers while the loop is busy elsewhere; the kernel caps
-# it at net.core.rmem_max and a smaller buffer only means earlier loss.
-_SOCKET_BUFFER = 1 << 20
 _PING_TOKEN = struct.Struct(">Q")
 _MIN_RETRY_INTERVAL = 0.001
 # Above every request id (they are 64-bit): "no GOAWAY", in one int comparison.
@@ -137,6 +130,7 @@ class UdpClient(AwaitableCalls):
         self._retries = max(0, options.retries)
         # A floor, so that a zero interval cannot spin the timer.
         self._retry_interval = max(_MIN_RETRY_INTERVAL, options.retry_interval)
+        warn_if_crc_is_slow()
         self.dropped: Counter[str] = Counter()
         self.late_responses = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,11 +147,10 @@ class UdpClient(AwaitableCalls):
         self._last_open_error = ""
         # A random first id: a client that comes back on the same port does not
         # meet the replay-cache entries of its previous life on the server.
-        self._next_id = random.randrange(1, 1 << 62)
-        self._pending: dict[int, Receiver] = {}
+        self._calls = CallTable(self, None, random.randrange(1, 1 << 62))
+        # The table's own dict (it stays the same object): the read path pops from it.
+        self._pending: dict[int, Receiver] = self._calls.pending
         self._resends: dict[int, _Resend] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
         self._pings: dict[bytes, asyncio.Future[None]] = {}
         self._ping_count = 0
         # What a refusal (ICMP) means for a pending call: whether the node has
@@ -185,40 +178,22 @@ class UdpClient(AwaitableCalls):
             return
         # The common case in one function: the socket is open and the call fits.
         now = self._time()
-        deadline = receiver.deadline
-        remaining_ms = (deadline - now) * 1000
-        if not 0 < remaining_ms < _MAX_DEADLINE_MS:
+        remaining = receiver.deadline - now
+        if remaining <= 0:
             self._send_slow(payload, receiver)
             return
-        request_id = self._next_id
-        self._next_id = request_id + 1
-        # encode_request_datagram, inline.
-        body = _pack_header(VERSION, 1, 0, len(payload), request_id, int(remaining_ms) or 1)
-        body += payload
+        calls = self._calls
+        body = calls.request_header(receiver, len(payload), remaining) + payload
         datagram = _pack_crc(CRC_XOR ^ crc_update(body, CRC_XOR, CRC_TABLE)) + body
-        self._pending[request_id] = receiver
-        if deadline < self._timer_at:
-            self._arm(deadline)
         if receiver.idempotent and self._retries:
-            resend_at = now + self._retry_interval
-            if resend_at < deadline:
-                self._resends[request_id] = (
-                    resend_at,
-                    self._retry_interval,
-                    self._retries,
-                    deadline,
-                    datagram,
-                )
-                if resend_at < self._timer_at:
-                    self._arm(resend_at)
+            self._plan_resend(calls.last_id(), datagram, now, receiver.deadline)
         sendto(datagram)
 
     def cancel(self, receiver: Receiver) -> None:
         """The caller gives up: forget the call and tell the node (CANCEL). No callback follows."""
-        request_id = next((rid for rid, r in self._pending.items() if r is receiver), 0)
+        request_id = self._calls.cancel(receiver)
         if not request_id:
             return
-        del self._pending[request_id]
         self._resends.pop(request_id, None)
         if self._sendto is not None:
             self._sendto(encode_datagram(FrameType.CANCEL, request_id))
@@ -300,10 +275,7 @@ class UdpClient(AwaitableCalls):
         else:
             error = Closed(f"client for {self.address} closed before its socket opened")
         self._fail_all(error)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-            self._timer_at = math.inf
+        self._calls.close()
 
     # sending ----------------------------------------------------------------------------
 
@@ -322,22 +294,15 @@ class UdpClient(AwaitableCalls):
             )
             return None
         deadline = receiver.deadline
-        remaining_ms = (deadline - now) * 1000
-        if remaining_ms <= 0:
+        remaining = deadline - now
+        if remaining <= 0:
             receiver.on_error(DeadlineExceeded("deadline passed before sending", sent=False))
             return None
-        request_id = self._next_id
-        self._next_id = request_id + 1
-        datagram = encode_request_datagram(
-            request_id,
-            payload,
-            _MAX_DEADLINE_MS if remaining_ms >= _MAX_DEADLINE_MS else max(1, int(remaining_ms)),
-        )
-        self._pending[request_id] = receiver
-        if deadline < self._timer_at:
-            self._arm(deadline)
+        calls = self._calls
+        body = calls.request_header(receiver, len(payload), remaining) + payload
+        datagram = _pack_crc(crc32c(body)) + body
         if receiver.idempotent and self._retries:
-            self._plan_resend(request_id, datagram, now, deadline)
+            self._plan_resend(calls.last_id(), datagram, now, deadline)
         return datagram
 
     def _plan_resend(self, request_id: int, datagram: bytes, now: float, deadline: float) -> None:
@@ -350,8 +315,7 @@ class UdpClient(AwaitableCalls):
                 deadline,
                 datagram,
             )
-            if resend_at < self._timer_at:
-                self._arm(resend_at)
+            self._calls.wake_at(resend_at)
 
     def _send_slow(self, payload: bytes, receiver: Receiver) -> None:
         """send() for every case but the common one: checks, failures, no socket yet."""
@@ -375,12 +339,13 @@ class UdpClient(AwaitableCalls):
         datagram = self._register(payload, receiver, loop.time())
         if datagram is None:
             return
-        self._unsent.append((self._next_id - 1, datagram))
+        self._unsent.append((self._calls.last_id(), datagram))
         self._open_soon(loop)
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
         self._loop = loop
         self._time = loop.time
+        self._calls.bind(loop)
         return loop
 
     def _open_soon(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -421,68 +386,49 @@ class UdpClient(AwaitableCalls):
             if request_id in pending:
                 sendto(datagram)
 
-    # the one timer ------------------------------------------------------------------
+    # the CallTable's questions ---------------------------------------------------------
 
-    def _arm(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = self._loop.call_at(when, self._expire_due)  # type: ignore[union-attr]
-
-    def _expire_due(self) -> None:
-        self._timer = None
-        self._timer_at = math.inf
-        now = self._loop.time() + _TIMER_SLACK  # type: ignore[union-attr]
-        earliest = math.inf
-        pending = self._pending
-        resends = self._resends
-        expired: list[tuple[int, Receiver]] = []
-        for request_id, receiver in pending.items():
-            deadline = receiver.deadline
-            if deadline <= now:
-                expired.append((request_id, receiver))
-            elif deadline < earliest:
-                earliest = deadline
+    def call_expired(self, request_id: int) -> bool:
+        """A call dropped at its deadline: no more copies; CANCEL if the socket is open."""
+        self._resends.pop(request_id, None)
         sendto = self._sendto
-        for request_id, _ in expired:
-            del pending[request_id]
-            resends.pop(request_id, None)
-            if sendto is not None:
-                # Best effort: the server stops the handler instead of finishing
-                # work nobody waits for. Lost, it costs only that work.
-                sendto(encode_datagram(FrameType.CANCEL, request_id))
-        if resends:
-            finished: list[int] = []
-            later: list[tuple[int, _Resend]] = []
-            for request_id, resend in resends.items():
-                at, interval, left, resend_deadline, datagram = resend
-                if at <= now:
-                    if sendto is None:  # not open yet: its first copy is still queued
-                        at = now + interval
-                    else:
-                        sendto(datagram)
-                        left -= 1
-                        interval *= 2
-                        at = now + interval
-                    if not left or at >= resend_deadline:
-                        finished.append(request_id)
-                        continue
-                    later.append((request_id, (at, interval, left, resend_deadline, datagram)))
-                if at < earliest:
-                    earliest = at
-            for request_id in finished:
-                del resends[request_id]
-            for request_id, resend in later:
-                resends[request_id] = resend
-        if expired:
-            sent = sendto is not None
-            for _, receiver in expired:
-                deliver_error(
-                    receiver, DeadlineExceeded("no answer before the deadline", sent=sent)
-                )
-        # A receiver may have sent a new call and armed the timer meanwhile.
-        if earliest < self._timer_at:
-            self._arm(earliest)
+        if sendto is None:
+            return False  # its datagram is still queued behind the socket's opening
+        # Best effort: the server stops the handler instead of finishing work
+        # nobody waits for. Lost, it costs only that work.
+        sendto(encode_datagram(FrameType.CANCEL, request_id))
+        return True
+
+    def timer_due(self, now: float) -> float:
+        """Send the copies of idempotent calls that are due; the next one's time."""
+        resends = self._resends
+        earliest = math.inf
+        if not resends:
+            return earliest
+        sendto = self._sendto
+        finished: list[int] = []
+        later: list[tuple[int, _Resend]] = []
+        for request_id, resend in resends.items():
+            at, interval, left, resend_deadline, datagram = resend
+            if at <= now:
+                if sendto is None:  # not open yet: its first copy is still queued
+                    at = now + interval
+                else:
+                    sendto(datagram)
+                    left -= 1
+                    interval *= 2
+                    at = now + interval
+                if not left or at >= resend_deadline:
+                    finished.append(request_id)
+                    continue
+                later.append((request_id, (at, interval, left, resend_deadline, datagram)))
+            if at < earliest:
+                earliest = at
+        for request_id in finished:
+            del resends[request_id]
+        for request_id, resend in later:
+            resends[request_id] = resend
+        return earliest
 
     # receiving ---------------------------------------------------------------------------
 
@@ -564,9 +510,10 @@ class UdpClient(AwaitableCalls):
         goaway_last = self._goaway_last
         refused = ConnectError(f"{self.address}: {what}")
         lost = ConnectionLost(f"{self.address} stopped answering: {what}; the call may have run")
-        pending, self._pending = self._pending, {}
+        pending = list(self._pending.items())
+        self._pending.clear()
         self._resends.clear()
-        for request_id, receiver in pending.items():
+        for request_id, receiver in pending:
             deliver_error(receiver, lost if heard and request_id <= goaway_last else refused)
         for future in self._pings.values():
             if not future.done():
@@ -586,23 +533,8 @@ class UdpClient(AwaitableCalls):
         self._sendto = None
 
     def _fail_all(self, error: TransportError) -> None:
-        pending, self._pending = self._pending, {}
         self._resends.clear()
-        for receiver in pending.values():
-            deliver_error(receiver, error)
+        self._calls.fail_all(error)
         for future in self._pings.values():
             if not future.done():
                 future.set_exception(error)
-
-
-def enlarge_socket_buffers(transport: asyncio.BaseTransport) -> None:
-    """Give a datagram socket room for a burst (both ends use this)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            if sock.getsockopt(socket.SOL_SOCKET, option) < _SOCKET_BUFFER:
-                sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
-        except OSError:
-            pass

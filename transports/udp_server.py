@@ -37,12 +37,13 @@ from .datagram import (
     crc_update,
     decode_datagram,
     encode_datagram,
+    warn_if_crc_is_slow,
 )
 from .errors import ConnectError, ErrorCode
 from .frame import HEADER, VERSION, FrameType
 from .handlers import HandlerRunner
 from .registry import parse_address
-from .udp_client import enlarge_socket_buffers
+from .udp_io import enlarge_socket_buffers
 
 log = logging.getLogger("pitcher.transports")
 
@@ -104,6 +105,7 @@ class UdpServer:
         self.handler = handler
         self.options = options = options or ServerOptions()
         self.max_datagram = min(options.max_datagram, MAX_UDP_PAYLOAD)
+        warn_if_crc_is_slow()
         self._cache_size = max(0, options.replay_cache_size)
         self._ttl = options.replay_ttl
         self._max_in_flight = options.max_in_flight
@@ -240,11 +242,17 @@ class UdpServer:
             self.duplicates_ignored += 1
             return
         if self.closing:
-            self._refuse(request_id, addr, _SHUTTING_DOWN)
+            self._refuse(request_id, addr, ErrorCode.UNAVAILABLE, _SHUTTING_DOWN)
             return
         if len(tasks) >= self._max_in_flight:
-            # Not started, so the client may send it elsewhere (UNAVAILABLE).
-            self._refuse(request_id, addr, f"more than {self._max_in_flight} requests in flight")
+            # The stream and ZeroMQ carriers' code; not started, so the client
+            # may send it elsewhere (RemoteError, not sent).
+            self._refuse(
+                request_id,
+                addr,
+                ErrorCode.TOO_MANY_IN_FLIGHT,
+                f"more than {self._max_in_flight} requests in flight",
+            )
             return
         if self._cache_size:
             # Before start(): a handler that never waits answers inside it.
@@ -287,11 +295,8 @@ class UdpServer:
         if sendto is not None:
             sendto(datagram, addr)
 
-    def _refuse(self, request_id: int, addr: Any, message: str) -> None:
-        self._send(
-            encode_datagram(_ERROR, request_id, ErrorInfo(ErrorCode.UNAVAILABLE, message).encode()),
-            addr,
-        )
+    def _refuse(self, request_id: int, addr: Any, code: int, message: str) -> None:
+        self._send(encode_datagram(_ERROR, request_id, ErrorInfo(code, message).encode()), addr)
 
     def _send(self, datagram: bytes, addr: Any) -> None:
         sendto = self._sendto

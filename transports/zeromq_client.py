@@ -14,8 +14,9 @@ both with ``sent=False``. Once a request has waited ``connect_timeout`` in
 vain, the node counts as unreachable and later ones fail at once with
 ``ConnectError`` until ZeroMQ takes a message again.
 
-One task per socket reads answers and hands them to the calls' receivers;
-one timer, armed for the earliest deadline, expires calls.
+One task per socket reads answers and hands them to the calls' receivers.
+The calls are a :class:`~transports.calls.CallTable`, whose one timer, armed
+for the earliest deadline or queued request's give-up time, serves them all.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import zmq.asyncio
 from .base import ClientOptions
 from .calls import (
     AwaitableCalls,
+    CallTable,
     Receiver,
     deliver_error,
     deliver_response,
@@ -50,9 +52,9 @@ from .errors import (
     Rejected,
     RequestTooLarge,
 )
-from .frame import HEADER, HEADER_SIZE, VERSION, FrameType, encode_frame, encode_request
-from .zeromq import endpoint_of, new_socket, parse_zmq_address, read_header, shared_context
-from .zeromq import should_log as _should_log
+from .frame import HEADER, HEADER_SIZE, VERSION, FrameType, encode_frame
+from .zeromq_io import endpoint_of, new_socket, parse_zmq_address, read_header, shared_context
+from .zeromq_io import should_log as _should_log
 
 log = logging.getLogger("pitcher.transports")
 
@@ -63,10 +65,6 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _RESPONSE = FrameType.RESPONSE
 _unpack_header = HEADER.unpack_from
-# uvloop's timers have millisecond resolution and may fire a little early.
-_TIMER_SLACK = 0.001
-# deadline_ms is a uint32; a budget beyond it is sent as 0, "no deadline".
-_MAX_DEADLINE_MS = 0xFFFFFFFF
 # ClientOptions.backoff_max (2 s) paces the stream carrier's connect attempts,
 # each of which fails calls. Here a reconnect attempt is a background SYN and
 # waiting longer than needed only delays a restarted node, so keep it short.
@@ -94,14 +92,13 @@ class ZmqClient(AwaitableCalls):
         # True while the reader awaits the socket: a send made then must
         # re-check the socket's events (see _poke_reader).
         self._reader_waiting = False
-        self._next_id = 1
-        self._pending: dict[int, Receiver] = {}
+        self._calls = CallTable(self)
+        # The table's own dict (it stays the same object): the reader pops from it.
+        self._pending: dict[int, Receiver] = self._calls.pending
         # Requests ZeroMQ did not take at once: id -> (send future, give up at).
         self._queued: dict[int, tuple[asyncio.Future[Any], float]] = {}
         # Since when ZeroMQ has refused to take a message, if it does now.
         self._blocked_since: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
         self._pings: dict[bytes, asyncio.Future[None]] = {}
         self._ping_count = 0
         # The node said GOAWAY and waits for ours: sent once no request that
@@ -145,45 +142,37 @@ class ZmqClient(AwaitableCalls):
                 return
         loop = self._loop
         assert loop is not None
-        deadline = receiver.deadline
-        remaining_ms = (deadline - loop.time()) * 1000
-        if remaining_ms <= 0:
+        remaining = receiver.deadline - loop.time()
+        if remaining <= 0:
             receiver.on_error(DeadlineExceeded("deadline passed before sending", sent=False))
             return
-        request_id = self._next_id
-        self._next_id = request_id + 1
-        frame = encode_request(
-            request_id,
-            payload,
-            (int(remaining_ms) or 1) if remaining_ms < _MAX_DEADLINE_MS else 0,
-        )
+        calls = self._calls
+        frame = calls.request_header(receiver, len(payload), remaining) + payload
+        request_id = calls.last_id()
+        error: ConnectError | None = None
         if self._queued:
             # Stay behind the requests already waiting for the node.
-            if not self._enqueue(request_id, frame, receiver):
-                return
+            error = self._enqueue(request_id, frame)
         else:
             try:
                 send(frame, _NOBLOCK)
             except zmq.Again:
-                if not self._enqueue(request_id, frame, receiver):
-                    return
+                error = self._enqueue(request_id, frame)
             except zmq.ZMQError as exc:
-                receiver.on_error(self._connect_error(f"cannot send: {exc}"))
-                return
+                error = self._connect_error(f"cannot send: {exc}")
             else:
                 self._blocked_since = None
                 if self._reader_waiting:
                     self._poke_reader()
-        self._pending[request_id] = receiver
-        if deadline < self._timer_at:
-            self._arm(deadline)
+        if error is not None:
+            del self._pending[request_id]
+            receiver.on_error(error)
 
     def cancel(self, receiver: Receiver) -> None:
         """The caller gives up: forget the call and tell the node (CANCEL). No callback follows."""
-        for request_id, pending in self._pending.items():
-            if pending is receiver:
-                self._give_up(request_id)
-                return
+        request_id = self._calls.cancel(receiver)
+        if request_id:
+            self.call_expired(request_id)
 
     async def ping(self, timeout: float = 1.0) -> None:
         """Wait for the node to answer a PING; ConnectError if no PONG comes within ``timeout``."""
@@ -230,17 +219,15 @@ class ZmqClient(AwaitableCalls):
     def abort(self) -> None:
         """Close the socket now; calls in flight fail with ConnectionLost."""
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = math.inf
-        pending, self._pending = self._pending, {}
+        self._calls.close()
+        pending = list(self._pending.items())
+        self._pending.clear()
         queued, self._queued = self._queued, {}
         for future, _ in queued.values():
             future.cancel()
         lost = ConnectionLost(f"client for {self.address} closed with the call in flight")
         not_sent = Closed(f"client for {self.address} closed before the request left")
-        for request_id, receiver in pending.items():
+        for request_id, receiver in pending:
             deliver_error(receiver, not_sent if request_id in queued else lost)
         pings, self._pings = self._pings, {}
         for pong in pings.values():
@@ -297,6 +284,7 @@ class ZmqClient(AwaitableCalls):
             raise self._connect_error(f"cannot connect: {exc}") from exc
         shadow: zmq.Socket[Any] = zmq.Socket.shadow(socket.underlying)
         self._loop = loop
+        self._calls.bind(loop)
         self._context = context
         self._socket = socket
         self._send = send = shadow.send
@@ -357,8 +345,8 @@ class ZmqClient(AwaitableCalls):
 
     # calls ----------------------------------------------------------------------------
 
-    def _enqueue(self, request_id: int, frame: bytes, receiver: Receiver) -> bool:
-        """Let a request wait for ZeroMQ to take it; False if it failed at once."""
+    def _enqueue(self, request_id: int, frame: bytes) -> ConnectError | None:
+        """Let a request wait for ZeroMQ to take it; the error if it fails at once."""
         loop = self._loop
         socket = self._socket
         assert loop is not None and socket is not None
@@ -368,21 +356,17 @@ class ZmqClient(AwaitableCalls):
             self._blocked_since = blocked_since = now
         give_up_at = blocked_since + self.options.connect_timeout
         if give_up_at <= now:
-            receiver.on_error(
-                self._connect_error(
-                    "unreachable: no node connected, or its queue is full,"
-                    f" for {self.options.connect_timeout}s"
-                )
+            return self._connect_error(
+                "unreachable: no node connected, or its queue is full,"
+                f" for {self.options.connect_timeout}s"
             )
-            return False
         # zmq.asyncio queues it and sends when the socket can take it, in order.
         future = socket.send(frame)
         assert isinstance(future, asyncio.Future)
         self._queued[request_id] = (future, give_up_at)
         future.add_done_callback(functools.partial(self._on_queued_sent, request_id))
-        if give_up_at < self._timer_at:
-            self._arm(give_up_at)
-        return True
+        self._calls.wake_at(give_up_at)
+        return None
 
     def _on_queued_sent(self, request_id: int, future: asyncio.Future[Any]) -> None:
         if self._queued.pop(request_id, None) is None or future.cancelled():
@@ -400,6 +384,13 @@ class ZmqClient(AwaitableCalls):
         False if it never left, None if it was not pending."""
         if self._pending.pop(request_id, None) is None:
             return None
+        return self.call_expired(request_id)
+
+    # the CallTable's questions ---------------------------------------------------------
+
+    def call_expired(self, request_id: int) -> bool:
+        """A call its caller stopped waiting for: unsend it if it is still queued
+        (False), or CANCEL it at the node (True)."""
         queued = self._queued.pop(request_id, None)
         if queued is not None and queued[0].cancel():
             return False
@@ -433,31 +424,9 @@ class ZmqClient(AwaitableCalls):
             if self._reader_waiting:
                 self._poke_reader()
 
-    def _arm(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        assert self._loop is not None
-        self._timer_at = when
-        self._timer = self._loop.call_at(when, self._expire_due)
-
-    def _expire_due(self) -> None:
-        self._timer = None
-        self._timer_at = math.inf
-        assert self._loop is not None
-        now = self._loop.time() + _TIMER_SLACK
+    def timer_due(self, now: float) -> float:
+        """Fail the requests that waited ``connect_timeout`` in the send queue in vain."""
         earliest = math.inf
-        expired: list[tuple[int, Receiver]] = []
-        for request_id, receiver in self._pending.items():
-            deadline = receiver.deadline
-            if deadline <= now:
-                expired.append((request_id, receiver))
-            elif deadline < earliest:
-                earliest = deadline
-        for request_id, receiver in expired:
-            sent = self._give_up(request_id)
-            if sent is not None:
-                message = "no answer before the deadline" if sent else "deadline passed unsent"
-                deliver_error(receiver, DeadlineExceeded(message, sent=sent))
         stalled: list[int] = []
         for request_id, (future, give_up_at) in self._queued.items():
             if give_up_at <= now and not future.done():
@@ -476,8 +445,7 @@ class ZmqClient(AwaitableCalls):
                         f" for {self.options.connect_timeout}s"
                     ),
                 )
-        if earliest < math.inf and not self._closed:
-            self._arm(earliest)
+        return earliest
 
     # answers --------------------------------------------------------------------------
 

@@ -41,8 +41,8 @@ from .frame import (
 )
 from .handlers import HandlerRunner
 from .stream_io import remove_stale_socket
-from .zeromq import endpoint_of, new_socket, parse_zmq_address, read_header, shared_context
-from .zeromq import should_log as _should_log
+from .zeromq_io import endpoint_of, new_socket, parse_zmq_address, read_header, shared_context
+from .zeromq_io import should_log as _should_log
 
 log = logging.getLogger("pitcher.transports")
 

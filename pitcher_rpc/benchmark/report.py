@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from transports.datagram import crc_note
+
 from .runner import Row
 
 _PATHS = {"floor": "raw floor", "client": "pitcher client", "proxy": "HTTP via proxy"}
@@ -27,7 +29,18 @@ def table(rows: Sequence[Row]) -> str:
             f" {result.p50:>9.1f} {result.percentile(0.99):>9.1f}"
             f" {result.percentile(0.999):>9.1f} {result.errors:>6}  {ratio}"
         )
+    lines.extend(f"note: {note}" for note in notes(rows))
     return "\n".join(lines)
+
+
+def notes(rows: Sequence[Row]) -> list[str]:
+    """What makes a figure of this machine slower than it should be, to read beside it."""
+    found: list[str] = []
+    slow_crc = crc_note()
+    if slow_crc and any(row.carrier == "udp" for row in rows):
+        # The echo servers run in this interpreter too, so they compute theirs alike.
+        found.append(f"udp: {slow_crc}")
+    return found
 
 
 def chart(rows: Sequence[Row], path: str) -> bool:

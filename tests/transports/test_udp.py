@@ -1060,8 +1060,10 @@ def test_the_server_refuses_requests_beyond_its_in_flight_limit() -> None:
             client = net.client(server.address)
             held = [client.start(b"slow", 2.0) for _ in range(2)]
             await wait_until(lambda: server.in_flight == 2)
-            with pytest.raises(Rejected) as refused:
+            # The stream and ZeroMQ carriers' code, not "shutting down" (UNAVAILABLE).
+            with pytest.raises(RemoteError) as refused:
                 await client.call(b"slow", 1.0)
+            assert refused.value.code == ErrorCode.TOO_MANY_IN_FLIGHT
             assert not refused.value.sent
             gate.release.set()
             assert await asyncio.gather(*held) == [b"finished", b"finished"]
