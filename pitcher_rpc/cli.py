@@ -179,15 +179,25 @@ def demo(listen: str | None) -> None:
 @main.command()
 @click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
 def restart(path: str) -> None:
-    """Restart the proxy gracefully: a new generation takes over, no connection is lost."""
-    _admin_call(_load_or_exit(path), "POST", "/admin/restart")
+    """Restart the proxy gracefully: a new generation takes over, no connection is lost.
+
+    FILE must be the file the proxy serves (the new generation reads it);
+    any other is refused, naming the served one.
+    """
+    config = _load_or_exit(path)
+    _admin_call(config, "POST", "/admin/restart", {"path": os.path.abspath(path)})
 
 
 @main.command()
 @click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
 def reload(path: str) -> None:
-    """Reload the configuration in every worker (validated first; a bad file changes nothing)."""
-    _admin_call(_load_or_exit(path), "POST", "/admin/reload")
+    """Reload the configuration in every worker (validated first; a bad file changes nothing).
+
+    FILE must be the file the proxy serves: any other is refused, naming the
+    served one (a proxy keeps the file it was started with).
+    """
+    config = _load_or_exit(path)
+    _admin_call(config, "POST", "/admin/reload", {"path": os.path.abspath(path)})
 
 
 @main.command()

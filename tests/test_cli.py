@@ -287,3 +287,65 @@ def test_module_entry_point_matches_the_script(workdir: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("OK: g.toml: ")
+
+
+# ------------------------------------------------------------------ reload, restart
+
+
+def _served(admin_port: int, routes: str) -> str:
+    return (
+        f'[server]\nlisten = "127.0.0.1:0"\n[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
+        f'{routes}\n[clusters.c]\nnodes = ["tcp://127.0.0.1:1"]\n'
+    )
+
+
+def _admin_json(port: int, path: str) -> dict[str, object]:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+        return dict(json.loads(answer.read()))
+
+
+def test_reload_and_restart_take_the_served_file_and_refuse_any_other(workdir: str) -> None:
+    admin_port = free_port()
+    served = write(workdir, "served.toml", _served(admin_port, '[[routes]]\ncluster = "c"'))
+    launcher = Launcher()
+    try:
+        process = launcher.spawn(
+            [*pitcher_command(), "serve", "-c", served, "--workers", "1"], cwd=workdir
+        )
+        process.wait_for_line("listening on ", timeout=10)
+        before = _admin_json(admin_port, "/admin/config")["checksum"]
+
+        # Another file that finds this proxy (same admin address): refused, and named.
+        other_text = _served(admin_port, '[[routes]]\nprefix = "/x/"\ncluster = "c"')
+        os.mkdir(os.path.join(workdir, "elsewhere"))
+        other = write(workdir, "elsewhere/other.toml", other_text)
+        for command, what in (("reload", "reloaded"), ("restart", "restarted")):
+            result = pitcher(command, "-c", other, cwd=workdir, timeout=20)
+            assert result.returncode == 1, result
+            served_path = os.path.join(workdir, "served.toml")
+            assert f"this proxy serves {served_path}, not {os.path.join(workdir, other)}" in (
+                result.stdout
+            )
+            assert f"nothing was {what}" in result.stdout
+            assert_no_traceback(result)
+        assert _admin_json(admin_port, "/admin/config")["checksum"] == before
+
+        # The served file, by another name too (a symlink), after an edit: reloaded.
+        write(workdir, "served.toml", other_text)
+        os.symlink(os.path.join(workdir, "served.toml"), os.path.join(workdir, "link.toml"))
+        for name in ("served.toml", "link.toml"):
+            result = pitcher("reload", "-c", name, cwd=workdir, timeout=20)
+            assert result.returncode == 0, result
+            assert '"complete": true' in result.stdout
+        config = _admin_json(admin_port, "/admin/config")
+        assert config["checksum"] != before and config["reloads"] == 2
+        # A bad served file is refused by the command before the proxy is asked.
+        write(workdir, "served.toml", BAD)
+        result = pitcher("reload", "-c", "served.toml", cwd=workdir)
+        assert result.returncode == 1 and "served.toml:3: server.header_timout" in result.stderr
+        assert _admin_json(admin_port, "/admin/config")["reloads"] == 2
+    finally:
+        launcher.close()

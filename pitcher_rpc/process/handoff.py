@@ -8,6 +8,11 @@ between, so no connection waiting in the accept queue is lost. If the new
 master fails or is not ready in time, the old one keeps serving.
 
 These functions block; masters run them in an executor.
+
+The listening sockets are never inheritable, here or in the predecessor:
+only ``pass_fds`` makes one reach a child, and every process the proxy starts
+is started by :func:`pitcher_rpc.degrade.scale.spawn` with exactly the
+descriptors it needs.
 """
 
 from __future__ import annotations
@@ -84,7 +89,11 @@ def take(path: str, count: int, timeout: float = 10.0) -> tuple[socket.socket, l
     connection.settimeout(timeout)
     try:
         connection.connect(path)
-        message, fds, _, _ = socket.recv_fds(connection, len(_GREETING), count)
+        # Close-on-exec from the start: no process started meanwhile may inherit them.
+        message, ancillary, _, _ = connection.recvmsg(
+            len(_GREETING), socket.CMSG_SPACE(count * 4), socket.MSG_CMSG_CLOEXEC
+        )
+        fds = _received_fds(ancillary)
     except OSError as exc:
         connection.close()
         raise HandoffError(f"cannot take the sockets from {path}: {exc}") from None
@@ -96,8 +105,19 @@ def take(path: str, count: int, timeout: float = 10.0) -> tuple[socket.socket, l
     sockets = [socket.socket(fileno=fd) for fd in fds]
     for sock in sockets:
         sock.setblocking(False)
-        sock.set_inheritable(True)
+        sock.set_inheritable(False)  # workers get the listener through pass_fds only
     return connection, sockets
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(
+                int.from_bytes(data[i : i + 4], "little", signed=True) for i in range(0, usable, 4)
+            )
+    return fds
 
 
 def ready(connection: socket.socket) -> None:

@@ -32,6 +32,7 @@ from transports.native import describe as describe_build
 
 from ..config import Config, ConfigError, load_config
 from ..config.overlay import NodeChange, Overlay
+from ..degrade.scale import Child, spawn
 from ..proxy.backlog import describe_backlog
 from . import cluster_routes, metrics
 from .admin import AdminError, AdminRequest, AdminResponse, AdminServer
@@ -52,7 +53,7 @@ _HANDOFF_TIMEOUT = 30.0
 @dataclass
 class WorkerSlot:
     index: int
-    process: asyncio.subprocess.Process | None = None
+    process: Child | None = None
     link: WorkerLink | None = None
     started: float = 0.0
     backoff: float = 0.0
@@ -61,7 +62,7 @@ class WorkerSlot:
 
 
 def bind_listener(config: Config) -> socket.socket:
-    """The proxy's listening socket, inheritable by the workers."""
+    """The proxy's listening socket; workers get it through ``pass_fds`` (it is not inheritable)."""
     address = config.server.listen_address
     if address.is_unix:
         with contextlib.suppress(FileNotFoundError):
@@ -75,7 +76,6 @@ def bind_listener(config: Config) -> socket.socket:
         sock.bind((address.host, address.port))
     sock.listen(config.server.backlog)
     sock.setblocking(False)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -125,8 +125,8 @@ class Master:
         self._watchers: set[asyncio.Task[None]] = set()
         # Proxy-wide limits split between the workers, moved every tick.
         self.coordination = Coordination(lambda: [(s.index, s.link) for s in self.slots])
-        # After a graceful restart the nodes have been serving all along: no ramp.
-        self.coordination.health.configure(config, time.monotonic(), warm=takeover is not None)
+        # Cold or after a graceful restart alike, no node ramps at start (none has failed).
+        self.coordination.health.configure(config, time.monotonic())
         self._coordinator: asyncio.Task[None] | None = None
         self._control: asyncio.AbstractServer | None = None
 
@@ -235,20 +235,23 @@ class Master:
         slot.linked.clear()
         slot.link = None
         fd = self.listener.fileno()
-        slot.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pitcher_rpc.process.worker",
-            "--index",
-            str(slot.index),
-            "--config",
-            self.config_path,
-            "--listen-fd",
-            str(fd),
-            "--control",
-            self.control_path,
-            "--workers",
-            str(len(self.slots)),
+        # The listener and the standard streams, nothing else (not the admin listener).
+        slot.process = spawn(
+            [
+                sys.executable,
+                "-m",
+                "pitcher_rpc.process.worker",
+                "--index",
+                str(slot.index),
+                "--config",
+                self.config_path,
+                "--listen-fd",
+                str(fd),
+                "--control",
+                self.control_path,
+                "--workers",
+                str(len(self.slots)),
+            ],
             pass_fds=(fd,),
         )
         slot.started = time.monotonic()
@@ -258,7 +261,7 @@ class Master:
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
 
-    async def _watch(self, slot: WorkerSlot, process: asyncio.subprocess.Process) -> None:
+    async def _watch(self, slot: WorkerSlot, process: Child) -> None:
         code = await process.wait()
         if self.stopping.is_set() or self.draining:
             return
@@ -384,7 +387,12 @@ class Master:
             len(results) - len(failed),
             len(results),
         )
-        return {"checksum": config.checksum, "workers": results, "complete": not failed}
+        return {
+            "path": self.config_path,
+            "checksum": config.checksum,
+            "workers": results,
+            "complete": not failed,
+        }
 
     def _reload_in_background(self) -> None:
         async def reload() -> None:
@@ -410,18 +418,14 @@ class Master:
         self._restarting = True
         loop = asyncio.get_running_loop()
         path = os.path.join(self.run_dir, "handoff.sock")
-        successor = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pitcher_rpc.cli",
-            "serve",
-            "-c",
-            self.config_path,
-            "--workers",
-            str(len(self.slots)),
-            "--takeover",
-            path,
-        )
+        # The sockets go over ``path``; the successor inherits only the standard streams.
+        command = [sys.executable, "-m", "pitcher_rpc.cli", "serve", "-c", self.config_path]
+        command += ["--workers", str(len(self.slots)), "--takeover", path]
+        try:
+            successor = spawn(command)
+        except OSError as exc:
+            self._restarting = False
+            raise HandoffError(f"cannot start a new master: {exc}") from None
         abort = threading.Event()
         handing: asyncio.Future[Any] = loop.run_in_executor(
             None, offer, path, [self.listener, self.admin_socket], _HANDOFF_TIMEOUT, abort
@@ -491,7 +495,32 @@ class Master:
             },
         )
 
+    def _check_served_file(self, request: AdminRequest, what: str) -> None:
+        """A reload or restart may name the file it means (``{"path": ...}``): the served one.
+
+        The file a proxy serves is fixed for its life, as nginx's ``-c``:
+        replaced workers and the next generation of a restart read it again.
+        ``pitcher reload -c OTHER`` finds this proxy by the admin address in
+        OTHER; taking OTHER for the served file would repoint a running proxy
+        on a typo, and reloading the served file instead (as it once did) lets
+        an operator believe OTHER is live. So it is refused, naming both.
+        """
+        if not request.body.strip():
+            return
+        body = request.json()
+        path = body.get("path") if isinstance(body, dict) else None
+        if not isinstance(path, str) or not path:
+            raise AdminError(400, 'the body must be a JSON object like {"path": "/etc/p.toml"}')
+        if _same_file(path, self.config_path):
+            return
+        raise AdminError(
+            409,
+            f"this proxy serves {self.config_path}, not {path}; nothing was {what}."
+            f" Edit {self.config_path} and reload it, or stop this proxy and serve {path}",
+        )
+
     async def _admin_reload(self, request: AdminRequest) -> AdminResponse:
+        self._check_served_file(request, "reloaded")
         try:
             result = await self.reload()
         except ConfigError as exc:
@@ -531,6 +560,7 @@ class Master:
         return AdminResponse(200, body, (("content-type", metrics.CONTENT_TYPE_LATEST),))
 
     async def _admin_restart(self, request: AdminRequest) -> AdminResponse:
+        self._check_served_file(request, "restarted")
         try:
             return AdminResponse(200, await self.restart())
         except HandoffError as exc:
@@ -541,6 +571,14 @@ class Master:
         for slot, status in zip(self.slots, statuses, strict=True):
             status["restarts"] = slot.restarts
         return AdminResponse(200, {"workers": statuses})
+
+
+def _same_file(one: str, other: str) -> bool:
+    """Whether two paths name one file (links and relative parts resolved)."""
+    try:
+        return os.path.samefile(one, other)
+    except OSError:  # one of them is gone: compare the names
+        return os.path.realpath(one) == os.path.realpath(other)
 
 
 def _describe_exit(code: int) -> str:
