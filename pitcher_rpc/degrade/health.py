@@ -49,7 +49,8 @@ meet here in batches. After ``probation_requests`` (5) successes the node is
 restored; any failure first ejects it again, for the doubled time. Zero
 probation requests restores the node as soon as its ejection ends.
 
-Slow start. A restored node, and a new node, ramps up over ``slow_start``
+Slow start. A restored node, and a node joining a cluster that is serving
+(not one of a cluster just created: see pitcher_rpc.degrade.book), ramps up over ``slow_start``
 (10 s) with Envoy's factor ``max(min_weight_percent / 100, f ** (1 / aggression))``,
 where ``f`` is the elapsed share of the window; aggression 1 is linear, more
 than 1 ramps faster early. Zero disables the ramp.
@@ -62,10 +63,12 @@ cluster panics, as it also does when no node may take requests. Many nodes
 going bad at once more likely share a cause (a dependency, an overload) than
 a fault, and ejecting would pile the load on the survivors; so, as Envoy
 does, a panicking cluster sends to every node, ejected ones included, with
-only slow start applied. When every node is ramping (a proxy just started),
-the admitted load ramps, not only the relative weights: the proxy caps each
-ramping node's requests in flight at its factor (pitcher_rpc.proxy.upstream),
-so the cluster takes :meth:`ClusterHealth.admit_factor` of its full load.
+only slow start applied. When every node is ramping (nodes back from
+ejection), the admitted load ramps, not only the relative weights: the proxy
+caps each ramping node's requests in flight at its factor
+(pitcher_rpc.proxy.upstream), so the cluster takes
+:meth:`ClusterHealth.admit_factor` of its full load. A proxy that just
+started ramps nothing: its nodes have never failed.
 
 Detect-only. Verdicts and events are computed ("would_eject" once per bad
 streak) but nothing changes traffic: no ejection, no slow start, factors 1.
@@ -390,8 +393,8 @@ class ClusterHealth:
     """Node health for one cluster: the ejection cap, panic, and the factors to balance by.
 
     Nodes are named by strings (e.g. their URIs). Nodes given at construction
-    start in slow start when ``new`` (a proxy just started); :meth:`sync`
-    adds later ones in slow start and drops removed ones. Route by
+    start in slow start when ``new``; :meth:`sync` adds later ones (in slow
+    start beside nodes in service) and drops removed ones. Route by
     :meth:`factors`: a node's own ``may_take`` knows nothing of a panic.
     Each tick: :meth:`record` every node's batch, then :meth:`update`, then
     read :meth:`factors` and :meth:`admit_factor`; log and count the events.
@@ -409,10 +412,18 @@ class ClusterHealth:
             self.nodes[node_id] = NodeHealth(policy, now, new, self._eject_allowed)
 
     def sync(self, node_ids: Iterable[str], now: float) -> None:
-        """Keep the listed nodes' state, add new ones (ramping), forget the rest."""
+        """Keep the listed nodes' state, add new ones, forget the rest.
+
+        New nodes ramp (slow start) when the cluster keeps a node in service
+        to take the load meanwhile; when it keeps none (every node replaced),
+        ramping would only refuse requests, so they start at full weight.
+        """
         old, self.nodes = self.nodes, {}
+        node_ids = list(node_ids)
+        serving = (NodeState.HEALTHY, NodeState.SLOW_START)
+        ramp = any(node_id in old and old[node_id].state in serving for node_id in node_ids)
         for node_id in node_ids:
-            node = old.get(node_id) or NodeHealth(self.policy, now, True, self._eject_allowed)
+            node = old.get(node_id) or NodeHealth(self.policy, now, ramp, self._eject_allowed)
             self.nodes[node_id] = node
 
     def max_out(self) -> int:

@@ -115,11 +115,13 @@ class Cluster:
     def apply(self, factors: Mapping[str, float], share: float = 1.0) -> None:
         """Weight factors from the health book, by node URI.
 
-        A node missing from the book's factors is new to it: it starts where
-        slow start starts, not at full weight, until the next tick says more.
-        With no factors at all yet (a process just started: the book's first
-        tick is at most 0.1 s away) every node takes its full weight, so a new
-        generation after a graceful restart never refuses for lack of one.
+        A node missing from the book's factors is new to it: beside nodes the
+        book knows, it starts where slow start starts, not at full weight,
+        until the next tick says more. When the book knows none of the
+        cluster's nodes (a process just started, a cluster just added or all
+        its nodes replaced: the book's next tick is at most 0.1 s away) every
+        node takes its full weight, as the book will say (it ramps no cluster
+        it has just met), so none refuses for lack of a verdict.
         ``share`` is this process's part of the proxy (1/N with N workers):
         the in-flight cap of a ramping node is split like the load.
         """
@@ -127,7 +129,12 @@ class Cluster:
         if health is None:
             return
         ramp = health.ramp_in_flight * share
-        new = health.policy.ramp(0.0) if factors and not health.policy.detect_only else 1.0
+        new = 1.0
+        if not health.policy.detect_only:
+            for node in self.nodes:
+                if node.uri in factors:
+                    new = health.policy.ramp(0.0)
+                    break
         for node in self.nodes:
             factor = factors.get(node.uri, new)
             node.effective = node.weight * factor
