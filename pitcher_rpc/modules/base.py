@@ -34,9 +34,11 @@ connection the same way (it is answered and closed).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ipaddress
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
 
 from mypy_extensions import mypyc_attr
@@ -69,16 +71,24 @@ class Record(Generic[RouteT, NodeT, ConnectionT]):
 
     ``request`` (the parsed request), ``route`` and ``node`` (the route taken
     and the node of the last attempt, None until there is one), ``connection``
-    (the client's: ``client_ip``), ``status`` and ``response_bytes`` once
-    answered, and the ``perf_counter()`` times ``started`` (the request was
-    read and begins), ``backend_started`` / ``backend_ended`` (the last
-    attempt was sent / its answer or error came; 0.0 if no backend was called)
-    and ``finished`` (the response was handed to the socket). The times are
-    taken only when a module that runs at REQUEST_FINISH is on
-    (``HookChains.timed``). Modules write ``request_id`` / ``id_header`` /
-    ``echo_id`` (request_id), ``edits`` (header changes, see HeaderEdits) and
-    ``module_state`` (per-request state by module name; None until a module
-    keeps some).
+    (the client's), ``client_ip`` (who the client really is, see below),
+    ``status`` and ``response_bytes`` once answered, and the
+    ``perf_counter()`` times ``started`` (the request was read and begins),
+    ``backend_started`` / ``backend_ended`` (the last attempt was sent / its
+    answer or error came; 0.0 if no backend was called) and ``finished``
+    (the response was handed to the socket). The times are taken only when
+    a module that runs at REQUEST_FINISH is on (``HookChains.timed``).
+    Modules write ``request_id`` / ``id_header`` / ``echo_id`` (request_id),
+    ``edits`` (header changes, see HeaderEdits) and ``module_state``
+    (per-request state by module name; None until a module keeps some).
+
+    ``client_ip`` is the client's address as bytes (``b"unix"`` on a Unix
+    socket), set once when the request begins: the connection's peer, unless
+    the peer is one of ``[server] trusted_proxies``. Then it is taken from
+    X-Forwarded-For as nginx's ``real_ip_recursive on`` does (see
+    :func:`real_client`). When no trusted proxy named a client it is the very
+    object ``connection.client_ip``: ``record.client_ip is
+    record.connection.client_ip`` is a cheap test for that.
 
     A handler of a compiled module declares its argument as ``AnyRecord`` and
     reads these as fields; the proxy's types fill in the parameters.
@@ -87,6 +97,7 @@ class Record(Generic[RouteT, NodeT, ConnectionT]):
     __slots__ = (
         "backend_ended",
         "backend_started",
+        "client_ip",
         "connection",
         "echo_id",
         "edits",
@@ -106,6 +117,7 @@ class Record(Generic[RouteT, NodeT, ConnectionT]):
     route: RouteT | None
     node: NodeT | None
     connection: ConnectionT
+    client_ip: bytes
     status: int
     response_bytes: int
     request_id: bytes
@@ -188,3 +200,148 @@ class Module:
     def hooks(cls) -> tuple[Hook, ...]:
         """The hooks this module subscribes to: the handler methods it defines."""
         return tuple(hook for hook in Hook if callable(getattr(cls, hook.method, None)))
+
+
+# ----------------------------------------------------------------------------- addresses
+#
+# Who the client is when a trusted proxy says so, and address rules (ip_filter).
+# An address is one integer: IPv4 in [0, 2**32), IPv6 offset by 2**128 so the
+# families never meet, and an IPv4-mapped IPv6 address (::ffff:a.b.c.d, how a
+# dual-stack listener reports an IPv4 peer) is its IPv4 address. Read with
+# inet_pton (C) rather than the ipaddress module's Python parser (~1 us).
+
+_V6 = 1 << 128
+_MAPPED_FIRST = 0xFFFF << 32  # ::ffff:0.0.0.0
+_MAPPED_LAST = _MAPPED_FIRST | 0xFFFFFFFF
+# Verdicts by address text; bounded so that a scan of many addresses cannot grow it.
+_VERDICTS_SIZE = 4096
+
+
+def address_key(text: str) -> int:
+    """``text`` as one integer (see above); -1 if it is not an IP address.
+
+    An IPv6 zone (``fe80::1%eth0``) is ignored.
+    """
+    try:
+        if ":" not in text:
+            return int.from_bytes(inet_pton(AF_INET, text), "big")
+        value = int.from_bytes(inet_pton(AF_INET6, text.partition("%")[0]), "big")
+    except (OSError, ValueError):
+        return -1
+    if _MAPPED_FIRST <= value <= _MAPPED_LAST:
+        return value & 0xFFFFFFFF
+    return value | _V6
+
+
+def key_text(key: int) -> bytes:
+    """The canonical text of an address key (``2001:db8::1``, ``192.0.2.1``)."""
+    if key < _V6:
+        return inet_ntop(AF_INET, key.to_bytes(4, "big")).encode()
+    return inet_ntop(AF_INET6, (key ^ _V6).to_bytes(16, "big")).encode()
+
+
+def forwarded_key(element: bytes) -> int:
+    """The address of one X-Forwarded-For element; -1 if it is not one.
+
+    The element may carry a port, as some proxies write it: ``192.0.2.1:8080``,
+    ``[2001:db8::1]:8080`` (and ``[2001:db8::1]``). Anything else that is not
+    an address (``unknown``, an obfuscated name) is -1.
+    """
+    text = element.decode("latin-1")
+    if text.startswith("["):
+        inside, bracket, rest = text[1:].partition("]")
+        if not bracket or ":" not in inside or (rest and not _is_port(rest)):
+            return -1
+        return address_key(inside)
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        return address_key(host) if port.isascii() and port.isdigit() else -1
+    return address_key(text)
+
+
+def _is_port(text: str) -> bool:
+    port = text[1:]
+    return text[0] == ":" and port.isascii() and port.isdigit()
+
+
+class AddressSet:
+    """CIDR networks, matched as integer ranges."""
+
+    __slots__ = ("_ranges", "_verdicts", "empty")
+
+    def __init__(self, networks: Iterable[str]) -> None:
+        ranges: list[tuple[int, int]] = []
+        for text in networks:
+            network = ipaddress.ip_network(text, strict=False)
+            first = int(network.network_address)
+            last = int(network.broadcast_address)
+            if network.version == 4:
+                ranges.append((first, last))
+                continue
+            if first >= _MAPPED_FIRST and last <= _MAPPED_LAST:
+                ranges.append((first & 0xFFFFFFFF, last & 0xFFFFFFFF))
+                continue
+            if first <= _MAPPED_FIRST and last >= _MAPPED_LAST:
+                ranges.append((0, 0xFFFFFFFF))  # ::/0 covers IPv4 peers of a dual-stack socket
+            ranges.append((first | _V6, last | _V6))
+        self._ranges = tuple(ranges)
+        self.empty = not ranges
+        self._verdicts: dict[bytes, bool] = {}
+
+    def holds_key(self, key: int) -> bool:
+        """Whether the address ``key`` (from :func:`address_key`) is in one of the networks."""
+        if key < 0:
+            return False
+        return any(first <= key <= last for first, last in self._ranges)
+
+    def holds(self, address: bytes) -> bool:
+        """Whether ``address`` (a peer's, as bytes; ``b"unix"`` is none) is in one of them."""
+        verdict = self._verdicts.get(address)
+        if verdict is None:
+            verdict = self.holds_key(address_key(address.decode("latin-1")))
+            if len(self._verdicts) >= _VERDICTS_SIZE:
+                self._verdicts.clear()
+            self._verdicts[address] = verdict
+        return verdict
+
+
+_TRUSTED: dict[tuple[str, ...], AddressSet] = {}
+
+
+def trusted_proxies(networks: tuple[str, ...]) -> AddressSet | None:
+    """The set of ``[server] trusted_proxies`` (normalised CIDRs); None if there are none.
+
+    Made once per distinct setting and kept, so a request or a connection only looks it up.
+    """
+    if not networks:
+        return None
+    found = _TRUSTED.get(networks)
+    if found is None:
+        if len(_TRUSTED) >= 16:
+            _TRUSTED.clear()  # settings that came and went over many reloads
+        found = _TRUSTED[networks] = AddressSet(networks)
+    return found
+
+
+def real_client(peer: bytes, forwarded_for: bytes, trusted: AddressSet) -> bytes:
+    """The client a trusted proxy (``peer``) forwards for: nginx's ``real_ip_recursive on``.
+
+    ``forwarded_for`` is the request's X-Forwarded-For, every field of it
+    joined by commas. It is walked from the right: an address in ``trusted``
+    is one more proxy, and the first one that is not is the client. An
+    element that is not an address stops the walk: the client is then the
+    last address read, or the peer. If every element is trusted, the leftmost
+    is the client. The address is returned in its canonical text.
+    """
+    client = peer
+    for element in reversed(forwarded_for.split(b",")):
+        element = element.strip(b" \t")
+        if not element:
+            continue  # an empty list element (RFC 9110 section 5.6.1)
+        key = forwarded_key(element)
+        if key < 0:
+            break
+        client = key_text(key)
+        if not trusted.holds_key(key):
+            break
+    return client

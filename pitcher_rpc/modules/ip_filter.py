@@ -1,20 +1,31 @@
-"""``ip_filter``: allow and deny clients by address (CIDR), at ACCEPT.
+"""``ip_filter``: allow and deny clients by address (CIDR).
 
     [modules.ip_filter]
     allow = ["10.0.0.0/8", "127.0.0.1"]   # if given, only these may connect
     deny = ["10.1.2.0/24"]                 # checked first: deny wins
 
-A refused connection is answered 403 and closed before any request is read.
-Clients on a Unix socket have no address and are let through.
+A client is judged at ACCEPT: a refused connection is answered 403 and
+closed before any request is read. Behind a proxy listed in ``[server]
+trusted_proxies`` the client is the one that proxy forwards for (see
+:attr:`~.base.Record.client_ip`), known only per request: a trusted proxy's
+connection is let in whatever its own address, and each of its requests is
+judged by its client before routing (403). A request from a trusted proxy
+that names no client is judged by the proxy's own address, as nginx's
+``allow``/``deny`` after ``real_ip`` do. Every request is judged again
+before routing, so a reload's new rules reach keep-alive connections too
+(a cached verdict: a dictionary look-up).
+
+Clients on a Unix socket have no address and are let through. An IPv4 client
+of a dual-stack listener (``::ffff:192.0.2.1``) is judged as its IPv4 address.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from .base import Answer, Module
+from .base import AddressSet, Answer, AnyRecord, Module, address_key, trusted_proxies
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -37,8 +48,9 @@ def _networks(value: Any, key: str) -> tuple[Network, ...]:
 
 class IpFilter(Module):
     name = "ip_filter"
-    # First at ACCEPT: nothing else should spend work on a refused client.
-    priority = 1000
+    # First of all, at ACCEPT and before routing: nothing else should spend
+    # work on a refused client (request_id, 1000, comes after it).
+    priority = 1010
     essential = True  # a security rule is never shed under load
 
     @classmethod
@@ -55,8 +67,8 @@ class IpFilter(Module):
         super().__init__(settings)
         checked = settings if isinstance(settings.get("allow", ()), tuple) else None
         values = checked or self.validate(settings)
-        self.allow: Sequence[Network] = values["allow"]
-        self.deny: Sequence[Network] = values["deny"]
+        self.allow = AddressSet(str(network) for network in values["allow"])
+        self.deny = AddressSet(str(network) for network in values["deny"])
         self._verdicts: dict[bytes, bool] = {}
 
     def allowed(self, client_ip: bytes) -> bool:
@@ -69,13 +81,20 @@ class IpFilter(Module):
         return verdict
 
     def _decide(self, client_ip: bytes) -> bool:
-        try:
-            address = ipaddress.ip_address(client_ip.decode("ascii"))
-        except ValueError:
+        key = address_key(client_ip.decode("latin-1"))
+        if key < 0:
             return True  # a Unix-socket client: no address to judge
-        if any(address in network for network in self.deny):
+        if self.deny.holds_key(key):
             return False
-        return not self.allow or any(address in network for network in self.allow)
+        return self.allow.empty or self.allow.holds_key(key)
 
     def on_accept(self, connection: Any) -> Answer | None:
-        return None if self.allowed(connection.client_ip) else _FORBIDDEN
+        client_ip = connection.client_ip
+        if self.allowed(client_ip):
+            return None
+        # A trusted proxy is let in: its requests are judged by their clients.
+        trusted = trusted_proxies(connection.server.snapshot.config.server.trusted_proxies)
+        return None if trusted is not None and trusted.holds(client_ip) else _FORBIDDEN
+
+    def before_cluster(self, exchange: AnyRecord) -> Answer | None:
+        return None if self.allowed(exchange.client_ip) else _FORBIDDEN

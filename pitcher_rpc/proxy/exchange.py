@@ -5,11 +5,33 @@ request is encoded and handed to a node's client with the exchange itself as
 the receiver, and the client calls it back when the answer (or an error) is
 there. Making no task, future or timer per request saves several
 microseconds, a large share of the time a request spends in the proxy.
+
+Who the client is (``client_ip``, what modules, logs and the frame's
+``client`` field see) is the connection's peer, unless the peer is one of
+``[server] trusted_proxies``: then the client is read from X-Forwarded-For as
+nginx's ``real_ip_recursive on`` reads it (:func:`~..modules.base.real_client`),
+and the frame's ``client`` is that address with port 0 (unknown).
+Only a request that carries X-Forwarded-For pays for that; with no trusted
+proxies nothing is parsed. The X-Forwarded-For sent on is the one received
+with the peer appended (nginx's ``$proxy_add_x_forwarded_for``), trusted peer
+or not: the chain stays the full record of hops for a backend that wants it,
+its last element is always the address the proxy saw, and the client the
+proxy believes travels apart, in the frame's ``client`` field, which no
+client can forge. (Envoy and Caddy drop an untrusted chain instead; that
+would lose the hops in front of a load balancer someone forgot to list.)
+
+After a node's fault a request is retried (``retries`` extra attempts, on
+another node if there is one, else on the same node) when it never reached
+a handler, or when its method is idempotent for the route. A connection
+closed under it (the node died, or broke the protocol, which fails every
+call on the shared connection) is retried on the next loop turn, so that the
+carrier has stopped using that connection and the retry takes a fresh one.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +39,9 @@ from transports.errors import (
     CallError,
     Closed,
     ConnectError,
+    ConnectionLost,
     DeadlineExceeded,
+    ErrorCode,
     Rejected,
     RemoteError,
     RequestTooLarge,
@@ -33,7 +57,7 @@ from ..http.headers import (
 )
 from ..http.parser import HttpRequest
 from ..http.response import error_body
-from ..modules.base import Record
+from ..modules.base import Record, real_client, trusted_proxies
 from .routing import normalize_path
 
 if TYPE_CHECKING:
@@ -46,6 +70,15 @@ log = logging.getLogger("pitcher.proxy")
 _colon_join = b": ".join
 _FORWARDED_NAMES = [b"x-forwarded-for", b"x-forwarded-proto"]
 _ERROR_TYPE = b"content-type: text/plain; charset=utf-8\r\n"
+_FORWARDED_FOR = b"x-forwarded-for"
+
+# What a node sends instead of an answer over the frame limit (docs/wire.md,
+# section 5: a per-request ERROR, INTERNAL, "response of N bytes exceeds the
+# frame limit of M"; UDP says "datagram limit"), and what a carrier says when
+# a node sent such a frame anyway (the connection is closed: every call on it fails).
+_ANSWER_TOO_LARGE = re.compile(r"response of (\d+) bytes.* exceeds the (\w+) limit of (\d+)")
+_FRAME_TOO_LARGE = re.compile(r"frame of (\d+) bytes exceeds the limit of (\d+)")
+_SETTING = " ([upstream] max_frame_size)"
 
 # The status of a request whose client went away before the answer (nginx's).
 CLIENT_CLOSED = 499
@@ -63,6 +96,25 @@ def _failure_kind(error: TransportError) -> str | None:
         # A draining node, our own shutdown, a request too large: no fault of health.
         return None
     return "reset"
+
+
+def answer_too_large(error: RemoteError, configured: int) -> str:
+    """What the client is told when a node's answer was over the frame limit; "" if not that.
+
+    ``configured`` is ``[upstream] max_frame_size``: named when it is the limit met.
+    """
+    if error.code == ErrorCode.FRAME_TOO_LARGE:
+        return f"the backend's answer is over the frame limit of {configured} bytes{_SETTING}"
+    if error.code != ErrorCode.INTERNAL:
+        return ""
+    found = _ANSWER_TOO_LARGE.search(error.remote_message)
+    if found is None:
+        return ""
+    size, kind, limit = found.groups()
+    setting = _SETTING if int(limit) == configured else ""
+    return (
+        f"the backend's answer of {size} bytes is over the {kind} limit of {limit} bytes{setting}"
+    )
 
 
 class Exchange(Record["Route", "Node", "HttpConnection"]):
@@ -88,6 +140,7 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
 
     def __init__(self, connection: HttpConnection, request: HttpRequest, snapshot: Snapshot):
         self.connection = connection
+        self.client_ip = connection.client_ip
         self.request = request
         self.snapshot = snapshot
         modules = snapshot.modules
@@ -126,6 +179,9 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
     def start(self) -> None:
         request = self.request
         self.path = path = normalize_path(request.path)
+        if request.watched:
+            # Only a request with a header worth a look can carry X-Forwarded-For.
+            self._find_client()
         modules = self.snapshot.modules
         if self.chains.before_cluster and self._answered(self.chains.before_cluster):
             return
@@ -145,10 +201,29 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         self.deadline = self.connection.loop.time() + route.timeout
         self._send()
 
+    def _find_client(self) -> None:
+        """If the peer is a trusted proxy, the client it forwards for becomes ``client_ip``."""
+        request = self.request
+        names = request.names
+        if _FORWARDED_FOR not in names:
+            return
+        trusted = trusted_proxies(self.snapshot.config.server.trusted_proxies)
+        if trusted is None:
+            return
+        peer = self.connection.client_ip
+        if not trusted.holds(peer):
+            return
+        values = request.values
+        chain = b",".join(
+            [values[index] for index, name in enumerate(names) if name == _FORWARDED_FOR]
+        )
+        self.client_ip = real_client(peer, chain, trusted)
+
     def _encode(self, route: Route) -> bytes:
         request = self.request
-        client_ip = self.connection.client_ip
-        if not request.watched and self.connection.watch is self.snapshot.watch:
+        connection = self.connection
+        client_ip = connection.client_ip
+        if not request.watched and connection.watch is self.snapshot.watch:
             # No header to drop, rewrite or read: the common case, two list copies in C.
             names = request.names + _FORWARDED_NAMES
             values = [*request.values, client_ip, b"http"]
@@ -167,15 +242,15 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         path = self.path
         if route.strip_prefix:
             path = b"/" + path[len(route.prefix_bytes) :].lstrip(b"/")
+        # The peer's "ip:port", or the client a trusted proxy named, with port 0:
+        # its port is not known, and the field's form stays (docs/wire.md, 8).
+        client = (
+            connection.client_text
+            if self.client_ip is client_ip
+            else self.client_ip.decode("latin-1") + ":0"
+        )
         return encode_request(
-            request.method,
-            path,
-            request.query,
-            names,
-            values,
-            request.body,
-            route.name,
-            self.connection.client_text,
+            request.method, path, request.query, names, values, request.body, route.name, client
         )
 
     # the call -----------------------------------------------------------------------
@@ -191,8 +266,8 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         else:
             node = cluster.pick()
         if node is None and self.tried:
-            # Every node has been tried; a single-node cluster may retry its node
-            # once more for a request that never reached it (e.g. a GOAWAY race).
+            # Every node has been tried: a lone node takes the retry itself (a
+            # GOAWAY race; a connection that broke: the retry takes a new one).
             node = cluster.pick()
         if node is None:
             # Every node ejected or at its in-flight cap while ramping: come back soon.
@@ -249,7 +324,12 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         node = self.node
         assert route is not None and node is not None
         if isinstance(error, CallError) and self._may_retry(error):
-            self._send()
+            if isinstance(error, ConnectionLost):
+                # The carrier is failing every call of that connection and may
+                # not have stopped sending on it yet: retry once it has.
+                self.connection.loop.call_soon(self._retry)
+            else:
+                self._send()
             return
         # The client is told which kind of failure it was; where and why is
         # for the log (node addresses are internal: nginx does not show them either).
@@ -269,11 +349,30 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         elif isinstance(error, Rejected):
             self.fail(503, "backend is shutting down")
         elif isinstance(error, RemoteError):
-            self.fail(502, "backend failed the request")
+            too_large = answer_too_large(error, self.snapshot.config.upstream.max_frame_size)
+            self.fail(502, too_large or "backend failed the request")
         elif isinstance(error, Closed):
             self.fail(503, "proxy is shutting down")
         else:
-            self.fail(502, "connection to the backend lost")
+            self.fail(502, self._lost(error))
+
+    def _lost(self, error: TransportError) -> str:
+        found = _FRAME_TOO_LARGE.search(str(error))
+        if found is None:
+            return "connection to the backend lost"
+        # A node that ignored the limit this proxy announced: which call the
+        # frame was for is unknown, so every call on the connection hears it.
+        size, limit = found.groups()
+        setting = _SETTING if int(limit) == self.snapshot.config.upstream.max_frame_size else ""
+        return (
+            f"connection to the backend lost: it sent a frame of {size} bytes,"
+            f" over the limit of {limit} bytes{setting}"
+        )
+
+    def _retry(self) -> None:
+        if self.status or self.connection.closed:
+            return  # the client went away meanwhile
+        self._send()
 
     def _call_over(self) -> None:
         self.calling = False
@@ -284,6 +383,8 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         assert route is not None
         if self.attempts > route.retries or isinstance(error, DeadlineExceeded | RequestTooLarge):
             return False
+        if isinstance(error, RemoteError) and answer_too_large(error, 0):
+            return False  # it would be as large again
         if not error.sent:
             # Never reached a handler: safe whatever the method. A refused
             # connect is not retried on the same lone node (it is backing off).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pitcher_rpc.config import ConfigError, parse_config
+from pitcher_rpc.modules.base import Record
 from pitcher_rpc.modules.ip_filter import IpFilter
 from tests.inprocess import module_error
 from tests.process.test_master import admin, admin_port
@@ -27,10 +28,25 @@ def rule(**settings: object) -> IpFilter:
         ({"allow": ["::1"]}, b"::1", True),
         ({"deny": ["::/0"]}, b"::1", False),
         ({"allow": ["10.0.0.0/8"]}, b"unix", True),
+        # An IPv4 client of a dual-stack listener is judged as its IPv4 address.
+        ({"allow": ["10.0.0.0/8"]}, b"::ffff:10.2.3.4", True),
+        ({"deny": ["10.0.0.0/8"]}, b"::ffff:10.2.3.4", False),
+        ({"deny": ["::ffff:10.0.0.0/104"]}, b"10.2.3.4", False),
     ],
 )
 def test_deny_wins_then_allow_decides(settings: dict, client: bytes, allowed: bool) -> None:
     assert rule(**settings).allowed(client) is allowed
+
+
+def test_each_request_is_judged_by_its_client() -> None:
+    """Behind a trusted proxy the client is known per request (Record.client_ip)."""
+    ip_filter = rule(allow=["198.51.100.0/24"])
+    record = Record()
+    record.client_ip = b"198.51.100.7"
+    assert ip_filter.before_cluster(record) is None
+    record.client_ip = b"203.0.113.1"
+    answer = ip_filter.before_cluster(record)
+    assert answer is not None and answer.status == 403
 
 
 def test_a_bad_section_is_refused_with_its_line() -> None:

@@ -243,6 +243,64 @@ def test_request_too_large_for_the_node_fails_alone(launcher: Launcher) -> None:
             assert response.json()["path"] == f"/small/{index}"
 
 
+# An SDK service answering with a body of ?size= bytes.
+SIZED_ANSWERS = """
+import asyncio, sys
+from pitcher_rpc.sdk import Response, Service
+
+app = Service("sized")
+calls = 0
+
+@app.route("/")
+def sized(request):
+    global calls
+    calls += 1
+    print("call", calls, flush=True)
+    return Response(200, b"b" * int(request.query_params.get("size", "1")))
+
+async def main(uri):
+    server = await app.serve(uri)
+    await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix", "udp"])
+def test_answer_over_the_frame_limit_gives_502_naming_the_limit(
+    launcher: Launcher, transport: str
+) -> None:
+    limit = 65536
+    backend = launcher.script_backend(SIZED_ANSWERS, transport)
+    proxy = launcher.proxy(
+        toml_config(
+            [{"name": "main", "prefix": "/", "cluster": "main", "timeout": 3.0, "retries": 1}],
+            {"main": {"nodes": [backend.uri]}},
+            upstream={"max_frame_size": limit},
+        )
+    )
+    with proxy.connect() as client:
+        assert client.request("GET", "/?size=1000").body == b"b" * 1000
+        started = time.monotonic()
+        response = client.request("GET", f"/?size={limit + 1000}")
+        assert time.monotonic() - started < 1.0
+        assert response.status == 502, response.body
+        text = response.body.decode()
+        if transport == "udp":
+            # A datagram is smaller than the frame limit: that is the limit met.
+            assert "over the datagram limit of" in text, text
+        else:
+            assert f"over the frame limit of {limit} bytes ([upstream] max_frame_size)" in text
+        size = int(text.split("answer of ", 1)[1].split(" bytes", 1)[0])
+        assert limit + 1000 < size < limit + 1100, text
+        # It would be as large again: not retried, though GET is idempotent.
+        backend.process.wait_for_line("call 2", stream="stdout")
+        with pytest.raises(AssertionError):
+            backend.process.wait_for_line("call 3", timeout=0.3, stream="stdout")
+        # The connection to the node is fine: the next answer comes.
+        assert client.request("GET", "/?size=10").body == b"b" * 10
+
+
 # ------------------------------------------------------------------ many at once
 
 
