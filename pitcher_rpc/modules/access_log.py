@@ -15,7 +15,9 @@ A line, written when the response has been handed to the socket::
 ``time``
     when the response was written, UTC, to the millisecond.
 ``client``
-    the client's IP address (``unix`` for a client on a Unix socket).
+    the client's IP address: the connection's peer, or the client a peer in
+    ``[server] trusted_proxies`` names in X-Forwarded-For (``unix`` for a
+    client on a Unix socket).
 ``method``, ``path``
     as the client sent them; ``path`` keeps the query (``?...``) and is not
     normalised. Bytes outside ASCII are escaped (``\\u00e9``).
@@ -293,7 +295,7 @@ class AccessLog(Module):
                 "%Y-%m-%dT%H:%M:%S", time.gmtime(second)
             )
         request_id = exchange.request_id
-        client = exchange.connection.client_ip
+        client = exchange.client_ip
         method = request.method
         texts = self._texts
         client_text = texts.get(client)

@@ -207,6 +207,8 @@ class HttpConnection(HttpGlue):
         http = self.http
         http.header_timeout = snapshot.header_timeout
         http.keepalive_timeout = snapshot.keepalive_timeout
+        http.body_timeout = snapshot.limits.body_timeout
+        http.body_deadline = snapshot.limits.body_deadline
         self.check_timeouts(now)
 
     def drain(self) -> None:

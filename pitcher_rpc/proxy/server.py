@@ -530,7 +530,10 @@ class ProxyServer:
 
     def _schedule_sweep(self) -> None:
         snapshot = self.snapshot
-        interval = min(1.0, max(0.05, min(snapshot.header_timeout, snapshot.keepalive_timeout) / 4))
+        shortest = min(
+            snapshot.header_timeout, snapshot.keepalive_timeout, snapshot.limits.body_timeout
+        )
+        interval = min(1.0, max(0.05, shortest / 4))
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
