@@ -59,6 +59,7 @@ COMPILED = (
     "pitcher_rpc.proxy.snapshot",
     "pitcher_rpc.proxy.upstream",
     "pitcher_rpc.sdk.service",
+    "transports.calls",
     "transports.datagram",
     "transports.decoder",
     "transports.frame",
