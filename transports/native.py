@@ -59,7 +59,6 @@ COMPILED = (
     "pitcher_rpc.proxy.snapshot",
     "pitcher_rpc.proxy.upstream",
     "pitcher_rpc.sdk.service",
-    "transports.calls",
     "transports.datagram",
     "transports.decoder",
     "transports.frame",

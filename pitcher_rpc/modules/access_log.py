@@ -187,36 +187,30 @@ class AccessLog(Module):
     # the request path ---------------------------------------------------------------
 
     def request_finish(self, exchange: AnyRecord) -> None:
-        if self._closed:
-            self.dropped += 1
-            return
-        lines = self._lines
-        if len(lines) + self._in_flight >= self.capacity:
-            self.dropped += 1
-            if not self._dropping:
-                self._dropping = True
-                self._warn_of_drops()
-            return
-        lines.append(self._line(exchange))
-        count = len(lines)
-        if count == 1:
-            self._first_line()
-        elif count == self._urgent_at:
-            self._wake.set()
+        if self._has_room():
+            self._append(self._line(exchange))
 
     def request_refused(self, refusal: Any) -> None:
         """A line for a request refused without an exchange (see the module docstring)."""
+        if self._has_room():
+            self._append(self._refusal_line(refusal))
+
+    def _has_room(self) -> bool:
+        """Whether a line may be buffered; if not, it is counted dropped."""
         if self._closed:
             self.dropped += 1
-            return
-        lines = self._lines
-        if len(lines) + self._in_flight >= self.capacity:
+            return False
+        if len(self._lines) + self._in_flight >= self.capacity:
             self.dropped += 1
             if not self._dropping:
                 self._dropping = True
                 self._warn_of_drops()
-            return
-        lines.append(self._refusal_line(refusal))
+            return False
+        return True
+
+    def _append(self, line: str) -> None:
+        lines = self._lines
+        lines.append(line)
         count = len(lines)
         if count == 1:
             self._first_line()
