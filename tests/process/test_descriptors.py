@@ -121,7 +121,9 @@ def test_twenty_restarts_under_load_leave_every_process_s_descriptors_as_they_we
         assert listeners == [(str(proxy.port), "2")], worker
     assert sum(master.values()) < 40, master
     # A keep-alive request racing a draining worker's close of its idle
-    # connection is the only loss allowed (an HTTP client resends it).
-    raced = "connection closed before a response; got b''"
-    assert all(raced in failure for failure in load.failures), load.failures[:5]
+    # connection is the only loss allowed (an HTTP client resends it): the
+    # close comes first (nothing read), or the request does and the kernel
+    # answers the close of a socket with unread bytes by a reset.
+    raced = ("connection closed before a response; got b''", "ConnectionResetError")
+    assert all(any(r in failure for r in raced) for failure in load.failures), load.failures[:5]
     assert len(load.failures) <= RESTARTS // 4, load.failures
