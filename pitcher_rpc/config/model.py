@@ -97,13 +97,17 @@ class ServerConfig:
     backlog: int = 511
     header_timeout: float = 10.0
     keepalive_timeout: float = 60.0
+    # Requests one client connection may carry before the proxy closes it
+    # (0: no limit): reconnecting clients spread over the workers again.
+    keepalive_requests: int = 1000
     # The longest wait between two reads of a request body, and the most time
     # a whole body may take after its head (0: no limit); past either, 408.
     body_timeout: float = 30.0
     body_deadline: float = 300.0
     # Client connections the whole proxy holds at once (split between workers).
     max_connections: int = 10000
-    # Peers (CIDRs, normalised) whose X-Forwarded-For is believed.
+    # Peers (CIDRs, normalised; "unix" for a Unix-socket listener's peers)
+    # whose X-Forwarded-For is believed.
     trusted_proxies: tuple[str, ...] = ()
     max_request_line: int = 8192
     max_header_size: int = 32768

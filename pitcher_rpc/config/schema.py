@@ -27,6 +27,7 @@ SERVER_KEYS = (
     "backlog",
     "header_timeout",
     "keepalive_timeout",
+    "keepalive_requests",
     "body_timeout",
     "body_deadline",
     "max_connections",

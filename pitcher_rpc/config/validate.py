@@ -192,6 +192,9 @@ class _Validator(PolicySections):
             keepalive_timeout=self._seconds(
                 table, (*path, "keepalive_timeout"), defaults.keepalive_timeout, allow_zero=True
             ),
+            keepalive_requests=self._integer(
+                table, (*path, "keepalive_requests"), defaults.keepalive_requests, 0
+            ),
             body_timeout=self._seconds(table, (*path, "body_timeout"), defaults.body_timeout),
             body_deadline=self._seconds(
                 table, (*path, "body_deadline"), defaults.body_deadline, allow_zero=True
@@ -217,7 +220,10 @@ class _Validator(PolicySections):
         )
 
     def _networks(self, table: Mapping[str, Any], path: KeyPath) -> tuple[str, ...]:
-        """CIDRs (``10.0.0.0/8``, ``::1``), normalised; host bits set are masked, as nginx."""
+        """CIDRs (``10.0.0.0/8``, ``::1``), normalised; host bits set are masked, as nginx.
+
+        ``unix`` stands for every peer of a Unix-socket listener (nginx's ``unix:``).
+        """
         value = table.get(str(path[-1]))
         if value is None:
             return ()
@@ -229,10 +235,15 @@ class _Validator(PolicySections):
             if not isinstance(item, str):
                 self.report((*path, index), type_message("an address or a CIDR", item))
                 continue
+            if item == "unix":
+                networks.append(item)
+                continue
             try:
                 network = ipaddress.ip_network(item, strict=False)
             except ValueError:
-                self.report((*path, index), f"must be an address or a CIDR, got {show(item)}")
+                self.report(
+                    (*path, index), f"must be an address, a CIDR or \"unix\", got {show(item)}"
+                )
                 continue
             networks.append(str(network))
         return tuple(dict.fromkeys(networks))

@@ -265,13 +265,17 @@ def _is_port(text: str) -> bool:
 
 
 class AddressSet:
-    """CIDR networks, matched as integer ranges."""
+    """CIDR networks, matched as integer ranges; ``unix`` among them holds Unix-socket peers."""
 
-    __slots__ = ("_ranges", "_verdicts", "empty")
+    __slots__ = ("_ranges", "_verdicts", "empty", "unix")
 
     def __init__(self, networks: Iterable[str]) -> None:
         ranges: list[tuple[int, int]] = []
+        unix = False
         for text in networks:
+            if text == "unix":
+                unix = True
+                continue
             network = ipaddress.ip_network(text, strict=False)
             first = int(network.network_address)
             last = int(network.broadcast_address)
@@ -285,7 +289,8 @@ class AddressSet:
                 ranges.append((0, 0xFFFFFFFF))  # ::/0 covers IPv4 peers of a dual-stack socket
             ranges.append((first | _V6, last | _V6))
         self._ranges = tuple(ranges)
-        self.empty = not ranges
+        self.unix = unix
+        self.empty = not ranges and not unix
         self._verdicts: dict[bytes, bool] = {}
 
     def holds_key(self, key: int) -> bool:
@@ -295,7 +300,9 @@ class AddressSet:
         return any(first <= key <= last for first, last in self._ranges)
 
     def holds(self, address: bytes) -> bool:
-        """Whether ``address`` (a peer's, as bytes; ``b"unix"`` is none) is in one of them."""
+        """Whether ``address`` (a peer's, as bytes; ``b"unix"`` for a Unix socket's) is held."""
+        if address == b"unix":
+            return self.unix
         verdict = self._verdicts.get(address)
         if verdict is None:
             verdict = self.holds_key(address_key(address.decode("latin-1")))

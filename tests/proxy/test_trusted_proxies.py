@@ -15,11 +15,19 @@ import json
 
 import pytest
 
-from pitcher_rpc.config import parse_config
+from pitcher_rpc.config import ConfigError, parse_config
 from pitcher_rpc.modules.base import AddressSet, address_key, real_client, trusted_proxies
+from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk.echo import app as echo_app
 from tests.inprocess import running_proxy, serving
-from tests.proxy.conftest import Launcher, Proxy, RawClient, build_request, toml_config
+from tests.proxy.conftest import (
+    Launcher,
+    Proxy,
+    RawClient,
+    build_request,
+    short_tmpdir,
+    toml_config,
+)
 
 # ------------------------------------------------------------------ the rule itself
 
@@ -206,3 +214,66 @@ nodes = ["{node}"]
             assert await client_seen(port) == "203.0.113.9:0"
 
     asyncio.run(main())
+
+
+def test_unix_socket_peers_are_trusted_when_unix_is_named() -> None:
+    """nginx's ``set_real_ip_from unix:``: a front proxy on the same host over a Unix socket."""
+    socket_path = short_tmpdir() + "/front.sock"
+    template = """
+[server]
+listen = "unix://{path}"
+trusted_proxies = {trusted}
+[[routes]]
+prefix = "/"
+cluster = "echo"
+[clusters.echo]
+nodes = ["{node}"]
+"""
+
+    async def client_seen(*forwarded_for: str) -> str:
+        reader, writer = await asyncio.open_unix_connection(socket_path)
+        try:
+            headers = [("X-Forwarded-For", value) for value in forwarded_for]
+            writer.write(build_request("GET", "/", headers))
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            return str(json.loads(await reader.readexactly(length))["client"])
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        async with serving(echo_app) as [node]:
+            text = template.format(path=socket_path, trusted='["unix"]', node=node)
+            proxy = ProxyServer(parse_config(text))
+            await proxy.start()
+            try:
+                assert await client_seen("203.0.113.9") == "203.0.113.9:0"
+                assert await client_seen() == "unix"
+                text = template.format(path=socket_path, trusted='["10.0.0.0/8"]', node=node)
+                proxy.reload(parse_config(text))
+                assert await client_seen("203.0.113.9") == "unix"
+            finally:
+                await proxy.stop(1.0)
+
+    asyncio.run(main())
+
+
+ROUTED = """
+[server]
+trusted_proxies = {trusted}
+[[routes]]
+prefix = "/"
+cluster = "echo"
+[clusters.echo]
+nodes = ["tcp://127.0.0.1:9"]
+"""
+
+
+def test_trusted_proxies_takes_unix_and_refuses_other_names() -> None:
+    assert trusted_proxies(("unix",)) is not None
+    assert trusted_proxies(("unix",)).holds(b"unix")  # type: ignore[union-attr]
+    assert not trusted_proxies(("unix",)).holds(b"127.0.0.1")  # type: ignore[union-attr]
+    config = parse_config(ROUTED.format(trusted='["unix", "10.0.0.1"]'))
+    assert config.server.trusted_proxies == ("unix", "10.0.0.1/32")
+    with pytest.raises(ConfigError, match=r"server\.trusted_proxies\[0\].*unix"):
+        parse_config(ROUTED.format(trusted='["localhost"]'))
