@@ -140,6 +140,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config",),
     # Node health, limits, overload shedding, scale-out: configuration applied.
     ("degrade",),
+    # A fleet of proxies: what they agree on in etcd (nodes), share in Redis (limits).
+    ("fleet",),
     ("modules",),
     # The proxy's request path; the SDK of split services (which runs no proxy).
     ("proxy", "sdk"),
