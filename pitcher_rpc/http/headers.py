@@ -55,14 +55,18 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
     )
 )
 # Request headers the proxy drops or rewrites. Content-Length is dropped too:
-# the body field of the frame carries the exact length.
+# the body field of the frame carries the exact length; so is Expect: the
+# proxy answered 100-continue itself and the service gets the whole body.
 REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | {
     b"content-length",
+    b"expect",
     b"x-forwarded-for",
     b"x-forwarded-proto",
 }
-# Response headers the proxy itself owns: the HTTP framing is ours to write.
-RESPONSE_DROP: frozenset[bytes] = HOP_BY_HOP | {b"content-length"}
+# Response headers the proxy itself owns: the HTTP framing is ours to write,
+# and so is Date (one per message, RFC 9110 6.6.1; the proxy always writes
+# it, as nginx does in place of its upstream's).
+RESPONSE_DROP: frozenset[bytes] = HOP_BY_HOP | {b"content-length", b"date"}
 # Request fields a Connection header cannot remove: a client naming Host there
 # would have the request routed by one host and served without any.
 _END_TO_END: frozenset[bytes] = frozenset((b"host",))
