@@ -320,6 +320,46 @@ TEST_APP = textwrap.dedent(
 )
 
 
+# The ends of hand-written backends (Launcher.script_backend), which are run
+# with the URI to listen on as argv[1] and stopped by SIGTERM:
+#
+# SERVE_PEER serves the script's ``async def peer(reader, writer)``, a peer
+# speaking (or breaking) docs/wire.md itself, on a tcp:// or unix:// address.
+SERVE_PEER = """
+
+async def main(uri):
+    if uri.startswith("unix://"):
+        server = await asyncio.start_unix_server(peer, uri[len("unix://"):])
+    else:
+        host, port = uri[len("tcp://"):].rsplit(":", 1)
+        server = await asyncio.start_server(peer, host, int(port))
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main(sys.argv[1]))
+"""
+# SERVE_HANDLER serves the script's transport ``handler`` (request payload in,
+# response payload out) on a real transports server, any carrier.
+SERVE_HANDLER = """
+
+async def main(uri):
+    from transports.registry import transport_for
+    await transport_for(uri).serve(uri, handler)
+    await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1]))
+"""
+# SERVE_APP serves the script's SDK ``app`` (a pitcher_rpc.sdk.Service), any carrier.
+SERVE_APP = """
+
+async def main(uri):
+    await app.serve(uri)
+    await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
 class Launcher:
     """Starts proxies and backends; stops every one of them on :meth:`close`."""
 
@@ -394,11 +434,18 @@ class Launcher:
         self._wait_listening(process, uri)
         return Backend(process, uri)
 
-    def script_backend(self, source: str, transport: str = "tcp") -> Backend:
-        """A hand-written peer: ``source`` is run with the URI to listen on as argv[1]."""
+    def script_backend(
+        self, source: str, transport: str = "tcp", env: Mapping[str, str] | None = None
+    ) -> Backend:
+        """A hand-written peer: ``source`` is run with the URI to listen on as argv[1].
+
+        ``TEST_MARK_DIR`` in its environment names :attr:`mark_dir`.
+        """
         uri = self.uri(transport)
         path = self.write(self.unique("peer") + ".py", textwrap.dedent(source))
-        process = self.spawn([sys.executable, path, uri])
+        process = self.spawn(
+            [sys.executable, path, uri], env={"TEST_MARK_DIR": self.mark_dir, **(env or {})}
+        )
         self._wait_listening(process, uri)
         return Backend(process, uri)
 

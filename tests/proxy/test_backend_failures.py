@@ -19,6 +19,8 @@ from urllib.parse import quote
 import pytest
 
 from tests.proxy.conftest import (
+    SERVE_APP,
+    SERVE_PEER,
     Backend,
     HttpResponse,
     Launcher,
@@ -257,12 +259,6 @@ def sized(request):
     calls += 1
     print("call", calls, flush=True)
     return Response(200, b"b" * int(request.query_params.get("size", "1")))
-
-async def main(uri):
-    server = await app.serve(uri)
-    await asyncio.Event().wait()
-
-asyncio.run(main(sys.argv[1]))
 """
 
 
@@ -271,7 +267,7 @@ def test_answer_over_the_frame_limit_gives_502_naming_the_limit(
     launcher: Launcher, transport: str
 ) -> None:
     limit = 65536
-    backend = launcher.script_backend(SIZED_ANSWERS, transport)
+    backend = launcher.script_backend(SIZED_ANSWERS + SERVE_APP, transport)
     proxy = launcher.proxy(
         toml_config(
             [{"name": "main", "prefix": "/", "cluster": "main", "timeout": 3.0, "retries": 1}],
@@ -395,14 +391,6 @@ async def peer(reader, writer):
         pass
     finally:
         writer.close()
-
-async def main(uri):
-    host, port = uri[len("tcp://"):].rsplit(":", 1)
-    server = await asyncio.start_server(peer, host, int(port))
-    async with server:
-        await server.serve_forever()
-
-asyncio.run(main(sys.argv[1]))
 """
 
 # An HTTP server, not a Pitcher peer: the wrong preface.
@@ -417,14 +405,6 @@ async def peer(reader, writer):
     except ConnectionError:
         pass
     writer.close()
-
-async def main(uri):
-    host, port = uri[len("tcp://"):].rsplit(":", 1)
-    server = await asyncio.start_server(peer, host, int(port))
-    async with server:
-        await server.serve_forever()
-
-asyncio.run(main(sys.argv[1]))
 """
 
 
@@ -445,7 +425,7 @@ def two_route_proxy(launcher: Launcher, broken: Backend, timeout: float = 3.0) -
 def test_malformed_answer_from_backend_gives_502_and_the_proxy_lives_on(
     launcher: Launcher, mode: str
 ) -> None:
-    broken = launcher.script_backend(RAW_PEER.format(mode=mode))
+    broken = launcher.script_backend(RAW_PEER.format(mode=mode) + SERVE_PEER)
     proxy = two_route_proxy(launcher, broken)
     for method in ("GET", "POST"):
         with proxy.connect() as client:
@@ -460,7 +440,7 @@ def test_malformed_answer_from_backend_gives_502_and_the_proxy_lives_on(
 def test_answer_for_an_unknown_request_is_dropped_and_the_call_times_out(
     launcher: Launcher,
 ) -> None:
-    broken = launcher.script_backend(RAW_PEER.format(mode="unknown-id"))
+    broken = launcher.script_backend(RAW_PEER.format(mode="unknown-id") + SERVE_PEER)
     proxy = two_route_proxy(launcher, broken, timeout=0.5)
     response, elapsed = timed_get(proxy, "/broken/x")
     assert response.status == 504
@@ -469,7 +449,7 @@ def test_answer_for_an_unknown_request_is_dropped_and_the_call_times_out(
 
 
 def test_backend_that_never_finishes_its_handshake_is_given_up_on(launcher: Launcher) -> None:
-    broken = launcher.script_backend(RAW_PEER.format(mode="silent"))
+    broken = launcher.script_backend(RAW_PEER.format(mode="silent") + SERVE_PEER)
     healthy = launcher.echo_backend("tcp")
     proxy = launcher.proxy(
         toml_config(
@@ -488,7 +468,7 @@ def test_backend_that_never_finishes_its_handshake_is_given_up_on(launcher: Laun
 
 
 def test_backend_that_is_not_a_pitcher_peer_gives_502_quickly(launcher: Launcher) -> None:
-    broken = launcher.script_backend(HTTP_INSTEAD_OF_PITCHER)
+    broken = launcher.script_backend(HTTP_INSTEAD_OF_PITCHER + SERVE_PEER)
     proxy = two_route_proxy(launcher, broken, timeout=5.0)
     for _ in range(3):
         response, elapsed = timed_get(proxy, "/broken/x")

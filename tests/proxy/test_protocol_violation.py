@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests.inprocess import running_proxy
-from tests.proxy.conftest import Launcher, build_request
+from tests.proxy.conftest import SERVE_PEER, Launcher, build_request
 
 # Speaks the protocol. On the first connection it holds every request whose
 # query is "hold" (on any connection: "hold-always"), and prints how many it
@@ -82,14 +82,6 @@ async def peer(reader, writer):
         pass
     finally:
         writer.close()
-
-async def main(uri):
-    host, port = uri[len("tcp://"):].rsplit(":", 1)
-    server = await asyncio.start_server(peer, host, int(port))
-    async with server:
-        await server.serve_forever()
-
-asyncio.run(main(sys.argv[1]))
 """
 
 CONFIG = """
@@ -135,7 +127,7 @@ async def http_request(port: int, method: str, path: str) -> tuple[int, bytes]:
 def test_idempotent_requests_in_flight_are_retried_on_a_fresh_connection(
     launcher: Launcher, kind: str
 ) -> None:
-    backend = launcher.script_backend(MISBEHAVING_BACKEND)
+    backend = launcher.script_backend(MISBEHAVING_BACKEND + SERVE_PEER)
     timeout = 4.0
     held = {
         # path: (method, expected status)
@@ -192,7 +184,7 @@ def test_idempotent_requests_in_flight_are_retried_on_a_fresh_connection(
 
 def test_a_retry_keeps_the_request_deadline(launcher: Launcher) -> None:
     """The retry on the fresh connection hangs too: 504 at the first attempt's deadline."""
-    backend = launcher.script_backend(MISBEHAVING_BACKEND)
+    backend = launcher.script_backend(MISBEHAVING_BACKEND + SERVE_PEER)
     timeout = 1.0
 
     async def scenario() -> None:
