@@ -10,6 +10,10 @@ A handler may also be a plain function that returns the response bytes
 when it has them at once, and an awaitable only when it must wait: then not
 even a coroutine is made for the request (the SDK's services run this way,
 stepping their own handlers' coroutines).
+
+A handler served as :class:`~transports.base.WithDeadline` is called with
+the REQUEST frame's ``deadline_ms`` after the payload. The mark is read once,
+here, so that neither kind of handler pays a call per request for the other.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import types
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import Any
 
+from .base import WithDeadline
 from .control import ErrorInfo
 from .errors import ErrorCode
 from .stepping import as_coroutine, resume
@@ -32,8 +37,9 @@ _CoroutineType = types.CoroutineType
 
 # A handler as the runner takes it: a transport Handler (request payload in,
 # awaitable of the response payload out), or a function answering the bytes
-# at once and an awaitable only when it has to wait.
-RunnerHandler = Callable[[bytes], "Awaitable[bytes] | bytes"]
+# at once and an awaitable only when it has to wait; or either, taking the
+# deadline too, marked by WithDeadline.
+RunnerHandler = Callable[[bytes], "Awaitable[bytes] | bytes"] | WithDeadline
 
 # What a server is told when one request is done: the key it started the
 # request with, and either the response payload or the error to send.
@@ -52,7 +58,16 @@ class HandlerRunner:
     for one stopped at its deadline).
     """
 
-    __slots__ = ("_answer", "_handler", "_loop", "_on_settled", "_timers", "_unstarted", "tasks")
+    __slots__ = (
+        "_answer",
+        "_handler",
+        "_loop",
+        "_on_settled",
+        "_takes_deadline",
+        "_timers",
+        "_unstarted",
+        "tasks",
+    )
 
     def __init__(
         self,
@@ -61,7 +76,12 @@ class HandlerRunner:
         answer: Answer,
         on_settled: Callable[[], None] = lambda: None,
     ) -> None:
-        self._handler = handler
+        # Unwrapped once: per request a branch picks the call, and no wrapper
+        # adds a Python call to either kind of handler.
+        self._takes_deadline = isinstance(handler, WithDeadline)
+        self._handler: Callable[..., Any] = (
+            handler.handler if isinstance(handler, WithDeadline) else handler
+        )
         self._loop = loop
         self._answer = answer
         # Called whenever a waiting request ends, answered or cancelled: the
@@ -82,7 +102,8 @@ class HandlerRunner:
     def start(self, key: Hashable, payload: bytes, deadline_ms: int) -> None:
         coroutine: Coroutine[Any, Any, Any] | None = None
         try:
-            result = self._handler(payload)
+            handler = self._handler
+            result = handler(payload, deadline_ms) if self._takes_deadline else handler(payload)
             if not isinstance(result, bytes):
                 coroutine = result if isinstance(result, _CoroutineType) else as_coroutine(result)
                 yielded = coroutine.send(None)

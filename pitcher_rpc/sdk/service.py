@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-from transports.base import Server, ServerOptions
+from transports.base import Server, ServerOptions, WithDeadline
 from transports.frame import DEFAULT_MAX_FRAME_SIZE
 from transports.native import describe as describe_build
 from transports.registry import transport_for
@@ -378,8 +378,10 @@ class Context:
     - ``request_id``: the proxy's request id (the ``X-Request-Id`` header it
       sends, also in its access log), "" if the request came without one.
     - ``deadline``: the :func:`time.monotonic` time after which nobody waits
-      for the answer, or None when the request has no deadline (or the
-      transport did not say); :meth:`remaining` is the seconds left.
+      for the answer, or None when the request has no deadline (the
+      caller set none); :meth:`remaining` is the seconds left. It is the
+      REQUEST frame's ``deadline_ms`` counted from the frame's arrival: for a
+      request from the proxy, what is left of the route's ``timeout``.
     - ``cancelled``: True once the answer is no longer wanted: the caller
       sent CANCEL (the HTTP client went away), the deadline passed, or the
       server is stopping. An async handler learns it first, as
@@ -643,7 +645,11 @@ class Service:
         if address.startswith("udp"):
             limit = min(limit, settings.max_datagram - 24)  # CRC and frame header
         self._frame_limit = limit
-        server: Server = await transport_for(address).serve(address, self.respond, options)
+        # Every route's handler may take a Context, added even after this:
+        # each request's deadline goes to respond(), which a route without a
+        # Context ignores.
+        handler = WithDeadline(self.respond)
+        server: Server = await transport_for(address).serve(address, handler, options)
         log.info("%s serving on %s (%s)", self.name, server.address, describe_build())
         return server
 

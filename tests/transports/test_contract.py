@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from transports.base import ClientOptions, ServerOptions
+from transports.base import ClientOptions, ServerOptions, WithDeadline
 from transports.errors import (
     CallError,
     DeadlineExceeded,
@@ -244,6 +244,30 @@ def test_a_handler_error_fails_that_call_only(carrier: str, directory: str) -> N
         with pytest.raises(RemoteError):
             await client.call(b"bad", 2.0)
         assert await client.call(b"good", 2.0) == b"good"
+
+    scenario(carrier, directory, body)
+
+
+def test_a_handler_marked_with_deadline_gets_the_callers_budget(
+    carrier: str, directory: str
+) -> None:
+    async def body(e: Endpoints) -> None:
+        budgets: list[int] = []
+
+        def budget(payload: bytes, deadline_ms: int) -> bytes:
+            budgets.append(deadline_ms)
+            return b"%d" % deadline_ms
+
+        server = await e.serve(WithDeadline(budget))
+        client = e.client(server.address)
+        assert 1900 <= int(await client.call(b"a", 2.0)) <= 2000
+        assert 250 <= int(await client.call(b"b", 0.3)) <= 300
+        # Beyond the header field: no deadline, which the handler sees as 0.
+        assert await client.call(b"c", 10.0 * 365 * 86400) == b"0"
+        assert len(budgets) == 3
+        # A plain handler on the same carrier still gets the payload alone.
+        plain = await e.serve(echo, fresh_address(e.carrier, e.directory, "plain"))
+        assert await e.client(plain.address).call(b"plain", 2.0) == b"plain"
 
     scenario(carrier, directory, body)
 

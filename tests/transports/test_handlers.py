@@ -125,6 +125,7 @@ def test_deadline_ms_fits_the_header_field() -> None:
 from collections.abc import Hashable  # noqa: E402
 from typing import Any  # noqa: E402
 
+from transports.base import WithDeadline  # noqa: E402
 from transports.control import ErrorInfo  # noqa: E402
 from transports.errors import ErrorCode  # noqa: E402
 from transports.handlers import HandlerRunner  # noqa: E402
@@ -174,6 +175,39 @@ def test_a_plain_function_may_answer_an_awaitable_when_it_must_wait() -> None:
         assert answers.settled == 1
 
     asyncio.run(scenario())
+
+
+def test_a_handler_marked_with_deadline_gets_the_frames_deadline_ms() -> None:
+    seen: list[tuple[bytes, int]] = []
+
+    def plain(payload: bytes, deadline_ms: int) -> bytes:
+        seen.append((payload, deadline_ms))
+        return payload
+
+    async def waiting(payload: bytes, deadline_ms: int) -> bytes:
+        await asyncio.sleep(0)
+        seen.append((payload, deadline_ms))
+        return payload
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        runner, answers = runner_for(WithDeadline(plain), loop)
+        runner.start(1, b"a", 1500)
+        runner.start(2, b"b", 0)
+        assert answers.got == [(1, b"a", None), (2, b"b", None)]
+        runner, answers = runner_for(WithDeadline(waiting), loop)
+        runner.start(3, b"c", 250)
+        assert 3 in runner._timers  # the deadline still stops the work
+        await asyncio.sleep(0.01)
+        assert answers.got == [(3, b"c", None)]
+
+    asyncio.run(scenario())
+    assert seen == [(b"a", 1500), (b"b", 0), (b"c", 250)]
+
+
+def test_a_server_that_does_not_know_the_mark_may_call_it_without_a_deadline() -> None:
+    marked = WithDeadline(lambda payload, deadline_ms: b"%s %d" % (payload, deadline_ms))
+    assert marked(b"old") == b"old 0"
 
 
 @pytest.mark.parametrize(
