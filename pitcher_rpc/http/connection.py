@@ -28,7 +28,19 @@ here, once, for the proxy's frontend and the admin API alike:
   keep-alive connection is closed after ``keepalive_timeout``, a lingering
   close ends after ``LINGER_SECONDS``. A request's deadlines run while it is
   its turn: while an earlier request is being answered they wait, and they
-  count again from that answer, as the header deadline always has.
+  count again from that answer, as the header deadline always has;
+- request limit (nginx's ``keepalive_requests``): the ``keepalive_requests``-th
+  answer on a connection carries ``connection: close`` (0: no limit). Ending
+  connections now and then is what spreads a keep-alive client's load again
+  over the processes that share a listener, a new or restarted one included.
+
+A connection that ends after an answer (a limit, ``connection: close``, a
+drain) answers nothing that was pipelined behind it (RFC 9112 §9.6: the
+client sends it again on a new connection). If such requests, or part of one,
+were already received, or the client has pipelined before, more may be on
+their way: closing at once would answer them with a reset that can destroy
+the last answer before the client reads it, so the connection half-closes
+and lingers as after a refusal (nginx's ``lingering_close on``).
 
 The caller acts on a few plain attributes after a call: bytes to write come
 back from the method or wait in :attr:`outgoing`; :attr:`half_close` and
@@ -85,8 +97,10 @@ class ServerConnection:
     __slots__ = (
         "_continue_sent",
         "_lingered",
+        "_pipelined",
         "_queue",
         "_refused",
+        "_requests_left",
         "active",
         "body_deadline",
         "body_started",
@@ -114,6 +128,7 @@ class ServerConnection:
         header_timeout: float = 10.0,
         keepalive_timeout: float = 60.0,
         request_timeout: float = 0.0,
+        keepalive_requests: int = 0,
         error_answer: Callable[[int, str], tuple[bytes, bytes]] | None = None,
         now: float = 0.0,
     ) -> None:
@@ -136,6 +151,10 @@ class ServerConnection:
         self.error_answer = error_answer or _plain_error
         # 0 turns keep-alive off: every answer closes the connection.
         self.keepalive_timeout = keepalive_timeout
+        # Answers still allowed before one says ``connection: close``. Counted
+        # down per answer; from 0 (no limit) it goes negative and never meets 0
+        # again: one decrement and one compare per request, no other test.
+        self._requests_left = keepalive_requests
         self.active: HttpRequest | None = None
         self._queue: deque[HttpRequest | HttpError] = deque()
         # Bytes the caller must write that no method returned (100 Continue,
@@ -151,6 +170,9 @@ class ServerConnection:
         self.linger_until = 0.0
         self._lingered = 0
         self._refused = False
+        # The client has sent a request before the previous one was answered:
+        # it may be sending one now, so a close after an answer lingers.
+        self._pipelined = False
         # The client does not read what it is sent (the caller's pause_writing).
         self.write_blocked = False
         self._continue_sent = False
@@ -186,6 +208,7 @@ class ServerConnection:
                 # The common case, kept short: one request with nothing ahead of it.
                 request = self.active = requests[0]
                 return request
+            self._pipelined = True
             self._queue.extend(requests)
             return self.next_request() if self.active is None else None
         if self.body_started == _NO_BODY_YET and parser.headers_complete:
@@ -248,11 +271,17 @@ class ServerConnection:
         """
         request = self.active
         assert request is not None, "respond() without a request to answer"
-        keep = request.keep_alive and not self.draining and self.keepalive_timeout > 0
+        self._requests_left -= 1
+        keep = (
+            request.keep_alive
+            and self._requests_left != 0
+            and not self.draining
+            and self.keepalive_timeout > 0
+        )
         framing = b"" if status in _NO_CONTENT else b"content-length: %d\r\n" % len(body)
         if not keep:
             framing += _CLOSE
-            self.must_close = True
+            self._end_after_answer()
         elif request.version == "1.0":
             framing += _KEEP_ALIVE_10
         head = status_line(status) + fields + date_line() + framing + b"\r\n"
@@ -266,6 +295,24 @@ class ServerConnection:
         if not body or request.method == b"HEAD" or status in _NO_CONTENT:
             return [head]
         return [head, body]  # type: ignore[list-item]
+
+    def _end_after_answer(self) -> None:
+        """The answer being made is the last: close after it, lingering if more came behind it."""
+        queue = self._queue
+        if (queue or self.parser.in_request or self._pipelined) and _CLIENT_DONE not in queue:
+            # Requests pipelined behind this one are never answered, and the
+            # client may still be sending (nginx's heuristic: bytes behind the
+            # request, or a client that pipelines): shut our side after the
+            # answer and read what comes until the client closes, as after a
+            # refusal, since bytes arriving after a close are answered with a
+            # reset that drops what of the answer is still in flight.
+            queue.clear()
+            self.half_close = True
+        else:
+            # Nothing came after it (or the client has said it sends no
+            # more): nothing unread can turn the close into a reset.
+            queue.clear()
+            self.must_close = True
 
     def respond_error(
         self, status: int, message: str, fields: bytes = b"", now: float | None = None

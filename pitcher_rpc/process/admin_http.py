@@ -79,6 +79,9 @@ class AdminConnection(HttpGlue):
             header_timeout=server.header_timeout,
             keepalive_timeout=server.keepalive_timeout,
             request_timeout=server.header_timeout,
+            # No request limit: the limit exists to spread a client's load over
+            # the proxy's workers, and the admin API has one process.
+            keepalive_requests=0,
             error_answer=_json_refusal,
             now=loop.time(),
         )

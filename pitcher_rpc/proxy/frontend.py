@@ -61,6 +61,9 @@ class HttpConnection(HttpGlue):
             self.watch,
             header_timeout=snapshot.header_timeout,
             keepalive_timeout=snapshot.keepalive_timeout,
+            # Fixed for the connection's life: a reload changes it for the
+            # connections accepted after it (nginx does the same).
+            keepalive_requests=snapshot.config.server.keepalive_requests,
             now=self.loop.time(),
         )
         self.http.draining = server.draining
@@ -185,7 +188,8 @@ class HttpConnection(HttpGlue):
             exchange.snapshot.modules.run(finished, exchange)
         if http.must_close:
             self.close()
-        elif http.waiting or self.read_paused or http.parser.in_request:
+        elif http.waiting or self.read_paused or http.parser.in_request or http.half_close:
+            # half_close: the last answer, with requests behind it: linger.
             self._advance()
 
     def refused(self, answer: bytes) -> None:
