@@ -1,8 +1,10 @@
 """The two builds of the request path: compiled by mypyc, or pure Python.
 
-CI runs the whole suite once per build and says which one it expects in
-PITCHER_EXPECT_BUILD ("compiled" or "pure"); the first test then proves that
-the modules of that build were the ones imported in this run.
+CI runs the whole suite on the compiled build and, on the pure-Python one,
+the tests whose subject is compiled (tests/conftest.py ONE_BUILD); it says
+which build it expects in PITCHER_EXPECT_BUILD ("compiled" or "pure"), and
+the first test then proves that the modules of that build were the ones
+imported in this run.
 """
 
 from __future__ import annotations
@@ -171,3 +173,15 @@ def test_every_source_directory_is_a_package_the_build_ships() -> None:
         for path in (ROOT / top).rglob("*.py")
     }
     assert with_sources <= found, sorted(with_sources - found)
+
+
+def test_the_tests_left_to_one_build_exist_and_touch_no_compiled_module() -> None:
+    from tests.conftest import ONE_BUILD
+
+    compiled_sources = {name.replace(".", "/") for name in native.COMPILED}
+    for entry in ONE_BUILD:
+        path = ROOT / entry
+        assert path.is_dir() if entry.endswith("/") else path.is_file(), entry
+        # A test file named after a compiled module tests it: it runs on both builds.
+        stem = path.stem.removeprefix("test_")
+        assert not any(source.endswith("/" + stem) for source in compiled_sources), entry
