@@ -28,10 +28,30 @@ token) for a rate, 503 with ``Retry-After: 1`` for concurrency.
 With several workers every limit holds for the proxy as a whole: each worker
 enforces a share, and the master moves the shares with the load every 0.1 s
 (pitcher_rpc.degrade.shares). A concurrency limit is at least 1 per worker.
+
+A rate may hold for a fleet of proxies instead, shared through Redis:
+
+    [modules.throttle]
+    rate = 1000
+    scope = "fleet"        # "proxy" (the default) or "fleet"
+    redis = "redis://127.0.0.1:6379/0"
+    fail = "open"          # Redis down or slow: "open" admits, "closed" enforces
+                           # this proxy's share of the rate locally
+    redis_prefix = "pitcher"   # the keys' prefix (a hash tag: {pitcher}:rate)
+    redis_timeout = 0.25   # seconds; a refill not answered by then is a failure
+
+    [modules.throttle.business.shop]
+    rate = 300
+    scope = "fleet"        # a business takes the module's scope and fail unless it says
+
+Tokens are taken from Redis in batches in the background and spent locally;
+a request never waits for Redis (pitcher_rpc.fleet.redis_limits,
+docs/fleet-limits.md). Concurrency limits always hold per proxy.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
@@ -39,13 +59,16 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from ..degrade.limits import Gate, TokenBucket
+from ..degrade.limits import Bucket, FleetBucket, Gate, TokenBucket
 from .base import Answer, AnyRecord, Module
 
 log = logging.getLogger("pitcher.throttle")
 
 _LIMIT_KEYS = ("rate", "burst", "concurrency")
+_SCOPE_KEYS = ("scope", "fail")
+_REDIS_KEYS = ("redis", "redis_prefix", "redis_timeout")
 _NAME = "throttle"
+_INSTALL = "pip install 'pitcher-rpc[fleet]'"
 
 
 def _number(settings: Mapping[str, Any], key: str, where: str, integer: bool = False) -> Any:
@@ -78,14 +101,60 @@ def _limits(section: Mapping[str, Any], where: str, allowed: tuple[str, ...]) ->
     return checked
 
 
+def _choice(section: Mapping[str, Any], key: str, where: str, allowed: tuple[str, ...]) -> Any:
+    value = section.get(key)
+    if value is not None and value not in allowed:
+        spelled = " or ".join(f'"{choice}"' for choice in allowed)
+        raise ValueError(f"{where}{key} must be {spelled}, got {value!r}")
+    return value
+
+
+def _redis(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The module's Redis settings, checked (the client is looked for, not imported)."""
+    url = settings.get("redis")
+    if url is None:
+        raise ValueError('scope = "fleet" needs redis = "redis://HOST:PORT/DB"')
+    if not isinstance(url, str):
+        raise ValueError("redis must be a URL string")
+    prefix = settings.get("redis_prefix", "pitcher")
+    if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "{} \t\n"):
+        raise ValueError("redis_prefix must be a non-empty string without braces or spaces")
+    timeout = settings.get("redis_timeout", 0.25)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 10:
+        raise ValueError(f"redis_timeout must be seconds in (0, 10], got {timeout!r}")
+    # Imported only now: a proxy without a fleet limit never loads the fleet layer.
+    from ..fleet.redis_limits import check_url
+
+    check_url(url)
+    if importlib.util.find_spec("redis") is None:
+        raise ValueError(f'scope = "fleet" needs the Redis client, not installed: {_INSTALL}')
+    return {"redis": url, "redis_prefix": prefix, "redis_timeout": float(timeout)}
+
+
+def _bucket(
+    key: str,
+    rate: float,
+    burst: float,
+    now: float,
+    fleet: bool,
+    fail_closed: bool,
+    fleet_buckets: list[FleetBucket],
+) -> Bucket:
+    if not fleet:
+        return TokenBucket(rate, burst, now)
+    bucket = FleetBucket(key, rate, burst, now, fail_closed)
+    fleet_buckets.append(bucket)
+    return bucket
+
+
 class _Business:
     __slots__ = ("bucket", "gate", "gates", "name", "rate_reason", "reserve")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.bucket: TokenBucket | None = None
+        self.bucket: Bucket | None = None
         self.gate: Gate | None = None
-        self.reserve: TokenBucket | None = None
+        self.reserve: Bucket | None = None
         # The gates a request of this business passes, in order.
         self.gates: tuple[Gate, ...] = ()
         self.rate_reason = f"{name}:rate"
@@ -99,8 +168,9 @@ class Throttle(Module):
 
     @classmethod
     def validate(cls, settings: Mapping[str, Any]) -> Mapping[str, Any]:
+        own = ("mode", "business", *_SCOPE_KEYS, *_REDIS_KEYS)
         checked = _limits(
-            {k: v for k, v in settings.items() if k not in ("mode", "business")},
+            {k: v for k, v in settings.items() if k not in own},
             "",
             _LIMIT_KEYS,
         )
@@ -108,6 +178,12 @@ class Throttle(Module):
         if mode not in ("enforce", "detect"):
             raise ValueError(f'mode must be "enforce" or "detect", got {mode!r}')
         checked["mode"] = mode
+        scope = _choice(settings, "scope", "", ("proxy", "fleet")) or "proxy"
+        fail = _choice(settings, "fail", "", ("open", "closed")) or "open"
+        checked["scope"], checked["fail"] = scope, fail
+        fleet_rates = 0
+        if scope == "fleet" and checked["rate"] is not None:
+            fleet_rates += 1
         businesses = settings.get("business", {})
         if not isinstance(businesses, Mapping):
             raise ValueError("business must be a table of business names")
@@ -117,7 +193,20 @@ class Throttle(Module):
             where = f"business.{name}."
             if not isinstance(section, Mapping):
                 raise ValueError(f"business.{name} must be a table")
-            limits = _limits(section, where, (*_LIMIT_KEYS, "reserved"))
+            limits = _limits(
+                {k: v for k, v in section.items() if k not in _SCOPE_KEYS},
+                where,
+                (*_LIMIT_KEYS, "reserved"),
+            )
+            limits["scope"] = _choice(section, "scope", where, ("proxy", "fleet")) or scope
+            limits["fail"] = _choice(section, "fail", where, ("open", "closed")) or fail
+            if limits["scope"] == "fleet":
+                if limits["rate"] is None:
+                    raise ValueError(
+                        f'{where}scope = "fleet" shares a rate: set rate'
+                        " (concurrency limits hold per proxy)"
+                    )
+                fleet_rates += 1
             reserved = section.get("reserved")
             if reserved is not None:
                 if isinstance(reserved, bool) or not isinstance(reserved, int | float):
@@ -132,6 +221,14 @@ class Throttle(Module):
         if reserved_total >= 1:
             raise ValueError(f"the reserved shares add up to {reserved_total:g}; must be below 1")
         checked["business"] = checked_businesses
+        if scope == "fleet" and not fleet_rates:
+            raise ValueError(
+                'scope = "fleet" shares a rate: set rate (concurrency limits hold per proxy)'
+            )
+        if fleet_rates:
+            checked.update(_redis(settings))
+        elif any(settings.get(key) is not None for key in _REDIS_KEYS):
+            raise ValueError('redis settings apply to scope = "fleet" only (set scope)')
         return checked
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
@@ -144,12 +241,35 @@ class Throttle(Module):
         self._gates: tuple[Gate, ...] = (self.gate,) if self.gate is not None else ()
         rate, burst = checked["rate"], checked["burst"]
         common = 1.0 - sum(limits["reserved"] or 0.0 for limits in checked["business"].values())
-        self.pool = TokenBucket(rate * common, max(1.0, burst * common), now) if rate else None
+        fleet: list[FleetBucket] = []
+        proxy_fleet = checked["scope"] == "fleet"
+        proxy_closed = checked["fail"] == "closed"
+        self.pool = (
+            _bucket(
+                "rate",
+                rate * common,
+                max(1.0, burst * common),
+                now,
+                proxy_fleet,
+                proxy_closed,
+                fleet,
+            )
+            if rate
+            else None
+        )
         self.businesses: dict[str, _Business] = {}
         for name, limits in checked["business"].items():
             business = self.businesses[name] = _Business(name)
             if limits["rate"]:
-                business.bucket = TokenBucket(limits["rate"], limits["burst"], now)
+                business.bucket = _bucket(
+                    f"{name}.rate",
+                    limits["rate"],
+                    limits["burst"],
+                    now,
+                    limits["scope"] == "fleet",
+                    limits["fail"] == "closed",
+                    fleet,
+                )
             if limits["concurrency"]:
                 business.gate = Gate(limits["concurrency"], f"{name}:concurrency")
             business.gates = (
@@ -158,7 +278,23 @@ class Throttle(Module):
             )
             if limits["reserved"]:
                 share = limits["reserved"]
-                business.reserve = TokenBucket(rate * share, max(1.0, burst * share), now)
+                business.reserve = _bucket(
+                    f"{name}.reserve",
+                    rate * share,
+                    max(1.0, burst * share),
+                    now,
+                    proxy_fleet,
+                    proxy_closed,
+                    fleet,
+                )
+        # The refiller of the fleet's buckets; the fleet layer is imported only for one.
+        self.fleet: Any = None
+        if fleet:
+            from ..fleet.redis_limits import RedisLimits
+
+            self.fleet = RedisLimits(
+                checked["redis"], checked["redis_prefix"], fleet, checked["redis_timeout"]
+            )
         self.admitted = 0
         self.refused: Counter[str] = Counter()
         self.would_refuse: Counter[str] = Counter()
@@ -184,8 +320,8 @@ class Throttle(Module):
                 if not detect:
                     break
             entered += 1
-        refused_by: TokenBucket | None = None
-        taken: TokenBucket | None = None
+        refused_by: Bucket | None = None
+        taken: Bucket | None = None
         if not reason:
             now = time.monotonic()
             if business is not None and business.bucket is not None:
@@ -233,8 +369,8 @@ class Throttle(Module):
 
     # proxy-wide shares ----------------------------------------------------------------
 
-    def _limits(self) -> dict[str, Gate | TokenBucket]:
-        limits: dict[str, Gate | TokenBucket | None] = {"rate": self.pool, "concurrency": self.gate}
+    def _limits(self) -> dict[str, Gate | Bucket]:
+        limits: dict[str, Gate | Bucket | None] = {"rate": self.pool, "concurrency": self.gate}
         for name, business in self.businesses.items():
             limits[f"{name}.rate"] = business.bucket
             limits[f"{name}.reserve"] = business.reserve
@@ -271,10 +407,15 @@ class Throttle(Module):
             "would_refuse": dict(self.would_refuse),
             "in_flight": {k: g.in_flight for k, g in limits.items() if isinstance(g, Gate)},
             "shares": {key: round(limit.share, 4) for key, limit in limits.items()},
+            **({"fleet": self.fleet.stats()} if self.fleet is not None else {}),
         }
 
+    async def aclose(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.aclose()
 
-def _answer(bucket: TokenBucket | None) -> Answer:
+
+def _answer(bucket: Bucket | None) -> Answer:
     if bucket is None:
         return Answer(503, "too many requests in flight", ((b"retry-after", b"1"),))
     retry = str(bucket.retry_after()).encode()
