@@ -276,19 +276,29 @@ async def pitcher_probe(address: str, in_flight: int, seconds: float) -> Result:
 
 _REQUEST = b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n"
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length: *(\d+)", re.IGNORECASE)
+_CLOSE = re.compile(rb"\r\nconnection: *close\r\n", re.IGNORECASE)
 
 
 class _HttpCaller(asyncio.Protocol):
-    """One keep-alive connection with one request at a time."""
+    """One keep-alive connection with one request at a time.
 
-    def __init__(self, window: _Window) -> None:
+    A response with ``Connection: close`` (the proxy's keepalive_requests)
+    ends the connection; the caller opens a new one and goes on, as wrk
+    does, and the reconnection is part of the measure.
+    """
+
+    def __init__(self, window: _Window, address: tuple[str, int], transports: list[Any]) -> None:
         self.window = window
+        self.address = address
+        self.transports = transports
         self.buffer = b""
         self.started = 0.0
+        self.closing = False
         self.transport: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.transports.append(transport)
         self.go()
 
     def go(self) -> None:
@@ -311,11 +321,30 @@ class _HttpCaller(asyncio.Protocol):
             return
         if not buffer.startswith(b"HTTP/1.1 200"):
             self.window.errors += 1
-        self.buffer = buffer[total:]
         self.window.latencies.append(time.perf_counter() - self.started)
+        if _CLOSE.search(buffer, 0, end + 2):
+            self.closing = True
+            self.transport.close()
+            self.window.loop.create_task(self.reconnect())
+            return
+        self.buffer = buffer[total:]
         self.go()
 
+    async def reconnect(self) -> None:
+        if not self.window.more():
+            self.window.retire()
+            return
+        try:
+            await self.window.loop.create_connection(
+                lambda: _HttpCaller(self.window, self.address, self.transports), *self.address
+            )
+        except OSError:
+            self.window.errors += 1
+            self.window.retire()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.closing:
+            return
         if not self.window.done.done() and self.window.more():
             self.window.errors += 1
             self.window.retire()
@@ -325,10 +354,11 @@ async def http_probe(host: str, port: int, connections: int, seconds: float) -> 
     """HTTP/1.1 keep-alive load: ``connections`` clients, one request in flight each."""
     window = _Window(seconds)
     window.active = connections
-    transports = []
+    transports: list[Any] = []
     for _ in range(connections):
-        transport, _ = await window.loop.create_connection(lambda: _HttpCaller(window), host, port)
-        transports.append(transport)
+        await window.loop.create_connection(
+            lambda: _HttpCaller(window, (host, port), transports), host, port
+        )
     result = await window.result()
     for transport in transports:
         transport.close()
