@@ -26,6 +26,7 @@ from .errors import (
     CallError,
     DeadlineExceeded,
     ErrorCode,
+    Overloaded,
     Rejected,
     RemoteError,
     TransportError,
@@ -94,10 +95,9 @@ def error_for(info: ErrorInfo) -> CallError:
     if code == ErrorCode.DEADLINE_EXCEEDED:
         # The node's clock ran out a hair before ours: the same outcome.
         return DeadlineExceeded(f"the node gave up: {info.message}")
-    error = RemoteError(code, info.message)
     if code == ErrorCode.TOO_MANY_IN_FLIGHT:
-        error.sent = False  # refused without being started
-    return error
+        return Overloaded(info.message)  # refused without being started
+    return RemoteError(code, info.message)
 
 
 def deliver_response(receiver: Receiver, payload: bytes) -> None:

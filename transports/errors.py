@@ -13,6 +13,7 @@
     │   ├── Rejected               the peer refused the call before running it (goaway)
     │   ├── RequestTooLarge        the request exceeds the peer's frame limit (never sent)
     │   └── RemoteError            the peer answered with an error frame for this call
+    │       └── Overloaded         ... TOO_MANY_IN_FLIGHT: at its limit, the call not started
     └── Closed                     the client or server was closed by its owner
 
 ``OSError`` and friends become one of these at the edge (``raise X(...) from exc``),
@@ -118,6 +119,21 @@ class RemoteError(CallError):
         )
         self.code = code
         self.remote_message = message
+
+
+class Overloaded(RemoteError):
+    """The peer had ``max_in_flight`` requests running and did not start this one.
+
+    An overload, not a fault: the call was never started, so it may go to
+    another node whatever its method (``sent`` is False), and nothing about
+    the peer's health follows from it (HTTP/2's REFUSED_STREAM, Envoy's
+    overflow).
+    """
+
+    sent = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.TOO_MANY_IN_FLIGHT, message)
 
 
 class Closed(TransportError):

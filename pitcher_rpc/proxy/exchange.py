@@ -26,6 +26,10 @@ a handler, or when its method is idempotent for the route. A connection
 closed under it (the node died, or broke the protocol, which fails every
 call on the shared connection) is retried on the next loop turn, so that the
 carrier has stopped using that connection and the retry takes a fresh one.
+A node at its in-flight limit (``TOO_MANY_IN_FLIGHT``) did not start the
+call either, but is busy rather than broken: the retry goes only to a node
+not tried yet, with none the client gets 503 and ``Retry-After: 1``, and the
+node's health counts nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from transports.errors import (
     ConnectionLost,
     DeadlineExceeded,
     ErrorCode,
+    Overloaded,
     Rejected,
     RemoteError,
     RequestTooLarge,
@@ -90,11 +95,13 @@ def _failure_kind(error: TransportError) -> str | None:
         return "connect"
     if isinstance(error, DeadlineExceeded):
         return "timeout"
+    if isinstance(error, Overloaded | Rejected | Closed | RequestTooLarge):
+        # A node at its in-flight limit (busy, not broken: ejecting it would
+        # only load the others more), a draining node, our own shutdown, a
+        # request too large: no fault of health.
+        return None
     if isinstance(error, RemoteError):
         return "error"
-    if isinstance(error, Rejected | Closed | RequestTooLarge):
-        # A draining node, our own shutdown, a request too large: no fault of health.
-        return None
     return "reset"
 
 
@@ -346,6 +353,9 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
             self.fail(413, "request larger than the backend accepts")
         elif isinstance(error, ConnectError):
             self.fail(502, "backend unreachable")
+        elif isinstance(error, Overloaded):
+            # Envoy's overflow: not started, and no other node took it; come back soon.
+            self.fail(503, "backend is at its in-flight limit", retry_after=1)
         elif isinstance(error, Rejected):
             self.fail(503, "backend is shutting down")
         elif isinstance(error, RemoteError):
@@ -387,7 +397,11 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
             return False  # it would be as large again
         if not error.sent:
             # Never reached a handler: safe whatever the method. A refused
-            # connect is not retried on the same lone node (it is backing off).
+            # connect is not retried on the same lone node (it is backing off),
+            # nor an overload on a node that refused it already (it is busy):
+            # while a node is left untried, the retry goes there.
+            if isinstance(error, Overloaded):
+                return self.attempts < len(route.cluster.nodes)
             return not (isinstance(error, ConnectError) and len(route.cluster.nodes) <= 1)
         return self.idempotent
 

@@ -349,11 +349,12 @@ async def main(uri):
 
 asyncio.run(main(sys.argv[1]))
 """
-# SERVE_APP serves the script's SDK ``app`` (a pitcher_rpc.sdk.Service), any carrier.
+# SERVE_APP serves the script's SDK ``app`` (a pitcher_rpc.sdk.Service), any
+# carrier, with the script's ``OPTIONS`` (transports.base.ServerOptions) if it has some.
 SERVE_APP = """
 
 async def main(uri):
-    await app.serve(uri)
+    await app.serve(uri, globals().get("OPTIONS"))
     await asyncio.Event().wait()
 
 asyncio.run(main(sys.argv[1]))

@@ -27,7 +27,7 @@ from tests.transports.test_contract import (
 from transports.calls import MAX_DEADLINE_MS
 from transports.control import ErrorInfo, Settings
 from transports.datagram import decode_datagram, encode_datagram, encode_request_datagram
-from transports.errors import ErrorCode, RemoteError
+from transports.errors import ErrorCode, Overloaded
 from transports.frame import HEADER, HEADER_SIZE, PREFACE, FrameType, encode_frame, encode_request
 
 # (type, request id, deadline_ms, payload) of one frame read off the wire.
@@ -300,7 +300,7 @@ def test_a_call_refused_as_too_many_fails_alone_and_unsent(carrier: str, directo
             release.set()
             assert await second == b"second"
         else:
-            with pytest.raises(RemoteError) as refused:
+            with pytest.raises(Overloaded) as refused:
                 await second
             assert refused.value.code == ErrorCode.TOO_MANY_IN_FLIGHT
             assert refused.value.sent is False

@@ -45,6 +45,7 @@ from transports.errors import (
     ConnectionLost,
     DeadlineExceeded,
     ErrorCode,
+    Overloaded,
     Rejected,
     RemoteError,
     RequestTooLarge,
@@ -1061,7 +1062,7 @@ def test_the_server_refuses_requests_beyond_its_in_flight_limit() -> None:
             held = [client.start(b"slow", 2.0) for _ in range(2)]
             await wait_until(lambda: server.in_flight == 2)
             # The stream and ZeroMQ carriers' code, not "shutting down" (UNAVAILABLE).
-            with pytest.raises(RemoteError) as refused:
+            with pytest.raises(Overloaded) as refused:
                 await client.call(b"slow", 1.0)
             assert refused.value.code == ErrorCode.TOO_MANY_IN_FLIGHT
             assert not refused.value.sent

@@ -33,6 +33,7 @@ from transports.errors import (
     ConnectionLost,
     DeadlineExceeded,
     ErrorCode,
+    Overloaded,
     Rejected,
     RemoteError,
     RequestTooLarge,
@@ -467,7 +468,7 @@ def test_per_request_error_frames_become_call_errors(tcp: Net) -> None:
             (ErrorCode.UNAVAILABLE, Rejected, False),
             (ErrorCode.DEADLINE_EXCEEDED, DeadlineExceeded, True),
             (ErrorCode.BAD_PAYLOAD, RemoteError, True),
-            (ErrorCode.TOO_MANY_IN_FLIGHT, RemoteError, False),
+            (ErrorCode.TOO_MANY_IN_FLIGHT, Overloaded, False),
         ]
         for code, kind, sent in cases:
             call = client.start(b"x", 1.0)
@@ -495,7 +496,7 @@ def test_over_max_in_flight_a_request_is_refused_alone(net: Net) -> None:
         client = net.client(server.address)
         first, second = client.start(b"1", 1.0), client.start(b"2", 1.0)
         await until(lambda: server.in_flight == 2)
-        with pytest.raises(RemoteError) as failure:
+        with pytest.raises(Overloaded) as failure:
             await client.call(b"3", 1.0)
         assert failure.value.code == ErrorCode.TOO_MANY_IN_FLIGHT
         assert failure.value.sent is False

@@ -1,0 +1,172 @@
+"""A node at its in-flight limit is busy, not broken: Envoy's overflow, through a running proxy.
+
+A server running ``max_in_flight`` handlers refuses the next REQUEST with a
+per-request ERROR ``TOO_MANY_IN_FLIGHT`` without starting it: over UDP
+(counted over all peers) and ZeroMQ (per identity); a stream client never
+sends past the limit its server announced. The proxy sends such a call to a
+node it has not tried yet, whatever the method; when none is left the client
+gets 503 with ``Retry-After: 1``. The node's health counts nothing: a health
+table that ejects at the first failure keeps it in service. The proxy runs in
+the test's event loop so that the node's counters can be read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.inprocess import running_proxy
+from tests.proxy.conftest import SERVE_APP, Backend, Launcher, build_request
+
+CARRIERS = ["udp", "zmq+tcp", "zmq+ipc"]
+
+# One handler at a time. ?sleep=S holds it S seconds; ?mark=NAME creates
+# MARK_DIR/NAME when it starts. Answers which backend served it.
+CAPPED_APP = """
+import asyncio, os, sys
+from pitcher_rpc.sdk import Service
+from transports.base import ServerOptions
+
+NAME = os.environ["TEST_BACKEND_NAME"]
+MARK_DIR = os.environ["TEST_MARK_DIR"]
+OPTIONS = ServerOptions(max_in_flight=1)
+app = Service("capped")
+
+
+@app.route("/")
+async def handle(request):
+    params = request.query_params
+    if "mark" in params:
+        open(os.path.join(MARK_DIR, params["mark"]), "w").close()
+    if "sleep" in params:
+        await asyncio.sleep(float(params["sleep"]))
+    return {"backend": NAME, "path": request.path}
+"""
+
+CONFIG = """
+[server]
+listen = "127.0.0.1:0"
+[[routes]]
+name = "main"
+prefix = "/"
+cluster = "main"
+timeout = 3.0
+retries = {retries}
+[clusters.main]
+nodes = [{nodes}]
+[clusters.main.health]
+consecutive_failures = 1
+window_requests = 0
+slow_start = 0
+"""
+
+
+def capped(launcher: Launcher, carrier: str, name: str) -> Backend:
+    return launcher.script_backend(CAPPED_APP + SERVE_APP, carrier, env={"TEST_BACKEND_NAME": name})
+
+
+def config(backends: list[Backend], retries: int = 1) -> str:
+    nodes = ", ".join(f'"{backend.uri}"' for backend in backends)
+    return CONFIG.format(nodes=nodes, retries=retries)
+
+
+async def http_request(port: int, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(build_request(method, path, body=b"x" if method == "POST" else b""))
+        await writer.drain()
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        lines = head.split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.lower()] = value.strip()
+        body = await reader.readexactly(int(headers["content-length"]))
+        return int(lines[0].split()[1]), headers, body
+    finally:
+        writer.close()
+
+
+async def hold(launcher: Launcher, port: int, mark: str, seconds: float) -> asyncio.Task:
+    """A request that keeps a node's one handler busy for ``seconds``, once it has started."""
+    held = asyncio.create_task(http_request(port, "GET", f"/held?sleep={seconds}&mark={mark}"))
+    await asyncio.to_thread(launcher.wait_for_mark, mark)
+    return held
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_a_lone_node_at_its_limit_gives_503_with_retry_after_and_stays_healthy(
+    launcher: Launcher, carrier: str
+) -> None:
+    backend = capped(launcher, carrier, "lone")
+
+    async def scenario() -> None:
+        async with running_proxy(config([backend])) as (proxy, port):
+            node = proxy.snapshot.clusters["main"].nodes[0]
+            assert node.stats is not None
+            async with asyncio.timeout(5.0):
+                held = await hold(launcher, port, f"lone-{carrier.replace('+', '-')}", 0.8)
+                for method in ("POST", "GET"):
+                    started = time.monotonic()
+                    status, headers, body = await http_request(port, method, "/busy")
+                    # Refused at once, not left to the route's 3 s timeout.
+                    assert time.monotonic() - started < 0.5
+                    assert status == 503, body
+                    assert headers.get("retry-after") == "1"
+                    assert b"in-flight limit" in body
+                assert (await held)[0] == 200
+                # Still in service: with one failure ejecting, a counted refusal
+                # would have left the cluster without a node.
+                status, _, body = await http_request(port, "POST", "/after")
+                assert status == 200, body
+            assert node.stats.failures == 0
+            assert node.stats.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_a_refused_call_goes_to_a_node_not_tried_yet_whatever_its_method(
+    launcher: Launcher, carrier: str
+) -> None:
+    busy = capped(launcher, carrier, "busy")
+    free = capped(launcher, carrier, "free")
+
+    async def scenario() -> None:
+        async with running_proxy(config([busy, free])) as (proxy, port):
+            nodes = proxy.snapshot.clusters["main"].nodes
+            async with asyncio.timeout(5.0):
+                # Round robin: the first request lands on the first node.
+                held = await hold(launcher, port, f"busy-{carrier.replace('+', '-')}", 0.8)
+                answers = [await http_request(port, "POST", f"/moved/{i}") for i in range(4)]
+                for status, _, body in answers:
+                    assert status == 200, body
+                    assert b'"backend": "free"' in body
+                assert (await held)[0] == 200
+            assert [node.stats.failures for node in nodes] == [0, 0]
+
+    asyncio.run(scenario())
+
+
+def test_every_node_at_its_limit_gives_503_after_trying_each_once(launcher: Launcher) -> None:
+    first = capped(launcher, "udp", "first")
+    second = capped(launcher, "udp", "second")
+
+    async def scenario() -> None:
+        async with running_proxy(config([first, second], retries=3)) as (proxy, port):
+            async with asyncio.timeout(5.0):
+                one = await hold(launcher, port, "both-1", 0.8)
+                two = await hold(launcher, port, "both-2", 0.8)
+                started = time.monotonic()
+                status, headers, body = await http_request(port, "POST", "/nowhere")
+                assert time.monotonic() - started < 0.5
+                assert (status, headers.get("retry-after")) == (503, "1"), body
+                assert b"in-flight limit" in body
+                assert [(await one)[0], (await two)[0]] == [200, 200]
+            nodes = proxy.snapshot.clusters["main"].nodes
+            assert [node.stats.failures for node in nodes] == [0, 0]
+
+    asyncio.run(scenario())
