@@ -9,12 +9,18 @@ import os
 import signal
 import sys
 import urllib.parse
+from typing import TYPE_CHECKING
 
 import click
 
 from transports.native import describe as describe_build
 
 from .config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from .fleet.discovery import Discovery
+    from .proxy.server import ProxyServer
+    from .proxy.snapshot import Snapshot
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -126,13 +132,17 @@ async def _serve(path: str, config: Config) -> None:
         raise SystemExit(1) from None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # Nodes found in etcd or DNS, laid over the file as the master does for its workers.
+    found = _SingleProcessDiscovery(proxy, config)
+    await found.configure(config)
 
     def reload() -> None:
         try:
-            snapshot = proxy.reload(load_config(path))
+            base = load_config(path)
         except ConfigError as exc:
             log.error("reload refused, keeping generation %d:\n%s", proxy.snapshot.generation, exc)
         else:
+            snapshot = found.reload(base)
             log.info("reloaded %s: generation %d", path, snapshot.generation)
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -153,7 +163,68 @@ async def _serve(path: str, config: Config) -> None:
     )
     await stop.wait()
     log.info("draining")
+    await found.close()
     await proxy.stop(grace=config.server.drain_timeout)
+
+
+class _SingleProcessDiscovery:
+    """With ``workers = 0``: the discovery sources run beside the proxy, in its process."""
+
+    def __init__(self, proxy: ProxyServer, config: Config) -> None:
+        from .config.overlay import Overlay
+
+        self.proxy = proxy
+        self.base = config
+        self.overlay = Overlay()
+        self.discovery: Discovery | None = None
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def configure(self, config: Config) -> None:
+        from .fleet.discovery import Discovery
+
+        if self.discovery is None:
+            if not Discovery.wanted(config):
+                return
+            self.discovery = Discovery(self._changed.set)
+            self._task = asyncio.get_running_loop().create_task(
+                self._follow(), name="pitcher-discovery"
+            )
+        closed = self.discovery.configure(config)
+        if closed:
+            await Discovery.close_sources(closed)
+
+    def reload(self, base: Config) -> Snapshot:
+        self.base = base
+        task = asyncio.get_running_loop().create_task(self.configure(base))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        self.overlay = self.overlay.for_reload(base)[0]
+        return self._apply()
+
+    def _apply(self) -> Snapshot:
+        if self.discovery is not None:
+            found = self.discovery.all_nodes()
+            self.overlay = self.overlay.with_discovered(
+                {k: v for k, v in found.items() if k in self.base.clusters}
+            )
+        return self.proxy.reload(self.overlay.apply(self.base))
+
+    async def _follow(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            assert self.discovery is not None
+            if self.overlay.with_discovered(self.discovery.all_nodes()) != self.overlay:
+                self._apply()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+        if self.discovery is not None:
+            await self.discovery.close()
 
 
 @main.command()

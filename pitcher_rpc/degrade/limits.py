@@ -129,6 +129,7 @@ class FleetBucket(Bucket):
         "held",
         "key",
         "low_water",
+        "max_batch",
         "requested",
         "retry",
         "state",
@@ -138,10 +139,18 @@ class FleetBucket(Bucket):
     )
 
     def __init__(
-        self, key: str, rate: float, burst: float, now: float, fail_closed: bool = False
+        self,
+        key: str,
+        rate: float,
+        burst: float,
+        now: float,
+        fail_closed: bool = False,
+        max_batch: int = 0,
     ) -> None:
         super().__init__(rate, burst, 1.0)
         self.key = key
+        # The most tokens taken from Redis at once; 0: the refiller's default.
+        self.max_batch = max_batch
         self.state = FLEET
         self.fail_state = FAIL_CLOSED if fail_closed else FAIL_OPEN
         self.fallback = TokenBucket(rate, burst, now)

@@ -152,7 +152,7 @@ class _Refill:
 
     def __init__(self, bucket: FleetBucket, now: float) -> None:
         self.bucket = bucket
-        self.max_batch = max_batch(bucket.rate, bucket.burst)
+        self.max_batch = bucket.max_batch or max_batch(bucket.rate, bucket.burst)
         # Redis said the fleet's bucket has too few tokens until then.
         self.not_before = 0.0
         self.refills = 0

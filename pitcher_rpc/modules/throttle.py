@@ -37,6 +37,8 @@ A rate may hold for a fleet of proxies instead, shared through Redis:
     redis = "redis://127.0.0.1:6379/0"
     fail = "open"          # Redis down or slow: "open" admits, "closed" enforces
                            # this proxy's share of the rate locally
+    batch = 50             # most tokens a worker takes at once (default: 50 ms of
+                           # the rate, at most the burst); the fleet's bound grows with it
     redis_prefix = "pitcher"   # the keys' prefix (a hash tag: {pitcher}:rate)
     redis_timeout = 0.25   # seconds; a refill not answered by then is a failure
 
@@ -65,7 +67,7 @@ from .base import Answer, AnyRecord, Module
 log = logging.getLogger("pitcher.throttle")
 
 _LIMIT_KEYS = ("rate", "burst", "concurrency")
-_SCOPE_KEYS = ("scope", "fail")
+_SCOPE_KEYS = ("scope", "fail", "batch")
 _REDIS_KEYS = ("redis", "redis_prefix", "redis_timeout")
 _NAME = "throttle"
 _INSTALL = "pip install 'pitcher-rpc[fleet]'"
@@ -109,6 +111,16 @@ def _choice(section: Mapping[str, Any], key: str, where: str, allowed: tuple[str
     return value
 
 
+def _batch(section: Mapping[str, Any], where: str, limits: Mapping[str, Any]) -> int | None:
+    batch = _number(section, "batch", where, integer=True)
+    if batch is not None:
+        if limits["scope"] != "fleet":
+            raise ValueError(f'{where}batch applies to scope = "fleet" only')
+        if limits["burst"] is not None and batch > limits["burst"]:
+            raise ValueError(f"{where}batch must not exceed the burst ({limits['burst']:g})")
+    return batch
+
+
 def _redis(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The module's Redis settings, checked (the client is looked for, not imported)."""
     url = settings.get("redis")
@@ -139,10 +151,11 @@ def _bucket(
     fleet: bool,
     fail_closed: bool,
     fleet_buckets: list[FleetBucket],
+    batch: int = 0,
 ) -> Bucket:
     if not fleet:
         return TokenBucket(rate, burst, now)
-    bucket = FleetBucket(key, rate, burst, now, fail_closed)
+    bucket = FleetBucket(key, rate, burst, now, fail_closed, batch)
     fleet_buckets.append(bucket)
     return bucket
 
@@ -181,6 +194,7 @@ class Throttle(Module):
         scope = _choice(settings, "scope", "", ("proxy", "fleet")) or "proxy"
         fail = _choice(settings, "fail", "", ("open", "closed")) or "open"
         checked["scope"], checked["fail"] = scope, fail
+        checked["batch"] = _batch(settings, "", checked)
         fleet_rates = 0
         if scope == "fleet" and checked["rate"] is not None:
             fleet_rates += 1
@@ -200,6 +214,7 @@ class Throttle(Module):
             )
             limits["scope"] = _choice(section, "scope", where, ("proxy", "fleet")) or scope
             limits["fail"] = _choice(section, "fail", where, ("open", "closed")) or fail
+            limits["batch"] = _batch(section, where, limits)
             if limits["scope"] == "fleet":
                 if limits["rate"] is None:
                     raise ValueError(
@@ -253,6 +268,7 @@ class Throttle(Module):
                 proxy_fleet,
                 proxy_closed,
                 fleet,
+                checked["batch"] or 0,
             )
             if rate
             else None
@@ -269,6 +285,7 @@ class Throttle(Module):
                     limits["scope"] == "fleet",
                     limits["fail"] == "closed",
                     fleet,
+                    limits["batch"] or 0,
                 )
             if limits["concurrency"]:
                 business.gate = Gate(limits["concurrency"], f"{name}:concurrency")
