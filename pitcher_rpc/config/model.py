@@ -23,6 +23,7 @@ __all__ = [
     "AdminConfig",
     "ClusterConfig",
     "Config",
+    "DiscoveryConfig",
     "ListenAddress",
     "NodeConfig",
     "RouteConfig",
@@ -212,6 +213,25 @@ class ScaleOutConfig:
     detect_only: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """A cluster's ``[clusters.NAME.discovery]``: nodes found in etcd or DNS.
+
+    ``etcd``: the endpoints of one etcd cluster (empty: none); every key
+    under ``prefix`` is one node as JSON. ``dns``: a name and port whose
+    addresses are nodes of scheme ``dns_scheme``, resolved every ``interval``
+    seconds with weight ``dns_weight``. How they combine with the file's
+    nodes and the admin API's changes: pitcher_rpc.config.overlay.
+    """
+
+    etcd: tuple[str, ...] = ()
+    prefix: str = ""
+    dns: tuple[str, int] | None = None  # (name, port)
+    dns_scheme: str = "tcp"
+    dns_weight: int = 1
+    interval: float = 5.0
+
+
 # Keyword-only because the spec order puts a required field after defaulted
 # ones; positional construction of these wide records would be error-prone anyway.
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -222,6 +242,8 @@ class ClusterConfig:
     # None: no failure detection, every node always takes its share.
     health: HealthConfig | None = None
     scale_out: ScaleOutConfig | None = None
+    # None: the file's nodes (and the admin API's changes) are all there is.
+    discovery: DiscoveryConfig | None = None
 
     def __post_init__(self) -> None:
         # A list passed by a caller would stay mutable behind the frozen record.

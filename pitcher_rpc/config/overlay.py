@@ -1,7 +1,18 @@
-"""Nodes added, drained and removed at run time, laid over the configuration file.
+"""Nodes found and changed at run time, laid over the configuration file.
 
-The admin API (``/admin/clusters/NAME/nodes``) records each change here; the
-configuration the proxy runs is the file's with the changes applied in order.
+A cluster's nodes are built in this order, each step over the one before:
+
+1. the file's ``nodes``;
+2. the nodes its ``[clusters.NAME.discovery]`` sources (etcd, DNS) list
+   now, added after them; a node the file lists already keeps the file's
+   weight (the file is the operator's word);
+3. the admin API's changes (``/admin/clusters/NAME/nodes``), in the order
+   they were made: they have the last word, so an operator can drain or
+   remove a node etcd lists, or give one another weight.
+
+Health (ejection, probation, slow start) then applies to every node alike,
+wherever it came from. The master computes this once and sends it to every
+worker; a worker applies the same overlay to the file it loaded.
 
 The rule across reloads: a change lasts until the next reload, unless it was
 made with ``keep``: then it is applied again to every later file, until the
@@ -70,12 +81,38 @@ def check_uri(uri: str) -> None:
 @dataclass(frozen=True, slots=True)
 class Overlay:
     changes: tuple[NodeChange, ...] = ()
+    # Per cluster, the nodes its discovery sources list now (etcd, DNS).
+    discovered: tuple[tuple[str, tuple[NodeConfig, ...]], ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.changes)
+        return bool(self.changes or self.discovered)
+
+    def with_discovered(self, discovered: Mapping[str, Iterable[NodeConfig]]) -> Overlay:
+        """This overlay with the discovered nodes replaced by ``discovered`` (by cluster)."""
+        return Overlay(
+            self.changes,
+            tuple((name, tuple(nodes)) for name, nodes in sorted(discovered.items())),
+        )
+
+    def found(self, config: Config) -> Config:
+        """``config`` with the discovered nodes added after the file's (steps 1 and 2)."""
+        if not self.discovered:
+            return config
+        clusters = dict(config.clusters)
+        for name, found in self.discovered:
+            cluster = clusters.get(name)
+            if cluster is None or cluster.discovery is None:
+                continue
+            listed = {node.uri for node in cluster.nodes}
+            extra = tuple(node for node in found if node.uri not in listed)
+            if extra:
+                clusters[name] = dataclasses.replace(cluster, nodes=cluster.nodes + extra)
+        return dataclasses.replace(config, clusters=clusters)
 
     def apply(self, config: Config) -> Config:
-        """``config`` with every change applied in order (changes that no longer fit skipped)."""
+        """``config`` with the discovered nodes, then every change in order (those that no
+        longer fit skipped)."""
+        config = self.found(config)
         if not self.changes:
             return config
         clusters = dict(config.clusters)
@@ -129,10 +166,10 @@ class Overlay:
             )
         # Earlier changes to the same node are folded into this one.
         kept = tuple(c for c in self.changes if (c.cluster, c.uri) != (change.cluster, change.uri))
-        if change.action == "remove" and not self._in_file(config, change):
+        if change.action == "remove" and not self._in_file(self.found(config), change):
             # Removing a node that only the API added: nothing is left to record.
-            return Overlay(kept)
-        return Overlay((*kept, change))
+            return Overlay(kept, self.discovered)
+        return Overlay((*kept, change), self.discovered)
 
     @staticmethod
     def _in_file(config: Config, change: NodeChange) -> bool:
@@ -140,7 +177,17 @@ class Overlay:
         return cluster is not None and any(node.uri == change.uri for node in cluster.nodes)
 
     def for_reload(self, config: Config) -> tuple[Overlay, list[NodeChange]]:
-        """What survives a reload to ``config`` (the new file), and what is dropped."""
+        """What survives a reload to ``config`` (the new file), and what is dropped.
+
+        Discovered nodes stay while their cluster still has a discovery table
+        (its sources may change with the file: they then replace them).
+        """
+        discovered = tuple(
+            (name, nodes)
+            for name, nodes in self.discovered
+            if name in config.clusters and config.clusters[name].discovery is not None
+        )
+        config = Overlay((), discovered).found(config)
         kept: list[NodeChange] = []
         dropped: list[NodeChange] = []
         for change in self.changes:
@@ -154,11 +201,30 @@ class Overlay:
                 dropped.append(change)
             else:
                 kept.append(change)
-        return Overlay(tuple(kept)), dropped
+        return Overlay(tuple(kept), discovered), dropped
 
-    def to_json(self) -> list[dict[str, Any]]:
+    def changes_json(self) -> list[dict[str, Any]]:
         return [change.to_json() for change in self.changes]
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "changes": self.changes_json(),
+            "discovered": {
+                name: [{"uri": node.uri, "weight": node.weight} for node in nodes]
+                for name, nodes in self.discovered
+            },
+        }
+
     @classmethod
-    def from_json(cls, items: Iterable[Mapping[str, Any]]) -> Overlay:
-        return cls(tuple(NodeChange.from_json(item) for item in items))
+    def from_json(cls, value: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> Overlay:
+        """From :meth:`to_json`, or a bare list of changes (the form before discovery)."""
+        if isinstance(value, Mapping):
+            found = value.get("discovered") or {}
+            return cls(
+                tuple(NodeChange.from_json(item) for item in value.get("changes") or ()),
+                tuple(
+                    (str(name), tuple(NodeConfig(str(n["uri"]), int(n["weight"])) for n in nodes))
+                    for name, nodes in sorted(found.items())
+                ),
+            )
+        return cls(tuple(NodeChange.from_json(item) for item in value))

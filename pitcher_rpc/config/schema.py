@@ -51,7 +51,7 @@ ROUTE_KEYS = (
     "modules",
     "business",
 )
-CLUSTER_KEYS = ("balance", "nodes", "health", "scale_out")
+CLUSTER_KEYS = ("balance", "nodes", "health", "scale_out", "discovery")
 SCALE_OUT_KEYS = ("command", "below", "cooldown", "timeout", "detect_only")
 NODE_KEYS = ("uri", "weight")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from transports.registry import AddressError, get_transport, parse_address
 
+from .discovery import discovery_section
 from .issues import (
     ConfigError,
     ConfigIssue,
@@ -242,7 +243,7 @@ class _Validator(PolicySections):
                 network = ipaddress.ip_network(item, strict=False)
             except ValueError:
                 self.report(
-                    (*path, index), f"must be an address, a CIDR or \"unix\", got {show(item)}"
+                    (*path, index), f'must be an address, a CIDR or "unix", got {show(item)}'
                 )
                 continue
             networks.append(str(network))
@@ -342,7 +343,12 @@ class _Validator(PolicySections):
             balance = "round_robin"
         elif balance not in BALANCE_POLICIES:
             self.report((*path, "balance"), one_of_message(balance, BALANCE_POLICIES))
-        nodes = self._nodes(value, (*path, "nodes"))
+        discovery = None
+        discovery_table = self._table(value, (*path, "discovery"))
+        if discovery_table is not None:
+            discovery = discovery_section(self, name, discovery_table, (*path, "discovery"))
+        # Nodes found in etcd or DNS may be all a cluster has.
+        nodes = self._nodes(value, (*path, "nodes"), required=discovery_table is None)
         health = self._health(value, (*path, "health"))
         scale_out = self._scale_out(value, (*path, "scale_out"))
         if scale_out is not None and health is None and "health" not in value:
@@ -351,19 +357,32 @@ class _Validator(PolicySections):
                 "needs a [clusters.NAME.health] table: capacity is judged by node health",
             )
         return ClusterConfig(
-            name=name, balance=balance, nodes=nodes, health=health, scale_out=scale_out
+            name=name,
+            balance=balance,
+            nodes=nodes,
+            health=health,
+            scale_out=scale_out,
+            discovery=discovery,
         )
 
-    def _nodes(self, cluster: Mapping[str, Any], path: KeyPath) -> tuple[NodeConfig, ...]:
+    def _nodes(
+        self, cluster: Mapping[str, Any], path: KeyPath, required: bool = True
+    ) -> tuple[NodeConfig, ...]:
         value = cluster.get("nodes")
         if value is None:
-            self.report(path, "missing required key (a cluster needs at least one node)")
+            if required:
+                self.report(
+                    path,
+                    "missing required key (a cluster needs at least one node,"
+                    " or a [clusters.NAME.discovery] table)",
+                )
             return ()
         if not isinstance(value, list):
             self.report(path, type_message("an array of node URIs", value))
             return ()
         if not value:
-            self.report(path, "a cluster needs at least one node")
+            if required:
+                self.report(path, "a cluster needs at least one node")
             return ()
         nodes: list[NodeConfig] = []
         seen: set[str] = set()

@@ -1,6 +1,7 @@
 """The admin API for clusters: their nodes' health, and nodes added, drained, removed.
 
-    GET    /admin/clusters                        every cluster, its nodes and their health
+    GET    /admin/clusters                        every cluster, its nodes and their health,
+                                                  and its discovery sources' state
     POST   /admin/clusters/NAME/nodes             {"uri": ..., "weight": 1, "keep": false}
     POST   /admin/clusters/NAME/nodes/drain       {"uri": ..., "keep": false}
     DELETE /admin/clusters/NAME/nodes?uri=URI     (or the same JSON body; "keep" too)
@@ -29,6 +30,7 @@ def install(admin: AdminServer, master: Master) -> None:
         config = master.config
         health = master.coordination.health.describe(time.monotonic())
         draining = master.overlay.draining(config)
+        found = master.discovery.describe() if master.discovery is not None else {}
         return AdminResponse(
             200,
             {
@@ -38,10 +40,11 @@ def install(admin: AdminServer, master: Master) -> None:
                         "nodes": [{"uri": n.uri, "weight": n.weight} for n in cluster.nodes],
                         "draining": draining.get(name, []),
                         "health": health.get(name),
+                        **({"discovery": found[name]} if name in found else {}),
                     }
                     for name, cluster in config.clusters.items()
                 },
-                "changes": master.overlay.to_json(),
+                "changes": master.overlay.changes_json(),
             },
         )
 

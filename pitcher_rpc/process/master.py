@@ -33,6 +33,7 @@ from transports.native import describe as describe_build
 from ..config import Config, ConfigError, load_config
 from ..config.overlay import NodeChange, Overlay
 from ..degrade.scale import Child, spawn
+from ..fleet.discovery import Discovery
 from ..proxy.backlog import describe_backlog
 from . import cluster_routes, metrics
 from .admin import AdminError, AdminRequest, AdminResponse, AdminServer
@@ -129,6 +130,10 @@ class Master:
         self.coordination.health.configure(config, time.monotonic())
         self._coordinator: asyncio.Task[None] | None = None
         self._control: asyncio.AbstractServer | None = None
+        # Nodes found in etcd or DNS: one watcher per proxy, here, never in a worker.
+        self.discovery: Discovery | None = None
+        self._discovered = asyncio.Event()
+        self._publisher: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -154,6 +159,7 @@ class Master:
             await self._spawn(slot)
         await asyncio.gather(*(asyncio.wait_for(s.linked.wait(), 10.0) for s in self.slots))
         self._routes()
+        await self._configure_discovery(self.base_config)
         self._coordinator = loop.create_task(self.coordination.run(), name="pitcher-tick")
         await self.admin.start(sock=self.admin_socket)
         host, port = self.admin.address
@@ -196,6 +202,10 @@ class Master:
         self.draining = True
         if self._coordinator is not None:
             self._coordinator.cancel()
+        if self._publisher is not None:
+            self._publisher.cancel()
+        if self.discovery is not None:
+            await self.discovery.close()
         await self.coordination.scaler.close()
         if self.handed_over:
             # The successor answers for the proxy on the same admin socket now;
@@ -355,6 +365,51 @@ class Master:
             "complete": not failed,
         }
 
+    # -- nodes found in etcd or DNS -------------------------------------------------
+
+    async def _configure_discovery(self, config: Config) -> None:
+        """Start or stop discovery sources as ``config`` names them (at start, at reload)."""
+        if self.discovery is None:
+            if not Discovery.wanted(config):
+                return
+            self.discovery = Discovery(self._discovered.set)
+            self._publisher = asyncio.get_running_loop().create_task(
+                self._publish_discovered(), name="pitcher-discovery"
+            )
+        closed = self.discovery.configure(config)
+        if closed:
+            await Discovery.close_sources(closed)
+
+    async def _publish_discovered(self) -> None:
+        """Send every change of the discovered nodes to every worker, bursts coalesced."""
+        assert self.discovery is not None
+        while True:
+            await self._discovered.wait()
+            self._discovered.clear()
+            async with self._changing:
+                found = self.discovery.all_nodes()
+                overlay = self.overlay.with_discovered(found)
+                if overlay == self.overlay:
+                    continue
+                before = self.config
+                config = overlay.apply(self.base_config)
+                self.overlay, self.config = overlay, config
+                self.coordination.health.configure(config, time.monotonic())
+                results = await self._each("overlay", overlay=overlay.to_json())
+            failed = sum(1 for r in results if "error" in r)
+            for name in found:
+                old, new = _uris(before, name), _uris(config, name)
+                if old != new:
+                    log.info(
+                        "cluster %s: %d nodes (discovery added %s, removed %s): %d of %d workers",
+                        name,
+                        len(new),
+                        sorted(new - old) or "none",
+                        sorted(old - new) or "none",
+                        len(results) - failed,
+                        len(results),
+                    )
+
     # -- reload ------------------------------------------------------------------
 
     async def reload(self) -> dict[str, Any]:
@@ -371,6 +426,11 @@ class Master:
                 change.action,
                 change.uri,
                 change.cluster,
+            )
+        await self._configure_discovery(base)
+        if self.discovery is not None:
+            overlay = overlay.with_discovered(
+                {k: v for k, v in self.discovery.all_nodes().items() if k in base.clusters}
             )
         config = overlay.apply(base)
         self.base_config, self.overlay, self.config = base, overlay, config
@@ -556,6 +616,7 @@ class Master:
             self.draining,
             health=self.coordination.health.describe(time.monotonic()),
             scale_outs=self.coordination.scaler.runs,
+            discovery=self.discovery.describe() if self.discovery is not None else None,
         )
         return AdminResponse(200, body, (("content-type", metrics.CONTENT_TYPE_LATEST),))
 
@@ -571,6 +632,11 @@ class Master:
         for slot, status in zip(self.slots, statuses, strict=True):
             status["restarts"] = slot.restarts
         return AdminResponse(200, {"workers": statuses})
+
+
+def _uris(config: Config, cluster: str) -> set[str]:
+    found = config.clusters.get(cluster)
+    return {node.uri for node in found.nodes} if found is not None else set()
 
 
 def _same_file(one: str, other: str) -> bool:

@@ -289,6 +289,47 @@ class _Degradation:
         )
 
 
+class _Discovery:
+    """Each discovery source (etcd, DNS) of each cluster: up or not, nodes, skipped entries."""
+
+    def __init__(self, sources: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        self.sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["cluster", "source"]
+        up = GaugeMetricFamily(
+            "pitcher_discovery_up",
+            "1 while a discovery source answers; 0: its last known nodes are kept",
+            labels=labels,
+        )
+        nodes = GaugeMetricFamily(
+            "pitcher_discovery_nodes", "Nodes a discovery source lists now", labels=labels
+        )
+        skipped = GaugeMetricFamily(
+            "pitcher_discovery_skipped",
+            "Entries a discovery source holds that are not a valid node (skipped)",
+            labels=labels,
+        )
+        failures = CounterMetricFamily(
+            "pitcher_discovery_failures",
+            "Failed attempts to read, watch or resolve a discovery source",
+            labels=labels,
+        )
+        updates = CounterMetricFamily(
+            "pitcher_discovery_updates", "Node sets taken from a discovery source", labels=labels
+        )
+        for cluster, group in self.sources.items():
+            for source in group:
+                key = [cluster, str(source.get("source", ""))]
+                up.add_metric(key, 1.0 if source.get("state") == "ok" else 0.0)
+                nodes.add_metric(key, float(source.get("nodes") or 0))
+                skipped.add_metric(key, float(len(source.get("skipped") or ())))
+                failures.add_metric(key, float(source.get("failures", 0)))
+                updates.add_metric(key, float(source.get("updates", 0)))
+        if self.sources:
+            yield from (up, nodes, skipped, failures, updates)
+
+
 def render(
     workers: Sequence[dict[str, Any]],
     restarts: Sequence[int],
@@ -296,8 +337,10 @@ def render(
     draining: bool,
     health: Mapping[str, Any] | None = None,
     scale_outs: int = 0,
+    discovery: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(workers, restarts, reloads, draining))
     registry.register(_Degradation(workers, health or {}, scale_outs))
+    registry.register(_Discovery(discovery or {}))
     return generate_latest(registry)

@@ -613,7 +613,7 @@ nodes = [
         (
             "",
             "proxy.toml:4: clusters.c.nodes: missing required key "
-            "(a cluster needs at least one node)",
+            "(a cluster needs at least one node, or a [clusters.NAME.discovery] table)",
         ),
     ],
 )
