@@ -409,13 +409,27 @@ def bench(seconds: float, carriers: str, in_flight: int, no_proxy: bool, chart: 
     "--register",
     metavar="URL",
     help="A proxy's admin API (e.g. http://127.0.0.1:9180): join --cluster there at start,"
-    " be drained and leave at SIGTERM.",
+    " be drained and leave at SIGTERM. Or etcd://HOST:PORT/CLUSTER: join every proxy"
+    " watching that etcd, with a lease of --ttl seconds.",
 )
-@click.option("--cluster", help="The cluster to join (with --register).")
+@click.option("--cluster", help="The cluster to join (with --register http://...).")
 @click.option(
     "--advertise", metavar="URI", help="The URI the proxy should use (default: --listen)."
 )
 @click.option("--weight", type=click.IntRange(1, 1000), default=1, show_default=True)
+@click.option(
+    "--ttl",
+    type=click.IntRange(1, 3600),
+    default=5,
+    show_default=True,
+    help="With etcd: seconds proxies keep sending to this service if it dies without a word.",
+)
+@click.option(
+    "--metadata",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="With etcd: metadata stored with the node (repeatable).",
+)
 def backend(
     app: str,
     listen: str,
@@ -423,14 +437,28 @@ def backend(
     cluster: str | None,
     advertise: str | None,
     weight: int,
+    ttl: int,
+    metadata: tuple[str, ...],
 ) -> None:
     """Run a split service: APP is MODULE:ATTRIBUTE naming a pitcher_rpc.sdk.Service."""
     from transports.registry import AddressError, transport_for
 
     from .sdk import Registration, RegistrationError, Service
 
-    if (register is None) != (cluster is None):
+    in_etcd = register is not None and register.startswith("etcd://")
+    if not in_etcd and (register is None) != (cluster is None):
         raise click.BadParameter("--register and --cluster go together", param_hint="--cluster")
+    if in_etcd:
+        from .config.discovery import FLEET_EXTRA, fleet_installed
+
+        if not fleet_installed():
+            raise click.UsageError(f"--register etcd:// needs the fleet extra: {FLEET_EXTRA}")
+    labels: dict[str, str] = {}
+    for item in metadata:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--metadata")
+        labels[key] = value
 
     try:
         transport_for(listen)
@@ -450,8 +478,18 @@ def backend(
     if not isinstance(service, Service):
         raise click.BadParameter(f"{app} is not a pitcher_rpc.sdk.Service", param_hint="APP")
     registration = None
-    if register is not None and cluster is not None:
-        registration = Registration(register, cluster, advertise=advertise, weight=weight)
+    if register is not None:
+        try:
+            registration = Registration(
+                register,
+                cluster or "",
+                advertise=advertise,
+                weight=weight,
+                ttl=ttl,
+                metadata=labels or None,
+            )
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--register") from None
     try:
         service.run(listen, register=registration)
     except RegistrationError as exc:

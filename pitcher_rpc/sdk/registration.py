@@ -15,6 +15,14 @@ drain is in every worker, so no request is lost.
 
 The calls are plain HTTP to the admin API, made in a thread (urllib) so the
 service's event loop is never blocked.
+
+With an etcd URL instead, ``Registration("etcd://127.0.0.1:2379/users")``
+(or ``--register etcd://127.0.0.1:2379/users``), the service joins every
+proxy watching that etcd at once: it puts its key under a lease of ``ttl``
+seconds and renews it every third of that; at SIGTERM it revokes the lease
+(the key goes with it), waits ``propagation`` seconds for the proxies to hear
+of it, then drains and stops. If it dies, the lease runs out and every proxy
+drops it. See docs/fleet.md and :mod:`pitcher_rpc.fleet.registrar`.
 """
 
 from __future__ import annotations
@@ -25,8 +33,12 @@ import logging
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..fleet.registrar import EtcdRegistrar
 
 log = logging.getLogger("pitcher.sdk")
 
@@ -37,16 +49,45 @@ class RegistrationError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Registration:
-    admin: str  # the proxy's admin API, e.g. "http://127.0.0.1:9180"
-    cluster: str
+    # The proxy's admin API, e.g. "http://127.0.0.1:9180", or an etcd URL naming the
+    # cluster, e.g. "etcd://127.0.0.1:2379/users" (then ``cluster`` may be left out).
+    admin: str
+    cluster: str = ""
     advertise: str | None = None  # the URI the proxy should use; default: where we listen
     weight: int = 1
-    # How long to keep trying to reach the proxy at start.
+    # How long to keep trying to reach the proxy (or etcd) at start.
     patience: float = 30.0
     # After the drain is in the proxy, how long requests already on their way may take to arrive.
     settle: float = 0.2
     # How often the registration is repeated (a restarted proxy forgets it).
     refresh: float = 10.0
+    # etcd: the lease's seconds (how long proxies keep a service that died), the
+    # node's metadata, and how long proxies may take to hear that the key is gone.
+    ttl: int = 5
+    metadata: Mapping[str, Any] | None = None
+    propagation: float = 0.5
+    _etcd: EtcdRegistrar | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.admin.startswith("etcd://"):
+            if not self.cluster:
+                raise ValueError("a registration with a proxy's admin API needs a cluster")
+            return
+        from ..fleet.registrar import EtcdRegistrar, parse_etcd_url
+
+        try:
+            _, cluster, _ = parse_etcd_url(self.admin)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        if self.cluster and self.cluster != cluster:
+            raise ValueError(f"{self.admin} names cluster {cluster!r}, not {self.cluster!r}")
+        if self.ttl < 1:
+            raise ValueError(f"ttl must be at least 1 second, got {self.ttl}")
+        object.__setattr__(self, "cluster", cluster)
+        registrar = EtcdRegistrar(
+            self.admin, self.ttl, self.weight, self.metadata, self.propagation
+        )
+        object.__setattr__(self, "_etcd", registrar)
 
     def _url(self, suffix: str = "") -> str:
         cluster = urllib.parse.quote(self.cluster, safe="")
@@ -58,6 +99,14 @@ class Registration:
         True if the proxy added it now, False if it was a node already (409).
         """
         node = self.advertise or uri
+        if self._etcd is not None:
+            from ..fleet.registrar import RegistrationFailed
+
+            try:
+                await self._etcd.register(node, self.patience if patience is None else patience)
+            except RegistrationFailed as exc:
+                raise RegistrationError(str(exc)) from None
+            return True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.patience if patience is None else patience)
         delay = 0.1
@@ -80,7 +129,13 @@ class Registration:
             raise RegistrationError(f"the proxy refused {node}: {status} {answer.get('error')}")
 
     async def keep_registered(self, uri: str) -> None:
-        """Repeat the registration every ``refresh`` seconds until cancelled."""
+        """Repeat the registration every ``refresh`` seconds until cancelled.
+
+        With etcd: renew the lease every third of its TTL instead.
+        """
+        if self._etcd is not None:
+            await self._etcd.keep_alive(self.advertise or uri)
+            return
         while True:
             await asyncio.sleep(self.refresh)
             try:
@@ -90,11 +145,22 @@ class Registration:
                 log.warning("cannot refresh the registration: %s", exc)
 
     async def drain(self, uri: str) -> bool:
-        """Ask the proxy to send no new request; False if it would not (logged)."""
+        """Ask the proxy to send no new request; False if it would not (logged).
+
+        With etcd: delete the key (revoke its lease) and wait ``propagation``.
+        """
+        if self._etcd is not None:
+            return await self._etcd.leave()
         return await self._leave("POST", "/drain", uri)
 
     async def deregister(self, uri: str) -> bool:
         """Remove the node from the cluster; False if the proxy would not (logged)."""
+        if self._etcd is not None:
+            left = True
+            if self._etcd.registered:  # not drained (it failed, or it was never asked)
+                left = await self._etcd.leave(wait=False)
+            await self._etcd.close()
+            return left
         return await self._leave("DELETE", "", uri)
 
     async def _leave(self, method: str, suffix: str, uri: str) -> bool:

@@ -11,6 +11,8 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from pitcher_rpc.sdk import Registration
 from tests.proxy.conftest import (
     Launcher,
@@ -186,3 +188,43 @@ def test_register_and_cluster_go_together() -> None:
     )
     assert result.returncode == 2
     assert "--register and --cluster go together" in result.stderr
+
+
+def test_an_etcd_registration_names_its_cluster_in_the_url() -> None:
+    registration = Registration("etcd://10.0.0.1:2379,10.0.0.2:2379/users")
+    assert registration.cluster == "users"
+    assert registration._etcd is not None
+    assert registration._etcd.client.endpoints == ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+    assert registration._etcd.prefix == "/pitcher/nodes/users/"
+    for url, message in [
+        ("etcd://10.0.0.1:2379", "expected etcd://HOST:PORT/CLUSTER"),
+        ("etcd://10.0.0.1/users", "an etcd member is HOST:PORT"),
+        ("etcd://h:1/users?prefix=nodes", "the prefix must start and end with '/'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Registration(url)
+    with pytest.raises(ValueError, match="names cluster 'users', not 'other'"):
+        Registration("etcd://h:1/users", "other")
+    with pytest.raises(ValueError, match="needs a cluster"):
+        Registration("http://127.0.0.1:9180")
+
+
+def test_register_etcd_takes_the_cluster_from_the_url() -> None:
+    result = subprocess.run(
+        [
+            *pitcher_command(),
+            "backend",
+            "pitcher_rpc.sdk.echo:app",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--register",
+            "etcd://127.0.0.1:1/users",
+            "--cluster",
+            "orders",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "names cluster 'users', not 'orders'" in result.stderr
