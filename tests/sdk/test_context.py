@@ -6,6 +6,7 @@ The same through a real proxy and ``pitcher backend``: test_served_checks.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -148,3 +149,42 @@ def test_an_answer_over_the_frame_limit_is_logged_with_its_handler(
     assert len(answer_bytes) > 5_000_000  # the transport, not the SDK, refuses to send it
     assert "big answered" in caplog.text
     assert "over the frame limit of 4194304 bytes" in caplog.text
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "udp", "zmq+tcp"])
+def test_a_served_handler_gets_the_callers_deadline_and_a_plain_one_still_runs(
+    scheme: str,
+) -> None:
+    """Through a real server and client: the REQUEST frame's deadline_ms reaches the Context."""
+    from transports.registry import transport_for
+
+    app = Service("served")
+
+    @app.route("/context")
+    def with_context(request: Request, context: Context) -> dict[str, Any]:
+        return {"remaining": context.remaining()}
+
+    @app.route("/plain")
+    def plain(request: Request) -> str:
+        return "plain"
+
+    async def scenario() -> None:
+        server = await app.serve(f"{scheme}://127.0.0.1:0")
+        client = transport_for(server.address).client(server.address)
+        try:
+            timed = pitcher_pb2.Response.FromString(
+                await client.call(payload(path=b"/context"), 2.0)
+            )
+            remaining = json.loads(timed.body)["remaining"]
+            assert 1.5 < remaining <= 2.0
+            endless = pitcher_pb2.Response.FromString(
+                await client.call(payload(path=b"/context"), 100 * 86400.0)
+            )
+            assert json.loads(endless.body) == {"remaining": None}
+            bare = pitcher_pb2.Response.FromString(await client.call(payload(path=b"/plain"), 2.0))
+            assert bare.body == b"plain"
+        finally:
+            client.abort()
+            server.abort()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10.0))
