@@ -152,6 +152,30 @@ def test_the_file_then_etcd_then_the_admin_api(launcher: Launcher, etcd: Server)
     assert clusters["discovery"][0]["reads"] == 1
 
 
+def test_etcd_nodes_are_judged_by_health_like_any_other(launcher: Launcher, etcd: Server) -> None:
+    prefix = "/t/health/"
+    static = launcher.test_backend("tcp", name="static")
+    dead = launcher.uri("tcp")  # nothing listens there
+    text = config(etcd, prefix, [static.uri]).replace(
+        "[clusters.app.discovery]",
+        "[clusters.app.health]\nconsecutive_failures = 2\nejection_time = 30.0\n\n"
+        "[clusters.app.discovery]",
+    )
+    proxy = launcher.proxy(text, workers=1)
+    etcd_call(etcd, ("put", prefix + "dead", node(dead)))
+    wait_until(lambda: len(admin(proxy)["clusters"]["app"]["nodes"]) == 2, 2.0, "etcd's node")
+
+    def state() -> str | None:
+        health = admin(proxy)["clusters"]["app"]["health"] or {}
+        return health.get("nodes", {}).get(dead, {}).get("state")
+
+    # Requests that reach for it fail over (it refuses connections) until it is ejected.
+    for _ in range(12):
+        assert get(proxy, "/").status == 200
+    wait_until(lambda: state() == "ejected", 3.0, "the dead etcd node ejected")
+    assert backends(proxy, 6) == {"static"}
+
+
 def test_a_watch_resumes_after_its_revision_and_reads_again_if_it_was_compacted(
     etcd: Server,
 ) -> None:
