@@ -123,18 +123,21 @@ async def _serve(path: str, config: Config) -> None:
 
     log = logging.getLogger("pitcher")
     proxy = ProxyServer(config)
+    # Nodes found in etcd or DNS, laid over the file as the master does for its
+    # workers; taken before the first connection when the registry answers soon.
+    found = _SingleProcessDiscovery(proxy, config)
+    await found.configure(config)
+    await found.settle(2.0)
     try:
         await proxy.start()
     except OSError as exc:
+        await found.close()
         click.echo(
             f"pitcher: cannot listen on {config.server.listen}: {exc.strerror or exc}", err=True
         )
         raise SystemExit(1) from None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    # Nodes found in etcd or DNS, laid over the file as the master does for its workers.
-    found = _SingleProcessDiscovery(proxy, config)
-    await found.configure(config)
 
     def reload() -> None:
         try:
@@ -194,6 +197,11 @@ class _SingleProcessDiscovery:
         closed = self.discovery.configure(config)
         if closed:
             await Discovery.close_sources(closed)
+
+    async def settle(self, timeout: float) -> None:
+        if self.discovery is not None:
+            await self.discovery.settle(timeout)
+            self._apply()
 
     def reload(self, base: Config) -> Snapshot:
         self.base = base

@@ -338,6 +338,21 @@ class Discovery:
                     nodes.append(node)
         return tuple(nodes)
 
+    async def settle(self, timeout: float) -> bool:
+        """Wait until every source has answered or failed once (at most ``timeout`` s).
+
+        At start-up, so that workers start with the registry's nodes rather
+        than take them a moment later; False if some source had not answered.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        sources = [source for _, group in self._sources.values() for source in group]
+        while any(source.state == "starting" for source in sources):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
     def all_nodes(self) -> dict[str, tuple[NodeConfig, ...]]:
         return {name: self.nodes(name) for name in self._sources}
 

@@ -49,6 +49,8 @@ _YOUNG = 5.0
 _BACKOFF_MAX = 30.0
 # How long a new generation may take to start its workers and take over.
 _HANDOFF_TIMEOUT = 30.0
+# How long the first read of etcd (or DNS) may hold the start of the workers.
+_DISCOVERY_SETTLE = 2.0
 
 
 @dataclass
@@ -155,11 +157,20 @@ class Master:
         loop.add_signal_handler(signal.SIGUSR2, self._restart_in_background)
         loop.add_signal_handler(signal.SIGUSR1, self._reopen_files)
         self._control = await asyncio.start_unix_server(self._on_worker, self.control_path)
+        # Workers start with the registry's nodes (as a new generation must, in a
+        # restart); a registry that does not answer soon is waited for no longer.
+        await self._configure_discovery(self.base_config)
+        if self.discovery is not None:
+            await self.discovery.settle(_DISCOVERY_SETTLE)
+            self._discovered.clear()
+            found = self.discovery.all_nodes()
+            self.overlay = self.overlay.with_discovered(found)
+            self.config = self.overlay.apply(self.base_config)
+            self.coordination.health.configure(self.config, time.monotonic())
         for slot in self.slots:
             await self._spawn(slot)
         await asyncio.gather(*(asyncio.wait_for(s.linked.wait(), 10.0) for s in self.slots))
         self._routes()
-        await self._configure_discovery(self.base_config)
         self._coordinator = loop.create_task(self.coordination.run(), name="pitcher-tick")
         await self.admin.start(sock=self.admin_socket)
         host, port = self.admin.address
@@ -306,9 +317,9 @@ class Master:
         slot = self.slots[index]
         slot.link = link = WorkerLink(index, int(hello.get("pid", 0)), reader, writer)
         link.on_event = self._on_worker_event
-        slot.linked.set()
         try:
-            # A worker started from an older file catches up with the current one.
+            # A worker started from an older file catches up with the current one,
+            # and takes the run-time and discovered nodes, before it counts as linked.
             status = await link.command("status")
             if status.get("checksum") != self.config.checksum or self.overlay:
                 await link.command(
@@ -319,6 +330,8 @@ class Master:
                 )
         except (ControlError, ConfigError) as exc:
             log.error("worker %d could not take the current configuration: %s", index, exc)
+        finally:
+            slot.linked.set()
 
     def _on_worker_event(self, message: dict[str, Any]) -> None:
         if message.get("event") == "suspect":

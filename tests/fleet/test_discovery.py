@@ -115,6 +115,37 @@ def test_etcd_nodes_reach_every_worker_and_bad_values_are_skipped(
         assert 'pitcher_discovery_up{cluster="app",source="etcd"} 1.0' in metrics
 
 
+@pytest.mark.parametrize("workers", [2, 0])
+def test_a_proxy_starts_with_the_nodes_etcd_holds(
+    launcher: Launcher, etcd: Server, workers: int
+) -> None:
+    prefix = f"/t/start{workers}/"
+    one = launcher.test_backend("tcp", name="one")
+    etcd_call(etcd, ("put", prefix + "one", node(one.uri)))
+    proxy = launcher.proxy(config(etcd, prefix), workers=workers)
+    # From its first connection on, in every worker: no 503 while etcd is read.
+    assert backends(proxy, 12) == {"one"}
+
+
+def test_a_proxy_starts_without_etcd_and_takes_its_nodes_when_it_comes(
+    launcher: Launcher,
+) -> None:
+    from tests.servers import etcd_server
+
+    etcd = etcd_server()
+    try:
+        one = launcher.test_backend("tcp", name="one")
+        proxy = launcher.proxy(config(etcd, "/t/late/"), workers=1)
+        assert get(proxy, "/").status == 503
+        state = admin(proxy)["clusters"]["app"]["discovery"][0]
+        assert state["state"] == "unreachable" and state["nodes"] is None
+        etcd.start()
+        etcd_call(etcd, ("put", "/t/late/one", node(one.uri)))
+        wait_until(lambda: get(proxy, "/").status == 200, 8.0, "etcd's node once it is up")
+    finally:
+        etcd.close()
+
+
 def test_the_file_then_etcd_then_the_admin_api(launcher: Launcher, etcd: Server) -> None:
     prefix = "/t/order/"
     static = launcher.test_backend("tcp", name="static")
