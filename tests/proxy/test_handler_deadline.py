@@ -99,7 +99,7 @@ def test_the_handler_sees_the_routes_timeout_as_its_remaining_time(
     assert response.status == 200, response.body
     answer = response.json()
     # What the proxy spent before sending, plus the carrier's way there: milliseconds.
-    assert TIMEOUT - 0.5 < answer["remaining"] <= TIMEOUT, answer
+    assert TIMEOUT - 1.0 < answer["remaining"] <= TIMEOUT, answer
     assert answer["cancelled"] is False
 
 
@@ -128,7 +128,7 @@ def test_a_client_going_away_cancels_a_handler_that_takes_a_context(
         flag, remaining = file.read().split()
     # Cancelled well before its deadline, and the Context says so.
     assert flag == "True"
-    assert float(remaining) > TIMEOUT - 1.0
+    assert float(remaining) > TIMEOUT - 1.5
 
 
 @pytest.mark.parametrize("carrier", CARRIERS)

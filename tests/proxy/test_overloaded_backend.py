@@ -13,6 +13,7 @@ the test's event loop so that the node's counters can be read.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -22,8 +23,9 @@ from tests.proxy.conftest import SERVE_APP, Backend, Launcher, build_request
 
 CARRIERS = ["udp", "zmq+tcp", "zmq+ipc"]
 
-# One handler at a time. ?sleep=S holds it S seconds; ?mark=NAME creates
-# MARK_DIR/NAME when it starts. Answers which backend served it.
+# One handler at a time. ?hold=NAME creates MARK_DIR/NAME when it starts and
+# holds the handler until MARK_DIR/NAME.release exists (3 s at most).
+# Answers which backend served it.
 CAPPED_APP = """
 import asyncio, os, sys
 from pitcher_rpc.sdk import Service
@@ -38,10 +40,13 @@ app = Service("capped")
 @app.route("/")
 async def handle(request):
     params = request.query_params
-    if "mark" in params:
-        open(os.path.join(MARK_DIR, params["mark"]), "w").close()
-    if "sleep" in params:
-        await asyncio.sleep(float(params["sleep"]))
+    if "hold" in params:
+        mark = os.path.join(MARK_DIR, params["hold"])
+        open(mark, "w").close()
+        for _ in range(300):
+            if os.path.exists(mark + ".release"):
+                break
+            await asyncio.sleep(0.01)
     return {"backend": NAME, "path": request.path}
 """
 
@@ -90,11 +95,15 @@ async def http_request(port: int, method: str, path: str) -> tuple[int, dict[str
         writer.close()
 
 
-async def hold(launcher: Launcher, port: int, mark: str, seconds: float) -> asyncio.Task:
-    """A request that keeps a node's one handler busy for ``seconds``, once it has started."""
-    held = asyncio.create_task(http_request(port, "GET", f"/held?sleep={seconds}&mark={mark}"))
+async def hold(launcher: Launcher, port: int, mark: str) -> asyncio.Task:
+    """A request that keeps a node's one handler busy, once it has started, until released."""
+    held = asyncio.create_task(http_request(port, "GET", f"/held?hold={mark}"))
     await asyncio.to_thread(launcher.wait_for_mark, mark)
     return held
+
+
+def release(launcher: Launcher, mark: str) -> None:
+    open(os.path.join(launcher.mark_dir, mark + ".release"), "w").close()
 
 
 @pytest.mark.parametrize("carrier", CARRIERS)
@@ -108,7 +117,8 @@ def test_a_lone_node_at_its_limit_gives_503_with_retry_after_and_stays_healthy(
             node = proxy.snapshot.clusters["main"].nodes[0]
             assert node.stats is not None
             async with asyncio.timeout(5.0):
-                held = await hold(launcher, port, f"lone-{carrier.replace('+', '-')}", 0.8)
+                mark = f"lone-{carrier.replace('+', '-')}"
+                held = await hold(launcher, port, mark)
                 for method in ("POST", "GET"):
                     started = time.monotonic()
                     status, headers, body = await http_request(port, method, "/busy")
@@ -117,6 +127,7 @@ def test_a_lone_node_at_its_limit_gives_503_with_retry_after_and_stays_healthy(
                     assert status == 503, body
                     assert headers.get("retry-after") == "1"
                     assert b"in-flight limit" in body
+                release(launcher, mark)
                 assert (await held)[0] == 200
                 # Still in service: with one failure ejecting, a counted refusal
                 # would have left the cluster without a node.
@@ -140,8 +151,10 @@ def test_a_refused_call_goes_to_a_node_not_tried_yet_whatever_its_method(
             nodes = proxy.snapshot.clusters["main"].nodes
             async with asyncio.timeout(5.0):
                 # Round robin: the first request lands on the first node.
-                held = await hold(launcher, port, f"busy-{carrier.replace('+', '-')}", 0.8)
+                mark = f"busy-{carrier.replace('+', '-')}"
+                held = await hold(launcher, port, mark)
                 answers = [await http_request(port, "POST", f"/moved/{i}") for i in range(4)]
+                release(launcher, mark)
                 for status, _, body in answers:
                     assert status == 200, body
                     assert b'"backend": "free"' in body
@@ -158,11 +171,13 @@ def test_every_node_at_its_limit_gives_503_after_trying_each_once(launcher: Laun
     async def scenario() -> None:
         async with running_proxy(config([first, second], retries=3)) as (proxy, port):
             async with asyncio.timeout(5.0):
-                one = await hold(launcher, port, "both-1", 0.8)
-                two = await hold(launcher, port, "both-2", 0.8)
+                one = await hold(launcher, port, "both-1")
+                two = await hold(launcher, port, "both-2")
                 started = time.monotonic()
                 status, headers, body = await http_request(port, "POST", "/nowhere")
                 assert time.monotonic() - started < 0.5
+                release(launcher, "both-1")
+                release(launcher, "both-2")
                 assert (status, headers.get("retry-after")) == (503, "1"), body
                 assert b"in-flight limit" in body
                 assert [(await one)[0], (await two)[0]] == [200, 200]
