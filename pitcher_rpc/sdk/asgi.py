@@ -1,0 +1,535 @@
+"""An ASGI 3 application served as a split service: frames in, frames out, no HTTP.
+
+``pitcher backend app:app --listen unix:///run/app.sock`` runs a FastAPI,
+Starlette, Django or Litestar application behind the proxy as it would run an
+SDK :class:`~pitcher_rpc.sdk.service.Service`. Each REQUEST frame becomes an
+``http`` scope and one ``http.request`` event holding the whole body; the
+app's ``http.response.start`` and ``http.response.body`` messages are
+gathered into one RESPONSE frame. What differs from a server speaking HTTP
+(no response streaming yet, the disconnect, the scope's fields) is in
+docs/asgi.md.
+
+Per request: the payload is parsed by the generated class (C), the scope is
+built straight from its fields, and the app runs in one task (as under
+uvicorn: frameworks need a task of their own for anyio's cancel scopes and
+thread pools). The frame handler waits for the response, not for the app:
+background tasks run after the answer is sent. There is no queue: the body
+is handed over by the first ``receive()``, and the answer is one future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, cast
+from urllib.parse import unquote
+
+from transports.base import Server, ServerOptions, WithDeadline
+from transports.frame import DEFAULT_MAX_FRAME_SIZE
+from transports.native import describe as describe_build
+from transports.registry import transport_for
+
+from ..codec import decode_request, encode_response
+from .registration import Registration
+from .service import Service, _valid_headers
+
+log = logging.getLogger("pitcher.asgi")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_ASGI = {"version": "3.0", "spec_version": "2.4"}
+_DISCONNECT: dict[str, Any] = {"type": "http.disconnect"}
+_CONTENT_LENGTH = b"content-length"
+_REQUEST_ID = b"x-request-id"
+# Methods whose requests carry a length even when it is 0 (clients send
+# ``Content-Length: 0``); Django reads a body only as long as it says.
+_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
+_SERVER_ERROR = encode_response(
+    500, (b"content-type",), (b"text/plain; charset=utf-8",), b"Internal Server Error"
+)
+
+
+class AppError(Exception):
+    """The app broke the ASGI rules or answered what the proxy would refuse; the call fails."""
+
+
+class LifespanError(Exception):
+    """The app's lifespan startup (or shutdown) failed; the message is the app's."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def is_asgi_app(candidate: object) -> bool:
+    """Whether ``candidate`` looks like an ASGI 3 app: an async callable that is no Service."""
+    if isinstance(candidate, Service) or not callable(candidate):
+        return False
+    if inspect.iscoroutinefunction(candidate):
+        return True
+    call = getattr(type(candidate), "__call__", None)  # noqa: B004 - the class's, not the object's
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+def load_app(spec: str) -> Any:
+    """The object ``MODULE:ATTRIBUTE`` names, imported with the current directory first."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"expected MODULE:ATTRIBUTE, got {spec!r}")
+    try:
+        value: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            value = getattr(value, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load {spec}: {exc}") from None
+    return value
+
+
+def as_service(candidate: object, interface: str = "auto", name: str = "") -> Service | AsgiService:
+    """What ``pitcher backend`` runs for ``candidate``: an SDK Service, or an ASGI app wrapped.
+
+    ``interface`` is ``auto`` (a Service as it is, an async callable as ASGI),
+    ``sdk`` or ``asgi``; ValueError names what does not fit.
+    """
+    if interface not in ("auto", "sdk", "asgi"):
+        raise ValueError(f"unknown interface {interface!r} (auto, sdk or asgi)")
+    if isinstance(candidate, Service):
+        if interface == "asgi":
+            raise ValueError("it is a pitcher_rpc.sdk.Service, not an ASGI app")
+        return candidate
+    if interface == "sdk":
+        raise ValueError("it is not a pitcher_rpc.sdk.Service")
+    if (interface == "asgi" and callable(candidate)) or is_asgi_app(candidate):
+        return AsgiService(cast(AsgiApp, candidate), name=name)
+    raise ValueError(
+        "it is neither a pitcher_rpc.sdk.Service nor an ASGI 3 app (an async callable"
+        " taking scope, receive, send; an ASGI 2 class is not served)"
+    )
+
+
+# ----------------------------------------------------------------------------- one request
+
+
+class _Cycle:
+    """One request's receive() and send(), and the future of its RESPONSE payload."""
+
+    __slots__ = (
+        "answer",
+        "body",
+        "complete",
+        "disconnected",
+        "limit",
+        "name",
+        "names",
+        "parts",
+        "size",
+        "started",
+        "status",
+        "values",
+        "waiter",
+    )
+
+    def __init__(self, body: bytes, answer: asyncio.Future[bytes], limit: int, name: str) -> None:
+        self.body: bytes | None = body
+        self.answer = answer
+        self.limit = limit
+        self.name = name
+        self.started = False
+        self.complete = False
+        self.disconnected = False
+        self.status = 0
+        self.names: list[bytes] = []
+        self.values: list[bytes] = []
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.waiter: asyncio.Future[None] | None = None
+
+    async def receive(self) -> Message:
+        body = self.body
+        if body is not None:
+            self.body = None
+            return {"type": "http.request", "body": body, "more_body": False}
+        if not (self.disconnected or self.complete):
+            # The app listens for the end of the call: the proxy's CANCEL, the
+            # deadline, the server stopping. Nothing else can come.
+            waiter = self.waiter
+            if waiter is None or waiter.cancelled():  # the app's own cancel scope ended a wait
+                waiter = self.waiter = self.answer.get_loop().create_future()
+            await waiter
+        return {"type": "http.disconnect"}
+
+    def disconnect(self) -> None:
+        """Nobody waits for the answer any more: a waiting receive() gets http.disconnect."""
+        self.disconnected = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            if not self.started:
+                raise RuntimeError("http.response.body sent before http.response.start")
+            if self.complete:
+                raise RuntimeError("http.response.body sent after the response was complete")
+            if self.disconnected:
+                return  # as uvicorn does: nobody reads it
+            body = message.get("body", b"")
+            if body:
+                self.size += len(body)
+                if self.size <= self.limit:
+                    self.parts.append(body)
+            if not message.get("more_body", False):
+                self.complete = True
+                self._finish()
+        elif kind == "http.response.start":
+            if self.started:
+                raise RuntimeError("http.response.start sent twice")
+            self.started = True
+            self.status = message["status"]
+            for name, value in message.get("headers", ()):
+                self.names.append(bytes(name))
+                self.values.append(bytes(value))
+        elif kind == "http.response.trailers":
+            pass  # trailers are not relayed (docs/asgi.md)
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r} in an http scope")
+
+    def _finish(self) -> None:
+        answer = self.answer
+        if answer.done():
+            return
+        status = self.status
+        if type(status) is not int or not 200 <= status <= 599:
+            self.fail(f"status {status!r} is not a final HTTP status (200..599)")
+            return
+        if self.size > self.limit:
+            self.fail(
+                f"answered {self.size} bytes, over the frame limit of {self.limit} bytes"
+                " (responses are not streamed yet)"
+            )
+            return
+        names = self.names
+        if names and not _valid_headers(names, self.values):
+            pairs = list(zip(names, self.values, strict=True))
+            self.fail(f"answered a header the proxy would refuse: {pairs!r}")
+            return
+        parts = self.parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        payload = encode_response(status, names, self.values, body)
+        if len(payload) > self.limit:
+            self.fail(
+                f"answered {len(payload)} bytes, over the frame limit of {self.limit} bytes"
+                " (responses are not streamed yet)"
+            )
+            return
+        answer.set_result(payload)
+
+    def fail(self, reason: str) -> None:
+        """The call fails (the proxy answers 502); the log names the app and why."""
+        log.error("ASGI app %s %s: not sent", self.name, reason)
+        if not self.answer.done():
+            self.answer.set_exception(AppError(reason))
+
+    def app_ended(self, error: BaseException | None) -> None:
+        """The app's call returned (or raised): answer whatever is still owed."""
+        if self.complete or self.disconnected or self.answer.done():
+            return
+        if not self.started:
+            # uvicorn's answer when nothing was sent: 500, and the log says why.
+            if error is None:
+                log.error("ASGI app %s returned without starting a response", self.name)
+            self.answer.set_result(_SERVER_ERROR)
+            return
+        self.fail("returned without completing its response" if error is None else "failed")
+
+
+# ----------------------------------------------------------------------------- the service
+
+
+class AsgiService:
+    """Serves an ASGI 3 app over any registered transport, like an SDK Service.
+
+    ``lifespan``: ``auto`` runs the lifespan protocol and goes on without it
+    if the app does not support it; ``on`` requires it; ``off`` skips it.
+    ``root_path`` is the scope's ``root_path`` (where the proxy's route
+    mounts the app, when it strips a prefix).
+    """
+
+    def __init__(
+        self, app: AsgiApp, name: str = "", *, root_path: str = "", lifespan: str = "auto"
+    ) -> None:
+        if lifespan not in ("auto", "on", "off"):
+            raise ValueError(f"lifespan must be auto, on or off, not {lifespan!r}")
+        self.app = app
+        self.name = name or getattr(app, "__qualname__", None) or type(app).__name__
+        self.root_path = root_path
+        self.lifespan = lifespan
+        # The lifespan's state: each request's scope gets a shallow copy.
+        self.state: dict[str, Any] | None = None
+        self._server_address: tuple[str, int | None] | None = None
+        self._frame_limit = DEFAULT_MAX_FRAME_SIZE
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lifespan: _Lifespan | None = None
+
+    # -- per request
+
+    def respond(self, payload: bytes, deadline_ms: int = 0) -> Awaitable[bytes]:
+        """The transport handler: a Request payload in, an awaitable of the Response payload."""
+        message = decode_request(payload)
+        method = message.method.decode("latin-1")
+        raw_path = message.path
+        path = raw_path.decode("latin-1")
+        if "%" in path:
+            path = unquote(path)
+        names = message.header_names[:]
+        values = message.header_values[:]
+        headers = list(zip(names, values, strict=True))
+        body = message.body
+        if body or method in _BODY_METHODS:
+            headers.append((_CONTENT_LENGTH, b"%d" % len(body)))
+        client_text = message.client
+        client: tuple[str, int] | None = None
+        if client_text and client_text != "unix":
+            host, _, port = client_text.rpartition(":")
+            client = (host, int(port)) if port.isdigit() else None
+        request_id = (
+            values[names.index(_REQUEST_ID)].decode("latin-1") if _REQUEST_ID in names else ""
+        )
+        loop = asyncio.get_running_loop()
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": _ASGI,
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": message.query,
+            "root_path": self.root_path,
+            "headers": headers,
+            "client": client,
+            "server": self._server_address,
+            "extensions": {
+                "pitcher": {
+                    "request_id": request_id,
+                    "route": message.route,
+                    "deadline": loop.time() + deadline_ms / 1000 if deadline_ms else None,
+                }
+            },
+        }
+        state = self.state
+        if state is not None:
+            scope["state"] = state.copy()
+        answer: asyncio.Future[bytes] = loop.create_future()
+        cycle = _Cycle(body, answer, self._frame_limit, self.name)
+        task = loop.create_task(self._run_app(scope, cycle), name="pitcher-asgi-request")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return _wait(cycle)
+
+    async def _run_app(self, scope: Scope, cycle: _Cycle) -> None:
+        try:
+            await self.app(scope, cycle.receive, cycle.send)
+        except asyncio.CancelledError:
+            cycle.disconnect()
+            cycle.app_ended(None)
+            raise
+        except Exception as exc:
+            log.error("Exception in ASGI application %s", self.name, exc_info=exc)
+            cycle.app_ended(exc)
+        else:
+            cycle.app_ended(None)
+
+    # -- lifespan
+
+    async def startup(self) -> None:
+        """Run the lifespan startup; LifespanError with the app's message if it failed."""
+        if self.lifespan == "off":
+            return
+        lifespan = _Lifespan(self.app, self.lifespan == "on")
+        self._lifespan = lifespan
+        await lifespan.startup()
+        if lifespan.supported:
+            self.state = lifespan.state
+
+    async def shutdown(self) -> None:
+        lifespan, self._lifespan = self._lifespan, None
+        if lifespan is not None:
+            await lifespan.shutdown()
+
+    # -- serving
+
+    async def serve(self, address: str, options: ServerOptions | None = None) -> Server:
+        """Start serving on ``address`` (run :meth:`startup` first); returns the server."""
+        settings = options if options is not None else ServerOptions()
+        limit = settings.max_frame_size
+        if address.startswith("udp"):
+            limit = min(limit, settings.max_datagram - 24)  # CRC and frame header
+        self._frame_limit = limit
+        server: Server = await transport_for(address).serve(
+            address, WithDeadline(self.respond), options
+        )
+        self._server_address = _server_tuple(server.address)
+        log.info("ASGI app %s serving on %s (%s)", self.name, server.address, describe_build())
+        return server
+
+    async def close(self, server: Server, grace: float) -> None:
+        """Drain ``server``, then let the apps' calls (background tasks) end, then cancel them."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await server.close(grace)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - loop.time()))
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=1.0)
+
+    def run(
+        self, address: str, *, grace: float = 5.0, register: Registration | None = None
+    ) -> None:
+        """Lifespan startup, serve until SIGINT or SIGTERM, drain, lifespan shutdown.
+
+        A failed startup raises LifespanError (``pitcher backend`` exits 1 with
+        its message) before anything listens.
+        """
+        import uvloop
+
+        uvloop.run(self._run_until_signal(address, grace, register))
+
+    async def _run_until_signal(
+        self, address: str, grace: float, register: Registration | None
+    ) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await self.startup()
+        try:
+            server = await self.serve(address)
+            refresher: asyncio.Task[None] | None = None
+            try:
+                if register is not None:
+                    await register.register(server.address)
+                    refresher = loop.create_task(
+                        register.keep_registered(server.address), name="pitcher-registration"
+                    )
+                await stop.wait()
+                if refresher is not None:
+                    refresher.cancel()
+                if register is not None and await register.drain(server.address):
+                    await asyncio.sleep(register.settle)
+            finally:
+                if refresher is not None:
+                    refresher.cancel()
+                await self.close(server, grace)
+            if register is not None:
+                await register.deregister(server.address)
+        finally:
+            await self.shutdown()
+
+
+async def _wait(cycle: _Cycle) -> bytes:
+    # What the frame's handler awaits: the answer, not the end of the app.
+    try:
+        return await cycle.answer
+    except asyncio.CancelledError:
+        # The proxy's CANCEL, the deadline or the server stopping: the app
+        # hears http.disconnect (it is not cancelled, as under an HTTP server).
+        cycle.disconnect()
+        raise
+
+
+def _server_tuple(address: str) -> tuple[str, int | None] | None:
+    scheme, _, rest = address.partition("://")
+    if scheme in ("unix", "zmq+ipc"):
+        return (rest, None)
+    host, _, port = rest.rpartition(":")
+    if not port.isdigit():
+        return None
+    return (host.strip("[]"), int(port))
+
+
+# ----------------------------------------------------------------------------- lifespan
+
+
+class _Lifespan:
+    """The ASGI lifespan protocol: one call of the app for the process's life."""
+
+    def __init__(self, app: AsgiApp, required: bool) -> None:
+        self.app = app
+        self.required = required
+        self.state: dict[str, Any] = {}
+        self.supported = True
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._outbox: asyncio.Queue[Message | BaseException | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _main(self) -> None:
+        scope = {"type": "lifespan", "asgi": _ASGI, "state": self.state}
+        try:
+            await self.app(scope, self._inbox.get, self._send)
+        except Exception as exc:
+            await self._outbox.put(exc)
+        else:
+            await self._outbox.put(None)
+
+    async def _send(self, message: Message) -> None:
+        await self._outbox.put(message)
+
+    async def startup(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._main(), name="pitcher-lifespan")
+        await self._inbox.put({"type": "lifespan.startup"})
+        outcome = await self._outbox.get()
+        if outcome is not None and not isinstance(outcome, BaseException):
+            kind = outcome.get("type")
+            if kind == "lifespan.startup.complete":
+                return
+            if kind == "lifespan.startup.failed":
+                raise LifespanError(outcome.get("message", "") or "lifespan startup failed")
+            raise LifespanError(f"unexpected lifespan message {kind!r} at startup")
+        # The app returned or raised before answering: no lifespan support.
+        self.supported = False
+        if self.required:
+            raise LifespanError(f"the app does not support the lifespan protocol: {outcome!r}")
+        if isinstance(outcome, BaseException):
+            log.info("ASGI 'lifespan' protocol appears unsupported (%r)", outcome)
+
+    async def shutdown(self) -> None:
+        task = self._task
+        if task is None or not self.supported or task.done():
+            return
+        await self._inbox.put({"type": "lifespan.shutdown"})
+        outcome = await self._outbox.get()
+        try:
+            if isinstance(outcome, BaseException):
+                log.error("ASGI lifespan shutdown failed", exc_info=outcome)
+                return
+            if outcome is not None and outcome.get("type") == "lifespan.shutdown.failed":
+                log.error("ASGI lifespan shutdown failed: %s", outcome.get("message", ""))
+        finally:
+            try:
+                await asyncio.wait_for(task, 5.0)
+            except (TimeoutError, asyncio.CancelledError, Exception):
+                task.cancel()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from .commands import backend_command
+
+    backend_command()

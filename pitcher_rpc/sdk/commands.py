@@ -1,0 +1,174 @@
+"""``pitcher backend`` for an SDK Service or an ASGI app, and what every service command takes.
+
+Kept here, beside what they run, so that the command line only names them;
+``python -m pitcher_rpc.sdk.asgi`` runs the same command on its own (and
+:mod:`pitcher_rpc.sdk.bridge` has ``pitcher bridge``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from .registration import Registration, RegistrationError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def registration_options(command: F) -> F:
+    """The options every split service takes to join a proxy's cluster."""
+    options = [
+        click.option(
+            "--register",
+            metavar="URL",
+            help="A proxy's admin API (e.g. http://127.0.0.1:9180): join --cluster there at"
+            " start, be drained and leave at SIGTERM. Or etcd://HOST:PORT/CLUSTER.",
+        ),
+        click.option("--cluster", help="The cluster to join (with --register http://...)."),
+        click.option(
+            "--advertise", metavar="URI", help="The URI the proxy should use (default: --listen)."
+        ),
+        click.option("--weight", type=click.IntRange(1, 1000), default=1, show_default=True),
+        click.option(
+            "--ttl",
+            type=click.IntRange(1, 3600),
+            default=5,
+            show_default=True,
+            help="With etcd: seconds proxies keep sending to this service if it dies.",
+        ),
+        click.option(
+            "--metadata",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="With etcd: metadata stored with the node (repeatable).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def make_registration(
+    register: str | None,
+    cluster: str | None,
+    advertise: str | None,
+    weight: int,
+    ttl: int,
+    metadata: tuple[str, ...],
+) -> Registration | None:
+    """The Registration the options ask for (None without --register); BadParameter if wrong."""
+    in_etcd = register is not None and register.startswith("etcd://")
+    if not in_etcd and (register is None) != (cluster is None):
+        raise click.BadParameter("--register and --cluster go together", param_hint="--cluster")
+    labels: dict[str, str] = {}
+    for item in metadata:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--metadata")
+        labels[key] = value
+    if register is None:
+        return None
+    try:
+        return Registration(
+            register,
+            cluster or "",
+            advertise=advertise,
+            weight=weight,
+            ttl=ttl,
+            metadata=labels or None,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--register") from None
+
+
+def check_listen(listen: str) -> None:
+    from transports.registry import AddressError, transport_for
+
+    try:
+        transport_for(listen)
+    except AddressError as exc:
+        message = str(exc) if listen in str(exc) else f"{listen}: {exc}"
+        raise click.BadParameter(message, param_hint="--listen") from None
+
+
+def run_backend(
+    app: str,
+    listen: str,
+    interface: str,
+    root_path: str,
+    lifespan: str,
+    registration: Registration | None,
+) -> None:
+    """Load APP, serve it as an SDK Service or an ASGI app; exit 1 on a failed start."""
+    from .asgi import AsgiService, LifespanError, as_service, load_app
+
+    check_listen(listen)
+    try:
+        service = as_service(load_app(app), interface, name=app)
+    except ValueError as exc:
+        raise click.BadParameter(f"{app}: {exc}", param_hint="APP") from None
+    if isinstance(service, AsgiService):
+        service.root_path = root_path
+        service.lifespan = lifespan
+    try:
+        service.run(listen, register=registration)
+    except RegistrationError as exc:
+        click.echo(f"pitcher: {exc}", err=True)
+        sys.exit(1)
+    except LifespanError as exc:
+        click.echo(f"pitcher: {app}: lifespan startup failed: {exc}", err=True)
+        sys.exit(1)
+
+
+def backend_options(command: F) -> F:
+    """``--interface``, ``--root-path`` and ``--lifespan``: what an ASGI app adds to backend."""
+    options = [
+        click.option(
+            "--interface",
+            type=click.Choice(["auto", "sdk", "asgi"]),
+            default="auto",
+            show_default=True,
+            help="What APP is: auto tells a pitcher_rpc.sdk.Service from an ASGI 3 app.",
+        ),
+        click.option(
+            "--root-path",
+            default="",
+            help="ASGI: the scope's root_path (the prefix a strip_prefix route removed).",
+        ),
+        click.option(
+            "--lifespan",
+            type=click.Choice(["auto", "on", "off"]),
+            default="auto",
+            show_default=True,
+            help="ASGI: run the lifespan protocol (auto: if the app supports it).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@click.command("backend")
+@click.argument("app")
+@click.option("--listen", required=True, metavar="URI", help="e.g. unix:///run/app.sock")
+@backend_options
+@registration_options
+def backend_command(
+    app: str,
+    listen: str,
+    interface: str,
+    root_path: str,
+    lifespan: str,
+    register: str | None,
+    cluster: str | None,
+    advertise: str | None,
+    weight: int,
+    ttl: int,
+    metadata: tuple[str, ...],
+) -> None:
+    """Run a split service: APP is MODULE:ATTRIBUTE naming a Service or an ASGI 3 app."""
+    registration = make_registration(register, cluster, advertise, weight, ttl, metadata)
+    run_backend(app, listen, interface, root_path, lifespan, registration)
