@@ -26,14 +26,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transports.native import describe as describe_build
 
 from ..config import Config, ConfigError, load_config
 from ..config.overlay import NodeChange, Overlay
 from ..degrade.scale import Child, spawn
-from ..fleet.discovery import Discovery
 from ..proxy.backlog import describe_backlog
 from . import cluster_routes, metrics
 from .admin import AdminError, AdminRequest, AdminResponse, AdminServer
@@ -41,6 +40,9 @@ from .control import ControlError, WorkerLink, read_message
 from .coordination import Coordination
 from .handoff import HandoffError, offer, ready, take
 from .notify import notify
+
+if TYPE_CHECKING:
+    from ..fleet.discovery import Discovery
 
 log = logging.getLogger("pitcher.master")
 
@@ -382,6 +384,9 @@ class Master:
 
     async def _configure_discovery(self, config: Config) -> None:
         """Start or stop discovery sources as ``config`` names them (at start, at reload)."""
+        # Imported only by a proxy whose file names a discovery source.
+        from ..fleet.discovery import Discovery
+
         if self.discovery is None:
             if not Discovery.wanted(config):
                 return
