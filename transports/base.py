@@ -32,11 +32,11 @@ class WithDeadline:
 
     ``deadline_ms`` is the REQUEST frame's budget in milliseconds, counted
     from its arrival (0: the caller set none), so the handler can tell how
-    long anyone waits for its answer. The servers check for the mark once,
-    when they are made, and then call ``handler`` directly: per request it
-    costs a branch, and a plain one-argument handler pays nothing. A server
-    that does not know the mark calls this object with the payload alone,
-    and the handler then sees no deadline.
+    long anyone waits for its answer. The servers look for the mark when
+    they set up, not per request, and then call ``handler`` directly: per
+    request it costs a branch, and a plain one-argument handler pays
+    nothing. A server that does not know the mark calls this object with
+    the payload alone, and the handler then sees no deadline.
     """
 
     __slots__ = ("handler",)

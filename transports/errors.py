@@ -13,7 +13,7 @@
     │   ├── Rejected               the peer refused the call before running it (goaway)
     │   ├── RequestTooLarge        the request exceeds the peer's frame limit (never sent)
     │   └── RemoteError            the peer answered with an error frame for this call
-    │       └── Overloaded         ... TOO_MANY_IN_FLIGHT: at its limit, the call not started
+    │       └── Overloaded         TOO_MANY_IN_FLIGHT: at its limit, it did not start the call
     └── Closed                     the client or server was closed by its owner
 
 ``OSError`` and friends become one of these at the edge (``raise X(...) from exc``),
