@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 
+# etcd's own limit on a request is 1.5 MiB; a watch message may hold many of them.
+MAX_WATCH_MESSAGE = 64 * 1024 * 1024
+
+
 class EtcdError(Exception):
     """etcd answered, with an error (the message is etcd's)."""
 
@@ -207,9 +211,19 @@ class EtcdClient:
                 ) as answer:
                     if answer.status != 200:
                         _decode(answer.status, await answer.read(), "/v3/watch")
-                    async for line in answer.content:
-                        for event in _watch_events(line):
-                            yield event
+                    # One JSON message a line, split here with a bound of our own:
+                    # aiohttp's line reader has had a 64 KiB limit on a line in some
+                    # versions, and one revision deleting many keys is more than that.
+                    pending = bytearray()
+                    async for chunk in answer.content.iter_any():
+                        pending += chunk
+                        while (end := pending.find(b"\n")) >= 0:
+                            line = bytes(pending[:end])
+                            del pending[: end + 1]
+                            for event in _watch_events(line):
+                                yield event
+                        if len(pending) > MAX_WATCH_MESSAGE:
+                            raise EtcdError(f"a watch message over {MAX_WATCH_MESSAGE} bytes")
                 errors.append(f"{endpoint}: the watch stream ended")
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 errors.append(f"{endpoint}: {_describe(exc)}")

@@ -66,6 +66,34 @@ def test_keys_leases_and_a_watch(etcd: Server) -> None:
     assert all(e.revision > revision for e in events[1:])
 
 
+def test_a_watch_takes_a_message_over_64_kib(etcd: Server) -> None:
+    big = b"x" * 150_000  # base64 in JSON: about 200 KB on one line
+
+    async def scenario() -> list[tuple[str, int]]:
+        client = EtcdClient([etcd.url])
+        events: list[tuple[str, int]] = []
+        try:
+            _, revision = await client.range_prefix("/t4/")
+
+            async def watch() -> None:
+                async for event in client.watch_prefix("/t4/", revision + 1):
+                    events.append((event.key, len(event.value)))
+
+            watcher = asyncio.create_task(watch())
+            await client.put("/t4/big", big)
+            await client.put("/t4/small", b"1")
+            for _ in range(500):
+                if len(events) == 3 or watcher.done():
+                    break
+                await asyncio.sleep(0.01)
+            watcher.cancel()
+            return events
+        finally:
+            await client.close()
+
+    assert asyncio.run(scenario()) == [("", 0), ("/t4/big", len(big)), ("/t4/small", 1)]
+
+
 def test_a_watch_from_a_compacted_revision_says_so(etcd: Server) -> None:
     async def scenario() -> None:
         client = EtcdClient([etcd.url])
