@@ -145,6 +145,22 @@ def test_one_invalid_header_fails_the_whole_response_and_the_connection_stays_us
 
 
 @pytest.mark.parametrize("route", ROUTES)
+def test_a_header_block_too_large_to_be_kept_is_checked_every_time(
+    proxy: Proxy, route: str
+) -> None:
+    big = [("x-big", "b" * 2000), *GOOD]
+    with proxy.connect() as client:
+        for _ in range(2):
+            response = fetch(client, route, headers=big)
+            assert_served(response, route)
+            assert response.header("x-big") == "b" * 2000
+        refused = fetch(client, route, headers=[*big, ("x-bad", "a\r\nx-injected: 1")])
+        assert refused.status == 502, refused.body
+        assert b"x-big" not in refused.raw_head and b"x-injected" not in refused.raw_head
+        assert_served(fetch(client, route, headers=big), route)
+
+
+@pytest.mark.parametrize("route", ROUTES)
 def test_every_valid_name_and_value_is_relayed_as_sent(proxy: Proxy, route: str) -> None:
     headers = [
         ("X-Token-!#$%&'*+-.^_`|~09", "token"),
