@@ -9,7 +9,7 @@ with the proxy's CPU time per request in bench_spine.py to see the split.
 
     python bench/bench_hot_path.py [--requests 200000] [--profile] [--modules N]
                                    [--with request_id,metrics,...] [--health]
-    python bench/bench_hot_path.py --compare 3
+    python bench/bench_hot_path.py --compare 3 [--variants "throttle,throttle (fleet)"]
 
 Every run also times a baseline in the same process: the least an httptools +
 protobuf proxy does per request (``baseline``), and prints the proxy's work
@@ -17,10 +17,18 @@ as a ratio to it.
 
 ``--modules N`` attaches N trivial modules to every request hook, to measure
 what the hook dispatch costs; ``--with`` loads built-in modules (request_id,
-metrics, throttle, access_log, headers) set to do their whole work on every
-request; ``--health`` puts a health table on the cluster (outcomes counted,
-balanced by health). ``--compare ROUNDS`` runs every variant, interleaved,
-and prints each one's median and its ratio to the bare core.
+metrics, throttle, throttle_fleet, access_log, headers) set to do their whole
+work on every request; ``--health`` puts a health table on the cluster
+(outcomes counted, balanced by health). ``--compare ROUNDS`` runs every
+variant, interleaved, and prints each one's median and its ratio to the bare
+core, and the fleet limit's cost against the local limit's.
+
+``throttle_fleet`` is the throttle with the same limits shared by a fleet
+through Redis (``scope = "fleet"``): the benchmark starts a redis-server of
+its own on a free loopback port (stopped by its pid at the end; the variant
+is left out if redis-server is not installed). A request spends a token the
+worker holds; the refills run between the timed batches, as they run beside
+requests in a proxy, and their own cost per refill is timed apart.
 """
 
 from __future__ import annotations
@@ -30,7 +38,11 @@ import asyncio
 import cProfile
 import os
 import pstats
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +67,9 @@ from transports.frame import encode_response as encode_response_frame  # noqa: E
 from transports.stream_client import _ClientConnection  # noqa: E402
 
 CONFIG = """
+[server]
+keepalive_requests = 0   # one connection carries every request of the run
+
 [[routes]]
 prefix = "/"
 cluster = "echo"
@@ -130,27 +145,112 @@ def trivial_modules(count: int) -> list[Module]:
     ]
 
 
+# The Redis of the throttle_fleet variant (start_redis); None: not started.
+REDIS_URL: str | None = None
+
+
 def real_modules(names: list[str], scratch: str) -> list[Module]:
     """Built-in modules with settings that make them do their whole work on every request."""
-    settings: dict[str, dict[str, Any]] = {
-        "request_id": {},
-        "metrics": {},
-        # Limits far above what the benchmark sends: every check runs, none refuses.
-        "throttle": {
-            "rate": 1e9,
-            "concurrency": 1_000_000,
-            "business": {"shop": {"rate": 1e9, "concurrency": 1_000_000, "reserved": 0.1}},
-        },
-        "access_log": {"path": os.path.join(scratch, "access.log"), "buffer": 1_000_000},
-        "headers": {"request_set": {"x-env": "bench"}, "response_remove": ["server"]},
+    # Limits far above what the benchmark sends: every check runs, none refuses.
+    throttle: dict[str, Any] = {
+        "rate": 1e9,
+        "concurrency": 1_000_000,
+        "business": {"shop": {"rate": 1e9, "concurrency": 1_000_000, "reserved": 0.1}},
     }
-    return [module_class(name)(settings[name]) for name in names]
+    settings: dict[str, tuple[str, dict[str, Any]]] = {
+        "request_id": ("request_id", {}),
+        "metrics": ("metrics", {}),
+        "throttle": ("throttle", throttle),
+        # The same limits, their rates shared by a fleet through Redis.
+        "throttle_fleet": ("throttle", {**throttle, "scope": "fleet", "redis": REDIS_URL}),
+        "access_log": (
+            "access_log",
+            {"path": os.path.join(scratch, "access.log"), "buffer": 1_000_000},
+        ),
+        "headers": ("headers", {"request_set": {"x-env": "bench"}, "response_remove": ["server"]}),
+    }
+    return [module_class(settings[name][0])(settings[name][1]) for name in names]
+
+
+def start_redis() -> subprocess.Popen[bytes] | None:
+    """A redis-server on a free loopback port, without persistence; sets REDIS_URL."""
+    global REDIS_URL
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.access(binary, os.X_OK):
+        print("redis-server is not installed (apt-get install redis-server): no fleet variant")
+        return None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    scratch = tempfile.mkdtemp(prefix="pitcher-bench-redis-")
+    server = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", scratch],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                stop_redis(server)
+                raise SystemExit("redis-server did not start") from None
+            time.sleep(0.05)
+    REDIS_URL = f"redis://127.0.0.1:{port}/0"
+    return server
+
+
+def stop_redis(server: subprocess.Popen[bytes] | None) -> None:
+    if server is None:
+        return
+    os.kill(server.pid, signal.SIGTERM)
+    try:
+        server.wait(5)
+    except subprocess.TimeoutExpired:
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+async def fleet_ready(modules: list[Module]) -> None:
+    """Wait (untimed) until every fleet limit holds its first batch."""
+    deadline = time.monotonic() + 10
+    for module in modules:
+        numbers = module.stats().get("fleet")
+        while numbers and not all(limit["refills"] for limit in numbers["limits"].values()):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"no tokens from Redis: {numbers}")
+            await asyncio.sleep(0.01)
+            numbers = module.stats().get("fleet")
+
+
+async def refill_cost(rounds: int = 2000) -> float:
+    """µs of this process's CPU per refill round trip (3 buckets, as the variant has)."""
+    from pitcher_rpc.degrade.limits import FleetBucket
+    from pitcher_rpc.fleet.redis_limits import RedisLimits
+
+    assert REDIS_URL is not None
+    now = time.monotonic()
+    buckets = [FleetBucket(f"cost{n}", 1e9, 1e9, now, max_batch=10) for n in range(3)]
+    limits = RedisLimits(REDIS_URL, "pitcher-bench", buckets, 1.0)
+    await limits.aclose()  # its loop is not needed: the calls are made here, one by one
+    refills = limits._refills
+    start = time.process_time()
+    for _ in range(rounds):
+        await limits._call(refills, False)
+    cost = (time.process_time() - start) / rounds * 1e6
+    client = limits._client
+    if client is not None:
+        await client.aclose()
+    return cost
 
 
 async def run(requests: int, profile: bool, modules: list[Module], health: bool = False) -> float:
     """The median µs per request over five batches."""
     config = CONFIG + (HEALTH if health else "")
     proxy = ProxyServer(parse_config(config), modules=HookChains(modules))
+    await fleet_ready(modules)
     node = proxy.snapshot.clusters["echo"].nodes[0]
     client: Any = node.client
     loop = asyncio.get_running_loop()
@@ -295,6 +395,7 @@ VARIANTS: dict[str, tuple[list[str], int, bool]] = {
     "request_id": (["request_id"], 0, False),
     "metrics": (["metrics"], 0, False),
     "throttle": (["throttle"], 0, False),
+    "throttle (fleet)": (["throttle_fleet"], 0, False),
     "access_log": (["access_log"], 0, False),
     "node health": ([], 0, True),
     "bench_pair's E": (["request_id", "metrics", "throttle", "access_log"], 0, False),
@@ -302,14 +403,20 @@ VARIANTS: dict[str, tuple[list[str], int, bool]] = {
 }
 
 
-async def compare(requests: int, rounds: int) -> None:
-    """Every variant, interleaved, ``rounds`` times; medians and the ratio to the core."""
-    results: dict[str, list[float]] = {name: [] for name in VARIANTS}
+async def compare(requests: int, rounds: int, only: list[str] | None = None) -> None:
+    """Every variant (or those in ``only``), interleaved, ``rounds`` times; medians, ratios."""
+    variants = {
+        name: variant
+        for name, variant in VARIANTS.items()
+        if (REDIS_URL is not None or "throttle_fleet" not in variant[0])
+        and (not only or name in only or name == "core")
+    }
+    results: dict[str, list[float]] = {name: [] for name in variants}
     floors: list[float] = []
     with tempfile.TemporaryDirectory() as scratch:
         for _ in range(rounds):
             floors.append(baseline(requests))
-            for name, (names, trivial, health) in VARIANTS.items():
+            for name, (names, trivial, health) in variants.items():
                 modules = real_modules(names, scratch) + trivial_modules(trivial)
                 results[name].append(await run(requests, False, modules, health))
     core = statistics.median(results["core"])
@@ -321,6 +428,22 @@ async def compare(requests: int, rounds: int) -> None:
         print(
             f"  {name:18} {median:6.2f}  {median / core:5.2f}x  (+{median - core:.2f})"
             f"  {median / floor:5.2f}x baseline"
+        )
+    if "throttle (fleet)" in results:
+        local_whole = statistics.median(results["throttle"])
+        fleet_whole = statistics.median(results["throttle (fleet)"])
+        local, fleet = local_whole - core, fleet_whole - core
+        print(
+            f"fleet limit vs local limit, the module's own µs per request (over the core):"
+            f" {fleet:.2f} vs {local:.2f}, ratio {fleet / local:.2f}"
+            f" (whole request: {fleet_whole / local_whole:.3f}x)"
+        )
+        cost = await refill_cost()
+        # A worker asks for 50 ms of its demand at a time: at most ~20 refills a second.
+        print(
+            f"a refill (one EVALSHA round trip for 3 limits) costs {cost:.0f} µs of CPU; a worker"
+            f" makes at most about 20 a second, whatever its load: {cost * 20 / 1e4:.2f}% of a"
+            f" core, {cost * 20 / 1e4:.2f} µs per request at 10k req/s per worker"
         )
 
 
@@ -336,15 +459,36 @@ def main() -> None:
     parser.add_argument(
         "--compare", type=int, metavar="ROUNDS", help="every variant, interleaved, ROUNDS times"
     )
+    parser.add_argument(
+        "--variants",
+        default="",
+        help='with --compare: only these (and the core), e.g. "throttle,throttle (fleet)"',
+    )
     args = parser.parse_args()
-    if args.compare:
-        uvloop.run(compare(args.requests, args.compare))
-        return
     names = [name for name in args.real.split(",") if name]
-    with tempfile.TemporaryDirectory() as scratch:
-        floor = baseline(args.requests)
-        modules = real_modules(names, scratch) + trivial_modules(args.modules)
-        median = uvloop.run(run(args.requests, args.profile, modules, args.health))
+    only = [name for name in args.variants.split(",") if name]
+    unknown = set(only) - set(VARIANTS)
+    if unknown:
+        parser.error(f"no variant {sorted(unknown)[0]!r}; known: {', '.join(VARIANTS)}")
+    fleet = "throttle (fleet)" in only if only else bool(args.compare)
+    redis = start_redis() if fleet or "throttle_fleet" in names else None
+    # SIGTERM ends a run as Ctrl-C does, so the redis-server is stopped too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        if args.compare:
+            uvloop.run(compare(args.requests, args.compare, only))
+            return
+        with tempfile.TemporaryDirectory() as scratch:
+            floor = baseline(args.requests)
+
+            async def timed() -> float:
+                # Modules made inside the loop: a fleet limit starts its refills there.
+                modules = real_modules(names, scratch) + trivial_modules(args.modules)
+                return await run(args.requests, args.profile, modules, args.health)
+
+            median = uvloop.run(timed())
+    finally:
+        stop_redis(redis)
     loaded = ", ".join([*names, f"{args.modules} trivial modules"] + (["health"] * args.health))
     print(f"proxy hot path with {loaded}: {median:.2f} µs per request (median of 5 batches)")
     print(

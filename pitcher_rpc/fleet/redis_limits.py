@@ -298,7 +298,8 @@ class RedisLimits:
             if granted < want:
                 wait = int(wait_ms) / 1000.0
                 refill.not_before = now + wait
-                bucket.retry = max(1, math.ceil(wait))
+                # Retry-After: when the fleet has a token again (not a whole batch).
+                bucket.retry = max(1, math.ceil(min(wait, 1.0 / bucket.rate)))
             else:
                 refill.not_before = 0.0
                 bucket.retry = 1
