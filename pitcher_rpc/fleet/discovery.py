@@ -31,6 +31,8 @@ log = logging.getLogger("pitcher.discovery")
 # Retry delays after a failure: doubled each time, from the first to the last.
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
+# How often a watched etcd is asked something, to notice one that went silent.
+PROBE_INTERVAL = 5.0
 
 
 class Source:
@@ -147,6 +149,8 @@ class EtcdSource(Source):
         self.reads = 0  # whole reads of the prefix (the first, then after compactions)
         self._entries = NodeEntries()
         self._must_read = True
+        self.probe_interval = PROBE_INTERVAL
+        self._backoff = BACKOFF_FIRST
 
     @property
     def target(self) -> str:
@@ -162,7 +166,7 @@ class EtcdSource(Source):
     async def _run(self) -> None:
         from .etcd import EtcdCompacted, EtcdError
 
-        backoff = BACKOFF_FIRST
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 if self._must_read:
@@ -175,17 +179,18 @@ class EtcdSource(Source):
                     self._must_read = False
                     self._ok(f"read at revision {revision}")
                     self._take(self._entries)
-                async for event in self.client.watch_prefix(self.prefix, self.revision + 1):
-                    if event.kind == "created":
-                        self._ok(f"watching from revision {self.revision + 1}")
-                        backoff = BACKOFF_FIRST
-                        continue
-                    if event.kind == "put":
-                        self._entries.put(self._name(event.key), event.value)
-                    else:
-                        self._entries.delete(self._name(event.key))
-                    self.revision = max(self.revision, event.revision)
-                    self._take(self._entries)
+                # Whichever ends first (both end only by raising) ends the other.
+                name = f"pitcher-discovery-etcd-{self.cluster}"
+                watch = loop.create_task(self._watch(), name=f"{name}-watch")
+                probe = loop.create_task(self._probe(), name=f"{name}-probe")
+                try:
+                    done, _ = await asyncio.wait({watch, probe}, return_when="FIRST_COMPLETED")
+                finally:
+                    for task in (watch, probe):
+                        task.cancel()
+                    await asyncio.gather(watch, probe, return_exceptions=True)
+                for task in done:
+                    task.result()
             except EtcdCompacted as exc:
                 log.warning(
                     "etcd of cluster %s: %s; reading %s again", self.cluster, exc, self.prefix
@@ -193,12 +198,33 @@ class EtcdSource(Source):
                 self._must_read = True
                 continue
             except EtcdError as exc:
-                self._failed(str(exc), backoff)
+                self._failed(str(exc), self._backoff)
             except Exception as exc:  # a bug must not end discovery for good
                 log.exception("etcd of cluster %s: unexpected failure", self.cluster)
-                self._failed(repr(exc), backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(BACKOFF_MAX, backoff * 2)
+                self._failed(repr(exc), self._backoff)
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(BACKOFF_MAX, self._backoff * 2)
+
+    async def _watch(self) -> None:
+        async for event in self.client.watch_prefix(self.prefix, self.revision + 1):
+            if event.kind == "created":
+                self._ok(f"watching from revision {self.revision + 1}")
+                self._backoff = BACKOFF_FIRST
+                continue
+            if event.kind == "put":
+                self._entries.put(self._name(event.key), event.value)
+            else:
+                self._entries.delete(self._name(event.key))
+            self.revision = max(self.revision, event.revision)
+            self._take(self._entries)
+
+    async def _probe(self) -> None:
+        """A small read now and then: an etcd that stopped answering on an open watch
+        (a partition without a reset, a stopped process) is noticed within about
+        ``probe_interval`` plus the client's timeout."""
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            await self.client.count_prefix(self.prefix)
 
     def _name(self, key: str) -> str:
         return key[len(self.prefix) :] if key.startswith(self.prefix) else key

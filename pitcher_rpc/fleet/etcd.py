@@ -154,6 +154,14 @@ class EtcdClient:
         revision = int(answer.get("header", {}).get("revision", 0))
         return [_kv(item) for item in answer.get("kvs", ())], revision
 
+    async def count_prefix(self, prefix: str) -> int:
+        """How many keys are under ``prefix`` (none is sent back)."""
+        answer = await self._post(
+            "/v3/kv/range",
+            {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)), "count_only": True},
+        )
+        return int(answer.get("count", 0))
+
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """Write ``key``; the revision of the write."""
         body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -243,6 +245,37 @@ def test_a_watch_resumes_after_its_revision_and_reads_again_if_it_was_compacted(
         finally:
             await source.close()
             await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_etcd_that_stops_answering_on_an_open_watch_is_noticed(etcd: Server) -> None:
+    prefix = "/t/silent/"
+    settings = DiscoveryConfig(etcd=(etcd.url,), prefix=prefix)
+
+    async def scenario() -> None:
+        source = EtcdSource("app", settings, lambda _: None)
+        source.client = EtcdClient([etcd.url], timeout=0.5)
+        source.probe_interval = 0.2
+        writer = EtcdClient([etcd.url])
+        try:
+            await writer.put(prefix + "a", b"tcp://127.0.0.1:1")
+            source.start()
+            await until(lambda: source.state == "ok" and source.nodes is not None)
+            # Frozen, not gone: its connections stay open and nothing answers.
+            os.kill(etcd.pid, signal.SIGSTOP)
+            try:
+                await until(lambda: source.state == "unreachable", timeout=3.0)
+                assert nodes(source) == ("tcp://127.0.0.1:1",)  # kept
+            finally:
+                os.kill(etcd.pid, signal.SIGCONT)
+            await until(lambda: source.state == "ok", timeout=8.0)
+            await writer.put(prefix + "b", b"tcp://127.0.0.1:2")
+            await until(lambda: len(source.nodes or ()) == 2)
+            assert source.reads == 1
+        finally:
+            await source.close()
+            await writer.close()
 
     asyncio.run(scenario())
 
