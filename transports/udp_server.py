@@ -114,6 +114,8 @@ class UdpServer:
         # ignored while the first copy still runs.
         self.replayed = 0
         self.duplicates_ignored = 0
+        # Requests refused unstarted because max_in_flight handlers were running.
+        self.overloaded = 0
         self.closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.DatagramTransport | None = None
@@ -245,8 +247,9 @@ class UdpServer:
             self._refuse(request_id, addr, ErrorCode.UNAVAILABLE, _SHUTTING_DOWN)
             return
         if len(tasks) >= self._max_in_flight:
-            # The stream and ZeroMQ carriers' code; not started, so the client
-            # may send it elsewhere (RemoteError, not sent).
+            # ZeroMQ's code too; not started, so the client may send it
+            # elsewhere (Overloaded, not sent).
+            self.overloaded += 1
             self._refuse(
                 request_id,
                 addr,

@@ -121,6 +121,8 @@ class ZmqServer:
         self.dropped = 0
         # Answers ZeroMQ could not take: the peer had gone or stopped reading.
         self.undeliverable = 0
+        # Requests refused unstarted because their peer had max_in_flight running.
+        self.overloaded = 0
 
     @property
     def in_flight(self) -> int:
@@ -405,6 +407,7 @@ class ZmqServer:
         limit = self.options.max_in_flight
         if peer.running >= limit:
             # No connection to close: refuse this request alone, unstarted.
+            self.overloaded += 1
             info = ErrorInfo(ErrorCode.TOO_MANY_IN_FLIGHT, f"more than {limit} requests in flight")
             self._send_to(identity, encode_frame(_ERROR, request_id, info.encode()))
             return

@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 
 import pytest
 
+from pitcher_rpc.sdk import Request, Service
 from tests.inprocess import running_proxy
 from tests.proxy.conftest import SERVE_APP, Backend, Launcher, build_request
+from transports.base import ServerOptions
 
 CARRIERS = ["udp", "zmq+tcp", "zmq+ipc"]
 
@@ -183,5 +186,49 @@ def test_every_node_at_its_limit_gives_503_after_trying_each_once(launcher: Laun
                 assert [(await one)[0], (await two)[0]] == [200, 200]
             nodes = proxy.snapshot.clusters["main"].nodes
             assert [node.stats.failures for node in nodes] == [0, 0]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("carrier", ["udp", "zmq+tcp"])
+def test_no_node_is_asked_twice_for_a_call_it_refused(carrier: str) -> None:
+    """Counted at the servers, run in the test's loop: each node refuses a call at most once."""
+    app = Service("capped-here")
+    released = asyncio.Event()
+
+    @app.route("/")
+    async def handle(request: Request) -> dict[str, str]:
+        if request.path == "/held":
+            await released.wait()
+        return {"path": request.path}
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+    async def scenario() -> None:
+        options = ServerOptions(max_in_flight=1)
+        servers = [await app.serve(f"{carrier}://127.0.0.1:0", options) for _ in range(2)]
+        try:
+            for count in (1, 2):
+                nodes = [server.address for server in servers[:count]]
+                text = CONFIG.format(nodes=", ".join(f'"{n}"' for n in nodes), retries=3)
+                async with running_proxy(text) as (_, port), asyncio.timeout(5.0):
+                    released.clear()
+                    held = []
+                    for server in servers[:count]:
+                        held.append(asyncio.create_task(http_request(port, "GET", "/held")))
+                        await until(lambda server=server: server.in_flight == 1)
+                    before = [server.overloaded for server in servers]
+                    status, headers, _ = await http_request(port, "POST", "/refused")
+                    assert (status, headers.get("retry-after")) == (503, "1")
+                    refused = [s.overloaded - b for s, b in zip(servers, before, strict=True)]
+                    # Retries were allowed (3): every node was asked once, none twice.
+                    assert refused == [1] * count + [0] * (2 - count)
+                    released.set()
+                    assert [(await call)[0] for call in held] == [200] * count
+        finally:
+            for server in servers:
+                server.abort()
 
     asyncio.run(scenario())
