@@ -633,9 +633,9 @@ class Service:
     async def _finish_later(self, route: _Route, awaitable: Awaitable[Any]) -> bytes:
         return self._answer(route, await awaitable)
 
-    async def handle_payload(self, payload: bytes) -> bytes:
+    async def handle_payload(self, payload: bytes, deadline_ms: int = 0) -> bytes:
         """:meth:`respond`, always awaited."""
-        answer = self.respond(payload)
+        answer = self.respond(payload, deadline_ms)
         return answer if isinstance(answer, bytes) else await answer
 
     async def serve(self, address: str, options: ServerOptions | None = None) -> Server:
