@@ -18,7 +18,6 @@ from transports.native import describe as describe_build
 from .config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
-    from .fleet.discovery import Discovery
     from .proxy.server import ProxyServer
     from .proxy.snapshot import Snapshot
 
@@ -175,64 +174,41 @@ class _SingleProcessDiscovery:
 
     def __init__(self, proxy: ProxyServer, config: Config) -> None:
         from .config.overlay import Overlay
+        from .fleet.feed import NodeFeed
 
         self.proxy = proxy
         self.base = config
         self.overlay = Overlay()
-        self.discovery: Discovery | None = None
-        self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closing: set[asyncio.Task[None]] = set()
+        self.feed = NodeFeed(self._changed)
+        self._configuring: set[asyncio.Task[None]] = set()
 
     async def configure(self, config: Config) -> None:
-        from .fleet.discovery import Discovery
-
-        if self.discovery is None:
-            if not Discovery.wanted(config):
-                return
-            self.discovery = Discovery(self._changed.set)
-            self._task = asyncio.get_running_loop().create_task(
-                self._follow(), name="pitcher-discovery"
-            )
-        closed = self.discovery.configure(config)
-        if closed:
-            await Discovery.close_sources(closed)
+        await self.feed.configure(config)
 
     async def settle(self, timeout: float) -> None:
-        if self.discovery is not None:
-            await self.discovery.settle(timeout)
+        if self.feed.discovery is not None:
+            await self.feed.settle(timeout)
             self._apply()
 
     def reload(self, base: Config) -> Snapshot:
         self.base = base
-        task = asyncio.get_running_loop().create_task(self.configure(base))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        task = asyncio.get_running_loop().create_task(self.feed.configure(base))
+        self._configuring.add(task)
+        task.add_done_callback(self._configuring.discard)
         self.overlay = self.overlay.for_reload(base)[0]
         return self._apply()
 
     def _apply(self) -> Snapshot:
-        if self.discovery is not None:
-            found = self.discovery.all_nodes()
-            self.overlay = self.overlay.with_discovered(
-                {k: v for k, v in found.items() if k in self.base.clusters}
-            )
+        self.overlay = self.overlay.with_discovered(self.feed.found(self.base))
         return self.proxy.reload(self.overlay.apply(self.base))
 
-    async def _follow(self) -> None:
-        while True:
-            await self._changed.wait()
-            self._changed.clear()
-            assert self.discovery is not None
-            if self.overlay.with_discovered(self.discovery.all_nodes()) != self.overlay:
-                self._apply()
+    async def _changed(self) -> None:
+        if self.overlay.with_discovered(self.feed.found(self.base)) != self.overlay:
+            self._apply()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        await asyncio.gather(*self._closing, return_exceptions=True)
-        if self.discovery is not None:
-            await self.discovery.close()
+        await asyncio.gather(*self._configuring, return_exceptions=True)
+        await self.feed.close()
 
 
 @main.command()

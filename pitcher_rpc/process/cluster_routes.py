@@ -30,7 +30,7 @@ def install(admin: AdminServer, master: Master) -> None:
         config = master.config
         health = master.coordination.health.describe(time.monotonic())
         draining = master.overlay.draining(config)
-        found = master.discovery.describe() if master.discovery is not None else {}
+        found = master.feed.describe()
         return AdminResponse(
             200,
             {

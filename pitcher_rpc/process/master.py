@@ -26,13 +26,14 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transports.native import describe as describe_build
 
 from ..config import Config, ConfigError, load_config
 from ..config.overlay import NodeChange, Overlay
 from ..degrade.scale import Child, spawn
+from ..fleet.feed import NodeFeed
 from ..proxy.backlog import describe_backlog
 from . import cluster_routes, metrics
 from .admin import AdminError, AdminRequest, AdminResponse, AdminServer
@@ -40,9 +41,6 @@ from .control import ControlError, WorkerLink, read_message
 from .coordination import Coordination
 from .handoff import HandoffError, offer, ready, take
 from .notify import notify
-
-if TYPE_CHECKING:
-    from ..fleet.discovery import Discovery
 
 log = logging.getLogger("pitcher.master")
 
@@ -135,9 +133,7 @@ class Master:
         self._coordinator: asyncio.Task[None] | None = None
         self._control: asyncio.AbstractServer | None = None
         # Nodes found in etcd or DNS: one watcher per proxy, here, never in a worker.
-        self.discovery: Discovery | None = None
-        self._discovered = asyncio.Event()
-        self._publisher: asyncio.Task[None] | None = None
+        self.feed = NodeFeed(self._publish_discovered)
 
     @property
     def address(self) -> str:
@@ -161,12 +157,10 @@ class Master:
         self._control = await asyncio.start_unix_server(self._on_worker, self.control_path)
         # Workers start with the registry's nodes (as a new generation must, in a
         # restart); a registry that does not answer soon is waited for no longer.
-        await self._configure_discovery(self.base_config)
-        if self.discovery is not None:
-            await self.discovery.settle(_DISCOVERY_SETTLE)
-            self._discovered.clear()
-            found = self.discovery.all_nodes()
-            self.overlay = self.overlay.with_discovered(found)
+        await self.feed.configure(self.base_config)
+        if self.feed.discovery is not None:
+            await self.feed.settle(_DISCOVERY_SETTLE)
+            self.overlay = self.overlay.with_discovered(self.feed.found(self.base_config))
             self.config = self.overlay.apply(self.base_config)
             self.coordination.health.configure(self.config, time.monotonic())
         for slot in self.slots:
@@ -215,10 +209,7 @@ class Master:
         self.draining = True
         if self._coordinator is not None:
             self._coordinator.cancel()
-        if self._publisher is not None:
-            self._publisher.cancel()
-        if self.discovery is not None:
-            await self.discovery.close()
+        await self.feed.close()
         await self.coordination.scaler.close()
         if self.handed_over:
             # The successor answers for the proxy on the same admin socket now;
@@ -382,51 +373,31 @@ class Master:
 
     # -- nodes found in etcd or DNS -------------------------------------------------
 
-    async def _configure_discovery(self, config: Config) -> None:
-        """Start or stop discovery sources as ``config`` names them (at start, at reload)."""
-        # Imported only by a proxy whose file names a discovery source.
-        from ..fleet.discovery import Discovery
-
-        if self.discovery is None:
-            if not Discovery.wanted(config):
-                return
-            self.discovery = Discovery(self._discovered.set)
-            self._publisher = asyncio.get_running_loop().create_task(
-                self._publish_discovered(), name="pitcher-discovery"
-            )
-        closed = self.discovery.configure(config)
-        if closed:
-            await Discovery.close_sources(closed)
-
     async def _publish_discovered(self) -> None:
-        """Send every change of the discovered nodes to every worker, bursts coalesced."""
-        assert self.discovery is not None
-        while True:
-            await self._discovered.wait()
-            self._discovered.clear()
-            async with self._changing:
-                found = self.discovery.all_nodes()
-                overlay = self.overlay.with_discovered(found)
-                if overlay == self.overlay:
-                    continue
-                before = self.config
-                config = overlay.apply(self.base_config)
-                self.overlay, self.config = overlay, config
-                self.coordination.health.configure(config, time.monotonic())
-                results = await self._each("overlay", overlay=overlay.to_json())
-            failed = sum(1 for r in results if "error" in r)
-            for name in found:
-                old, new = _uris(before, name), _uris(config, name)
-                if old != new:
-                    log.info(
-                        "cluster %s: %d nodes (discovery added %s, removed %s): %d of %d workers",
-                        name,
-                        len(new),
-                        sorted(new - old) or "none",
-                        sorted(old - new) or "none",
-                        len(results) - failed,
-                        len(results),
-                    )
+        """Send the discovered nodes, changed, to every worker (the feed calls this)."""
+        async with self._changing:
+            found = self.feed.found(self.base_config)
+            overlay = self.overlay.with_discovered(found)
+            if overlay == self.overlay:
+                return
+            before = self.config
+            config = overlay.apply(self.base_config)
+            self.overlay, self.config = overlay, config
+            self.coordination.health.configure(config, time.monotonic())
+            results = await self._each("overlay", overlay=overlay.to_json())
+        failed = sum(1 for r in results if "error" in r)
+        for name in found:
+            old, new = _uris(before, name), _uris(config, name)
+            if old != new:
+                log.info(
+                    "cluster %s: %d nodes (discovery added %s, removed %s): %d of %d workers",
+                    name,
+                    len(new),
+                    sorted(new - old) or "none",
+                    sorted(old - new) or "none",
+                    len(results) - failed,
+                    len(results),
+                )
 
     # -- reload ------------------------------------------------------------------
 
@@ -445,11 +416,8 @@ class Master:
                 change.uri,
                 change.cluster,
             )
-        await self._configure_discovery(base)
-        if self.discovery is not None:
-            overlay = overlay.with_discovered(
-                {k: v for k, v in self.discovery.all_nodes().items() if k in base.clusters}
-            )
+        await self.feed.configure(base)
+        overlay = overlay.with_discovered(self.feed.found(base))
         config = overlay.apply(base)
         self.base_config, self.overlay, self.config = base, overlay, config
         self.coordination.health.configure(config, time.monotonic())
@@ -634,7 +602,7 @@ class Master:
             self.draining,
             health=self.coordination.health.describe(time.monotonic()),
             scale_outs=self.coordination.scaler.runs,
-            discovery=self.discovery.describe() if self.discovery is not None else None,
+            discovery=self.feed.describe(),
         )
         return AdminResponse(200, body, (("content-type", metrics.CONTENT_TYPE_LATEST),))
 
