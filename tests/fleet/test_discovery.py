@@ -127,6 +127,12 @@ def test_a_proxy_starts_with_the_nodes_etcd_holds(
     proxy = launcher.proxy(config(etcd, prefix), workers=workers)
     # From its first connection on, in every worker: no 503 while etcd is read.
     assert backends(proxy, 12) == {"one"}
+    # A reload (SIGHUP) keeps what etcd gave, and the watch goes on.
+    proxy.process.signal(signal.SIGHUP)
+    proxy.process.wait_for_line("reloaded ")
+    assert backends(proxy, 6) == {"one"}
+    etcd_call(etcd, ("delete", prefix + "one", None))
+    wait_until(lambda: backends(proxy, 4) == {"503"}, 2.0, "the node gone after the reload")
 
 
 def test_a_proxy_starts_without_etcd_and_takes_its_nodes_when_it_comes(
