@@ -215,8 +215,9 @@ class RedisLimits:
         self.outages = 0
         self.proxies = 0.0
         self.workers = 0
-        # Smoothed seconds of a refill's round trip.
+        # Smoothed seconds of a refill's round trip; when the call on its way was sent.
         self.round_trip = 0.001
+        self._sent_at = 0.0
         self.start()
 
     # ------------------------------------------------------------------ the loop
@@ -280,6 +281,7 @@ class RedisLimits:
         if heartbeat:
             keys.append(self._members_key)
             self._next_heartbeat = now + HEARTBEAT
+        self._sent_at = now
         try:
             answer = await asyncio.wait_for(self._evalsha(keys, args), self.timeout)
         except asyncio.CancelledError:
@@ -287,6 +289,8 @@ class RedisLimits:
         except Exception as exc:  # any failure of Redis or the client is a fail-mode streak
             self._failed(exc)
             return
+        finally:
+            self._sent_at = 0.0
         sent, now = now, time.monotonic()
         self.round_trip += 0.2 * (now - sent - self.round_trip)
         if self.down_since:
@@ -401,6 +405,7 @@ class RedisLimits:
         return {
             "redis": self.url,
             "connected": not self.down_since and self._client is not None,
+            "waiting": round(time.monotonic() - self._sent_at, 3) if self._sent_at else 0.0,
             "errors": self.errors,
             "last_error": self.last_error,
             "outages": self.outages,
