@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
+from time import monotonic
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -325,7 +326,8 @@ class AsgiService:
                 "pitcher": {
                     "request_id": request_id,
                     "route": message.route,
-                    "deadline": loop.time() + deadline_ms / 1000 if deadline_ms else None,
+                    # time.monotonic(), as the SDK's Context.deadline; None: no deadline.
+                    "deadline": monotonic() + deadline_ms / 1000 if deadline_ms else None,
                 }
             },
         }
