@@ -791,11 +791,12 @@ def test_an_idempotent_call_is_sent_again_with_the_same_id() -> None:
             for _ in range(4):
                 data, peer = await raw.receive()
                 copies.append(data)
-            # The very same datagram each time, after 20, 40 and 80 ms (a timer
-            # may fire up to 2 ms early; late is only a slow loop).
+            # The very same datagram each time, after 20, 40 and 80 ms. Arrivals
+            # are stamped when the receiving side reads them: one read late on a
+            # busy machine makes the gap after it short, so allow 5 ms.
             assert len(set(copies)) == 1
             gaps = [later - earlier for earlier, later in itertools.pairwise(raw.arrivals)]
-            assert gaps[0] >= 0.018 and gaps[1] >= 0.038 and gaps[2] >= 0.078, gaps
+            assert gaps[0] >= 0.015 and gaps[1] >= 0.035 and gaps[2] >= 0.075, gaps
             assert gaps[0] < gaps[1] < gaps[2], gaps
             await raw.nothing(0.2)  # no more than ``retries`` copies
             frame = decode_datagram(copies[0])
