@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -228,3 +229,19 @@ def test_register_etcd_takes_the_cluster_from_the_url() -> None:
     )
     assert result.returncode == 2
     assert "names cluster 'users', not 'orders'" in result.stderr
+
+
+def test_register_etcd_without_the_fleet_extra_says_what_to_install() -> None:
+    script = (
+        "import sys; sys.modules['aiohttp'] = None\n"
+        "from pitcher_rpc.cli import main\n"
+        "main(['backend', 'pitcher_rpc.sdk.echo:app', '--listen', 'tcp://127.0.0.1:0',"
+        " '--register', 'etcd://127.0.0.1:1/users'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "--register etcd:// needs the fleet extra: pip install 'pitcher-rpc[fleet]'" in (
+        result.stderr
+    )
