@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Any
 
-# keepalive_requests values whose throughput is compared with wrk; 0 first (the base).
+# keepalive_requests values whose throughput is compared with wrk; the base first.
 THROUGHPUT_LIMITS = (0, 1000, 100, 10)
 REQUEST = b"GET /balance HTTP/1.1\r\nHost: load\r\n\r\n"
 # After a failed connect or a broken connection: not a tight loop of retries.
@@ -226,8 +226,13 @@ def _config(echo_uri: str, limit: int) -> str:
     )
 
 
-def measure(runs: int, throughput_runs: int) -> dict[str, Any]:
-    """Both measurements; ``runs`` or ``throughput_runs`` at 0 skips one."""
+def measure(
+    runs: int, throughput_runs: int, limits: tuple[int, ...] = THROUGHPUT_LIMITS
+) -> dict[str, Any]:
+    """Both measurements; ``runs`` or ``throughput_runs`` at 0 skips one.
+
+    ``limits`` are the settings whose throughput is compared; the first is the base.
+    """
     from tests.process.test_master import admin_port
     from tests.proxy.conftest import Launcher
 
@@ -252,7 +257,7 @@ def measure(runs: int, throughput_runs: int) -> dict[str, Any]:
                 )
         proxies = {
             limit: launcher.proxy(_config(echo.uri, limit), workers=2)
-            for limit in (THROUGHPUT_LIMITS if throughput_runs else ())
+            for limit in (limits if throughput_runs else ())
         }
         pids = {limit: list(requests_by_pid(admin_port(p))) for limit, p in proxies.items()}
         for proxy in proxies.values():
@@ -264,7 +269,7 @@ def measure(runs: int, throughput_runs: int) -> dict[str, Any]:
             # less with that load than requests per second do.
             order = list(proxies) if run % 2 == 0 else list(reversed(proxies))
             runs_now = {limit: _run_once(proxies[limit], pids[limit]) for limit in order}
-            base_rate, base_cpu = runs_now[0]
+            base_rate, base_cpu = runs_now[limits[0]]
             for limit, (rate, cpu) in runs_now.items():
                 report["rps"].setdefault(limit, []).append(rate)
                 report["ratios"].setdefault(limit, []).append(rate / base_rate)
@@ -273,7 +278,7 @@ def measure(runs: int, throughput_runs: int) -> dict[str, Any]:
                 f"round {run}: "
                 + ", ".join(
                     f"{limit}: {runs_now[limit][0]:.0f}/s {runs_now[limit][1]:.0f} us/request"
-                    for limit in THROUGHPUT_LIMITS
+                    for limit in limits
                 ),
                 flush=True,
             )
@@ -300,9 +305,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--throughput-runs", type=int, default=7)
+    parser.add_argument(
+        "--limits",
+        default=",".join(map(str, THROUGHPUT_LIMITS)),
+        help="keepalive_requests values to compare, the base first",
+    )
     args = parser.parse_args()
+    limits = tuple(int(value) for value in args.limits.split(","))
     with contextlib.suppress(KeyboardInterrupt):
-        measure(args.runs, args.throughput_runs)
+        measure(args.runs, args.throughput_runs, limits)
 
 
 if __name__ == "__main__":
