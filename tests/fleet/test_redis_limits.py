@@ -34,10 +34,11 @@ SPLIT = (0.6, 0.3, 0.1)
 HELD = 2 * max_batch(RATE, BURST) * PROCESSES
 
 # The run, in seconds from the start of the load.
-KILL_AT = 2.0
-START_AT = 3.5
-MEASURE_AGAIN = 4.5  # Redis back for a second: every worker has answered again
-END_AT = 6.0
+KILL_AT = 1.5
+START_AT = 2.7
+# Redis back for a second: every worker has tried again (every 0.5 s at most) and found it.
+MEASURE_AGAIN = 3.7
+END_AT = 4.9
 
 
 @pytest.fixture
