@@ -41,6 +41,7 @@ from fastapi import FastAPI
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
+sys.path.insert(0, str(ROOT))
 
 app = FastAPI()
 
@@ -246,14 +247,20 @@ def main() -> None:
             f"round {number}: pitcher {p_rps:.0f} req/s p50 {p_p50:.0f} µs;"
             f" nginx -> uvicorn {n_rps:.0f} req/s p50 {n_p50:.0f} µs",
             file=sys.stderr,
+            flush=True,
         )
     m = {key: statistics.median(values) for key, values in rows.items()}
-    print(f"FastAPI GET /hello, medians of {args.rounds} rounds of {args.seconds:g} s:")
+    from transports.native import describe
+
+    print(f"FastAPI GET /hello, medians of {args.rounds} rounds of {args.seconds:g} s")
+    print(f"(pitcher build: {describe()}; ratios: the median of each round's ratio)")
     print("| path | req/s (64 conn.) | p50 µs (1 conn.) |")
     print("|---|---|---|")
     print(f"| pitcher -> ASGI over unix:// | {m['pitcher rps']:.0f} | {m['pitcher p50']:.0f} |")
     print(f"| nginx -> uvicorn over unix:  | {m['nginx rps']:.0f} | {m['nginx p50']:.0f} |")
     print(f"| ratio (pitcher / nginx)      | {m['rps ratio']:.2f}x | {m['p50 ratio']:.2f}x |")
+    rounds = ", ".join(f"{r:.2f}" for r in rows["rps ratio"])
+    print(f"rounds' req/s ratios: {rounds}")
 
 
 if __name__ == "__main__":

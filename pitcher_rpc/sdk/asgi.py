@@ -294,6 +294,11 @@ class AsgiService:
         path = raw_path.decode("latin-1")
         if "%" in path:
             path = unquote(path)
+        root_path = self.root_path
+        if root_path:
+            # As uvicorn (and ASGI 2.4): path and raw_path include the root path.
+            path = root_path + path
+            raw_path = root_path.encode("latin-1") + raw_path
         names = message.header_names[:]
         values = message.header_values[:]
         headers = list(zip(names, values, strict=True))
@@ -318,7 +323,7 @@ class AsgiService:
             "path": path,
             "raw_path": raw_path,
             "query_string": message.query,
-            "root_path": self.root_path,
+            "root_path": root_path,
             "headers": headers,
             "client": client,
             "server": self._server_address,

@@ -248,3 +248,26 @@ def test_a_failed_startup_exits_non_zero_with_the_apps_message(launcher: Launche
     assert process.popen.wait(10) == 1
     wait_until(lambda: "the database is not there" in process.output, 2, "the message")
     assert not os.path.exists(uri.removeprefix("unix://"))
+
+
+def test_a_stripped_prefix_comes_back_as_the_root_path(launcher: Launcher) -> None:
+    marks = os.path.join(launcher.tmpdir, launcher.unique("root"))
+    os.mkdir(marks)
+    uri = f"unix://{launcher.tmpdir}/{launcher.unique('rooted')}.sock"
+    process = launcher.spawn(
+        [*backend_command("tests.asgi.apps:starlette_app", uri), "--root-path", "/shop"],
+        env={"ASGI_TEST_MARKS": marks},
+        cwd=str(ROOT),
+    )
+    launcher._wait_listening(process, uri)
+    config = toml_config(
+        routes=[{"prefix": "/shop/", "cluster": "app", "strip_prefix": True}],
+        clusters={"app": {"nodes": [uri]}},
+    )
+    with launcher.proxy(config).connect() as client:
+        answer = client.request("GET", "/shop/items/abc?q=1")
+    assert answer.status == 200
+    # The app routed /items/{item} and sees the URL the client asked for.
+    assert answer.json()["item"] == "abc"
+    assert answer.json()["path"] == "/shop/items/abc"
+    assert answer.json()["raw_path"] == "/shop/items/abc"
