@@ -207,7 +207,10 @@ class HttpConnection(HttpGlue):
     # the sweep -----------------------------------------------------------------------
 
     def sweep(self, now: float, snapshot: Snapshot) -> None:
-        """The periodic sweep: a reload's new timeouts apply to connections already open."""
+        """The periodic sweep: a reload's new timeouts apply to connections already open.
+
+        Not ``keepalive_requests``: a connection keeps the limit it was accepted with.
+        """
         http = self.http
         http.header_timeout = snapshot.header_timeout
         http.keepalive_timeout = snapshot.keepalive_timeout
