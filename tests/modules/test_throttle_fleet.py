@@ -263,6 +263,27 @@ def test_a_flushed_script_cache_is_loaded_again(redis: Server) -> None:
     run(redis, business(100, 100, "batch = 2"), check)
 
 
+def test_closing_the_module_ends_its_refills_and_its_redis_connection(redis: Server) -> None:
+    def connections() -> int:
+        listed = client(redis).client_list()
+        return sum(1 for entry in listed if entry.get("name") == "pitcher-fleet-limits")
+
+    async def check(proxies: list[tuple[ProxyServer, int]]) -> None:
+        proxy, port = proxies[0]
+        assert connections() == 1
+        throttle: Any = proxy.snapshot.modules.modules["throttle"]
+        await throttle.aclose()
+        await until(lambda: connections() == 0, "the connection closed")
+        # Nothing refills any more: what the worker held is all it spends.
+        refills = fleet(proxy)["limits"]["a.rate"]["refills"]
+        statuses = [(await get(port))[0] for _ in range(8)]
+        await asyncio.sleep(0.2)
+        assert fleet(proxy)["limits"]["a.rate"]["refills"] == refills
+        assert statuses.count(429) >= 8 - 2 * 2, statuses
+
+    run(redis, business(100, 100, "batch = 2"), check)
+
+
 def test_detect_mode_takes_fleet_tokens_and_refuses_nothing(redis: Server) -> None:
     async def check(proxies: list[tuple[ProxyServer, int]]) -> None:
         proxy, port = proxies[0]
