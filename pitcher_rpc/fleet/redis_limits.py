@@ -119,25 +119,36 @@ return answer
 """
 
 
+def redacted(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs, stats and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
 def check_url(url: str) -> str:
     """The Redis URL if redis-py can use it; ValueError naming what is wrong."""
     parts = urlsplit(url)
+    shown = redacted(url)
     if parts.scheme in ("redis", "rediss"):
         if not parts.hostname:
-            raise ValueError(f"redis: {url!r} names no host (redis://HOST:PORT/DB)")
+            raise ValueError(f"redis: {shown!r} names no host (redis://HOST:PORT/DB)")
         try:
             parts.port  # noqa: B018 - raises on a port that is not a number
         except ValueError:
-            raise ValueError(f"redis: {url!r} has a bad port") from None
+            raise ValueError(f"redis: {shown!r} has a bad port") from None
         database = parts.path.strip("/")
         if database and not database.isdigit():
-            raise ValueError(f"redis: {url!r}: the path is a database number")
+            raise ValueError(f"redis: {shown!r}: the path is a database number")
         return url
     if parts.scheme == "unix":
         if not parts.path:
-            raise ValueError(f"redis: {url!r} names no socket path (unix:///path?db=0)")
+            raise ValueError(f"redis: {shown!r} names no socket path (unix:///path?db=0)")
         return url
-    raise ValueError(f"redis must be a redis://, rediss:// or unix:// URL, got {url!r}")
+    raise ValueError(f"redis must be a redis://, rediss:// or unix:// URL, got {shown!r}")
 
 
 def max_batch(rate: float, burst: float) -> int:
@@ -190,6 +201,8 @@ class RedisLimits:
         timeout: float,
     ) -> None:
         self.url = url
+        # What logs and stats show: never the password.
+        self.shown = redacted(url)
         self.timeout = timeout
         now = time.monotonic()
         self._refills = [_Refill(bucket, now) for bucket in buckets]
@@ -362,7 +375,7 @@ class RedisLimits:
             )
         log.warning(
             "fleet limits: Redis at %s failed (%s); fail %s until it answers again",
-            self.url,
+            self.shown,
             self.last_error,
             " and ".join(sorted(modes)),
         )
@@ -381,7 +394,7 @@ class RedisLimits:
         log.warning(
             "fleet limits: Redis at %s answers again after %.1f s; the fleet's rate holds again"
             " (admitted unchecked so far: %d)",
-            self.url,
+            self.shown,
             away,
             unchecked,
         )
@@ -403,7 +416,7 @@ class RedisLimits:
                 "fallback_rate": round(bucket.fallback.rate * bucket.share, 3),
             }
         return {
-            "redis": self.url,
+            "redis": self.shown,
             "connected": not self.down_since and self._client is not None,
             "waiting": round(time.monotonic() - self._sent_at, 3) if self._sent_at else 0.0,
             "errors": self.errors,

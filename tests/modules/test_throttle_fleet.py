@@ -321,6 +321,31 @@ def test_bad_fleet_settings_are_refused_with_their_line(section: str, message: s
     assert_module_refuses("throttle", section, message)
 
 
+def test_a_password_in_the_url_is_never_shown(
+    redis: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    error = assert_module_refuses(
+        "throttle", 'scope = "fleet"\nrate = 1\nredis = "redis://u:s3cret@h:x/0"', "bad port"
+    )
+    assert "s3cret" not in error.text and "redis://u:***@h:x/0" in error.text
+
+    # This Redis has no such user: AUTH fails, and neither the log nor the stats show it.
+    url = f"redis://nobody:s3cret@127.0.0.1:{redis.port}/0"
+
+    async def main() -> None:
+        async with serving(app) as [node]:
+            text = CONFIG.format(redis=url, throttle=business(5, 5), node=node)
+            async with running_proxy(text) as (proxy, _):
+                await until(lambda: fleet(proxy)["errors"] > 0, "the failed AUTH")
+                numbers = fleet(proxy)
+                assert numbers["redis"] == f"redis://nobody:***@127.0.0.1:{redis.port}/0"
+                assert "s3cret" not in repr(numbers)
+
+    with caplog.at_level(logging.WARNING, logger="pitcher.fleet"):
+        asyncio.run(main())
+    assert caplog.records and "s3cret" not in caplog.text
+
+
 def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],
