@@ -152,9 +152,7 @@ def measure(key: str, root: Path, tmp: Path, warm: int, count: int) -> tuple[flo
         front += ["--backend", f"unix://{sock}"]
     else:
         conf = work / "pitcher.toml"
-        text = PITCHER_CONFIG.format(port=port, admin=free_port(), socket=sock, route="")
-        # No close after N requests: the count below runs on one connection.
-        conf.write_text(text.replace("[server]\n", "[server]\nkeepalive_requests = 0\n", 1))
+        conf.write_text(PITCHER_CONFIG.format(port=port, admin=free_port(), socket=sock, route=""))
         front = [PYTHON, "-m", "pitcher_rpc.cli", "serve", "-c", str(conf), "--workers", "0"]
     service_out, front_out = work / "service.out", work / "front.out"
     log = work / "log"

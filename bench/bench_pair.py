@@ -133,6 +133,7 @@ PITCHER_CONFIG = """
 [server]
 listen = "127.0.0.1:{port}"
 backlog = 4096
+keepalive_requests = 0   # as nginx's 1000000: no reconnections in the measure
 
 [admin]
 listen = "127.0.0.1:{admin}"

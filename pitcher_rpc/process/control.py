@@ -100,7 +100,8 @@ class WorkerLink:
                 raise ConnectionError("its control connection is closed")
             self._writer.write(encode_message({"id": request_id, "op": op, **arguments}))
             await self._writer.drain()
-            answer = await asyncio.wait_for(waiter, timeout)
+            async with asyncio.timeout(timeout):
+                answer = await waiter
         except (OSError, RuntimeError, TimeoutError) as exc:
             # OSError covers ConnectionError; uvloop raises RuntimeError when
             # writing to a transport whose worker has just died.

@@ -55,8 +55,10 @@ class Coordination:
     async def run(self) -> None:
         while True:
             hurried = False
+            # asyncio.timeout, not wait_for: no task is made per tick.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._hurry.wait(), TICK)
+                async with asyncio.timeout(TICK):
+                    await self._hurry.wait()
                 hurried = True
             self._hurry.clear()
             # A hurried tick judges at once; a second one delivers the verdict
@@ -69,7 +71,10 @@ class Coordination:
 
     async def tick(self) -> None:
         links = [(index, link) for index, link in self._links() if link is not None]
-        answers = await asyncio.gather(*(self._ask(index, link) for index, link in links))
+        if len(links) == 1:
+            answers = [await self._ask(*links[0])]  # no task for the one worker
+        else:
+            answers = await asyncio.gather(*(self._ask(index, link) for index, link in links))
         reports: dict[int, dict[str, tuple[float, float]]] = {}
         outcomes: dict[str, list[int]] = {}
         for (index, _), answer in zip(links, answers, strict=True):
@@ -118,5 +123,6 @@ class Coordination:
         if connections is not None:
             arguments["connections"] = connections
         with contextlib.suppress(ControlError, TimeoutError, ConnectionError):
-            return await asyncio.wait_for(link.command("tick", **arguments), TICK * 5)
+            async with asyncio.timeout(TICK * 5):
+                return await link.command("tick", **arguments)
         return None

@@ -110,6 +110,7 @@ def answer(request: Request) -> Response:
 CONFIG = """
 [server]
 listen = "127.0.0.1:0"
+keepalive_requests = 0  # the load keeps its connections for the whole test
 [overload]
 lag_high = 0.03
 lag_low = 0.01

@@ -39,6 +39,7 @@ from tests.proxy.conftest import Launcher, Proxy, get, toml_config, wait_until
 CONFIG = """
 [server]
 listen = "127.0.0.1:0"
+keepalive_requests = 0  # the load keeps its connections for the whole test
 
 [modules.access_log]
 path = {path}

@@ -16,6 +16,7 @@ RELOADS = 50
 CONFIG_A = """
 [server]
 listen = "127.0.0.1:0"
+keepalive_requests = 0
 [modules.ip_filter]
 allow = ["127.0.0.0/8"]
 [[routes]]
@@ -33,6 +34,7 @@ nodes = ["{one}"]
 CONFIG_B = """
 [server]
 listen = "127.0.0.1:0"
+keepalive_requests = 0
 [[routes]]
 name = "stable"
 prefix = "/stable/"
