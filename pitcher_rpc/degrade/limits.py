@@ -151,8 +151,10 @@ class FleetBucket(Bucket):
         self.key = key
         # The most tokens taken from Redis at once; 0: the refiller's default.
         self.max_batch = max_batch
-        self.state = FLEET
         self.fail_state = FAIL_CLOSED if fail_closed else FAIL_OPEN
+        # Until Redis first answers, nothing is known of the fleet: the fail mode
+        # holds (for the first round trip, or for as long as Redis is away).
+        self.state = self.fail_state
         self.fallback = TokenBucket(rate, burst, now)
         self.fallback.tokens = 0.0
         # Tokens granted by Redis and not spent yet.

@@ -14,13 +14,14 @@ Batches follow demand: a worker asks for the tokens it spent over the last
 never holds more than two batches. So over any time T the fleet admits at
 most ``rate * T + burst + 2 * max_batch * workers`` (docs/fleet-limits.md).
 
-Redis down, refusing or slower than ``timeout``: every bucket goes to its
-fail mode (admit everything, or enforce this proxy's share of the rate
-locally), logged once per streak, and the refiller tries again with a
-backoff; the first answer puts the buckets back on the fleet's tokens. The
-fleet's size, for that share, is counted in Redis: each worker says every
-second which part of its proxy's traffic it has (the master's share), and
-those parts add up to the number of proxies.
+Until Redis first answers, and while it is down, refusing or slower than
+``timeout``, every bucket is in its fail mode (admit everything, or enforce
+this proxy's share of the rate locally); a failure is logged once per
+streak, and the refiller tries again with a backoff; the first answer puts
+the buckets on the fleet's tokens. The fleet's size, for that share, is
+counted in Redis: each worker says every second which part of its proxy's
+traffic it has (the master's share), and those parts add up to the number
+of proxies.
 
 redis-py is imported when the first refill runs, never by a proxy without
 a fleet limit.
@@ -231,6 +232,8 @@ class RedisLimits:
         # Smoothed seconds of a refill's round trip; when the call on its way was sent.
         self.round_trip = 0.001
         self._sent_at = 0.0
+        # Redis has answered once (until then every bucket is in its fail mode).
+        self.answered = False
         self.start()
 
     # ------------------------------------------------------------------ the loop
@@ -308,6 +311,11 @@ class RedisLimits:
         self.round_trip += 0.2 * (now - sent - self.round_trip)
         if self.down_since:
             self._recovered(now)
+        elif not self.answered:
+            # The first answer: the fail mode held until now, the fleet's tokens from now on.
+            for refill in self._refills:
+                refill.bucket.state = FLEET
+        self.answered = True
         for refill, want, (granted, wait_ms) in zip(due, wants, answer, strict=False):
             bucket = refill.bucket
             refill.refills += 1

@@ -201,6 +201,26 @@ def test_fail_open_admits_while_redis_is_down_logs_once_and_recovers(
     run(redis, business(20, 3, "batch = 2"), check)
 
 
+def test_a_proxy_started_while_redis_is_down_serves_and_joins_the_fleet_later(
+    redis: Server,
+) -> None:
+    redis.kill()
+
+    async def main() -> None:
+        async with serving(app) as [node]:
+            text = CONFIG.format(redis=redis.url, throttle=business(20, 3, "batch = 2"), node=node)
+            async with running_proxy(text) as (proxy, port):
+                # Fail open from the start: nothing is refused for want of a first batch.
+                assert [(await get(port))[0] for _ in range(10)] == [200] * 10
+                await until(lambda: fleet(proxy)["errors"] > 0, "the failed first refill")
+                assert fleet(proxy)["limits"]["a.rate"]["mode"] == "open"
+                await asyncio.to_thread(redis.start)
+                await until(lambda: fleet(proxy)["limits"]["a.rate"]["mode"] == "fleet", "Redis")
+                assert {(await get(port))[0] for _ in range(12)} == {200, 429}
+
+    asyncio.run(main())
+
+
 def test_fail_closed_enforces_the_proxys_share_locally(redis: Server) -> None:
     rate, burst = 4.0, 4.0
 
