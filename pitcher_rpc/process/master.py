@@ -323,6 +323,11 @@ class Master:
                 )
         except (ControlError, ConfigError) as exc:
             log.error("worker %d could not take the current configuration: %s", index, exc)
+        try:
+            # Only now does the worker accept: its first request sees every node.
+            await link.command("start")
+        except ControlError as exc:
+            log.error("worker %d could not be told to accept: %s", index, exc)
         finally:
             slot.linked.set()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -24,6 +25,10 @@ from .gc_tuning import GcPauses, GcSettings, apply
 
 log = logging.getLogger("pitcher.worker")
 
+# The longest a new worker waits for the master to bring it up to date before
+# it accepts anyway (a master that says nothing must not keep it closed).
+_CATCH_UP_TIMEOUT = 2.0
+
 
 class Worker:
     def __init__(
@@ -37,6 +42,8 @@ class Worker:
         # The configuration file as last loaded, without run-time node changes.
         self.base_config: Config | None = None
         self.stopping = asyncio.Event()
+        # Set by the master's "start" (or its first tick): accept from then on.
+        self._caught_up = asyncio.Event()
         self.fast = False
         self.pauses = GcPauses()
 
@@ -54,10 +61,6 @@ class Worker:
         )
         # Log rotation: the master passes SIGUSR1 on to every worker.
         loop.add_signal_handler(signal.SIGUSR1, proxy.reopen_modules)
-        await proxy.start(sock=self.listener)
-        # Start-up is done: what exists now lives as long as the process.
-        apply(GcSettings(config.server.gc_freeze, config.server.gc_thresholds))
-        self.pauses.install()
         reader, writer = await asyncio.open_unix_connection(control_path)
         writer.write(encode_message({"op": "hello", "index": self.index, "pid": os.getpid()}))
 
@@ -68,6 +71,17 @@ class Worker:
 
         proxy.upstreams.alarm = suspect
         control = loop.create_task(self._serve_control(reader, writer), name="pitcher-control")
+        # Accept only once the master has brought this worker up to date (the
+        # current file, the nodes added at run time or found in etcd): a
+        # replacement's first request must not see the file's nodes alone.
+        # Clients meanwhile wait in the listener's backlog.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CATCH_UP_TIMEOUT):
+                await self._caught_up.wait()
+        await proxy.start(sock=self.listener)
+        # Start-up is done: what exists now lives as long as the process.
+        apply(GcSettings(config.server.gc_freeze, config.server.gc_thresholds))
+        self.pauses.install()
         try:
             await self.stopping.wait()
         finally:
@@ -105,7 +119,11 @@ class Worker:
         proxy = self.proxy
         assert proxy is not None
         op = message.get("op")
+        if op == "start":
+            self._caught_up.set()
+            return {}
         if op == "tick":
+            self._caught_up.set()
             proxy.apply_shares(message.get("shares") or {})
             if "connections" in message:
                 proxy.set_connection_share(float(message["connections"]))

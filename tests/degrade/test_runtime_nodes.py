@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -264,3 +266,56 @@ def test_the_cli_adds_and_removes(launcher: Launcher) -> None:
     refused = cli("remove", "app", second.uri)
     assert refused.returncode == 1 and "is not a node of app" in refused.stdout
     assert cli("drain", "app").returncode == 2  # usage: the URI is missing
+
+
+def test_a_replaced_worker_accepts_only_once_it_has_the_run_time_nodes(
+    launcher: Launcher,
+) -> None:
+    # The file's only node is dead; the live one exists only at run time. A
+    # worker that accepted before the master brought it up to date would
+    # send its first requests to the dead node.
+    live = launcher.test_backend("tcp", name="live")
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    text = toml_config([{"prefix": "/", "cluster": "app"}], {"app": {"nodes": [dead]}})
+    proxy = launcher.proxy(text, workers=1)
+    port = admin_port(proxy)
+    status, _ = call(port, "POST", "/admin/clusters/app/nodes", {"uri": live.uri})
+    assert status == 201
+    status, _ = call(port, "DELETE", f"/admin/clusters/app/nodes?uri={dead}")
+    assert status == 200
+    assert served_by(proxy) == "live"
+
+    outcomes: list[int] = []
+    stop = threading.Event()
+
+    def ask() -> None:
+        deadline = time.monotonic() + 10
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                outcomes.append(get(proxy, "/").status)
+            except OSError:
+                outcomes.append(0)  # the connection the killed worker held
+
+    _, workers = call(port, "GET", "/admin/workers")
+    before = workers["workers"][0]["pid"]
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        time.sleep(0.3)
+        os.kill(before, signal.SIGKILL)
+
+        def replaced() -> bool:
+            _, now = call(port, "GET", "/admin/workers")
+            return any(w.get("pid") not in (None, before) for w in now["workers"])
+
+        deadline = time.monotonic() + 10
+        while not replaced():
+            assert time.monotonic() < deadline, "no replacement worker"
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        asker.join(15)
+    assert outcomes.count(200) > 20, outcomes[-20:]
+    # Only what the killed worker held may fail; never a 502 from the dead node.
+    assert 502 not in outcomes and outcomes.count(0) <= 1, [s for s in outcomes if s != 200]
