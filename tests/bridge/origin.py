@@ -14,6 +14,8 @@ Keep-alive; each connection is numbered so a test can see reuse. Paths:
 - ``/badheader``: a header value with a control byte.
 - ``/hop``: hop-by-hop fields and one its Connection names.
 - ``/big?size=N``: N bytes.
+- ``/chunked``: a chunked body; ``/eof``: a body that ends with the connection.
+- ``/drop``: answered only as a connection's first request; later ones close it.
 - ``/status/N``: that status.
 - anything else: a JSON echo of the request.
 """
@@ -34,6 +36,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     global connections
     connections += 1
     number = connections
+    served = 0
     try:
         while True:
             try:
@@ -47,6 +50,9 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             body = await reader.readexactly(length) if length else b""
             path, _, query = target.partition("?")
             params = dict(parse_qsl(query))
+            served += 1
+            if path == "/drop" and served > 1:
+                return  # as if it had closed the idle connection just before
             if not await answer(reader, writer, method, path, query, params, headers, body, number):
                 return
     finally:
@@ -96,6 +102,16 @@ async def answer(reader, writer, method, path, query, params, headers, body, num
             ],
         )
         return True
+    if path == "/chunked":
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
+        return True
+    if path == "/eof":
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+        await writer.drain()
+        return False
     if path == "/big":
         send(200, b"z" * int(params["size"]), [("Content-Type", "application/octet-stream")])
         return True
