@@ -487,10 +487,15 @@ class ProxyServer:
         if shedder.config.mode == "off":
             return
         chains = self.snapshot.modules
-        in_flight = sum(1 for connection in self.connections if connection.current is not None)
+        # Counting walks every connection: only when a limit on it is set
+        # (10,000 idle keep-alive connections cost that walk 20 times a second).
+        counted = shedder.config.in_flight_high > 0
+        in_flight = self._in_flight() if counted else 0
         step = shedder.sample(now, self.lag, in_flight, chains.sheddable())
         if step is None:
             return
+        if not counted:
+            in_flight = self._in_flight()  # for the log line
         lag_ms = step.lag * 1000
         if shedder.config.mode == "detect":
             log.warning(
@@ -498,7 +503,7 @@ class ProxyServer:
                 step.action,
                 step.module,
                 lag_ms,
-                step.in_flight,
+                in_flight,
             )
             return
         chains.set_shed(shedder.shed)
@@ -506,16 +511,19 @@ class ProxyServer:
             log.warning(
                 "overload: event-loop lag %.0f ms, %d in flight: module %s switched off",
                 lag_ms,
-                step.in_flight,
+                in_flight,
                 step.module,
             )
         else:
             log.warning(
                 "load is normal again (lag %.0f ms, %d in flight): module %s back on",
                 lag_ms,
-                step.in_flight,
+                in_flight,
                 step.module,
             )
+
+    def _in_flight(self) -> int:
+        return sum(1 for connection in self.connections if connection.current is not None)
 
     def overload_status(self) -> dict[str, Any]:
         shedder = self.shedder
