@@ -72,13 +72,28 @@ class LifespanError(Exception):
 
 
 def is_asgi_app(candidate: object) -> bool:
-    """Whether ``candidate`` looks like an ASGI 3 app: an async callable that is no Service."""
+    """Whether ``candidate`` looks like an ASGI 3 app: an async callable of scope, receive, send.
+
+    A Service is not one, nor an SDK handler (``async def h(request)``).
+    """
     if isinstance(candidate, Service) or not callable(candidate):
         return False
-    if inspect.iscoroutinefunction(candidate):
-        return True
-    call = getattr(type(candidate), "__call__", None)  # noqa: B004 - the class's, not the object's
-    return call is not None and inspect.iscoroutinefunction(call)
+    if not inspect.iscoroutinefunction(candidate):
+        call = getattr(type(candidate), "__call__", None)  # noqa: B004 - the class's
+        if call is None or not inspect.iscoroutinefunction(call):
+            return False
+    try:
+        # Of an object: its class's __call__ without self.
+        parameters = inspect.signature(candidate).parameters.values()
+    except (TypeError, ValueError):
+        return True  # no signature to read: trust the async callable
+    positional = [
+        p
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
+    return variadic or len(positional) >= 3
 
 
 def load_app(spec: str) -> Any:
@@ -107,15 +122,15 @@ def as_service(candidate: object, interface: str = "auto", name: str = "") -> Se
         raise ValueError(f"unknown interface {interface!r} (auto, sdk or asgi)")
     if isinstance(candidate, Service):
         if interface == "asgi":
-            raise ValueError("it is a pitcher_rpc.sdk.Service, not an ASGI app")
+            raise ValueError("is a pitcher_rpc.sdk.Service, not an ASGI app")
         return candidate
     if interface == "sdk":
-        raise ValueError("it is not a pitcher_rpc.sdk.Service")
+        raise ValueError("is not a pitcher_rpc.sdk.Service")
     if (interface == "asgi" and callable(candidate)) or is_asgi_app(candidate):
         return AsgiService(cast(AsgiApp, candidate), name=name)
     raise ValueError(
-        "it is neither a pitcher_rpc.sdk.Service nor an ASGI 3 app (an async callable"
-        " taking scope, receive, send; an ASGI 2 class is not served)"
+        "is not a pitcher_rpc.sdk.Service, nor an ASGI 3 app (an async callable"
+        " taking scope, receive and send; an ASGI 2 class is not served)"
     )
 
 

@@ -107,9 +107,13 @@ def run_backend(
 
     check_listen(listen)
     try:
-        service = as_service(load_app(app), interface, name=app)
+        target = load_app(app)
     except ValueError as exc:
-        raise click.BadParameter(f"{app}: {exc}", param_hint="APP") from None
+        raise click.BadParameter(str(exc), param_hint="APP") from None
+    try:
+        service = as_service(target, interface, name=app)
+    except ValueError as exc:
+        raise click.BadParameter(f"{app} {exc}", param_hint="APP") from None
     if isinstance(service, AsgiService):
         service.root_path = root_path
         service.lifespan = lifespan

@@ -300,5 +300,20 @@ def test_what_backend_serves_is_detected_or_forced() -> None:
         as_service(function_app, "sdk")
     with pytest.raises(ValueError, match="not an ASGI app"):
         as_service(service, "asgi")
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="nor an ASGI 3 app"):
         as_service(object())
+
+    async def sdk_handler(request: Any) -> dict[str, Any]:
+        return {}
+
+    class Asgi2:
+        def __init__(self, scope: Any) -> None:
+            pass
+
+    class VariadicApp:
+        async def __call__(self, *args: Any) -> None:
+            pass
+
+    assert not is_asgi_app(sdk_handler)
+    assert not is_asgi_app(Asgi2)
+    assert is_asgi_app(VariadicApp())

@@ -62,9 +62,15 @@ def test_a_service_or_an_asgi_app_is_served(
 @pytest.mark.parametrize(
     ("app", "interface", "message"),
     [
-        ("tests.asgi.apps:starlette_app", "sdk", "it is not a pitcher_rpc.sdk.Service"),
-        ("pitcher_rpc.sdk.echo:app", "asgi", "it is a pitcher_rpc.sdk.Service, not an ASGI app"),
-        ("tests.asgi.apps:MARKS", "auto", "neither a pitcher_rpc.sdk.Service nor an ASGI 3 app"),
+        ("tests.asgi.apps:starlette_app", "sdk", "starlette_app is not a pitcher_rpc.sdk.Service"),
+        (
+            "pitcher_rpc.sdk.echo:app",
+            "asgi",
+            "echo:app is a pitcher_rpc.sdk.Service, not an ASGI app",
+        ),
+        ("tests.asgi.apps:MARKS", "auto", "MARKS is not a pitcher_rpc.sdk.Service, nor an ASGI 3"),
+        # An SDK handler is an async callable too, of one argument.
+        ("pitcher_rpc.sdk.echo:echo", "auto", "echo:echo is not a pitcher_rpc.sdk.Service"),
         ("tests.asgi.nowhere:app", "auto", "cannot load tests.asgi.nowhere:app"),
         ("tests.asgi.apps", "auto", "expected MODULE:ATTRIBUTE"),
     ],
