@@ -365,8 +365,10 @@ class AsgiService:
         try:
             await self.app(scope, cycle.receive, cycle.send)
         except asyncio.CancelledError:
+            # Stopped at shutdown after the grace (or by itself): nothing more will come.
+            if not cycle.answer.done():
+                cycle.answer.set_exception(AppError("the app was cancelled before it answered"))
             cycle.disconnect()
-            cycle.app_ended(None)
             raise
         except Exception as exc:
             log.error("Exception in ASGI application %s", self.name, exc_info=exc)

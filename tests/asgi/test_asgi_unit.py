@@ -317,3 +317,19 @@ def test_what_backend_serves_is_detected_or_forced() -> None:
     assert not is_asgi_app(sdk_handler)
     assert not is_asgi_app(Asgi2)
     assert is_asgi_app(VariadicApp())
+
+
+def test_an_app_stopped_before_it_answered_fails_the_call() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(10)
+
+    async def scenario() -> None:
+        service = AsgiService(app)
+        waiting = service.respond(request_payload())
+        await asyncio.sleep(0.01)
+        for task in list(service._tasks):
+            task.cancel()  # what close() does once the grace is over
+        with pytest.raises(AppError, match="cancelled before it answered"):
+            await waiting
+
+    run(scenario())
