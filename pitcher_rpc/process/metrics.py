@@ -241,6 +241,75 @@ class _Degradation:
             for limit, count in sorted(totals.items()):
                 family.add_metric([limit], count)
             yield family
+        yield from self._fleet_limits()
+
+    def _fleet_limits(self) -> Iterable[Metric]:
+        """Rates shared through Redis (throttle scope = "fleet"): what each worker holds, and
+        whether Redis answers it or the limit runs in its fail mode."""
+        fleets = [
+            (str(w["index"]), w["modules"]["throttle"]["fleet"])
+            for w in self.workers
+            if isinstance(w.get("modules"), dict)
+            and isinstance(w["modules"].get("throttle"), dict)
+            and isinstance(w["modules"]["throttle"].get("fleet"), dict)
+        ]
+        if not fleets:
+            return
+        connected = GaugeMetricFamily(
+            "pitcher_throttle_fleet_connected",
+            "1 while Redis answers the worker's refills; 0: its fleet limits are in fail mode",
+            labels=["worker"],
+        )
+        failing = GaugeMetricFamily(
+            "pitcher_throttle_fleet_fail_mode",
+            "1 while a fleet limit runs in its fail mode (open: admits; closed: a local share)",
+            labels=["limit", "worker"],
+        )
+        held = GaugeMetricFamily(
+            "pitcher_throttle_fleet_held_tokens",
+            "Tokens a worker holds from the fleet's bucket, spent without asking Redis",
+            labels=["limit", "worker"],
+        )
+        proxies = GaugeMetricFamily(
+            "pitcher_throttle_fleet_proxies", "Proxies sharing the fleet's limits, as Redis counts"
+        )
+        counters = {
+            key: CounterMetricFamily(name, text, labels=["limit"])
+            for key, name, text in (
+                ("refills", "pitcher_throttle_fleet_refills", "Batches of tokens taken from Redis"),
+                (
+                    "unchecked",
+                    "pitcher_throttle_fleet_unchecked",
+                    "Requests admitted unchecked while Redis was away (fail = open)",
+                ),
+            )
+        }
+        errors = CounterMetricFamily(
+            "pitcher_throttle_fleet_redis_errors", "Refills Redis failed or did not answer in time"
+        )
+        outages = CounterMetricFamily(
+            "pitcher_throttle_fleet_outages", "Times Redis went away, counted per worker, summed"
+        )
+        totals: dict[str, dict[str, float]] = {key: {} for key in counters}
+        error_count = outage_count = 0
+        most_proxies = 0.0
+        for worker, fleet in fleets:
+            connected.add_metric([worker], 1.0 if fleet.get("connected") else 0.0)
+            error_count += int(fleet.get("errors", 0))
+            outage_count += int(fleet.get("outages", 0))
+            most_proxies = max(most_proxies, float(fleet.get("proxies") or 0))
+            for limit, state in sorted((fleet.get("limits") or {}).items()):
+                failing.add_metric([limit, worker], 0.0 if state.get("mode") == "fleet" else 1.0)
+                held.add_metric([limit, worker], float(state.get("held", 0)))
+                for key, total in totals.items():
+                    total[limit] = total.get(limit, 0) + float(state.get(key, 0))
+        for key, family in counters.items():
+            for limit, value in sorted(totals[key].items()):
+                family.add_metric([limit], value)
+        errors.add_metric([], error_count)
+        outages.add_metric([], outage_count)
+        proxies.add_metric([], most_proxies)
+        yield from (connected, failing, held, proxies, *counters.values(), errors, outages)
 
     def _overload(self) -> Iterable[Metric]:
         lag = GaugeMetricFamily(

@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from pitcher_rpc.fleet.redis_limits import max_batch
-from tests.proxy.conftest import Launcher, toml_config
+from tests.process.test_master import admin_port
+from tests.process.test_module_metrics import scrape
+from tests.proxy.conftest import Launcher, get, toml_config
 from tests.servers import Server, redis_server
 
 RATE = 200.0
@@ -225,3 +227,52 @@ fail = "closed"
             line for line in lines if "fleet limits: Redis at" in line and "again after" in line
         ]
         assert len(went) == len(back) == max(1, WORKERS[index]), output
+
+
+def test_metrics_say_whether_redis_answers_and_what_each_worker_holds(
+    launcher: Launcher, redis: Server
+) -> None:
+    echo = launcher.echo_backend("tcp")
+    text = toml_config(
+        [{"name": "shop", "prefix": "/", "cluster": "echo", "business": "shop"}],
+        {"echo": {"nodes": [echo.uri]}},
+    )
+    text += f"""
+[modules.throttle]
+scope = "fleet"
+redis = "{redis.url}/0"
+redis_timeout = 0.3
+
+[modules.throttle.business.shop]
+rate = 500
+fail = "closed"
+"""
+    proxy = launcher.proxy(text, workers=1)
+    port = admin_port(proxy)
+
+    def sample(name: str, **labels: str) -> float:
+        family = scrape(port).get(name)
+        assert family is not None, f"{name} is not on /metrics"
+        for each in family.samples:
+            if all(each.labels.get(key) == value for key, value in labels.items()):
+                return float(each.value)
+        raise AssertionError(f"no {name} sample with {labels}: {family.samples}")
+
+    def settles(check: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 5.0
+        while not check():
+            assert time.monotonic() < deadline, what
+            get(proxy, "/")  # a request spends a token: the worker refills
+            time.sleep(0.1)
+
+    settles(lambda: sample("pitcher_throttle_fleet_connected", worker="0") == 1.0, "Redis up")
+    assert sample("pitcher_throttle_fleet_fail_mode", limit="shop.rate", worker="0") == 0.0
+    assert sample("pitcher_throttle_fleet_refills", limit="shop.rate") >= 1
+    assert sample("pitcher_throttle_fleet_proxies") == 1.0
+    redis.kill()
+    settles(lambda: sample("pitcher_throttle_fleet_connected", worker="0") == 0.0, "Redis away")
+    assert sample("pitcher_throttle_fleet_fail_mode", limit="shop.rate", worker="0") == 1.0
+    assert sample("pitcher_throttle_fleet_outages") >= 1
+    redis.start()
+    settles(lambda: sample("pitcher_throttle_fleet_connected", worker="0") == 1.0, "Redis back")
+    assert sample("pitcher_throttle_fleet_fail_mode", limit="shop.rate", worker="0") == 0.0
