@@ -13,6 +13,9 @@ Both sides are one proxy process and one app process, the app on a Unix socket:
 - nginx: one worker with a keep-alive upstream -> ``uvicorn bench_asgi:app
   --uds`` (uvloop and httptools, as uvicorn picks them when installed).
 
+A third row, for an app left as it is: ``pitcher serve`` -> ``pitcher bridge``
+-> the same uvicorn over a Unix socket (one process more than the others).
+
 wrk measures requests/s at 64 connections and p50 at 1 connection, against
 ``GET /hello?name=bench`` (an async endpoint answering a small JSON object).
 The ratio is Pitcher's over nginx's, per round, and the table shows medians.
@@ -151,7 +154,7 @@ cluster = "app"
 timeout = 10.0
 
 [clusters.app]
-nodes = ["unix://{sock}"]
+nodes = ["{node}"]
 """
 
 NGINX_CONFIG = """
@@ -178,23 +181,47 @@ http {{
 """
 
 
-def pitcher_round(tmp: Path, seconds: float) -> tuple[tuple[float, float], bytes]:
-    sock = str(tmp / "pitcher-app.sock")
+def pitcher_command() -> list[str]:
+    script = str(Path(PYTHON).with_name("pitcher"))
+    return [script] if os.access(script, os.X_OK) else [PYTHON, "-m", "pitcher_rpc.cli"]
+
+
+def serve_and_measure(tmp: Path, node: str, seconds: float) -> tuple[tuple[float, float], bytes]:
+    """``pitcher serve`` (one process) in front of ``node``: measured, and one answer."""
     port = free_port()
     conf = tmp / "pitcher.toml"
-    conf.write_text(PROXY_CONFIG.format(port=port, admin=free_port(), sock=sock))
-    pitcher = [str(Path(PYTHON).with_name("pitcher"))]
-    if not os.access(pitcher[0], os.X_OK):
-        pitcher = [PYTHON, "-m", "pitcher_rpc.cli"]
+    conf.write_text(PROXY_CONFIG.format(port=port, admin=free_port(), node=node))
+    serve = [*pitcher_command(), "serve", "-c", str(conf), "--workers", "0"]
+    with process(serve, tmp / "serve.log") as proxy:
+        wait_until_ready(lambda: get(port), proxy, "pitcher serve", tmp / "serve.log")
+        return measure(port, seconds), get(port)
+
+
+def pitcher_round(tmp: Path, seconds: float) -> tuple[tuple[float, float], bytes]:
+    sock = str(tmp / "pitcher-app.sock")
     backend = [PYTHON, "-m", "pitcher_rpc.sdk.asgi", "bench_asgi:app", "--listen", f"unix://{sock}"]
     with process(backend, tmp / "backend.log") as app_proc:
         wait_until_ready(
             lambda: unix_listening(sock), app_proc, "pitcher backend", tmp / "backend.log"
         )
-        serve = [*pitcher, "serve", "-c", str(conf), "--workers", "0"]
-        with process(serve, tmp / "serve.log") as proxy:
-            wait_until_ready(lambda: get(port), proxy, "pitcher serve", tmp / "serve.log")
-            return measure(port, seconds), get(port)
+        return serve_and_measure(tmp, f"unix://{sock}", seconds)
+
+
+def bridge_round(tmp: Path, seconds: float) -> tuple[tuple[float, float], bytes]:
+    """pitcher serve -> pitcher bridge -> uvicorn: the app left as it is, behind a sidecar."""
+    origin = str(tmp / "bridged-uvicorn.sock")
+    sock = str(tmp / "bridge.sock")
+    uvicorn = [PYTHON, "-m", "uvicorn", "bench_asgi:app", "--uds", origin]
+    uvicorn += ["--no-access-log", "--log-level", "warning"]
+    bridge = [PYTHON, "-m", "pitcher_rpc.sdk.bridge", "--listen", f"unix://{sock}"]
+    bridge += ["--to", f"unix://{origin}"]
+    with process(uvicorn, tmp / "bridged-uvicorn.log") as app_proc:
+        wait_until_ready(lambda: unix_listening(origin), app_proc, "uvicorn", tmp / "uvicorn.log")
+        with process(bridge, tmp / "bridge.log") as bridge_proc:
+            wait_until_ready(
+                lambda: unix_listening(sock), bridge_proc, "pitcher bridge", tmp / "bridge.log"
+            )
+            return serve_and_measure(tmp, f"unix://{sock}", seconds)
 
 
 def nginx_round(tmp: Path, seconds: float, nginx: str) -> tuple[tuple[float, float], bytes]:
@@ -230,22 +257,28 @@ def main() -> None:
         try:
             (p_rps, p_p50), p_body = pitcher_round(tmp, args.seconds)
             (n_rps, n_p50), n_body = nginx_round(tmp, args.seconds, nginx)
+            (b_rps, b_p50), b_body = bridge_round(tmp, args.seconds)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        if p_body != n_body:
-            raise RuntimeError(f"the two answers differ: {p_body!r} vs {n_body!r}")
+        if not p_body == n_body == b_body:
+            raise RuntimeError(f"the answers differ: {p_body!r}, {n_body!r}, {b_body!r}")
         for key, value in (
             ("pitcher rps", p_rps),
             ("pitcher p50", p_p50),
             ("nginx rps", n_rps),
             ("nginx p50", n_p50),
+            ("bridge rps", b_rps),
+            ("bridge p50", b_p50),
             ("rps ratio", p_rps / n_rps),
             ("p50 ratio", p_p50 / n_p50),
+            ("bridge rps ratio", b_rps / n_rps),
+            ("bridge p50 ratio", b_p50 / n_p50),
         ):
             rows.setdefault(key, []).append(value)
         print(
             f"round {number}: pitcher {p_rps:.0f} req/s p50 {p_p50:.0f} µs;"
-            f" nginx -> uvicorn {n_rps:.0f} req/s p50 {n_p50:.0f} µs",
+            f" nginx -> uvicorn {n_rps:.0f} req/s p50 {n_p50:.0f} µs;"
+            f" pitcher -> bridge -> uvicorn {b_rps:.0f} req/s p50 {b_p50:.0f} µs",
             file=sys.stderr,
             flush=True,
         )
@@ -259,6 +292,11 @@ def main() -> None:
     print(f"| pitcher -> ASGI over unix:// | {m['pitcher rps']:.0f} | {m['pitcher p50']:.0f} |")
     print(f"| nginx -> uvicorn over unix:  | {m['nginx rps']:.0f} | {m['nginx p50']:.0f} |")
     print(f"| ratio (pitcher / nginx)      | {m['rps ratio']:.2f}x | {m['p50 ratio']:.2f}x |")
+    print(f"| pitcher -> bridge -> uvicorn | {m['bridge rps']:.0f} | {m['bridge p50']:.0f} |")
+    print(
+        f"| ratio (bridge / nginx)       | {m['bridge rps ratio']:.2f}x"
+        f" | {m['bridge p50 ratio']:.2f}x |"
+    )
     rounds = ", ".join(f"{r:.2f}" for r in rows["rps ratio"])
     print(f"rounds' req/s ratios: {rounds}")
 
