@@ -18,17 +18,24 @@ import pytest
 from tests.proxy.conftest import Launcher
 
 # Tests of code that is never compiled (configuration, the master and its
-# restarts, the command line, the fleet's registries, static checks): they
-# run the same on either build, so once is enough. A folder ends with "/".
+# restarts, node health and nodes at run time, the command line, the fleet,
+# the ASGI and HTTP bridges, static checks): they run the same on either
+# build, so once is enough. A folder ends with "/".
 ONE_BUILD = (
+    "tests/asgi/",
+    "tests/bridge/",
     "tests/config/",
     "tests/fleet/",
+    "tests/degrade/test_cold_start.py",
+    "tests/degrade/test_failover.py",
+    "tests/degrade/test_health.py",
     "tests/process/test_descriptors.py",
     "tests/process/test_gc_tuning.py",
     "tests/process/test_master.py",
     "tests/process/test_notify.py",
     "tests/process/test_restart.py",
     "tests/degrade/test_registration.py",
+    "tests/degrade/test_runtime_nodes.py",
     "tests/degrade/test_scale_out.py",
     "tests/test_bench_command.py",
     "tests/test_cli.py",
