@@ -564,6 +564,14 @@ def test_demo_serves_every_transport_and_stops_cleanly_on_sigterm(launcher: Laun
         assert answer["query"] == "name=demo"
         assert answer["route"] == route
         assert answer["method"] == "GET"
+    # The FastAPI app (the test extra installs FastAPI), served over frames.
+    status, body = fetch(f"http://127.0.0.1:{port}/asgi/hello?name=demo")
+    assert status == 200, body
+    assert json.loads(body) == {"hello": "demo", "served_by": "FastAPI, over Pitcher frames"}
+    status, body = fetch(f"http://127.0.0.1:{port}/asgi/items/7?q=x")
+    assert (status, json.loads(body)) == (200, {"item_id": 7, "q": "x"})
+    status, body = fetch(f"http://127.0.0.1:{port}/asgi/items/-1")
+    assert (status, json.loads(body)) == (404, {"detail": "no such item"})
     children = child_pids(demo.pid)
 
     started = time.monotonic()
