@@ -199,7 +199,15 @@ def serve_and_measure(tmp: Path, node: str, seconds: float) -> tuple[tuple[float
 
 def pitcher_round(tmp: Path, seconds: float) -> tuple[tuple[float, float], bytes]:
     sock = str(tmp / "pitcher-app.sock")
-    backend = [PYTHON, "-m", "pitcher_rpc.sdk.asgi", "bench_asgi:app", "--listen", f"unix://{sock}"]
+    backend = [
+        PYTHON,
+        "-m",
+        "pitcher_rpc.cli",
+        "backend",
+        "bench_asgi:app",
+        "--listen",
+        f"unix://{sock}",
+    ]
     with process(backend, tmp / "backend.log") as app_proc:
         wait_until_ready(
             lambda: unix_listening(sock), app_proc, "pitcher backend", tmp / "backend.log"
@@ -213,7 +221,7 @@ def bridge_round(tmp: Path, seconds: float) -> tuple[tuple[float, float], bytes]
     sock = str(tmp / "bridge.sock")
     uvicorn = [PYTHON, "-m", "uvicorn", "bench_asgi:app", "--uds", origin]
     uvicorn += ["--no-access-log", "--log-level", "warning"]
-    bridge = [PYTHON, "-m", "pitcher_rpc.sdk.bridge", "--listen", f"unix://{sock}"]
+    bridge = [PYTHON, "-m", "pitcher_rpc.cli", "bridge", "--listen", f"unix://{sock}"]
     bridge += ["--to", f"unix://{origin}"]
     with process(uvicorn, tmp / "bridged-uvicorn.log") as app_proc:
         wait_until_ready(lambda: unix_listening(origin), app_proc, "uvicorn", tmp / "uvicorn.log")

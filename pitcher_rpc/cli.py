@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import signal
@@ -414,6 +413,25 @@ def bench(seconds: float, carriers: str, in_flight: int, no_proxy: bool, chart: 
     metavar="KEY=VALUE",
     help="With etcd: metadata stored with the node (repeatable).",
 )
+@click.option(
+    "--interface",
+    type=click.Choice(["auto", "sdk", "asgi"]),
+    default="auto",
+    show_default=True,
+    help="What APP is: auto tells a pitcher_rpc.sdk.Service from an ASGI 3 app.",
+)
+@click.option(
+    "--root-path",
+    default="",
+    help="ASGI: the scope's root_path (the prefix a strip_prefix route removed).",
+)
+@click.option(
+    "--lifespan",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="ASGI: run the lifespan protocol (auto: if the app supports it).",
+)
 def backend(
     app: str,
     listen: str,
@@ -423,11 +441,15 @@ def backend(
     weight: int,
     ttl: int,
     metadata: tuple[str, ...],
+    interface: str,
+    root_path: str,
+    lifespan: str,
 ) -> None:
-    """Run a split service: APP is MODULE:ATTRIBUTE naming a pitcher_rpc.sdk.Service."""
+    """Run a split service: APP is MODULE:ATTRIBUTE naming a pitcher_rpc.sdk.Service
+    or an ASGI 3 app (FastAPI, Starlette, Django...; docs/asgi.md)."""
     from transports.registry import AddressError, transport_for
 
-    from .sdk import Registration, RegistrationError, Service
+    from .sdk import Registration, RegistrationError
 
     in_etcd = register is not None and register.startswith("etcd://")
     if not in_etcd and (register is None) != (cluster is None):
@@ -449,18 +471,20 @@ def backend(
     except AddressError as exc:
         message = str(exc) if listen in str(exc) else f"{listen}: {exc}"
         raise click.BadParameter(message, param_hint="--listen") from None
+    from .sdk.asgi import AsgiService, LifespanError, as_service, load_app
+
     # As `python -m` would: modules beside the caller are importable.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    module_name, _, attribute = app.partition(":")
-    if not attribute:
-        raise click.BadParameter("expected MODULE:ATTRIBUTE", param_hint="APP")
     try:
-        service = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise click.BadParameter(f"cannot load {app}: {exc}", param_hint="APP") from None
-    if not isinstance(service, Service):
-        raise click.BadParameter(f"{app} is not a pitcher_rpc.sdk.Service", param_hint="APP")
+        target = load_app(app)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="APP") from None
+    try:
+        service = as_service(target, interface, name=app)
+    except ValueError as exc:
+        raise click.BadParameter(f"{app} {exc}", param_hint="APP") from None
+    if isinstance(service, AsgiService):
+        service.root_path = root_path
+        service.lifespan = lifespan
     registration = None
     if register is not None:
         try:
@@ -479,6 +503,22 @@ def backend(
     except RegistrationError as exc:
         click.echo(f"pitcher: {exc}", err=True)
         sys.exit(1)
+    except LifespanError as exc:
+        click.echo(f"pitcher: {app}: lifespan startup failed: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bridge(args: tuple[str, ...]) -> None:
+    """Forward frames to an HTTP/1.1 origin: --listen URI --to http://HOST:PORT (docs/asgi.md)."""
+    # Loaded only when run: the codec and the SDK would slow every other command.
+    from .sdk.bridge import bridge_command
+
+    bridge_command.main(list(args), prog_name="pitcher bridge")
 
 
 if __name__ == "__main__":

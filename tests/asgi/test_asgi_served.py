@@ -24,6 +24,7 @@ from tests.proxy.conftest import (
     Proxy,
     RawClient,
     free_port,
+    pitcher_command,
     toml_config,
     wait_until,
 )
@@ -36,7 +37,7 @@ pytest.importorskip("uvicorn")
 
 def backend_command(app: str, uri: str) -> list[str]:
     """``pitcher backend APP --listen URI`` for an ASGI app."""
-    return [sys.executable, "-m", "pitcher_rpc.sdk.asgi", app, "--listen", uri]
+    return [*pitcher_command(), "backend", app, "--listen", uri]
 
 
 @dataclass

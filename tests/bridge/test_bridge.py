@@ -24,6 +24,7 @@ from tests.proxy.conftest import (
     Proxy,
     free_port,
     get,
+    pitcher_command,
     toml_config,
     wait_until,
 )
@@ -34,7 +35,7 @@ ORIGIN = str(Path(__file__).with_name("origin.py"))
 
 def bridge_command(*args: str) -> list[str]:
     """``pitcher bridge ARGS``."""
-    return [sys.executable, "-m", "pitcher_rpc.sdk.bridge", *args]
+    return [*pitcher_command(), "bridge", *args]
 
 
 @dataclass
