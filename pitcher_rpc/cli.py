@@ -449,22 +449,10 @@ def backend(
     or an ASGI 3 app (FastAPI, Starlette, Django...; docs/asgi.md)."""
     from transports.registry import AddressError, transport_for
 
-    from .sdk import Registration, RegistrationError
+    from .sdk import RegistrationError
+    from .sdk.commands import make_registration
 
-    in_etcd = register is not None and register.startswith("etcd://")
-    if not in_etcd and (register is None) != (cluster is None):
-        raise click.BadParameter("--register and --cluster go together", param_hint="--cluster")
-    if in_etcd:
-        from .config.discovery import FLEET_EXTRA, fleet_installed
-
-        if not fleet_installed():
-            raise click.UsageError(f"--register etcd:// needs the fleet extra: {FLEET_EXTRA}")
-    labels: dict[str, str] = {}
-    for item in metadata:
-        key, equals, value = item.partition("=")
-        if not equals or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--metadata")
-        labels[key] = value
+    registration = make_registration(register, cluster, advertise, weight, ttl, metadata)
 
     try:
         transport_for(listen)
@@ -485,19 +473,6 @@ def backend(
     if isinstance(service, AsgiService):
         service.root_path = root_path
         service.lifespan = lifespan
-    registration = None
-    if register is not None:
-        try:
-            registration = Registration(
-                register,
-                cluster or "",
-                advertise=advertise,
-                weight=weight,
-                ttl=ttl,
-                metadata=labels or None,
-            )
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--register") from None
     try:
         service.run(listen, register=registration)
     except RegistrationError as exc:

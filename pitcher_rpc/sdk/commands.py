@@ -63,6 +63,11 @@ def make_registration(
     in_etcd = register is not None and register.startswith("etcd://")
     if not in_etcd and (register is None) != (cluster is None):
         raise click.BadParameter("--register and --cluster go together", param_hint="--cluster")
+    if in_etcd:
+        from ..config.discovery import FLEET_EXTRA, fleet_installed
+
+        if not fleet_installed():
+            raise click.UsageError(f"--register etcd:// needs the fleet extra: {FLEET_EXTRA}")
     labels: dict[str, str] = {}
     for item in metadata:
         key, equals, value = item.partition("=")
