@@ -24,7 +24,6 @@ import importlib
 import inspect
 import logging
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from time import monotonic
@@ -37,7 +36,7 @@ from transports.native import describe as describe_build
 from transports.registry import transport_for
 
 from ..codec import decode_request, encode_response
-from .registration import Registration
+from .registration import Registration, serve_until_signal
 from .service import Service, _valid_headers
 
 log = logging.getLogger("pitcher.asgi")
@@ -436,31 +435,12 @@ class AsgiService:
     async def _run_until_signal(
         self, address: str, grace: float, register: Registration | None
     ) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+        async def close(server: Server) -> None:
+            await self.close(server, grace)
+
         await self.startup()
         try:
-            server = await self.serve(address)
-            refresher: asyncio.Task[None] | None = None
-            try:
-                if register is not None:
-                    await register.register(server.address)
-                    refresher = loop.create_task(
-                        register.keep_registered(server.address), name="pitcher-registration"
-                    )
-                await stop.wait()
-                if refresher is not None:
-                    refresher.cancel()
-                if register is not None and await register.drain(server.address):
-                    await asyncio.sleep(register.settle)
-            finally:
-                if refresher is not None:
-                    refresher.cancel()
-                await self.close(server, grace)
-            if register is not None:
-                await register.deregister(server.address)
+            await serve_until_signal(lambda: self.serve(address), close, register)
         finally:
             await self.shutdown()
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Awaitable
 from urllib.parse import urlsplit
@@ -50,7 +49,7 @@ from transports.registry import transport_for
 from ..codec import decode_request, encode_response
 from .commands import check_listen, make_registration, registration_options
 from .origin import OriginError, OriginPool
-from .registration import Registration, RegistrationError
+from .registration import Registration, RegistrationError, serve_until_signal
 from .service import _valid_headers
 
 __all__ = ["Bridge", "BridgeSettings", "OriginError", "bridge_command"]
@@ -297,30 +296,13 @@ class Bridge:
     async def _run_until_signal(
         self, address: str, grace: float, register: Registration | None
     ) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        server = await self.serve(address)
-        refresher: asyncio.Task[None] | None = None
-        try:
-            if register is not None:
-                await register.register(server.address)
-                refresher = loop.create_task(
-                    register.keep_registered(server.address), name="pitcher-registration"
-                )
-            await stop.wait()
-            if refresher is not None:
-                refresher.cancel()
-            if register is not None and await register.drain(server.address):
-                await asyncio.sleep(register.settle)
-        finally:
-            if refresher is not None:
-                refresher.cancel()
-            await server.close(grace)
-            await self.close()
-        if register is not None:
-            await register.deregister(server.address)
+        async def close(server: Server) -> None:
+            try:
+                await server.close(grace)
+            finally:
+                await self.close()
+
+        await serve_until_signal(lambda: self.serve(address), close, register)
 
 
 # ----------------------------------------------------------------------------- command

@@ -30,10 +30,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -184,6 +185,45 @@ class Registration:
             )
             return False
         return True
+
+
+async def serve_until_signal(
+    start: Callable[[], Awaitable[Any]],
+    close: Callable[[Any], Awaitable[None]],
+    register: Registration | None,
+) -> None:
+    """Serve until SIGINT or SIGTERM: what Service, AsgiService and the bridge's run() share.
+
+    ``start()`` gives the server (anything with an ``address``); with
+    ``register`` the service joins its cluster once it serves and keeps its
+    registration alive; at the signal it is drained there first (and given
+    the time requests already on their way need), then ``close(server)``
+    drains the server, and the registration goes last.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    server = await start()
+    refresher: asyncio.Task[None] | None = None
+    try:
+        if register is not None:
+            await register.register(server.address)
+            refresher = loop.create_task(
+                register.keep_registered(server.address), name="pitcher-registration"
+            )
+        await stop.wait()
+        if refresher is not None:
+            refresher.cancel()
+        if register is not None and await register.drain(server.address):
+            # Requests the proxy sent just before the drain may still be on their way.
+            await asyncio.sleep(register.settle)
+    finally:
+        if refresher is not None:
+            refresher.cancel()
+        await close(server)
+    if register is not None:
+        await register.deregister(server.address)
 
 
 async def _call(method: str, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -16,7 +16,6 @@ import inspect
 import json
 import logging
 import re
-import signal
 import time
 import types
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
@@ -32,7 +31,7 @@ from transports.stepping import resume
 
 from ..codec import Request as RequestMessage
 from ..codec import decode_request, encode_response, response_head, with_body
-from .registration import Registration
+from .registration import Registration, serve_until_signal
 
 log = logging.getLogger("pitcher.sdk")
 
@@ -669,28 +668,10 @@ class Service:
     async def _run_until_signal(
         self, address: str, grace: float, register: Registration | None = None
     ) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        server = await self.serve(address)
-        refresher: asyncio.Task[None] | None = None
-        try:
-            if register is not None:
-                await register.register(server.address)
-                refresher = loop.create_task(register.keep_registered(server.address))
-            await stop.wait()
-            if refresher is not None:
-                refresher.cancel()
-            if register is not None and await register.drain(server.address):
-                # Requests the proxy sent just before the drain may still be on their way.
-                await asyncio.sleep(register.settle)
-        finally:
-            if refresher is not None:
-                refresher.cancel()
+        async def close(server: Server) -> None:
             await server.close(grace)
-        if register is not None:
-            await register.deregister(server.address)
+
+        await serve_until_signal(lambda: self.serve(address), close, register)
 
 
 _CoroutineType = types.CoroutineType
