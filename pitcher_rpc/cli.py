@@ -385,102 +385,17 @@ def bench(seconds: float, carriers: str, in_flight: int, no_proxy: bool, chart: 
             click.echo("no chart: matplotlib is not installed (pip install 'pitcher-rpc[chart]')")
 
 
-@main.command()
-@click.argument("app")
-@click.option("--listen", required=True, metavar="URI", help="e.g. tcp://127.0.0.1:7001")
-@click.option(
-    "--register",
-    metavar="URL",
-    help="A proxy's admin API (e.g. http://127.0.0.1:9180): join --cluster there at start,"
-    " be drained and leave at SIGTERM. Or etcd://HOST:PORT/CLUSTER: join every proxy"
-    " watching that etcd, with a lease of --ttl seconds.",
+@main.command(
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
 )
-@click.option("--cluster", help="The cluster to join (with --register http://...).")
-@click.option(
-    "--advertise", metavar="URI", help="The URI the proxy should use (default: --listen)."
-)
-@click.option("--weight", type=click.IntRange(1, 1000), default=1, show_default=True)
-@click.option(
-    "--ttl",
-    type=click.IntRange(1, 3600),
-    default=5,
-    show_default=True,
-    help="With etcd: seconds proxies keep sending to this service if it dies without a word.",
-)
-@click.option(
-    "--metadata",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="With etcd: metadata stored with the node (repeatable).",
-)
-@click.option(
-    "--interface",
-    type=click.Choice(["auto", "sdk", "asgi"]),
-    default="auto",
-    show_default=True,
-    help="What APP is: auto tells a pitcher_rpc.sdk.Service from an ASGI 3 app.",
-)
-@click.option(
-    "--root-path",
-    default="",
-    help="ASGI: the scope's root_path (the prefix a strip_prefix route removed).",
-)
-@click.option(
-    "--lifespan",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
-    help="ASGI: run the lifespan protocol (auto: if the app supports it).",
-)
-def backend(
-    app: str,
-    listen: str,
-    register: str | None,
-    cluster: str | None,
-    advertise: str | None,
-    weight: int,
-    ttl: int,
-    metadata: tuple[str, ...],
-    interface: str,
-    root_path: str,
-    lifespan: str,
-) -> None:
-    """Run a split service: APP is MODULE:ATTRIBUTE naming a pitcher_rpc.sdk.Service
-    or an ASGI 3 app (FastAPI, Starlette, Django...; docs/asgi.md)."""
-    from transports.registry import AddressError, transport_for
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def backend(args: tuple[str, ...]) -> None:
+    """Run a split service: APP (MODULE:ATTRIBUTE) is an SDK Service or an ASGI 3 app."""
+    # Loaded only when run, as the bridge: the SDK would slow every other command.
+    from .sdk.commands import backend_command
 
-    from .sdk import RegistrationError
-    from .sdk.commands import make_registration
-
-    registration = make_registration(register, cluster, advertise, weight, ttl, metadata)
-
-    try:
-        transport_for(listen)
-    except AddressError as exc:
-        message = str(exc) if listen in str(exc) else f"{listen}: {exc}"
-        raise click.BadParameter(message, param_hint="--listen") from None
-    from .sdk.asgi import AsgiService, LifespanError, as_service, load_app
-
-    # As `python -m` would: modules beside the caller are importable.
-    try:
-        target = load_app(app)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="APP") from None
-    try:
-        service = as_service(target, interface, name=app)
-    except ValueError as exc:
-        raise click.BadParameter(f"{app} {exc}", param_hint="APP") from None
-    if isinstance(service, AsgiService):
-        service.root_path = root_path
-        service.lifespan = lifespan
-    try:
-        service.run(listen, register=registration)
-    except RegistrationError as exc:
-        click.echo(f"pitcher: {exc}", err=True)
-        sys.exit(1)
-    except LifespanError as exc:
-        click.echo(f"pitcher: {app}: lifespan startup failed: {exc}", err=True)
-        sys.exit(1)
+    backend_command.main(list(args), prog_name="pitcher backend")
 
 
 @main.command(

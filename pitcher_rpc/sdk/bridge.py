@@ -47,6 +47,7 @@ from transports.native import describe as describe_build
 from transports.registry import transport_for
 
 from ..codec import decode_request, encode_response
+from ..http.headers import HOP_BY_HOP
 from .commands import check_listen, make_registration, registration_options
 from .origin import OriginError, OriginPool
 from .registration import Registration, RegistrationError, serve_until_signal
@@ -56,20 +57,6 @@ __all__ = ["Bridge", "BridgeSettings", "OriginError", "bridge_command"]
 
 log = logging.getLogger("pitcher.bridge")
 
-# RFC 9110 7.6.1 and the fields every proxy treats as hop-by-hop.
-HOP_BY_HOP = frozenset(
-    (
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    )
-)
 _DROPPED_REQUEST = HOP_BY_HOP | {b"content-length", b"expect"}
 _DROPPED_RESPONSE = HOP_BY_HOP | {b"content-length"}
 # Methods whose requests carry a length even when it is 0, as clients send them.

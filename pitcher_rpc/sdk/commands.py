@@ -25,7 +25,8 @@ def registration_options(command: F) -> F:
             "--register",
             metavar="URL",
             help="A proxy's admin API (e.g. http://127.0.0.1:9180): join --cluster there at"
-            " start, be drained and leave at SIGTERM. Or etcd://HOST:PORT/CLUSTER.",
+            " start, be drained and leave at SIGTERM. Or etcd://HOST:PORT/CLUSTER: join every"
+            " proxy watching that etcd, with a lease of --ttl seconds.",
         ),
         click.option("--cluster", help="The cluster to join (with --register http://...)."),
         click.option(
