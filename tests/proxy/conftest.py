@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -527,6 +528,12 @@ class RawClient:
         self.close()
 
     def close(self) -> None:
+        self.sock.close()
+
+    def reset(self) -> None:
+        """Close abortively (RST): after a FIN alone the server cannot tell this client
+        from one that half-closed and still wants its answer (RFC 9112 section 9.6)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
 
     def send(self, data: bytes) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
 
 import pytest
 
@@ -182,10 +183,9 @@ def test_ip_filter_refuses_an_untrusted_peer_at_accept_whatever_it_claims(
         assert client.is_closed()
 
 
-def test_a_reload_changes_who_is_trusted() -> None:
-    template = """
+RELOADABLE = """
 [server]
-listen = "127.0.0.1:0"
+listen = "{listen}"
 trusted_proxies = {trusted}
 [[routes]]
 prefix = "/"
@@ -194,24 +194,37 @@ cluster = "echo"
 nodes = ["{node}"]
 """
 
-    async def client_seen(port: int) -> str:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(build_request("GET", "/", [("X-Forwarded-For", "203.0.113.9")]))
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            return str(json.loads(await reader.readexactly(length))["client"])
-        finally:
-            writer.close()
+
+async def client_seen(
+    connected: Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+    *forwarded_for: str,
+) -> str:
+    """The client the echo service was told of, for one request with these X-Forwarded-For."""
+    reader, writer = await connected
+    try:
+        headers = [("X-Forwarded-For", value) for value in forwarded_for]
+        writer.write(build_request("GET", "/", headers))
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        return str(json.loads(await reader.readexactly(length))["client"])
+    finally:
+        writer.close()
+
+
+def test_a_reload_changes_who_is_trusted() -> None:
+    def text(trusted: str, node: str) -> str:
+        return RELOADABLE.format(listen="127.0.0.1:0", trusted=trusted, node=node)
 
     async def main() -> None:
         async with (
             serving(echo_app) as [node],
-            running_proxy(template.format(trusted="[]", node=node)) as (proxy, port),
+            running_proxy(text("[]", node)) as (proxy, port),
         ):
-            assert (await client_seen(port)).startswith("127.0.0.1:")
-            proxy.reload(parse_config(template.format(trusted='["127.0.0.1"]', node=node)))
-            assert await client_seen(port) == "203.0.113.9:0"
+            seen = await client_seen(asyncio.open_connection("127.0.0.1", port), "203.0.113.9")
+            assert seen.startswith("127.0.0.1:")
+            proxy.reload(parse_config(text('["127.0.0.1"]', node)))
+            seen = await client_seen(asyncio.open_connection("127.0.0.1", port), "203.0.113.9")
+            assert seen == "203.0.113.9:0"
 
     asyncio.run(main())
 
@@ -219,39 +232,22 @@ nodes = ["{node}"]
 def test_unix_socket_peers_are_trusted_when_unix_is_named() -> None:
     """nginx's ``set_real_ip_from unix:``: a front proxy on the same host over a Unix socket."""
     socket_path = short_tmpdir() + "/front.sock"
-    template = """
-[server]
-listen = "unix://{path}"
-trusted_proxies = {trusted}
-[[routes]]
-prefix = "/"
-cluster = "echo"
-[clusters.echo]
-nodes = ["{node}"]
-"""
 
-    async def client_seen(*forwarded_for: str) -> str:
-        reader, writer = await asyncio.open_unix_connection(socket_path)
-        try:
-            headers = [("X-Forwarded-For", value) for value in forwarded_for]
-            writer.write(build_request("GET", "/", headers))
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            return str(json.loads(await reader.readexactly(length))["client"])
-        finally:
-            writer.close()
+    def text(trusted: str, node: str) -> str:
+        return RELOADABLE.format(listen=f"unix://{socket_path}", trusted=trusted, node=node)
+
+    def seen(*forwarded_for: str) -> Awaitable[str]:
+        return client_seen(asyncio.open_unix_connection(socket_path), *forwarded_for)
 
     async def main() -> None:
         async with serving(echo_app) as [node]:
-            text = template.format(path=socket_path, trusted='["unix"]', node=node)
-            proxy = ProxyServer(parse_config(text))
+            proxy = ProxyServer(parse_config(text('["unix"]', node)))
             await proxy.start()
             try:
-                assert await client_seen("203.0.113.9") == "203.0.113.9:0"
-                assert await client_seen() == "unix"
-                text = template.format(path=socket_path, trusted='["10.0.0.0/8"]', node=node)
-                proxy.reload(parse_config(text))
-                assert await client_seen("203.0.113.9") == "unix"
+                assert await seen("203.0.113.9") == "203.0.113.9:0"
+                assert await seen() == "unix"
+                proxy.reload(parse_config(text('["10.0.0.0/8"]', node)))
+                assert await seen("203.0.113.9") == "unix"
             finally:
                 await proxy.stop(1.0)
 
