@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.proxy.conftest import Launcher
+from tests.servers import Server, redis_server
 
 # Tests of code that is never compiled (configuration, the master and its
 # restarts, node health and nodes at run time, the command line, the fleet,
@@ -75,6 +76,17 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"{left} tests that run the same on either build were left out"
             " (PITCHER_ONE_BUILD_ONCE); the other build's run has them"
         )
+
+
+@pytest.fixture
+def redis() -> Iterator[Server]:
+    """A Redis of its own (tests/servers.py), stopped at the end."""
+    server = redis_server()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture

@@ -13,16 +13,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import pytest
 
 from pitcher_rpc.fleet.redis_limits import max_batch
 from tests.process.test_master import admin_port
 from tests.process.test_module_metrics import scrape
 from tests.proxy.conftest import Launcher, get, toml_config
-from tests.servers import Server, redis_server
+from tests.servers import Server
 
 RATE = 200.0
 BURST = 50.0
@@ -41,16 +39,6 @@ START_AT = 2.7
 # Redis back for a second: every worker has tried again (every 0.5 s at most) and found it.
 MEASURE_AGAIN = 3.7
 END_AT = 4.9
-
-
-@pytest.fixture
-def redis() -> Iterator[Server]:
-    server = redis_server()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
 
 
 @dataclass

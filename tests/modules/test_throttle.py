@@ -60,7 +60,7 @@ async def answer(request: Request) -> Response:
     return Response(200, "ok")
 
 
-async def get(port: int, path: str) -> tuple[int, dict[str, str]]:
+async def get(port: int, path: str = "/a/x") -> tuple[int, dict[str, str]]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())

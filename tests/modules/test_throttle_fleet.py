@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -26,7 +26,8 @@ from pitcher_rpc.fleet.redis_limits import max_batch
 from pitcher_rpc.proxy.server import ProxyServer
 from pitcher_rpc.sdk import Request, Response, Service
 from tests.inprocess import assert_module_refuses, running_proxy, serving
-from tests.servers import Server, redis_server
+from tests.modules.test_throttle import get
+from tests.servers import Server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,30 +59,8 @@ async def answer(request: Request) -> Response:
     return Response(200, "ok")
 
 
-@pytest.fixture
-def redis() -> Iterator[Server]:
-    server = redis_server()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
 def client(server: Server) -> redis_py.Redis:
     return redis_py.Redis(host="127.0.0.1", port=server.port, socket_timeout=2)
-
-
-async def get(port: int, path: str = "/a/x") -> tuple[int, dict[str, str]]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
-        data = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-    head = data.partition(b"\r\n\r\n")[0].decode().split("\r\n")
-    fields = dict(line.lower().split(": ", 1) for line in head[1:])
-    return int(head[0].split()[1]), fields
 
 
 def fleet(proxy: ProxyServer) -> dict[str, Any]:
