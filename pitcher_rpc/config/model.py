@@ -133,6 +133,9 @@ class AdminConfig:
     """The master's admin HTTP listener; loopback by default, never the proxy's port."""
 
     listen: str = "127.0.0.1:9180"
+    # A file holding the bearer token every admin call but the health check and the
+    # metrics must carry; None: no token asked (allowed on a loopback listener only).
+    token_file: str | None = None
 
     @property
     def listen_address(self) -> ListenAddress:
