@@ -133,13 +133,34 @@ class AdminConfig:
     """The master's admin HTTP listener; loopback by default, never the proxy's port."""
 
     listen: str = "127.0.0.1:9180"
-    # A file holding the bearer token every admin call but the health check and the
-    # metrics must carry; None: no token asked (allowed on a loopback listener only).
+    # A file holding the bearer token every admin call but the health check, the
+    # metrics and the status page's shell must carry; None: no token asked (allowed
+    # on a loopback listener only). Relative to the configuration file's directory.
     token_file: str | None = None
+    # The token as read from token_file when the snapshot was validated (a reload
+    # reads it again); kept out of repr so that no log line ever shows it.
+    token: str | None = field(default=None, repr=False)
 
     @property
     def listen_address(self) -> ListenAddress:
         return parse_listen(self.listen)
+
+    @staticmethod
+    def is_loopback_host(host: str) -> bool:
+        """Whether only this machine can reach ``host``: 127.0.0.0/8, ::1 or localhost.
+
+        Any other name counts as reachable from elsewhere: what it resolves to
+        may change, and 0.0.0.0 or :: listen on every interface.
+        """
+        if host.lower().rstrip(".") == "localhost":
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            return address.ipv4_mapped.is_loopback
+        return address.is_loopback
 
 
 @dataclass(frozen=True, slots=True)

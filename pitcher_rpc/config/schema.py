@@ -17,7 +17,7 @@ OVERLOAD_KEYS = (
     "recover_after",
     "step",
 )
-ADMIN_KEYS = ("listen",)
+ADMIN_KEYS = ("listen", "token_file")
 SERVER_KEYS = (
     "listen",
     "workers",

@@ -65,6 +65,9 @@ __all__ = [
 
 _SERVER_DEFAULTS = ServerConfig()
 _UPSTREAM_DEFAULTS = UpstreamConfig()
+# An admin token: long enough not to be guessed, short enough to be a header.
+_TOKEN_MIN_LENGTH = 16
+_TOKEN_FILE_LIMIT = 4096
 
 
 def load_config(path: str | os.PathLike[str], *, modules: ModuleCatalog | None = None) -> Config:
@@ -280,17 +283,79 @@ class _Validator(PolicySections):
         if table is None:
             return AdminConfig()
         self._check_keys(table, path, ADMIN_KEYS)
+        defaults = AdminConfig()
         listen = self._string(table, (*path, "listen"))
+        host = defaults.listen_address.host
         if listen is None:
-            return AdminConfig()
+            listen = defaults.listen
+        else:
+            try:
+                address = parse_listen(listen)
+            except ValueError as exc:
+                self.report((*path, "listen"), f"{exc}, got {show(listen)}")
+                listen = defaults.listen
+            else:
+                if address.is_unix:
+                    self.report((*path, "listen"), f"must be host:port, got {show(listen)}")
+                    listen = defaults.listen
+                else:
+                    host = address.host
+        token_file = self._string(table, (*path, "token_file"))
+        token = None
+        if token_file is not None:
+            token_file, token = self._admin_token((*path, "token_file"), token_file)
+        elif "token_file" not in table and not AdminConfig.is_loopback_host(host):
+            # Anyone who reaches the listener could reload, restart or drain the proxy.
+            self.report(
+                (*path, "listen"),
+                f"{show(listen)} is reachable from other machines: set [admin] token_file"
+                " (a file holding the bearer token every admin call must carry),"
+                ' or listen on loopback ("127.0.0.1:9180", "[::1]:9180")',
+            )
+        return AdminConfig(listen=listen, token_file=token_file, token=token)
+
+    def _admin_token(self, path: KeyPath, token_file: str) -> tuple[str, str | None]:
+        """The token file's path (relative to the configuration's directory) and its token."""
+        if not token_file.strip():
+            self.report(path, "must be the path of a file holding the token, got an empty string")
+            return token_file, None
+        if not os.path.isabs(token_file) and os.path.isfile(self._source):
+            # Relative to the file that names it, as a service manager runs from "/".
+            token_file = os.path.join(os.path.dirname(os.path.abspath(self._source)), token_file)
         try:
-            address = parse_listen(listen)
-        except ValueError as exc:
-            self.report((*path, "listen"), f"{exc}, got {show(listen)}")
-            return AdminConfig()
-        if address.is_unix:
-            self.report((*path, "listen"), f"must be host:port, got {show(listen)}")
-        return AdminConfig(listen=listen)
+            with open(token_file, "rb") as file:
+                # Bounded: a token is a line, and a path to /dev/zero must not hang the load.
+                data = file.read(_TOKEN_FILE_LIMIT + 1)
+        except OSError as exc:
+            self.report(path, f"cannot read {show(token_file)}: {exc.strerror or exc}")
+            return token_file, None
+        if len(data) > _TOKEN_FILE_LIMIT:
+            self.report(path, f"{show(token_file)} holds more than {_TOKEN_FILE_LIMIT} bytes")
+            return token_file, None
+        try:
+            token = data.decode("ascii").strip()
+        except UnicodeDecodeError:
+            self.report(path, f"the token in {show(token_file)} must be ASCII")
+            return token_file, None
+        if not token:
+            self.report(path, f"{show(token_file)} is empty: it must hold the token")
+            return token_file, None
+        # What goes after "Bearer " in a header: visible characters, no space inside.
+        if not all("!" <= char <= "~" for char in token):
+            self.report(
+                path,
+                f"the token in {show(token_file)} must be one word of visible characters"
+                " (spaces and control characters cannot be sent in a header)",
+            )
+            return token_file, None
+        if len(token) < _TOKEN_MIN_LENGTH:
+            self.report(
+                path,
+                f"the token in {show(token_file)} has {len(token)} characters, fewer than"
+                f" {_TOKEN_MIN_LENGTH}: too easy to guess (try: openssl rand -hex 32)",
+            )
+            return token_file, None
+        return token_file, token
 
     def _upstream(self, document: Mapping[str, Any]) -> UpstreamConfig:
         path: KeyPath = ("upstream",)
