@@ -82,6 +82,21 @@ class Record(Generic[RouteT, NodeT, ConnectionT]):
     ``edits`` (header changes, see HeaderEdits) and ``module_state``
     (per-request state by module name; None until a module keeps some).
 
+    ``attempts`` counts the times the request was sent to a node (0 if it
+    never was; 2 after one retry). ``failure`` says why the proxy could not
+    get an answer from a backend, one of a few fixed names
+    (:data:`FAILURES`), "" when it did (or no backend was called: a 404, a
+    module's answer, a client gone). It is set
+    with the error answer (502, 503, 504, 413): ``connect`` (no connection
+    to the node), ``timeout`` (no answer within the route's timeout),
+    ``reset`` (the connection was lost), ``error`` (the node failed the
+    request), ``overloaded`` (no node could take it: each at its in-flight
+    limit or ejected, or the cluster has none), ``rejected`` (the node is
+    shutting down), ``too_large`` (the request or the answer over the frame
+    limit), ``bad_answer`` (an answer that is not a valid HTTP response) and
+    ``shutdown`` (the proxy itself is stopping). A request retried after a
+    failed attempt and answered on the next has none.
+
     ``client_ip`` is the client's address as bytes (``b"unix"`` on a Unix
     socket), set once when the request begins: the connection's peer, unless
     the peer is one of ``[server] trusted_proxies``. Then it is taken from
@@ -95,12 +110,14 @@ class Record(Generic[RouteT, NodeT, ConnectionT]):
     """
 
     __slots__ = (
+        "attempts",
         "backend_ended",
         "backend_started",
         "client_ip",
         "connection",
         "echo_id",
         "edits",
+        "failure",
         "finished",
         "id_header",
         "module_state",
@@ -129,9 +146,24 @@ class Record(Generic[RouteT, NodeT, ConnectionT]):
     backend_ended: float
     finished: float
     module_state: dict[str, Any] | None
+    attempts: int
+    failure: str
 
 
 AnyRecord: TypeAlias = Record[Any, Any, Any]
+
+# Every value of ``Record.failure`` but "": a small fixed set (a metrics label, a log field).
+FAILURES = (
+    "connect",
+    "timeout",
+    "reset",
+    "error",
+    "overloaded",
+    "rejected",
+    "too_large",
+    "bad_answer",
+    "shutdown",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,7 @@ from ..http.headers import (
 )
 from ..http.parser import HttpRequest
 from ..http.response import error_body
+from ..logs import RateLimitedLog
 from ..modules.base import Record, real_client, trusted_proxies
 from .routing import normalize_path
 
@@ -71,6 +72,8 @@ if TYPE_CHECKING:
     from .upstream import Node
 
 log = logging.getLogger("pitcher.proxy")
+# This process's warnings about failed requests: at most one a second per node and kind.
+WARNINGS = RateLimitedLog(log)
 
 _colon_join = b": ".join
 _FORWARDED_NAMES = [b"x-forwarded-for", b"x-forwarded-proto"]
@@ -105,6 +108,26 @@ def _failure_kind(error: TransportError) -> str | None:
     return "reset"
 
 
+def _failure_of(error: TransportError) -> str:
+    """The Record.failure a transport error ends a request with (see FAILURES)."""
+    if isinstance(error, DeadlineExceeded):
+        return "timeout"
+    if isinstance(error, ConnectError):
+        return "connect"
+    if isinstance(error, Overloaded):
+        return "overloaded"
+    if isinstance(error, Rejected):
+        return "rejected"
+    if isinstance(error, RequestTooLarge):
+        return "too_large"
+    if isinstance(error, Closed):
+        return "shutdown"
+    if isinstance(error, RemoteError):
+        return "too_large" if answer_too_large(error, 0) else "error"
+    # A lost connection; one a node closed by sending a frame over the limit is its answer's size.
+    return "too_large" if _FRAME_TOO_LARGE.search(str(error)) else "reset"
+
+
 def answer_too_large(error: RemoteError, configured: int) -> str:
     """What the client is told when a node's answer was over the frame limit; "" if not that.
 
@@ -133,7 +156,6 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
     """
 
     __slots__ = (
-        "attempts",
         "calling",
         "chains",
         "deadline",
@@ -180,6 +202,8 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         self.response_bytes = 0
         # Per-request state modules keep, by module name; None until one does.
         self.module_state = None
+        # Why no backend answered (Record.failure); "" while none failed.
+        self.failure = ""
 
     # start -----------------------------------------------------------------------------
 
@@ -202,7 +226,7 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
             return
         self.idempotent = request.method in route.idempotent_methods
         if not route.cluster.nodes:
-            self.fail(503, f"cluster {route.cluster.name!r} has no nodes")
+            self.fail(503, f"cluster {route.cluster.name!r} has no nodes", 0, "overloaded")
             return
         self.payload = self._encode(route)
         self.deadline = self.connection.loop.time() + route.timeout
@@ -279,7 +303,7 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         if node is None:
             # Every node ejected or at its in-flight cap while ramping: come back soon.
             self.fail(
-                503, f"cluster {cluster.name!r} has no node to take the request", retry_after=1
+                503, f"cluster {cluster.name!r} has no node to take the request", 1, "overloaded"
             )
             return
         self.attempts += 1
@@ -338,9 +362,13 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
             else:
                 self._send()
             return
+        failure = _failure_of(error)
         # The client is told which kind of failure it was; where and why is
-        # for the log (node addresses are internal: nginx does not show them either).
-        log.warning(
+        # for the log (node addresses are internal: nginx does not show them
+        # either). A slow or dead node fails every request sent to it: one
+        # line per node and kind of failure a second says so, not one per request.
+        WARNINGS.warning(
+            (node.uri, failure),
             "request %s (route %s) to %s failed: %s",
             self.request_id.decode() or "-",
             route.name,
@@ -348,23 +376,23 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
             error,
         )
         if isinstance(error, DeadlineExceeded):
-            self.fail(504, f"no answer from the backend within {route.timeout:g}s")
+            self.fail(504, f"no answer from the backend within {route.timeout:g}s", 0, failure)
         elif isinstance(error, RequestTooLarge):
-            self.fail(413, "request larger than the backend accepts")
+            self.fail(413, "request larger than the backend accepts", 0, failure)
         elif isinstance(error, ConnectError):
-            self.fail(502, "backend unreachable")
+            self.fail(502, "backend unreachable", 0, failure)
         elif isinstance(error, Overloaded):
             # Envoy's overflow: not started, and no other node took it; come back soon.
-            self.fail(503, "backend is at its in-flight limit", retry_after=1)
+            self.fail(503, "backend is at its in-flight limit", 1, failure)
         elif isinstance(error, Rejected):
-            self.fail(503, "backend is shutting down")
+            self.fail(503, "backend is shutting down", 0, failure)
         elif isinstance(error, RemoteError):
             too_large = answer_too_large(error, self.snapshot.config.upstream.max_frame_size)
-            self.fail(502, too_large or "backend failed the request")
+            self.fail(502, too_large or "backend failed the request", 0, failure)
         elif isinstance(error, Closed):
-            self.fail(503, "proxy is shutting down")
+            self.fail(503, "proxy is shutting down", 0, failure)
         else:
-            self.fail(502, self._lost(error))
+            self.fail(502, self._lost(error), 0, failure)
 
     def _lost(self, error: TransportError) -> str:
         found = _FRAME_TOO_LARGE.search(str(error))
@@ -413,13 +441,15 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         except BadPayload as exc:
             if self.node is not None and self.node.stats is not None:
                 self.node.record("error")
-            log.warning(
+            uri = self.node.uri  # type: ignore[union-attr]
+            WARNINGS.warning(
+                (uri, "bad_answer"),
                 "request %s: bad answer from %s: %s",
                 self.request_id.decode() or "-",
-                self.node.uri,  # type: ignore[union-attr]
+                uri,
                 exc,
             )
-            self.fail(502, "backend answered with an undecodable payload")
+            self.fail(502, "backend answered with an undecodable payload", 0, "bad_answer")
             return
         status = response.status
         node = self.node
@@ -430,7 +460,7 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
                 node.record("5xx" if status >= 500 else "4xx" if status >= 400 else None)
         if not 200 <= status <= 599:
             # 1xx cannot be relayed as a final answer (and 101 would need an upgrade).
-            self.fail(502, f"backend answered with status {status}")
+            self.fail(502, f"backend answered with status {status}", 0, "bad_answer")
             return
         add_name = self.id_header if self.echo_id else None
         edits = self.edits
@@ -451,11 +481,13 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
                     [_colon_join(pair) + b"\r\n" for pair in zip(names, values, strict=True)]
                 )
         except InvalidHeader:
-            self.fail(502, "backend answered with an invalid header")
+            self.fail(502, "backend answered with an invalid header", 0, "bad_answer")
             return
         self.connection.finish(self, status, fields, response.body)
 
-    def fail(self, status: int, message: str, retry_after: int = 0) -> None:
+    def fail(self, status: int, message: str, retry_after: int = 0, failure: str = "") -> None:
+        """Answer an error; ``failure`` is why no backend answered (Record.failure), if so."""
+        self.failure = failure
         self._finish_error(
             status, message, b"retry-after: %d\r\n" % retry_after if retry_after else b""
         )
