@@ -93,7 +93,7 @@ setup(
     # inside the package (pitcher_rpc/embedded.py reads it from there).
     package_dir={"pitcher_rpc._conf": "conf"},
     package_data={
-        "pitcher_rpc": ["py.typed", "pb/*.pyi"],
+        "pitcher_rpc": ["py.typed", "pb/*.pyi", "process/status_page.html"],
         "pitcher_rpc._conf": ["*.toml", "*.service", "*.conf"],
     },
     ext_modules=compiled_extensions(),

@@ -35,7 +35,7 @@ from ..config.overlay import NodeChange, Overlay
 from ..degrade.scale import Child, spawn
 from ..fleet.feed import NodeFeed
 from ..proxy.backlog import describe_backlog
-from . import cluster_routes, metrics
+from . import cluster_routes, metrics, status
 from .admin import AdminError, AdminRequest, AdminResponse, AdminServer
 from .control import ControlError, WorkerLink, read_message
 from .coordination import Coordination
@@ -523,6 +523,7 @@ class Master:
         self.admin.route("GET", "/metrics", self._metrics)
         self.admin.route("GET", "/admin/modules", self._admin_modules)
         cluster_routes.install(self.admin, self)
+        status.register(self.admin, self)
         self.admin.route("POST", "/admin/modules/{name}/enable", self._admin_enable)
         self.admin.route("POST", "/admin/modules/{name}/disable", self._admin_disable)
 
