@@ -17,11 +17,24 @@ Failures and what they answer:
 - a request the parser refuses (400, 413, 431, 505 ...) or one that does not
   arrive within ``header_timeout`` (408): that status, then the connection
   is half-closed, lingers a moment and is closed.
+
+The door: once a token is set (:meth:`AdminServer.set_token_source`), every
+request but ``GET /healthz``, ``GET /metrics`` and ``GET /`` (the status
+page's shell) must carry ``Authorization: Bearer TOKEN``; without it, or with
+another token, the answer is 401 with ``WWW-Authenticate: Bearer`` before any
+routing, so nothing runs and an unknown path says no more than a known one. A
+listener reachable from other machines with no token set refuses the same
+requests with 403: a configuration reloaded without its token, or a new
+generation taking over a socket its file no longer names, fails closed.
+Every call that may change something (any method but GET and HEAD) is logged
+at INFO with the caller, the method, the target and the status; every refusal
+at the door at WARNING.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import socket
@@ -30,10 +43,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..config.model import AdminConfig
 from ..http.headers import HOP_BY_HOP, is_valid_name, is_valid_value
 from ..http.request import HttpLimits, HttpRequest
 from .admin_http import NO_STORE, AdminAnswer, AdminConnection, json_error
-from .admin_routing import Router, split_path
+from .admin_routing import Route, Router, split_path
 
 __all__ = ["AdminError", "AdminHandler", "AdminRequest", "AdminResponse", "AdminServer"]
 
@@ -45,6 +59,22 @@ _OCTETS = b"application/octet-stream"
 # Fields this server sets itself: a handler setting them too would send
 # duplicated or contradictory fields.
 _RESERVED_HEADERS = HOP_BY_HOP | {b"content-length", b"date", b"cache-control"}
+
+# What anyone who reaches the listener may read without the token (GET, and
+# HEAD with it), as path segments: a supervisor's or load balancer's health
+# check, Prometheus, and the status page's HTML shell (its data is guarded).
+# Fixed here, not chosen per route, so that no new route is ever open by accident.
+OPEN_PATHS: frozenset[tuple[str, ...]] = frozenset({("healthz",), ("metrics",), ()})
+_READS = ("GET", "HEAD")
+_CHALLENGE = b'www-authenticate: Bearer realm="pitcher admin"'
+# A target longer than this is cut in the log: a line per call, not a dump.
+_LOGGED_TARGET = 200
+
+TokenSource = Callable[[], "str | None"]
+
+
+def _no_token() -> str | None:
+    return None
 
 
 class AdminError(Exception):
@@ -182,20 +212,36 @@ class AdminServer:
         self.handlers: set[asyncio.Task[AdminAnswer]] = set()  # running, one per request
         self.stopping = False
         self._router = Router()
+        self._token: TokenSource = _no_token
+        # Whether a listening socket is reachable from other machines (known at start()).
+        self.exposed = False
+        self._router.add("GET", "/admin", self._list_routes, "this list of the admin endpoints")
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Deadlines are checked by one sweep over the connections, while there are any.
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_interval = min(1.0, max(0.05, min(header_timeout, keepalive_timeout) / 4))
 
-    def route(self, method: str, pattern: str, handler: AdminHandler) -> None:
+    def route(
+        self, method: str, pattern: str, handler: AdminHandler, description: str = ""
+    ) -> None:
         """Serve ``method`` on ``pattern``; ``{name}`` matches one segment into ``params``.
 
         A GET route also answers HEAD (the handler sees ``method`` "HEAD"; the
-        body it returns is measured, not sent). Raises ValueError for a
+        body it returns is measured, not sent). ``description`` is the one
+        line ``GET /admin`` shows for it. A GET route must change nothing: the
+        log records only the other methods' calls. Raises ValueError for a
         malformed pattern or one already registered for ``method``.
         """
-        self._router.add(method, pattern, handler)
+        self._router.add(method, pattern, handler, description)
+
+    def set_token_source(self, token: TokenSource) -> None:
+        """Where the door reads the bearer token, on every request (None: no token).
+
+        A callable rather than a value, so that a reload that changes the
+        configuration changes the token at the same moment, with nothing to keep in step.
+        """
+        self._token = token
 
     async def start(
         self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None
@@ -207,9 +253,15 @@ class AdminServer:
         self.stopping = False
         if sock is not None:
             self._server = await loop.create_server(lambda: AdminConnection(self, loop), sock=sock)
-            return
-        self._server = await loop.create_server(
-            lambda: AdminConnection(self, loop), host, port, reuse_address=True
+        else:
+            self._server = await loop.create_server(
+                lambda: AdminConnection(self, loop), host, port, reuse_address=True
+            )
+        # Judged by the sockets really bound, not by a configuration: a new
+        # generation takes over its predecessor's sockets whatever its file says.
+        self.exposed = any(
+            not AdminConfig.is_loopback_host(str(listener.getsockname()[0]))
+            for listener in self._server.sockets
         )
 
     @property
@@ -262,9 +314,80 @@ class AdminServer:
         self.schedule_sweep()
 
     async def respond(self, request: HttpRequest, client: str) -> AdminAnswer:
-        """Route one request and run its handler; never raises but for cancellation."""
+        """Check the token, route one request and run its handler; logs what may change things.
+
+        Never raises but for cancellation.
+        """
         method = request.method.decode("ascii")
         path, segments = split_path(request.path)
+        if method not in _READS or segments not in OPEN_PATHS:
+            refusal = self._door(request)
+            if refusal is not None:
+                log.warning(
+                    "%s %s from %s: %d refused (%s)",
+                    method,
+                    _shown(request.target),
+                    client,
+                    refusal[0],
+                    refusal[3],
+                )
+                return refusal[:3]
+        if method in _READS:
+            return await self._dispatch(request, method, path, segments, client)
+        try:
+            answer = await self._dispatch(request, method, path, segments, client)
+        except asyncio.CancelledError:
+            log.info(
+                "%s %s from %s: no answer, the server stopped",
+                method,
+                _shown(request.target),
+                client,
+            )
+            raise
+        log.info("%s %s from %s: %d", method, _shown(request.target), client, answer[0])
+        return answer
+
+    def _door(self, request: HttpRequest) -> tuple[int, bytes, bytes, str] | None:
+        """None to let the request in; else its refusal and the reason for the log."""
+        token = self._token()
+        if token is None:
+            if not self.exposed:
+                return None
+            status, fields, body = json_error(
+                403,
+                "this admin listener is reachable from other machines and no token is set:"
+                " set [admin] token_file and reload",
+            )
+            return status, fields, body, "no token set on a non-loopback listener"
+        credentials = [value for name, value in request.headers if name == b"authorization"]
+        if not credentials:
+            status, fields, body = json_error(
+                401,
+                "this call needs an Authorization: Bearer TOKEN header",
+                _CHALLENGE + b"\r\n",
+            )
+            return status, fields, body, "no token"
+        scheme, _, offered = credentials[0].strip().partition(b" ")
+        # compare_digest: the time taken says nothing of how much of the token matched.
+        if (
+            len(credentials) == 1
+            and scheme.lower() == b"bearer"
+            and hmac.compare_digest(offered.strip(), token.encode("ascii"))
+        ):
+            return None
+        status, fields, body = json_error(
+            401, "the bearer token is not the one set", _CHALLENGE + b', error="invalid_token"\r\n'
+        )
+        return status, fields, body, "wrong token"
+
+    async def _dispatch(
+        self,
+        request: HttpRequest,
+        method: str,
+        path: str,
+        segments: tuple[str, ...] | None,
+        client: str,
+    ) -> AdminAnswer:
         if segments is None:
             return json_error(404, f"no such path: {path}")
         route, params, allowed = self._router.resolve(method, segments)
@@ -299,3 +422,35 @@ class AdminServer:
         except Exception:
             log.exception("admin handler for %s %s failed", method, path)
             return json_error(500, "internal error")
+
+    async def _list_routes(self, request: AdminRequest) -> AdminResponse:
+        guarded = self._token() is not None or self.exposed
+        return AdminResponse(
+            200,
+            {
+                "token_required": guarded,
+                "endpoints": [
+                    {
+                        "method": route.method,
+                        "path": route.pattern,
+                        "description": route.description,
+                        "needs_token": guarded and not _open(route),
+                    }
+                    for route in self._router.routes
+                ],
+            },
+        )
+
+
+def _open(route: Route) -> bool:
+    if route.method not in _READS:
+        return False
+    _, segments = split_path(route.pattern.encode())
+    return segments in OPEN_PATHS
+
+
+def _shown(target: bytes) -> str:
+    """A request target as a log line may hold it: printable ASCII, bounded."""
+    text = target[:_LOGGED_TARGET].decode("ascii", "backslashreplace")
+    text = "".join(char if " " < char <= "~" else repr(char)[1:-1] for char in text)
+    return text + "..." if len(target) > _LOGGED_TARGET else text

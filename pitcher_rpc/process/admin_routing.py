@@ -33,6 +33,9 @@ _Shape = tuple[str | None, ...]
 class Route:
     names: tuple[str, ...]  # placeholder names, left to right
     handler: AdminHandler
+    method: str = ""
+    pattern: str = ""  # as registered, without a trailing slash
+    description: str = ""  # one line, for the list GET /admin answers
 
 
 def split_path(path: bytes) -> tuple[str, tuple[str, ...] | None]:
@@ -87,20 +90,28 @@ def _specificity(shape: _Shape) -> tuple[bool, ...]:
 class Router:
     """Method and path pattern to handler; the admin API has a few dozen routes at most."""
 
-    __slots__ = ("_shapes",)
+    __slots__ = ("_shapes", "routes")
 
     def __init__(self) -> None:
         # Keyed by segment count first: a path only ever matches shapes of its length.
         self._shapes: dict[int, dict[_Shape, dict[str, Route]]] = {}
+        # Every route in the order registered: what GET /admin lists.
+        self.routes: list[Route] = []
 
-    def add(self, method: str, pattern: str, handler: AdminHandler) -> None:
+    def add(self, method: str, pattern: str, handler: AdminHandler, description: str = "") -> None:
         if not _METHOD.fullmatch(method):
             raise ValueError(f"{method!r} is not an upper-case HTTP method")
+        if "\n" in description or "\r" in description:
+            raise ValueError(f"the description of {method} {pattern} must be one line")
         shape, names = _parse_pattern(pattern)
         methods = self._shapes.setdefault(len(shape), {}).setdefault(shape, {})
         if method in methods:
             raise ValueError(f"a route for {method} {pattern} is already registered")
-        methods[method] = Route(names, handler)
+        if pattern != "/":
+            pattern = pattern.rstrip("/")
+        route = Route(names, handler, method, pattern, description.strip())
+        methods[method] = route
+        self.routes.append(route)
 
     def resolve(
         self, method: str, segments: tuple[str, ...]

@@ -74,10 +74,10 @@ def install(admin: AdminServer, master: Master) -> None:
     async def remove(request: AdminRequest) -> AdminResponse:
         return await change(request, "remove")
 
-    admin.route("GET", "/admin/clusters", clusters)
-    admin.route("POST", "/admin/clusters/{name}/nodes", add)
-    admin.route("POST", "/admin/clusters/{name}/nodes/drain", drain)
-    admin.route("DELETE", "/admin/clusters/{name}/nodes", remove)
+    admin.route("GET", "/admin/clusters", clusters, "every cluster, its nodes and their health")
+    admin.route("POST", "/admin/clusters/{name}/nodes", add, 'add a node: {"uri", "weight"}')
+    admin.route("POST", "/admin/clusters/{name}/nodes/drain", drain, 'drain a node: {"uri"}')
+    admin.route("DELETE", "/admin/clusters/{name}/nodes", remove, "remove a node: ?uri=URI")
 
 
 def _fields(request: AdminRequest, action: str) -> dict[str, Any]:

@@ -515,17 +515,32 @@ class Master:
     # -- admin API ---------------------------------------------------------------
 
     def _routes(self) -> None:
-        self.admin.route("GET", "/healthz", self._healthz)
-        self.admin.route("GET", "/admin/config", self._admin_config)
-        self.admin.route("POST", "/admin/reload", self._admin_reload)
-        self.admin.route("GET", "/admin/workers", self._admin_workers)
-        self.admin.route("POST", "/admin/restart", self._admin_restart)
-        self.admin.route("GET", "/metrics", self._metrics)
-        self.admin.route("GET", "/admin/modules", self._admin_modules)
+        # The token of the configuration running now: a reload that changes it
+        # changes it here at once, and a refused reload leaves the old one.
+        self.admin.set_token_source(lambda: self.config.admin.token)
+        admin = self.admin
+        admin.route("GET", "/healthz", self._healthz, "200 serving, 503 draining")
+        admin.route(
+            "GET", "/admin/config", self._admin_config, "the configuration file, checksum, reloads"
+        )
+        admin.route("POST", "/admin/reload", self._admin_reload, "reload the file in every worker")
+        admin.route("GET", "/admin/workers", self._admin_workers, "every worker's status")
+        admin.route(
+            "POST",
+            "/admin/restart",
+            self._admin_restart,
+            "a new generation takes over, this drains",
+        )
+        admin.route("GET", "/metrics", self._metrics, "Prometheus text, all workers added up")
+        admin.route("GET", "/admin/modules", self._admin_modules, "every worker's modules")
         cluster_routes.install(self.admin, self)
         status.register(self.admin, self)
-        self.admin.route("POST", "/admin/modules/{name}/enable", self._admin_enable)
-        self.admin.route("POST", "/admin/modules/{name}/disable", self._admin_disable)
+        admin.route(
+            "POST", "/admin/modules/{name}/enable", self._admin_enable, "switch a module on"
+        )
+        admin.route(
+            "POST", "/admin/modules/{name}/disable", self._admin_disable, "switch a module off"
+        )
 
     async def _healthz(self, request: AdminRequest) -> AdminResponse:
         if self.draining:
