@@ -106,6 +106,8 @@ class Master:
         self._changing = asyncio.Lock()
         self.generation = 1
         self.slots = [WorkerSlot(index) for index in range(workers)]
+        # Each worker's last counters, kept past its death: /metrics sums never go backwards.
+        self.counters = metrics.Keeper()
         # A successor takes its predecessor's sockets instead of binding its own.
         self._ready_line: socket.socket | None = None
         if takeover is not None:
@@ -624,6 +626,7 @@ class Master:
             health=self.coordination.health.describe(time.monotonic()),
             scale_outs=self.coordination.scaler.runs,
             discovery=self.feed.describe(),
+            keeper=self.counters,
         )
         return AdminResponse(200, body, (("content-type", metrics.CONTENT_TYPE_LATEST),))
 

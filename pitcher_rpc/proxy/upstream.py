@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any
 
 from transports.base import Client, ClientOptions
 from transports.registry import transport_for
@@ -21,19 +22,56 @@ from .balance import BALANCERS, HealthWeighted, RoundRobin, SmoothWeighted
 log = logging.getLogger("pitcher.upstream")
 
 
+# What a node's failures are counted as in its numbers (``failures`` in
+# :meth:`NodeStats.report`): the outcome kinds of :mod:`.exchange`, plus
+# ``overloaded`` (the node refused a call at its in-flight limit). A fixed
+# set, since each is a metrics label.
+FAILURE_KINDS = ("connect", "timeout", "reset", "error", "5xx", "overloaded")
+
+
 class NodeStats:
-    """What one node's requests came to since the last tick, and how many are in flight.
+    """One node's numbers: outcomes since the last health tick, totals, and calls in flight.
 
     Kept per node URI, beside its client: it outlives configuration snapshots.
+    Every node has one (health or not). ``successes``, ``failures`` and
+    ``trailing`` are what the health book is given each tick (``take``);
+    ``requests``, the failure counters and ``retries`` only ever grow, for
+    /metrics. Plain integer fields: the exchange adds to them on every call.
     """
 
-    __slots__ = ("alarm", "alarm_at", "failures", "in_flight", "successes", "trailing")
+    __slots__ = (
+        "alarm",
+        "alarm_at",
+        "connect",
+        "error",
+        "failures",
+        "http_5xx",
+        "in_flight",
+        "overloaded",
+        "requests",
+        "reset",
+        "retries",
+        "successes",
+        "timeout",
+        "trailing",
+    )
 
     def __init__(self) -> None:
         self.successes = 0
         self.failures = 0
         self.trailing = 0  # failures since the last success
         self.in_flight = 0
+        # Calls that came to an outcome (an answer or a failure), and the
+        # failures among them by kind; never reset.
+        self.requests = 0
+        self.connect = 0
+        self.timeout = 0
+        self.reset = 0
+        self.error = 0
+        self.http_5xx = 0
+        self.overloaded = 0
+        # Attempts sent to this node as a retry of a request another attempt failed.
+        self.retries = 0
         # Called when ``alarm_at`` failures in a row are seen before the next
         # tick: the health book is asked to judge now rather than at the tick.
         self.alarm: Callable[[], None] | None = None
@@ -46,6 +84,22 @@ class NodeStats:
         outcome = (self.successes, self.failures, self.trailing)
         self.successes = self.failures = self.trailing = 0
         return outcome
+
+    def report(self) -> dict[str, Any]:
+        """Totals for /metrics: ``requests``, ``failures`` by kind, ``retries``, ``in_flight``."""
+        return {
+            "requests": self.requests,
+            "failures": {
+                "connect": self.connect,
+                "timeout": self.timeout,
+                "reset": self.reset,
+                "error": self.error,
+                "5xx": self.http_5xx,
+                "overloaded": self.overloaded,
+            },
+            "retries": self.retries,
+            "in_flight": self.in_flight,
+        }
 
 
 class Node:
@@ -72,18 +126,40 @@ class Node:
         self.cap = 0
 
     def record(self, kind: str | None) -> None:
-        """One request's outcome: None for a success, else the kind of failure."""
+        """One call's outcome: None for a success, else the kind of failure.
+
+        Counted in the node's totals; for health, a kind the cluster's
+        ``failures`` names is a failure, any other a success, except
+        ``overloaded`` (busy, not broken: ejecting it would only load the
+        others more), which health does not count at all.
+        """
         stats = self.stats
         if stats is None:
             return
-        if kind is None or kind not in self.failure_kinds:
-            stats.successes += 1
-            stats.trailing = 0
-        else:
-            stats.failures += 1
-            stats.trailing += 1
-            if stats.trailing == stats.alarm_at and stats.alarm is not None:
-                stats.alarm()
+        stats.requests += 1
+        if kind is not None:
+            # Failures are rare: a chain of string tests costs nothing on the common path.
+            if kind == "5xx":
+                stats.http_5xx += 1
+            elif kind == "timeout":
+                stats.timeout += 1
+            elif kind == "connect":
+                stats.connect += 1
+            elif kind == "reset":
+                stats.reset += 1
+            elif kind == "error":
+                stats.error += 1
+            elif kind == "overloaded":
+                stats.overloaded += 1
+                return
+            if kind in self.failure_kinds:
+                stats.failures += 1
+                stats.trailing += 1
+                if stats.trailing == stats.alarm_at and stats.alarm is not None:
+                    stats.alarm()
+                return
+        stats.successes += 1
+        stats.trailing = 0
 
     def __repr__(self) -> str:
         return f"Node({self.uri!r}, weight={self.weight})"
@@ -111,6 +187,15 @@ class Cluster:
 
     def pick(self, exclude: Collection[Node] = ()) -> Node | None:
         return self._balancer.pick(exclude)
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        """Each node's totals (:meth:`NodeStats.report`) and open connections, by URI."""
+        nodes: dict[str, dict[str, Any]] = {}
+        for node in self.nodes:
+            numbers = (node.stats or NodeStats()).report()
+            numbers["connections"] = int(getattr(node.client, "connection_count", 0))
+            nodes[node.uri] = numbers
+        return nodes
 
     def apply(self, factors: Mapping[str, float], share: float = 1.0) -> None:
         """Weight factors from the health book, by node URI.
@@ -175,7 +260,11 @@ class Upstreams:
     def cluster(self, config: ClusterConfig) -> Cluster:
         health = config.health
         if health is None:
-            nodes = [Node(n.uri, n.weight, self.client(n.uri)) for n in config.nodes]
+            # Outcomes are counted for /metrics; with no failure kinds, none is one for health.
+            nodes = [
+                Node(n.uri, n.weight, self.client(n.uri), self._node_stats(n.uri))
+                for n in config.nodes
+            ]
             return Cluster(config.name, nodes, config.balance)
         policy = health.policy
         alarm_at = min(policy.consecutive_failures or policy.min_failures, policy.min_failures)
@@ -193,12 +282,13 @@ class Upstreams:
         cluster.apply(self.verdicts.get(config.name, {}), self.share)
         return cluster
 
-    def _node_stats(self, uri: str, alarm_at: int) -> NodeStats:
+    def _node_stats(self, uri: str, alarm_at: int = 0) -> NodeStats:
         stats = self._stats.get(uri)
         if stats is None:
             stats = self._stats[uri] = NodeStats()
             stats.alarm = lambda: self._alarm(uri)
-        stats.alarm_at = alarm_at
+        if alarm_at:
+            stats.alarm_at = alarm_at
         return stats
 
     def _alarm(self, uri: str) -> None:
