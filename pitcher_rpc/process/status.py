@@ -202,6 +202,20 @@ def _clusters(master: Master, delta: Delta, per: float, now: float) -> list[dict
                     "ejected_until": round(wall + ejected_for, 3) if ejected_for else None,
                 }
             )
+        # A drained node has left the cluster's nodes; its calls in flight finish.
+        listed = {node["uri"] for node in nodes}
+        for uri in draining.get(name, ()):
+            if uri not in listed:
+                nodes.append(
+                    {
+                        "uri": uri,
+                        "weight": 0,
+                        "state": "draining",
+                        "factor": 0.0,
+                        "ejected_for": 0.0,
+                        "ejected_until": None,
+                    }
+                )
         described.append(
             {
                 "name": name,
