@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 import urllib.parse
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from transports.native import describe as describe_build
 
+from . import cli_output
 from .config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -230,43 +233,207 @@ def demo(listen: str | None) -> None:
     _run(run_demo(listen))
 
 
+# ------------------------------------------------------------------ the admin API's commands
+
+_CONFIG_OPTION = click.option(
+    "-c",
+    "--config",
+    "path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The proxy's configuration file: its [admin] table says where to ask.",
+)
+_JSON_OPTION = click.option(
+    "--json", "as_json", is_flag=True, help="Print the admin API's whole answer as JSON."
+)
+
+
+def _colour() -> bool:
+    """Colours for a person at a terminal only, and never against NO_COLOR (no-color.org)."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"pitcher: {message}", err=True)
+    sys.exit(1)
+
+
+class _AdminApi:
+    """The admin API of the proxy a configuration file names, with its bearer token."""
+
+    __slots__ = ("config", "path", "token")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        # Loading reads [admin] token_file too: an unreadable or empty one is a
+        # configuration error on its line, as any other.
+        self.config = _load_or_exit(path)
+        self.token = self.config.admin.token
+
+    def call(
+        self, method: str, route: str, body: dict[str, object] | None = None
+    ) -> tuple[int, Any]:
+        """The status and JSON answer; stops the command if there is no admin API to ask."""
+        import http.client
+
+        listen = self.config.admin.listen
+        address = self.config.admin.listen_address
+        headers = {"content-type": "application/json"} if body is not None else {}
+        if self.token is not None:
+            headers["authorization"] = f"Bearer {self.token}"
+        connection = http.client.HTTPConnection(address.host, address.port, timeout=60)
+        try:
+            connection.request(method, route, None if body is None else json.dumps(body), headers)
+            response = connection.getresponse()
+            text = response.read().decode("utf-8", "replace")
+        except OSError as exc:
+            _fail(f"no admin API at {listen}: {exc.strerror or exc}; is the proxy running?")
+        except http.client.HTTPException as exc:
+            _fail(f"{listen} does not answer as the admin API does ({type(exc).__name__})")
+        finally:
+            connection.close()
+        if response.status == 401:
+            if self.token is not None:
+                _fail("the admin API refused the token (see [admin] token_file)")
+            _fail(f"the admin API asks for a token, and {self.path} sets no [admin] token_file")
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            _fail(cli_output.error_text(response.status, answer, text))
+        return response.status, answer
+
+    def show(self, route: str, as_json: bool, render: Callable[[Any, bool], list[str]]) -> None:
+        """A listing: a table, or with --json the whole answer."""
+        status, answer = self.call("GET", route)
+        if status >= 300:
+            _print_json_if(as_json, answer)
+            _fail(cli_output.error_text(status, answer, ""))
+        if as_json:
+            _print_json_if(True, answer)
+            return
+        click.echo("\n".join(render(answer, _colour())), color=_colour())
+
+    def change(
+        self,
+        method: str,
+        route: str,
+        body: dict[str, object] | None,
+        as_json: bool,
+        outcome: Callable[[Any], cli_output.Outcome],
+    ) -> None:
+        """A change: one line of outcome (or the JSON answer), each problem on stderr."""
+        status, answer = self.call(method, route, body)
+        _print_json_if(as_json, answer)
+        # A change every worker refused is an error; one some workers took has an outcome.
+        if "error" in answer or not isinstance(answer.get("workers", []), list):
+            _fail(cli_output.error_text(status, answer, ""))
+        result = outcome(answer)
+        if not as_json:
+            click.echo("\n".join(result.lines))
+        for problem in result.problems:
+            click.echo(f"pitcher: {problem}", err=True)
+        if status >= 300 or not result.ok:
+            sys.exit(1)
+
+
+def _print_json_if(as_json: bool, answer: object) -> None:
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+
+
 @main.command()
-@click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
-def restart(path: str) -> None:
+@_CONFIG_OPTION
+@_JSON_OPTION
+def restart(path: str, as_json: bool) -> None:
     """Restart the proxy gracefully: a new generation takes over, no connection is lost.
 
     FILE must be the file the proxy serves (the new generation reads it);
     any other is refused, naming the served one.
     """
-    config = _load_or_exit(path)
-    _admin_call(config, "POST", "/admin/restart", {"path": os.path.abspath(path)})
+    api = _AdminApi(path)
+    served = os.path.abspath(path)
+    api.change(
+        "POST",
+        "/admin/restart",
+        {"path": served},
+        as_json,
+        lambda answer: cli_output.restart_outcome(served, answer),
+    )
 
 
 @main.command()
-@click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
-def reload(path: str) -> None:
+@_CONFIG_OPTION
+@_JSON_OPTION
+def reload(path: str, as_json: bool) -> None:
     """Reload the configuration in every worker (validated first; a bad file changes nothing).
 
     FILE must be the file the proxy serves: any other is refused, naming the
     served one (a proxy keeps the file it was started with).
     """
-    config = _load_or_exit(path)
-    _admin_call(config, "POST", "/admin/reload", {"path": os.path.abspath(path)})
+    api = _AdminApi(path)
+    body: dict[str, object] = {"path": os.path.abspath(path)}
+    api.change("POST", "/admin/reload", body, as_json, cli_output.reload_outcome)
+
+
+@main.command()
+@_CONFIG_OPTION
+@_JSON_OPTION
+def workers(path: str, as_json: bool) -> None:
+    """The worker processes: pid, configuration generation, connections, requests, lag."""
+    _AdminApi(path).show("/admin/workers", as_json, cli_output.workers_table)
+
+
+@main.command()
+@_CONFIG_OPTION
+@_JSON_OPTION
+def status(path: str, as_json: bool) -> None:
+    """The proxy on one screen: up or draining, its configuration, workers and clusters."""
+    api = _AdminApi(path)
+    answers: dict[str, Any] = {}
+    for name, route in (
+        ("health", "/healthz"),
+        ("config", "/admin/config"),
+        ("workers", "/admin/workers"),
+        ("clusters", "/admin/clusters"),
+    ):
+        code, answer = api.call("GET", route)
+        # /healthz answers 503 while the proxy drains: a state to show, not an error.
+        if code >= 300 and not (route == "/healthz" and code == 503):
+            _fail(cli_output.error_text(code, answer, ""))
+        answers[name] = answer
+    if as_json:
+        _print_json_if(True, answers)
+        return
+    lines = cli_output.status_lines(
+        answers["health"],
+        answers["config"],
+        answers["workers"],
+        answers["clusters"],
+        admin=api.config.admin.listen,
+        path=path,
+        file_checksum=api.config.checksum,
+        colour=_colour(),
+    )
+    click.echo("\n".join(lines), color=_colour())
 
 
 @main.command()
 @click.argument("action", type=click.Choice(["list", "enable", "disable"]))
 @click.argument("name", required=False)
-@click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
-def modules(action: str, name: str | None, path: str) -> None:
+@_CONFIG_OPTION
+@_JSON_OPTION
+def modules(action: str, name: str | None, path: str, as_json: bool) -> None:
     """List the modules, or switch one on or off in every worker."""
-    config = _load_or_exit(path)
-    if action == "list":
-        _admin_call(config, "GET", "/admin/modules")
-        return
-    if not name:
+    if action != "list" and not name:
         raise click.BadParameter(f"'{action}' needs a module name", param_hint="NAME")
-    _admin_call(config, "POST", f"/admin/modules/{name}/{action}")
+    api = _AdminApi(path)
+    if action == "list" or not name:
+        api.show("/admin/modules", as_json, cli_output.modules_table)
+        return
+    route = f"/admin/modules/{urllib.parse.quote(name, safe='')}/{action}"
+    api.change("POST", route, None, as_json, cli_output.module_outcome)
 
 
 @main.command()
@@ -275,7 +442,8 @@ def modules(action: str, name: str | None, path: str) -> None:
 @click.argument("uri", required=False)
 @click.option("--weight", type=click.IntRange(1, 1000), default=None, help="For add (default 1).")
 @click.option("--keep", is_flag=True, help="Keep the change over later reloads.")
-@click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False))
+@_CONFIG_OPTION
+@_JSON_OPTION
 def nodes(
     action: str,
     cluster: str | None,
@@ -283,20 +451,22 @@ def nodes(
     weight: int | None,
     keep: bool,
     path: str,
+    as_json: bool,
 ) -> None:
     """List clusters and their nodes, or add, drain or remove a node in every worker.
 
     A change lasts until the next reload unless --keep is given; the file is
     never written.
     """
-    config = _load_or_exit(path)
-    if action == "list":
-        _admin_call(config, "GET", "/admin/clusters")
+    if action != "list":
+        if not cluster or not uri:
+            raise click.BadParameter(f"'{action}' needs a CLUSTER and a node URI", param_hint="URI")
+        if weight is not None and action != "add":
+            raise click.BadParameter("only 'add' takes a weight", param_hint="--weight")
+    api = _AdminApi(path)
+    if action == "list" or not cluster or not uri:
+        api.show("/admin/clusters", as_json, cli_output.nodes_table)
         return
-    if not cluster or not uri:
-        raise click.BadParameter(f"'{action}' needs a CLUSTER and a node URI", param_hint="URI")
-    if weight is not None and action != "add":
-        raise click.BadParameter("only 'add' takes a weight", param_hint="--weight")
     body: dict[str, object] = {"uri": uri, "keep": keep}
     if weight is not None:
         body["weight"] = weight
@@ -306,37 +476,12 @@ def nodes(
         "drain": ("POST", f"/admin/clusters/{quoted}/nodes/drain"),
         "remove": ("DELETE", f"/admin/clusters/{quoted}/nodes"),
     }[action]
-    _admin_call(config, method, route, body)
+    node = uri
 
+    def outcome(answer: Any) -> cli_output.Outcome:
+        return cli_output.node_outcome(action, node, answer, weight=weight, keep=keep)
 
-def _admin_call(
-    config: Config, method: str, route: str, body: dict[str, object] | None = None
-) -> None:
-    import http.client
-    import json
-
-    address = config.admin.listen_address
-    connection = http.client.HTTPConnection(address.host, address.port, timeout=60)
-    try:
-        if body is None:
-            connection.request(method, route)
-        else:
-            connection.request(
-                method, route, json.dumps(body), {"content-type": "application/json"}
-            )
-        response = connection.getresponse()
-        answer = response.read().decode("utf-8", "replace")
-    except OSError as exc:
-        click.echo(f"pitcher: no admin API at {config.admin.listen}: {exc}", err=True)
-        sys.exit(1)
-    finally:
-        connection.close()
-    try:
-        click.echo(json.dumps(json.loads(answer), indent=2))
-    except ValueError:
-        click.echo(answer)
-    if response.status >= 300:
-        sys.exit(1)
+    api.change(method, route, body, as_json, outcome)
 
 
 @main.command()
