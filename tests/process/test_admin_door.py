@@ -24,6 +24,7 @@ from pitcher_rpc.config import ConfigError, load_config
 from pitcher_rpc.process.admin import AdminRequest, AdminResponse, AdminServer
 from pitcher_rpc.process.admin_routing import Router
 from tests.process.test_admin import Address, answer, fetch, serving
+from tests.process.test_restart import _stop
 from tests.proxy.conftest import (
     HttpResponse,
     Launcher,
@@ -508,6 +509,27 @@ def test_a_reload_changes_the_token_and_a_gone_token_file_keeps_the_last_one(
         file.write(master_config(None))
     assert call(address, "POST", "/admin/reload", OTHER_TOKEN)[0] == 200
     assert call(address, "GET", "/admin/workers")[0] == 200
+
+
+def test_a_restart_needs_the_token_and_the_new_generation_reads_its_own(
+    guarded: tuple[Proxy, Address, str],
+) -> None:
+    proxy, address, token_file = guarded
+    with open(token_file, "w") as file:
+        file.write(OTHER_TOKEN)
+    assert call(address, "POST", "/admin/restart")[0] == 401
+    assert call(address, "POST", "/admin/restart", OTHER_TOKEN)[0] == 401
+    assert proxy.process.alive()
+    status, body, _ = call(address, "POST", "/admin/restart", TOKEN)
+    assert status == 200, body
+    try:
+        # Once the old generation is gone, only the new one answers on the socket.
+        proxy.process.popen.wait(10)
+        assert call(address, "GET", "/admin/workers", TOKEN)[0] == 401
+        assert call(address, "GET", "/admin/workers", OTHER_TOKEN)[0] == 200
+        assert call(address, "GET", "/healthz")[0] == 200
+    finally:
+        _stop(body["new_master_pid"])
 
 
 def test_serve_refuses_an_admin_listen_others_reach_without_a_token(launcher: Launcher) -> None:
