@@ -3,7 +3,8 @@
 One proxy serves the whole module; each command runs as a user types it, in
 this process through click's runner (the proxy, its workers and the admin
 API are real; only the command's own start-up is saved), and in a subprocess
-where the exit status, the streams or the terminal are the point.
+where the exit status, the streams or the terminal are the point. The proxy
+asks for an admin token, so every command here also shows it sends one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pitcher_rpc.cli import main
 from tests.proxy.conftest import Launcher, Proxy, free_port, get, pitcher_command
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+TOKEN = "cli-tests-token-0123456789"
 
 
 @dataclass
@@ -44,6 +46,7 @@ listen = "127.0.0.1:0"
 
 [admin]
 listen = "127.0.0.1:{admin}"
+token_file = "admin.token"
 
 [[routes]]
 name = "api"
@@ -76,6 +79,8 @@ def served() -> Iterator[Served]:
         live = launcher.echo_backend("tcp").uri
         dead = f"tcp://127.0.0.1:{free_port()}"
         admin = free_port()
+        # Relative to the configuration's directory, as the proxy reads it.
+        launcher.write("admin.token", TOKEN + "\n")
         text = _config(admin, live, dead, os.path.join(launcher.tmpdir, "access.log"))
         proxy = launcher.proxy(text, workers=2)
         proxy.process.wait_for_line("admin on ")
@@ -89,7 +94,10 @@ def pitcher(*args: str) -> Result:
 
 
 def admin_json(served: Served, path: str) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{served.admin}{path}", timeout=5) as answer:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{served.admin}{path}", headers={"authorization": f"Bearer {TOKEN}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as answer:
         return json.loads(answer.read())
 
 
@@ -333,3 +341,42 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(served: Served) -> No
     plain = _on_a_terminal(args, NO_COLOR="1")
     assert not ANSI.search(plain)
     assert plain.replace("\r\n", "\n").splitlines()[0].split()[0] == "WORKER"
+
+
+def _same_proxy_other_token(served: Served, name: str, token_line: str | None) -> str:
+    """Another file that finds this proxy, with another [admin] token_file line (or none)."""
+    with open(served.path, encoding="utf-8") as file:
+        text = file.read()
+    line = 'token_file = "admin.token"\n'
+    assert line in text
+    return served.launcher.write(name, text.replace(line, token_line or ""))
+
+
+@pytest.mark.parametrize("command", [["status"], ["nodes", "list"], ["reload"]], ids=str)
+def test_a_wrong_token_is_one_line(served: Served, command: list[str]) -> None:
+    served.launcher.write("wrong.token", "not-the-token-but-long-enough\n")
+    path = _same_proxy_other_token(served, "wrong.toml", 'token_file = "wrong.token"\n')
+    result = pitcher(*command, "-c", path)
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == "pitcher: the admin API refused the token (see [admin] token_file)\n"
+
+
+def test_no_token_when_the_proxy_asks_for_one(served: Served) -> None:
+    path = _same_proxy_other_token(served, "tokenless.toml", None)
+    result = pitcher("workers", "-c", path)
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"pitcher: the admin API asks for a token, and {path} sets no [admin] token_file\n"
+    )
+
+
+def test_an_unreadable_token_file_is_one_line(served: Served) -> None:
+    path = _same_proxy_other_token(served, "missing.toml", 'token_file = "missing.token"\n')
+    result = pitcher("workers", "-c", path)
+    assert (result.exit_code, result.stdout) == (1, "")
+    missing = os.path.join(os.path.dirname(path), "missing.token")
+    assert re.fullmatch(
+        rf"{re.escape(path)}:\d+: admin\.token_file: cannot read .*{re.escape(missing)}.*:"
+        r" No such file or directory\n",
+        result.stderr,
+    ), result.stderr
