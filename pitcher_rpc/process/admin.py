@@ -28,13 +28,14 @@ requests with 403: a configuration reloaded without its token, or a new
 generation taking over a socket its file no longer names, fails closed.
 Every call that may change something (any method but GET and HEAD) is logged
 at INFO with the caller, the method, the target and the status; every refusal
-at the door at WARNING.
+at the door at WARNING, up to a budget (:class:`.admin_routing.RefusalBudget`)
+past which they are counted and the count logged: a flood of refused calls
+must not bury the calls that matter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import socket
@@ -47,7 +48,7 @@ from ..config.model import AdminConfig
 from ..http.headers import HOP_BY_HOP, is_valid_name, is_valid_value
 from ..http.request import HttpLimits, HttpRequest
 from .admin_http import NO_STORE, AdminAnswer, AdminConnection, json_error
-from .admin_routing import Route, Router, split_path
+from .admin_routing import READS, Door, RefusalBudget, Router, TokenSource, is_open, split_path
 
 __all__ = ["AdminError", "AdminHandler", "AdminRequest", "AdminResponse", "AdminServer"]
 
@@ -60,21 +61,8 @@ _OCTETS = b"application/octet-stream"
 # duplicated or contradictory fields.
 _RESERVED_HEADERS = HOP_BY_HOP | {b"content-length", b"date", b"cache-control"}
 
-# What anyone who reaches the listener may read without the token (GET, and
-# HEAD with it), as path segments: a supervisor's or load balancer's health
-# check, Prometheus, and the status page's HTML shell (its data is guarded).
-# Fixed here, not chosen per route, so that no new route is ever open by accident.
-OPEN_PATHS: frozenset[tuple[str, ...]] = frozenset({("healthz",), ("metrics",), ()})
-_READS = ("GET", "HEAD")
-_CHALLENGE = b'www-authenticate: Bearer realm="pitcher admin"'
 # A target longer than this is cut in the log: a line per call, not a dump.
 _LOGGED_TARGET = 200
-
-TokenSource = Callable[[], "str | None"]
-
-
-def _no_token() -> str | None:
-    return None
 
 
 class AdminError(Exception):
@@ -212,9 +200,9 @@ class AdminServer:
         self.handlers: set[asyncio.Task[AdminAnswer]] = set()  # running, one per request
         self.stopping = False
         self._router = Router()
-        self._token: TokenSource = _no_token
-        # Whether a listening socket is reachable from other machines (known at start()).
-        self.exposed = False
+        self.door = Door()
+        self.refusals = RefusalBudget()
+        self._refusals_report: asyncio.TimerHandle | None = None
         self._router.add("GET", "/admin", self._list_routes, "this list of the admin endpoints")
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -241,7 +229,7 @@ class AdminServer:
         A callable rather than a value, so that a reload that changes the
         configuration changes the token at the same moment, with nothing to keep in step.
         """
-        self._token = token
+        self.door.token = token
 
     async def start(
         self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None
@@ -259,7 +247,7 @@ class AdminServer:
             )
         # Judged by the sockets really bound, not by a configuration: a new
         # generation takes over its predecessor's sockets whatever its file says.
-        self.exposed = any(
+        self.door.exposed = any(
             not AdminConfig.is_loopback_host(str(listener.getsockname()[0]))
             for listener in self._server.sockets
         )
@@ -283,6 +271,9 @@ class AdminServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._refusals_report is not None:
+            self._refusals_report.cancel()
+            self._report_refusals()
         for connection in list(self.connections):
             connection.close()
         # A handler may be what called stop(); it must not wait for itself.
@@ -320,19 +311,14 @@ class AdminServer:
         """
         method = request.method.decode("ascii")
         path, segments = split_path(request.path)
-        if method not in _READS or segments not in OPEN_PATHS:
-            refusal = self._door(request)
+        if not is_open(method, segments):
+            refusal = self.door.check(
+                [value for name, value in request.headers if name == b"authorization"]
+            )
             if refusal is not None:
-                log.warning(
-                    "%s %s from %s: %d refused (%s)",
-                    method,
-                    _shown(request.target),
-                    client,
-                    refusal[0],
-                    refusal[3],
-                )
-                return refusal[:3]
-        if method in _READS:
+                self._log_refusal(method, request.target, client, refusal.status, refusal.reason)
+                return json_error(refusal.status, refusal.message, refusal.fields)
+        if method in READS:
             return await self._dispatch(request, method, path, segments, client)
         try:
             answer = await self._dispatch(request, method, path, segments, client)
@@ -347,38 +333,30 @@ class AdminServer:
         log.info("%s %s from %s: %d", method, _shown(request.target), client, answer[0])
         return answer
 
-    def _door(self, request: HttpRequest) -> tuple[int, bytes, bytes, str] | None:
-        """None to let the request in; else its refusal and the reason for the log."""
-        token = self._token()
-        if token is None:
-            if not self.exposed:
-                return None
-            status, fields, body = json_error(
-                403,
-                "this admin listener is reachable from other machines and no token is set:"
-                " set [admin] token_file and reload",
+    def _log_refusal(
+        self, method: str, target: bytes, client: str, status: int, reason: str
+    ) -> None:
+        loop = self._loop
+        now = loop.time() if loop is not None else 0.0
+        if self.refusals.spend(now):
+            log.warning(
+                "%s %s from %s: %d refused (%s)", method, _shown(target), client, status, reason
             )
-            return status, fields, body, "no token set on a non-loopback listener"
-        credentials = [value for name, value in request.headers if name == b"authorization"]
-        if not credentials:
-            status, fields, body = json_error(
-                401,
-                "this call needs an Authorization: Bearer TOKEN header",
-                _CHALLENGE + b"\r\n",
+        elif self._refusals_report is None and loop is not None:
+            delay = max(0.0, self.refusals.window_end() - now)
+            self._refusals_report = loop.call_later(delay, self._report_refusals)
+
+    def _report_refusals(self) -> None:
+        self._refusals_report = None
+        count, self.refusals.suppressed = self.refusals.suppressed, 0
+        if count:
+            log.warning(
+                "%d more calls refused at the door, not logged one by one"
+                " (at most %d lines in %g s)",
+                count,
+                self.refusals.burst,
+                self.refusals.window,
             )
-            return status, fields, body, "no token"
-        scheme, _, offered = credentials[0].strip().partition(b" ")
-        # compare_digest: the time taken says nothing of how much of the token matched.
-        if (
-            len(credentials) == 1
-            and scheme.lower() == b"bearer"
-            and hmac.compare_digest(offered.strip(), token.encode("ascii"))
-        ):
-            return None
-        status, fields, body = json_error(
-            401, "the bearer token is not the one set", _CHALLENGE + b', error="invalid_token"\r\n'
-        )
-        return status, fields, body, "wrong token"
 
     async def _dispatch(
         self,
@@ -424,7 +402,7 @@ class AdminServer:
             return json_error(500, "internal error")
 
     async def _list_routes(self, request: AdminRequest) -> AdminResponse:
-        guarded = self._token() is not None or self.exposed
+        guarded = self.door.guarded
         return AdminResponse(
             200,
             {
@@ -434,19 +412,13 @@ class AdminServer:
                         "method": route.method,
                         "path": route.pattern,
                         "description": route.description,
-                        "needs_token": guarded and not _open(route),
+                        "needs_token": guarded
+                        and not is_open(route.method, split_path(route.pattern.encode())[1]),
                     }
                     for route in self._router.routes
                 ],
             },
         )
-
-
-def _open(route: Route) -> bool:
-    if route.method not in _READS:
-        return False
-    _, segments = split_path(route.pattern.encode())
-    return segments in OPEN_PATHS
 
 
 def _shown(target: bytes) -> str:

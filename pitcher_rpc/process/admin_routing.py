@@ -1,20 +1,36 @@
-"""Method and path pattern to handler, for the admin API.
+"""Method and path pattern to handler for the admin API, and the door in front of them.
 
 A pattern is literal segments and ``{name}`` placeholders (one non-empty
 segment each). A literal segment beats a placeholder in the same place, so
 ``/admin/modules/list`` wins over ``/admin/modules/{name}``; HEAD falls back
 to a GET route.
+
+The :class:`Door` decides, before any routing, whether a request may go on:
+the bearer token, and the few reads that need none.
 """
 
 from __future__ import annotations
 
+import hmac
 import re
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Route", "Router", "split_path"]
+__all__ = ["OPEN_PATHS", "READS", "Door", "Refusal", "Route", "Router", "is_open", "split_path"]
+
+# What anyone who reaches the listener may read without the token (GET, and
+# HEAD with it), as path segments: a supervisor's or load balancer's health
+# check, Prometheus, and the status page's HTML shell (its data is guarded).
+# Fixed here, not chosen per route, so that no new route is ever open by accident.
+OPEN_PATHS: frozenset[tuple[str, ...]] = frozenset({("healthz",), ("metrics",), ()})
+# The methods that change nothing: every route for any other is a change, and logged.
+READS = ("GET", "HEAD")
+_CHALLENGE = b'www-authenticate: Bearer realm="pitcher admin"'
+
+# The token now, or None: read on every request, so a reload changes it at once.
+TokenSource = Callable[[], "str | None"]
 
 # Upper case only: methods are case-sensitive (RFC 9110 §9.1) and a route for
 # "get" would never match what clients send.
@@ -154,3 +170,111 @@ def _matches(shape: _Shape, segments: tuple[str, ...]) -> bool:
         elif part != segment:
             return False
     return True
+
+
+def is_open(method: str, segments: tuple[str, ...] | None) -> bool:
+    """Whether a request needs no token whatever the door's settings."""
+    return method in READS and segments in OPEN_PATHS
+
+
+def _no_token() -> str | None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: int
+    message: str  # for the client
+    fields: bytes  # header lines, each ending in CRLF
+    reason: str  # for the log
+
+
+_NO_CREDENTIALS = Refusal(
+    401,
+    "this call needs an Authorization: Bearer TOKEN header",
+    _CHALLENGE + b"\r\n",
+    "no token",
+)
+_WRONG_TOKEN = Refusal(
+    401,
+    "the bearer token is not the one set",
+    _CHALLENGE + b', error="invalid_token"\r\n',
+    "wrong token",
+)
+_NO_TOKEN_SET = Refusal(
+    403,
+    "this admin listener is reachable from other machines and no token is set:"
+    " set [admin] token_file and reload",
+    b"",
+    "no token set on a non-loopback listener",
+)
+
+
+class Door:
+    """Who gets past the admin listener.
+
+    ``token`` gives the bearer token every request but the open reads must
+    carry (None: no token asked). ``exposed`` says the listening socket is
+    reachable from other machines: then a missing token refuses instead of
+    opening (fail closed).
+    """
+
+    __slots__ = ("exposed", "token")
+
+    def __init__(self) -> None:
+        self.token: TokenSource = _no_token
+        self.exposed = False
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the routes that are not open need something to get in now."""
+        return self.exposed or self.token() is not None
+
+    def check(self, authorization: list[bytes]) -> Refusal | None:
+        """None to let a request in, given its Authorization values; else why not."""
+        token = self.token()
+        if token is None:
+            return _NO_TOKEN_SET if self.exposed else None
+        if not authorization:
+            return _NO_CREDENTIALS
+        scheme, _, offered = authorization[0].strip().partition(b" ")
+        # compare_digest: the time taken says nothing of how much of the token matched.
+        if (
+            len(authorization) == 1
+            and scheme.lower() == b"bearer"
+            and hmac.compare_digest(offered.strip(), token.encode("ascii"))
+        ):
+            return None
+        return _WRONG_TOKEN
+
+
+class RefusalBudget:
+    """At most ``burst`` refusal lines per ``window`` seconds; the rest are counted.
+
+    Whoever can reach the listener can send refused calls as fast as it
+    likes: one line each would let it fill the disk and bury the calls that
+    matter. The count of those not logged is logged once the window ends.
+    """
+
+    __slots__ = ("_spent", "_start", "burst", "suppressed", "window")
+
+    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
+        self.burst = burst
+        self.window = window
+        self.suppressed = 0
+        self._start = float("-inf")
+        self._spent = 0
+
+    def spend(self, now: float) -> bool:
+        """Whether the refusal seen at ``now`` gets its line; if not it is counted."""
+        if now - self._start >= self.window:
+            self._start = now
+            self._spent = 0
+        if self._spent < self.burst:
+            self._spent += 1
+            return True
+        self.suppressed += 1
+        return False
+
+    def window_end(self) -> float:
+        return self._start + self.window

@@ -22,7 +22,7 @@ import pytest
 
 from pitcher_rpc.config import ConfigError, load_config
 from pitcher_rpc.process.admin import AdminRequest, AdminResponse, AdminServer
-from pitcher_rpc.process.admin_routing import Router
+from pitcher_rpc.process.admin_routing import RefusalBudget, Router
 from tests.process.test_admin import Address, answer, fetch, serving
 from tests.process.test_restart import _stop
 from tests.proxy.conftest import (
@@ -264,9 +264,9 @@ def test_a_listener_others_reach_without_a_token_refuses_all_but_the_open_paths(
 
     async def run() -> None:
         async with serving(server) as address:
-            assert server.exposed is False
+            assert server.door.exposed is False
             assert (await asyncio.to_thread(fetch, address, "POST", "/admin/reload")).status == 200
-            server.exposed = True
+            server.door.exposed = True
             refused = await asyncio.to_thread(fetch, address, "POST", "/admin/reload")
             listing = await asyncio.to_thread(fetch, address, "GET", "/admin")
             health = await asyncio.to_thread(fetch, address, "GET", "/healthz")
@@ -320,6 +320,42 @@ def test_calls_that_may_change_things_and_every_refusal_are_logged(
         ("WARNING", "POST /admin/%0d%0aforged%20line from C: 401 refused (no token)"),
     ]
     assert not any(TOKEN in message or OTHER_TOKEN in message for _, message in lines)
+
+
+def test_a_flood_of_refused_calls_is_logged_up_to_a_budget_then_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, _ = guarded_server(TOKEN)
+    server.refusals = RefusalBudget(burst=3, window=1.0)
+
+    def refused() -> list[str]:
+        return [
+            record.getMessage()
+            for record in caplog.records
+            if record.name == "pitcher.admin" and "refused" in record.getMessage()
+        ]
+
+    async def run() -> None:
+        async with serving(server) as address:
+            for _ in range(7):
+                await asyncio.to_thread(fetch, address, "POST", "/admin/reload")
+            assert len(refused()) == 3
+            # The count comes once the window is over, without waiting for another call.
+            for _ in range(300):
+                if len(refused()) == 4:
+                    break
+                await asyncio.sleep(0.01)
+            assert refused()[3] == (
+                "4 more calls refused at the door, not logged one by one (at most 3 lines in 1 s)"
+            )
+            # A new window logs again, and a granted call is never held back.
+            await asyncio.to_thread(fetch, address, "POST", "/admin/reload")
+            await asyncio.to_thread(fetch, address, "POST", "/admin/reload", None, bearer(TOKEN))
+        assert len(refused()) == 5
+
+    with caplog.at_level(logging.INFO, logger="pitcher.admin"):
+        scenario(run())
+    assert caplog.records[-1].getMessage().endswith(": 200")
 
 
 def test_get_admin_lists_every_route_in_the_order_registered() -> None:
