@@ -248,6 +248,10 @@ _JSON_OPTION = click.option(
 )
 
 
+# A restart waits for the new generation to be ready (the master gives it 30 s).
+_ADMIN_TIMEOUT = 60.0
+
+
 def _colour() -> bool:
     """Colours for a person at a terminal only, and never against NO_COLOR (no-color.org)."""
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
@@ -281,11 +285,13 @@ class _AdminApi:
         headers = {"content-type": "application/json"} if body is not None else {}
         if self.token is not None:
             headers["authorization"] = f"Bearer {self.token}"
-        connection = http.client.HTTPConnection(address.host, address.port, timeout=60)
+        connection = http.client.HTTPConnection(address.host, address.port, _ADMIN_TIMEOUT)
         try:
             connection.request(method, route, None if body is None else json.dumps(body), headers)
             response = connection.getresponse()
             text = response.read().decode("utf-8", "replace")
+        except TimeoutError:
+            _fail(f"the admin API at {listen} did not answer within {_ADMIN_TIMEOUT:g} s")
         except OSError as exc:
             _fail(f"no admin API at {listen}: {exc.strerror or exc}; is the proxy running?")
         except http.client.HTTPException as exc:

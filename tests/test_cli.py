@@ -274,7 +274,7 @@ def test_version_and_help(workdir: str) -> None:
     )
     help_text = pitcher("--help", cwd=workdir)
     assert help_text.returncode == 0
-    for command in ("serve", "check", "demo", "backend"):
+    for command in ("serve", "check", "demo", "backend", "status", "workers", "nodes"):
         assert re.search(rf"^\s+{command}\s", help_text.stdout, re.MULTILINE), help_text.stdout
 
 

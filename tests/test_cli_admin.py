@@ -9,11 +9,14 @@ asks for an admin token, so every command here also shows it sends one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
 import re
+import socket
 import subprocess
+import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from pitcher_rpc import cli
 from pitcher_rpc.cli import main
 from tests.proxy.conftest import Launcher, Proxy, free_port, get, pitcher_command
 
@@ -263,6 +267,15 @@ def test_status_says_the_file_given_is_not_what_runs(served: Served) -> None:
     ), result.stdout
 
 
+def _config_for(served: Served, name: str, port: int) -> str:
+    """A file whose [admin] listen is ``port``, where no proxy of this module is."""
+    return served.launcher.write(
+        name,
+        f'[admin]\nlisten = "127.0.0.1:{port}"\n[[routes]]\ncluster = "c"\n'
+        '[clusters.c]\nnodes = ["tcp://127.0.0.1:1"]\n',
+    )
+
+
 @pytest.mark.parametrize(
     "command",
     [["status"], ["workers"], ["nodes", "list"], ["modules", "list"], ["reload"]],
@@ -270,11 +283,7 @@ def test_status_says_the_file_given_is_not_what_runs(served: Served) -> None:
 )
 def test_no_proxy_is_one_line_and_status_1(served: Served, command: list[str]) -> None:
     port = free_port()
-    path = served.launcher.write(
-        f"nobody-{command[0]}.toml",
-        f'[admin]\nlisten = "127.0.0.1:{port}"\n[[routes]]\ncluster = "c"\n'
-        '[clusters.c]\nnodes = ["tcp://127.0.0.1:1"]\n',
-    )
+    path = _config_for(served, f"nobody-{command[0]}.toml", port)
     result = pitcher(*command, "-c", path)
     assert (result.exit_code, result.stdout) == (1, "")
     assert result.stderr == (
@@ -380,3 +389,59 @@ def test_an_unreadable_token_file_is_one_line(served: Served) -> None:
         r" No such file or directory\n",
         result.stderr,
     ), result.stderr
+
+
+# ------------------------------------------------------------------ something else at the address
+
+
+def _answering(reply: bytes) -> tuple[socket.socket, threading.Thread]:
+    """A loopback listener that answers one connection with ``reply`` and closes it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = listener.accept()
+            with connection:
+                connection.settimeout(5)
+                connection.recv(65536)
+                connection.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (
+            b"HTTP/1.1 404 Not Found\r\ncontent-type: text/html\r\ncontent-length: 23\r\n\r\n"
+            b"<html>not here</html>\r\n",
+            "the admin API answered 404: <html>not here</html>",
+        ),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "does not answer as the admin API does (BadStatusLine)"),
+    ],
+    ids=["http-not-json", "not-http"],
+)
+def test_something_else_at_the_admin_address(served: Served, reply: bytes, message: str) -> None:
+    listener, thread = _answering(reply)
+    with listener:
+        path = _config_for(served, "elsewhere.toml", listener.getsockname()[1])
+        result = pitcher("workers", "-c", path)
+        thread.join(5)
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr.startswith("pitcher: ") and result.stderr.endswith(f"{message}\n")
+    assert result.stderr.count("\n") == 1
+
+
+def test_an_admin_api_that_never_answers(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Accepted by the kernel's backlog, never read: the command gives up, it does not hang.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        monkeypatch.setattr(cli, "_ADMIN_TIMEOUT", 0.2)
+        result = pitcher("nodes", "list", "-c", _config_for(served, "silent.toml", port))
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert (
+        result.stderr == f"pitcher: the admin API at 127.0.0.1:{port} did not answer within 0.2 s\n"
+    )
