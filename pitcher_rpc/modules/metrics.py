@@ -13,10 +13,14 @@ name is never empty):
   only for requests that reached for a backend;
 - the residence time: total time minus backend latency, the proxy's own share
   (parsing, modules, encoding, earlier failed attempts, writing);
-- the bytes of the responses written, head included.
+- the bytes of the responses written, head included, in total and as a
+  histogram of response sizes;
+- a histogram of request body sizes (de-chunked; 0 for none).
 
 Buckets are inclusive upper bounds, as Prometheus' ``le``; a +Inf bucket
-follows them. The default suits one host: 100 µs to 10 s.
+follows them. The default suits a proxy measured in microseconds: 10 µs to
+10 s. Size buckets are fixed (``SIZE_BUCKETS``: 0, then 64 bytes to 16 MiB by
+powers of 4).
 
 Each worker keeps its numbers in memory and reports them through ``stats()``;
 the master adds them up at scrape time (``pitcher_http_requests_total``,
@@ -31,7 +35,16 @@ Requests refused before they make an exchange (the HTTP parser's 400, 408,
 413, 414, 431, 505, and connections refused at ACCEPT) are counted apart,
 by status and reason (``header_timeout``, ``body_too_large`` ... see
 :class:`pitcher_rpc.proxy.glue.Refusal`): they have no route and no times
-(``pitcher_http_refusals_total``).
+(``pitcher_http_refusals_total``). So is a 403 before routing (reason
+``forbidden``): ip_filter judging the client a trusted proxy names (the
+proxy itself answers 404 there, never 403); that request is also counted
+with route ``""``.
+
+The module also reports every node of the proxy's clusters (calls, failures
+by kind, retries, calls in flight, open connections: see
+:class:`pitcher_rpc.proxy.upstream.NodeStats`). Those numbers are kept by the
+proxy beside each node's client, not by the module; the module finds its
+proxy through the connection of the first request it counts.
 """
 
 from __future__ import annotations

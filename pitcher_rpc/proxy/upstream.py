@@ -166,7 +166,7 @@ class Node:
 
 
 class Cluster:
-    __slots__ = ("_balancer", "health", "name", "nodes")
+    __slots__ = ("_balancer", "_retry_next", "health", "name", "nodes")
 
     def __init__(
         self,
@@ -178,6 +178,9 @@ class Cluster:
         self.name = name
         self.nodes = tuple(nodes)
         self.health = health
+        # The next pick is a retry's: the exchange's pick among the nodes not
+        # tried yet found none, and it asks again for any node.
+        self._retry_next = False
         self._balancer: RoundRobin[Node] | SmoothWeighted[Node] | HealthWeighted
         if health is not None:
             # Weights move with health: always balanced by effective weight.
@@ -186,7 +189,24 @@ class Cluster:
             self._balancer = BALANCERS[balance](self.nodes)
 
     def pick(self, exclude: Collection[Node] = ()) -> Node | None:
-        return self._balancer.pick(exclude)
+        """A node for an attempt, avoiding ``exclude``; None if none can take it.
+
+        The exchange excludes the nodes it has tried, so a pick that excludes
+        is a retry's, and so is the pick for any node that follows one that
+        found none (a lone node takes its own retry): the node picked counts
+        a retry (``NodeStats.retries``).
+        """
+        node = self._balancer.pick(exclude)
+        if exclude:
+            if node is None:
+                self._retry_next = True
+            elif node.stats is not None:
+                node.stats.retries += 1
+        elif self._retry_next:
+            self._retry_next = False
+            if node is not None and node.stats is not None:
+                node.stats.retries += 1
+        return node
 
     def report(self) -> dict[str, dict[str, Any]]:
         """Each node's totals (:meth:`NodeStats.report`) and open connections, by URI."""

@@ -161,6 +161,9 @@ def test_every_family_parses_and_the_new_ones_move(
     )
     assert value(families, "pitcher_node_connections", cluster="echo", node=echo) >= 1
     assert value(families, "pitcher_node_in_flight", cluster="echo", node=echo) == 0
+    # The dead node's refused connects were retried on the live one.
+    assert value(families, "pitcher_node_retries_total", cluster="mixed", node=echo) >= 2
+    assert value(families, "pitcher_node_retries_total", cluster="mixed", node=dead) == 0
     kinds = {s.labels["kind"] for s in families["pitcher_node_failures"].samples}
     assert kinds == {"connect", "timeout", "reset", "error", "5xx", "overloaded"}
     states = {
