@@ -131,7 +131,7 @@ def build_report(
             "workers_current": sum(1 for s in alive if s.get("checksum") == config.checksum),
         },
         "routes": routes,
-        "clusters": _clusters(master, delta, per, now),
+        "clusters": _clusters(master, alive, delta, per, now),
         "throttle": _throttle(config, alive, delta, per, by_name),
         "workers": _workers(master, statuses, delta, per),
         "modules": _modules(modules),
@@ -161,8 +161,15 @@ def _route(name: str, delta: Delta, per: float) -> dict[str, Any]:
     return row
 
 
-def _clusters(master: Master, delta: Delta, per: float, now: float) -> list[dict[str, Any]]:
+def _clusters(
+    master: Master,
+    statuses: Sequence[Mapping[str, Any]],
+    delta: Delta,
+    per: float,
+    now: float,
+) -> list[dict[str, Any]]:
     config = master.config
+    live = _node_gauges(statuses)
     health = master.coordination.health.describe(now)
     draining = master.overlay.draining(config)
     wall = time.time()
@@ -200,6 +207,7 @@ def _clusters(master: Master, delta: Delta, per: float, now: float) -> list[dict
                     "factor": factor,
                     "ejected_for": ejected_for,
                     "ejected_until": round(wall + ejected_for, 3) if ejected_for else None,
+                    **_node_numbers(name, node.uri, delta, per, live),
                 }
             )
         # A drained node has left the cluster's nodes; its calls in flight finish.
@@ -214,6 +222,7 @@ def _clusters(master: Master, delta: Delta, per: float, now: float) -> list[dict
                         "factor": 0.0,
                         "ejected_for": 0.0,
                         "ejected_until": None,
+                        **_node_numbers(name, uri, delta, per, live),
                     }
                 )
         described.append(
@@ -233,6 +242,41 @@ def _clusters(master: Master, delta: Delta, per: float, now: float) -> list[dict
             }
         )
     return described
+
+
+def _node_gauges(statuses: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[int]]:
+    """(cluster, node URI) -> [calls in flight, open connections], all workers, as reported now."""
+    gauges: dict[tuple[str, str], list[int]] = {}
+    for status in statuses:
+        nodes = table(table(table(status, "modules"), "metrics"), "nodes")
+        for cluster, by_uri in nodes.items():
+            for uri, numbers in by_uri.items():
+                into = gauges.setdefault((str(cluster), str(uri)), [0, 0])
+                into[0] += int(numbers.get("in_flight", 0))
+                into[1] += int(numbers.get("connections", 0))
+    return gauges
+
+
+def _node_numbers(
+    cluster: str,
+    uri: str,
+    delta: Delta,
+    per: float,
+    live: Mapping[tuple[str, str], list[int]],
+) -> dict[str, Any]:
+    """A node's calls per second, failures in the window, calls in flight and connections:
+    null where the workers report no node numbers (the metrics module is off)."""
+    gauges = live.get((cluster, uri))
+    if gauges is None:
+        return {"rps": None, "failures": None, "in_flight": None, "connections": None}
+    calls, failures = delta.nodes.get((cluster, uri), (0, 0))
+    return {
+        "rps": round(calls * per, 3),
+        "failures": failures,
+        "failure_rate": round(failures / calls, 4) if calls else 0.0,
+        "in_flight": gauges[0],
+        "connections": gauges[1],
+    }
 
 
 def _throttle(

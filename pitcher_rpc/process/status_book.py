@@ -59,7 +59,16 @@ def table(report: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 class _Counters:
     """One worker's cumulative counters at one moment, in plain types."""
 
-    __slots__ = ("admitted", "bounds", "gc_count", "gc_sum", "refused", "requests", "routes")
+    __slots__ = (
+        "admitted",
+        "bounds",
+        "gc_count",
+        "gc_sum",
+        "nodes",
+        "refused",
+        "requests",
+        "routes",
+    )
 
     def __init__(self, status: Mapping[str, Any]) -> None:
         self.requests = int(status.get("requests", 0))
@@ -79,6 +88,15 @@ class _Counters:
                 server,
                 [int(n) for n in duration.get("counts", ())],
             )
+        # (cluster, node URI) -> (calls that came to an outcome, failures of any kind)
+        self.nodes: dict[tuple[str, str], tuple[int, int]] = {}
+        for cluster, nodes in table(metrics, "nodes").items():
+            for uri, numbers in nodes.items():
+                failures = numbers.get("failures") or {}
+                self.nodes[(str(cluster), str(uri))] = (
+                    int(numbers.get("requests", 0)),
+                    sum(int(n) for n in failures.values()),
+                )
         throttle = table(modules, "throttle")
         self.admitted = int(throttle.get("admitted", 0))
         self.refused: dict[str, int] = {
@@ -102,6 +120,7 @@ class Delta:
         "bounds",
         "gc_count",
         "gc_sum",
+        "nodes",
         "refused",
         "requests",
         "routes",
@@ -110,6 +129,8 @@ class Delta:
 
     def __init__(self) -> None:
         self.requests = 0
+        # (cluster, node URI) -> [calls, failures]
+        self.nodes: dict[tuple[str, str], list[int]] = {}
         # pid -> (requests, GC pauses, seconds paused) of that worker alone
         self.workers: dict[int, tuple[int, int, float]] = {}
         self.bounds: tuple[float, ...] = ()
@@ -133,6 +154,13 @@ class Delta:
             delta.gc_count += gc_count
             delta.gc_sum += gc_sum
             delta.admitted += _grown(before.admitted if before else 0, now.admitted)
+            for key, (calls, failures) in now.nodes.items():
+                was_node = before.nodes.get(key) if before is not None else None
+                if was_node is None or was_node[0] > calls:
+                    was_node = (0, 0)
+                into_node = delta.nodes.setdefault(key, [0, 0])
+                into_node[0] += calls - was_node[0]
+                into_node[1] += max(0, failures - was_node[1])
             for reason, count in now.refused.items():
                 grown = _grown(before.refused.get(reason, 0) if before else 0, count)
                 delta.refused[reason] = delta.refused.get(reason, 0) + grown

@@ -127,6 +127,11 @@ def test_status_reports_routes_nodes_modules_throttle_and_workers(site: StatusSi
     assert 50.0 < doomed["ejected_for"] <= 60.0
     assert doomed["ejected_until"] == pytest.approx(time.time() + doomed["ejected_for"], abs=5)
     assert cluster["in_service_share"] == 0.5
+    # The node numbers the metrics module reports: calls, failures in the window, in flight.
+    live = nodes[site.live.uri]
+    assert live["rps"] > 0 and live["failures"] == 0 and live["in_flight"] == 0
+    assert live["connections"] >= 1
+    assert doomed["failures"] >= 2 and doomed["failure_rate"] == 1.0
 
     throttle = report["throttle"]
     assert throttle["mode"] == "enforce" and throttle["enabled"] is True

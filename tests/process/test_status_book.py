@@ -124,3 +124,20 @@ def test_throttle_refusals_by_limit_and_worker_series_line_up() -> None:
     assert history["workers"]["0"]["lag"] == [0.01]
     assert history["lag"] == [0.01]
     assert Delta().requests == 0
+
+
+def test_node_calls_and_failures_are_counted_per_cluster_and_node() -> None:
+    def with_nodes(pid: int, calls: int, failures: int) -> dict[str, Any]:
+        status = worker(pid)
+        status["modules"]["metrics"]["nodes"] = {
+            "api": {
+                "tcp://a": {"requests": calls, "failures": {"connect": failures, "5xx": 1}},
+            }
+        }
+        return status
+
+    book = StatusBook()
+    book.record([with_nodes(1, 10, 2), with_nodes(2, 5, 0)], 0.0, 0.0)
+    _, delta = book.window([with_nodes(1, 30, 6), with_nodes(3, 4, 1)], 2.0)
+    # Worker 1: 20 calls, 4 failures more; worker 3 is new: all of its own.
+    assert delta.nodes[("api", "tcp://a")] == [20 + 4, 4 + 2]
