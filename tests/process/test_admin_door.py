@@ -284,6 +284,24 @@ def test_a_listener_others_reach_without_a_token_refuses_all_but_the_open_paths(
     )
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_a_loopback_listener_is_not_exposed(host: str) -> None:
+    server, changed = guarded_server(None)
+
+    async def run() -> None:
+        await server.start(host, 0)
+        try:
+            assert server.door.exposed is False
+            address = server.address
+            reloaded = await asyncio.to_thread(fetch, address, "POST", "/admin/reload")
+        finally:
+            await server.stop()
+        assert reloaded.status == 200
+        assert changed == ["/admin/reload"]
+
+    scenario(run())
+
+
 def test_calls_that_may_change_things_and_every_refusal_are_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
