@@ -526,7 +526,7 @@ def _processes(processes: Sequence[tuple[str, Any]]) -> Iterable[Metric]:
             if family is None:
                 family = families[found.name] = Metric(
                     found.name,
-                    found.documentation + ' (the master\'s, worker="master")',
+                    found.documentation + " By process: a worker's slot, or the master",
                     found.type,
                 )
             for sample in found.samples:

@@ -133,6 +133,15 @@ def _series(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
 
 
+def _in_order(item: tuple[SampleKey, float]) -> tuple[Any, ...]:
+    """A series' samples together, its buckets by increasing ``le`` (as the format wants)."""
+    _, name, labels = item[0]
+    found = dict(labels)
+    le = found.get("le")
+    bound = float("inf") if le == "+Inf" else float(le) if le is not None else 0.0
+    return (_series(found), not name.endswith("_bucket"), name, bound)
+
+
 def _fold(family: Metric, kept: Mapping[SampleKey, float]) -> None:
     """Add kept samples to a family's: to the same sample, or as new ones.
 
@@ -149,7 +158,7 @@ def _fold(family: Metric, kept: Mapping[SampleKey, float]) -> None:
     for _, name, labels in kept:
         if name.endswith("_bucket"):
             kept_layouts.setdefault(_series(dict(labels)), set()).add(dict(labels).get("le", ""))
-    for (_, name, labels), value in sorted(kept.items()):
+    for (_, name, labels), value in sorted(kept.items(), key=_in_order):
         series = _series(dict(labels))
         if series in layouts and kept_layouts.get(series, layouts[series]) != layouts[series]:
             continue

@@ -117,3 +117,19 @@ def test_process_families_cover_each_worker_and_the_master() -> None:
         assert {s.labels["worker"] for s in families[name].samples} == {"0", "master"}
     [info] = families["pitcher_build_info"].samples
     assert set(info.labels) == {"version", "python", "build"}
+
+
+def test_a_series_only_a_dead_worker_had_comes_back_whole_and_in_order() -> None:
+    keeper = Keeper()
+    scrape(keeper, worker(0, DEAD, 1, 0.05, 0.5, 5.0))
+    text = render([{"index": 0, "error": "not running"}], [0], 0, False, keeper=keeper).decode()
+    [family] = [
+        f
+        for f in text_string_to_metric_families(text)
+        if f.name == "pitcher_request_duration_seconds"
+    ]
+    les = [s.labels["le"] for s in family.samples if s.name.endswith("_bucket")]
+    assert les == ["0.1", "1.0", "+Inf"]
+    values = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert values[("pitcher_request_duration_seconds_bucket", "1.0")] == 2
+    assert values[("pitcher_request_duration_seconds_count", None)] == 3
