@@ -43,9 +43,12 @@ class Keeper:
     every later scrape, in the worker's slot for families with a worker label
     (``pitcher_requests{worker="1"}`` goes on from where it was), in the sum
     for the others. A sample that drops while the pid stays (a metrics
-    module rebuilt by a reload) retires its last value alike. A worker that
-    does not answer a scrape is stood in for by its last samples. Counts made
-    between a worker's last scrape and its death are lost: they were never seen.
+    module rebuilt by a reload) retires its last value alike; one no longer
+    reported (a node or route a reload removed) is let go, as one process
+    would let it go, so removed nodes do not stay on every scrape. A worker
+    that does not answer a scrape is stood in for by its last samples. What
+    is retired is kept for the master's life. Counts made between a worker's
+    last scrape and its death are lost: they were never seen.
     """
 
     def __init__(self) -> None:
@@ -81,7 +84,9 @@ class Keeper:
                 if last[0] != pid:
                     gone = last[1]
                 else:
-                    gone = {k: v for k, v in last[1].items() if samples.get(k, 0.0) < v}
+                    # Only a sample still there and lower: one no longer reported went
+                    # with its node or route (a reload), as it would in one process.
+                    gone = {k: v for k, v in last[1].items() if k in samples and samples[k] < v}
                 _add(self._retired, gone)
                 _add(extras, gone)
             self._last[index] = (pid, samples)

@@ -133,3 +133,14 @@ def test_a_series_only_a_dead_worker_had_comes_back_whole_and_in_order() -> None
     values = {(s.name, s.labels.get("le")): s.value for s in family.samples}
     assert values[("pitcher_request_duration_seconds_bucket", "1.0")] == 2
     assert values[("pitcher_request_duration_seconds_count", None)] == 3
+
+
+def test_a_series_a_living_worker_stops_reporting_is_let_go() -> None:
+    keeper = Keeper()
+    scrape(keeper, worker(0, OTHER, 3, 0.05))
+    # A reload removed the route: the worker reports no numbers for it any more.
+    gone = worker(0, OTHER, 4)
+    gone["modules"]["metrics"]["routes"] = {}
+    after = scrape(keeper, gone)
+    assert not [key for key in after if dict(key[1]).get("route") == "api"]
+    assert after[("pitcher_requests_total", (("worker", "0"),))] == 4
