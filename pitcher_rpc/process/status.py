@@ -87,8 +87,10 @@ def register(admin: AdminServer, master: Master) -> None:
         report["history"] = book.history()
         return AdminResponse(200, report)
 
-    admin.route("GET", "/", shell)
-    admin.route("GET", "/admin/status", status)
+    admin.route("GET", "/", shell, "the status page (HTML; its data comes from /admin/status)")
+    admin.route(
+        "GET", "/admin/status", status, "what the status page shows, with five minutes of trends"
+    )
 
 
 def build_report(

@@ -8,6 +8,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,7 +38,7 @@ class StatusSite:
     doomed: Backend
 
 
-def start_site(launcher: Launcher, workers: int, extra: str = "") -> StatusSite:
+def start_site(launcher: Launcher, workers: int, token_file: Path | None = None) -> StatusSite:
     """A proxy with one cluster of two echo nodes, health checks, metrics and the throttle."""
     live = launcher.echo_backend("tcp")
     doomed = launcher.echo_backend("tcp")
@@ -47,7 +48,11 @@ def start_site(launcher: Launcher, workers: int, extra: str = "") -> StatusSite:
         {"api": {"nodes": [live.uri, doomed.uri], "health": health}},
         server={"drain_timeout": 1.0},
     )
-    proxy = launcher.proxy(config + MODULES + extra, workers=workers)
+    if token_file is not None:
+        admin_table = '[admin]\nlisten = "127.0.0.1:0"\n'
+        assert admin_table in config
+        config = config.replace(admin_table, admin_table + f'token_file = "{token_file}"\n')
+    proxy = launcher.proxy(config + MODULES, workers=workers)
     return StatusSite(proxy, admin_port(proxy), live, doomed)
 
 
@@ -185,6 +190,26 @@ def test_the_history_ring_fills_from_the_samples(site: StatusSite) -> None:
     assert all(len(series["lag"]) == points for series in history["workers"].values())
     # Stored as JSON numbers or null, nothing else (NaN would break the page's parser).
     json.dumps(history, allow_nan=False)
+
+
+TOKEN = "status-page-test-token-0123456789"
+
+
+def test_with_a_token_the_shell_is_open_and_its_data_is_not(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(TOKEN + "\n")
+    site = start_site(launcher, workers=1, token_file=token_file)
+    code, _, body = fetch_page(site.admin_port)
+    assert code == 200 and b"sessionStorage" in body
+    url = f"http://127.0.0.1:{site.admin_port}/admin/status"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=5)
+    assert refused.value.code == 401
+    request = urllib.request.Request(url, headers={"authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert json.loads(response.read())["config"]["generation"] == 1
 
 
 def test_an_unknown_page_path_is_still_a_json_404(site: StatusSite) -> None:

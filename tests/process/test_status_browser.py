@@ -16,6 +16,8 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from html.parser import HTMLParser
@@ -25,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.process.test_master import admin
-from tests.process.test_status import StatusSite, break_a_node, start_site
+from tests.process.test_status import TOKEN, StatusSite, break_a_node, start_site
 from tests.proxy.conftest import Launcher, get, wait_until
 
 CHROMIUM_FLAGS = (
@@ -298,9 +300,6 @@ def test_strings_from_the_server_are_shown_as_text(launcher: Launcher, tmp_path:
 
 
 def admin_post(site: StatusSite, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    import urllib.error
-    import urllib.request
-
     request = urllib.request.Request(
         f"http://127.0.0.1:{site.admin_port}{path}",
         data=json.dumps(body).encode(),
@@ -312,3 +311,53 @@ def admin_post(site: StatusSite, path: str, body: dict[str, Any]) -> tuple[int, 
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+def test_the_page_asks_for_the_token_once_and_sends_it(launcher: Launcher, tmp_path: Path) -> None:
+    browser = chromium()
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(TOKEN + "\n")
+    site = start_site(launcher, workers=1, token_file=token_file)
+    headers = {"authorization": f"Bearer {TOKEN}"}
+
+    def submit(token: str) -> str:
+        return (
+            f"document.getElementById('token').value = {json.dumps(token)};"
+            " document.getElementById('login').requestSubmit(); true"
+        )
+
+    async def drive() -> tuple[Any, Any]:
+        url = f"http://127.0.0.1:{site.admin_port}/"
+        async with open_page(browser, tmp_path / "profile", url) as page:
+            await page.wait_for("document.getElementById('login').className === 'shown'")
+            assert await page.evaluate("document.getElementById('page').style.display") == "none"
+            await page.evaluate(submit("not-the-token-at-all"))
+            await page.wait_for(
+                "document.getElementById('login-error').textContent.includes('refused')"
+            )
+            await page.evaluate(submit(TOKEN))
+            await page.wait_for("document.body.dataset.loaded === '1'")
+            # An action carries the token too.
+            await page.evaluate(
+                "window.confirm = () => true;"
+                " document.querySelector('tr[data-name=\"request_id\"] button').click(); true"
+            )
+            await page.wait_for(
+                "document.querySelector('tr[data-name=\"request_id\"]').dataset.state === 'off'"
+            )
+            # Kept for this tab only: a reload does not ask again.
+            await page.send("Page.reload")
+            await page.wait_for("document.body.dataset.loaded === '1'")
+            return (
+                await page.evaluate("sessionStorage.getItem('pitcher.admin.token')"),
+                await page.evaluate("document.getElementById('login').className"),
+            )
+
+    stored, login = asyncio.run(drive())
+    assert stored == TOKEN and login == ""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{site.admin_port}/admin/modules", headers=headers
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        modules = json.loads(response.read())["workers"][0]["modules"]
+    assert not next(m for m in modules if m["name"] == "request_id")["enabled"]
