@@ -25,6 +25,7 @@ _BUILTIN: dict[str, str] = {
     "metrics": "pitcher_rpc.modules.metrics:Metrics",
     "request_id": "pitcher_rpc.modules.request_id:RequestId",
     "throttle": "pitcher_rpc.modules.throttle:Throttle",
+    "tracing": "pitcher_rpc.modules.tracing:Tracing",
 }
 # Loaded even when the configuration has no table for them.
 DEFAULT_MODULES = ("request_id",)

@@ -15,6 +15,7 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import re
 import time
 import types
@@ -388,6 +389,10 @@ class Context:
       error leaves the handler. It is for work that does not await, such as
       a loop in a thread started with ``run_in_executor``, which may read it
       from that thread.
+    - ``trace``: the W3C trace context the request came with (a
+      :class:`pitcher_rpc.sdk.tracing.TraceContext`: ``trace_id``,
+      ``parent_id``, ``sampled``), read from its ``traceparent`` header when
+      asked; None if it has no valid one. See docs/tracing.md.
     """
 
     __slots__ = ("_cancelled", "_request", "deadline")
@@ -401,6 +406,13 @@ class Context:
     def request_id(self) -> str:
         value: str = self._request.headers.get("x-request-id", "")
         return value
+
+    @property
+    def trace(self) -> Any:
+        # Imported here: a service whose handlers never ask loads none of it.
+        from .tracing import trace_of
+
+        return trace_of(self._request)
 
     def remaining(self) -> float | None:
         """Seconds until the deadline (0.0 once it passed); None without a deadline."""
@@ -466,10 +478,25 @@ class _Route:
 
 
 class Service:
-    """A split service: handlers matched by path prefix (longest first), optionally by method."""
+    """A split service: handlers matched by path prefix (longest first), optionally by method.
 
-    def __init__(self, name: str = "service", handler: Handler | None = None) -> None:
+    ``tracing=True`` runs each handler inside an OpenTelemetry span, a child
+    of the proxy's (the ``tracing`` extra; see :mod:`pitcher_rpc.sdk.tracing`);
+    left at None, ``PITCHER_TRACING=true`` in the environment turns it on.
+    """
+
+    def __init__(
+        self, name: str = "service", handler: Handler | None = None, *, tracing: bool | None = None
+    ) -> None:
         self.name = name
+        # The span maker when tracing is on; respond() reads it once per request.
+        self._tracing: Any = None
+        if tracing is None:
+            tracing = _tracing_wanted()
+        if tracing:
+            from .tracing import ServiceTracing
+
+            self._tracing = ServiceTracing(name)
         self._routes: list[_Route] = []
         # The route of every request when one handler serves all paths and methods.
         self._only: _Route | None = None
@@ -541,6 +568,8 @@ class Service:
         handlers that take a :class:`Context`.
         """
         message = decode_request(payload)
+        if self._tracing is not None:
+            return self._tracing.respond(self, message, deadline_ms)
         method = message.method.decode("latin-1")
         path = message.path.decode("latin-1")
         route = self._only or self._match(method, path)
@@ -672,6 +701,13 @@ class Service:
             await server.close(grace)
 
         await serve_until_signal(lambda: self.serve(address), close, register)
+
+
+def _tracing_wanted() -> bool:
+    """PITCHER_TRACING=true (or 1), unless OTEL_SDK_DISABLED=true: OpenTelemetry's style."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    return os.environ.get("PITCHER_TRACING", "").strip().lower() in ("true", "1")
 
 
 _CoroutineType = types.CoroutineType

@@ -1,0 +1,279 @@
+"""Traces in a split service: the proxy's trace context, and a span per request.
+
+:attr:`Context.trace <pitcher_rpc.sdk.Context.trace>` reads the request's
+``traceparent`` (sent by the proxy's ``tracing`` module) when a handler asks,
+with no OpenTelemetry needed. ``Service(..., tracing=True)``, or
+``PITCHER_TRACING=true`` in the environment (``OTEL_SDK_DISABLED=true``
+overrides it), runs every handler inside an OpenTelemetry span of kind SERVER
+whose parent is the proxy's span; the handler's own spans are its children.
+
+The spans go to the global tracer provider when the program set one (its
+own exporters and sampler apply); otherwise one is made here: service.name
+is ``OTEL_SERVICE_NAME`` or the Service's name, spans go through a batch
+processor to the OTLP/HTTP exporter, which reads the ``OTEL_EXPORTER_OTLP_*``
+variables (``OTEL_TRACES_EXPORTER=none``: no exporter). This needs the
+``tracing`` extra: ``pip install 'pitcher-rpc[tracing]'``.
+
+Imported only when a handler asks for its trace or tracing is on: a service
+without tracing pays nothing per request for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import os
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+from ..modules.trace_context import SAMPLED, parse_traceparent, valid_tracestate
+
+__all__ = ["TRACING_ENV", "ServiceTracing", "TraceContext", "trace_of", "tracing_wanted"]
+
+# Set to "true" (or "1"): every Service made without tracing=... traces.
+TRACING_ENV = "PITCHER_TRACING"
+
+
+def tracing_wanted() -> bool:
+    """Whether the environment asks for tracing (OpenTelemetry's boolean style)."""
+    environ = os.environ
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    return environ.get(TRACING_ENV, "").strip().lower() in ("true", "1")
+
+
+class TraceContext:
+    """The W3C trace context a request came with.
+
+    ``trace_id`` (32 hex digits) and ``parent_id`` (16: the proxy's span, the
+    parent of anything the handler records), ``sampled`` (whether the trace
+    is being recorded upstream), ``tracestate`` ("" if none), and
+    ``traceparent``, the header as it came.
+    """
+
+    __slots__ = ("parent_id", "sampled", "trace_id", "traceparent", "tracestate")
+
+    def __init__(
+        self, trace_id: str, parent_id: str, sampled: bool, traceparent: str, tracestate: str = ""
+    ) -> None:
+        self.trace_id = trace_id
+        self.parent_id = parent_id
+        self.sampled = sampled
+        self.traceparent = traceparent
+        self.tracestate = tracestate
+
+    def __repr__(self) -> str:
+        return (
+            f"TraceContext(trace_id={self.trace_id!r}, parent_id={self.parent_id!r},"
+            f" sampled={self.sampled!r})"
+        )
+
+
+def trace_of(request: Any) -> TraceContext | None:
+    """The trace context of a :class:`~pitcher_rpc.sdk.Request`; None without a valid one."""
+    headers = request.headers
+    found = headers.get_all("traceparent")
+    if not found:
+        return None
+    traceparent = ", ".join(found)
+    parent = parse_traceparent(traceparent)
+    if parent is None:
+        return None
+    tracestate = ",".join(headers.get_all("tracestate"))
+    return TraceContext(
+        f"{parent.trace_id:032x}",
+        f"{parent.parent_id:016x}",
+        bool(parent.flags & SAMPLED),
+        traceparent,
+        tracestate if tracestate and valid_tracestate(tracestate) else "",
+    )
+
+
+_NO_EXTRA = (
+    "tracing needs OpenTelemetry: pip install 'pitcher-rpc[tracing]'"
+    " (or leave tracing off: tracing=False, PITCHER_TRACING unset)"
+)
+
+
+class ServiceTracing:
+    """Runs a Service's handlers inside spans (see the module docstring)."""
+
+    def __init__(self, service_name: str) -> None:
+        try:
+            from opentelemetry import context as context_api
+            from opentelemetry import trace as trace_api
+            from opentelemetry.trace import Status, StatusCode
+            from opentelemetry.trace.span import TraceState
+        except ImportError as exc:
+            raise RuntimeError(_NO_EXTRA) from exc
+        self._service_name = service_name
+        self._api = trace_api
+        self._context_api = context_api
+        self._error = Status(StatusCode.ERROR)
+        self._trace_state = TraceState.from_header
+        self._server = trace_api.SpanKind.SERVER
+        self._tracer: Any = None
+
+    def _get_tracer(self) -> Any:
+        """The tracer, from the global provider, which is made first if the program set none."""
+        api = self._api
+        if isinstance(api.get_tracer_provider(), api.ProxyTracerProvider):
+            _install_provider(self._service_name)
+        self._tracer = tracer = api.get_tracer("pitcher_rpc.sdk")
+        return tracer
+
+    def _parent(self, names: list[bytes], values: list[bytes]) -> Any:
+        """The OpenTelemetry context of the request's traceparent; None for a root span."""
+        found = [values[i] for i, name in enumerate(names) if name.lower() == b"traceparent"]
+        if not found:
+            return None
+        parent = parse_traceparent(b", ".join(found))
+        if parent is None:
+            return None
+        states = [values[i] for i, name in enumerate(names) if name.lower() == b"tracestate"]
+        tracestate = b",".join(states)
+        api = self._api
+        span_context = api.SpanContext(
+            parent.trace_id,
+            parent.parent_id,
+            is_remote=True,
+            trace_flags=api.TraceFlags(parent.flags),
+            trace_state=(
+                self._trace_state([tracestate.decode("ascii")])
+                if tracestate and valid_tracestate(tracestate)
+                else None
+            ),
+        )
+        return api.set_span_in_context(api.NonRecordingSpan(span_context))
+
+    def respond(self, service: Any, message: Any, deadline_ms: int) -> bytes | Awaitable[bytes]:
+        """:meth:`Service.respond <pitcher_rpc.sdk.Service.respond>` for a decoded request."""
+        from .service import _NOT_ALLOWED, Context, Request
+
+        tracer = self._tracer or self._get_tracer()
+        method = message.method.decode("latin-1")
+        path = message.path.decode("latin-1")
+        route = service._only or service._match(method, path)
+        attributes: dict[str, Any] = {
+            "http.request.method": method,
+            "url.path": path,
+            "url.scheme": "http",
+        }
+        if message.route:
+            attributes["pitcher.route"] = message.route
+        if message.client:
+            attributes["client.address"] = message.client.rpartition(":")[0] or message.client
+        parent = self._parent(message.header_names[:], message.header_values[:])
+        if isinstance(route, bytes):
+            attributes["http.response.status_code"] = 405 if route is _NOT_ALLOWED else 404
+            tracer.start_span(method, parent, kind=self._server, attributes=attributes).end()
+            return route
+        attributes["http.route"] = route.prefix
+        span = tracer.start_span(
+            f"{method} {route.prefix}", parent, kind=self._server, attributes=attributes
+        )
+        request = Request(
+            method,
+            path,
+            message.query.decode("latin-1"),
+            None,
+            message.body,
+            message.route,
+            message.client,
+            message=message,
+        )
+        context = None
+        # The handler runs in a context of its own where the span is current
+        # (its own spans are children of it): nothing is attached to the
+        # caller's, and nothing has to be detached across the steps of a
+        # coroutine that the server may start here and finish in a task.
+        handler_context = contextvars.copy_context()
+        handler_context.run(self._context_api.attach, self._api.set_span_in_context(span))
+        try:
+            if route.wants_context:
+                context = Context(
+                    request, time.monotonic() + deadline_ms / 1000 if deadline_ms else None
+                )
+                result = handler_context.run(route.handler, request, context)
+            else:
+                result = handler_context.run(route.handler, request)
+            if inspect.isawaitable(result):
+                return self._finish_later(service, route, span, result, context, handler_context)
+            answer = service._answer(route, result)
+        except BaseException as exc:
+            self._failed(span, exc)
+            raise
+        self._end(span, result)
+        return answer
+
+    async def _finish_later(
+        self,
+        service: Any,
+        route: Any,
+        span: Any,
+        awaitable: Any,
+        context: Any,
+        handler_context: contextvars.Context,
+    ) -> bytes:
+        task = asyncio.get_running_loop().create_task(_wait(awaitable), context=handler_context)
+        try:
+            result = await task
+            answer: bytes = service._answer(route, result)
+        except asyncio.CancelledError as exc:
+            task.cancel()
+            if context is not None:
+                context._cancelled = True
+            self._failed(span, exc)
+            raise
+        except BaseException as exc:
+            self._failed(span, exc)
+            raise
+        self._end(span, result)
+        return answer
+
+    def _end(self, span: Any, result: Any) -> None:
+        from .service import Response
+
+        if isinstance(result, Response):
+            status = result.status
+        elif result is None:
+            status = 204
+        else:
+            status = 200
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(self._error)
+        span.end()
+
+    def _failed(self, span: Any, error: BaseException) -> None:
+        if isinstance(error, asyncio.CancelledError):
+            span.set_attribute("error.type", "cancelled")
+        else:
+            span.record_exception(error)
+            span.set_attribute("error.type", type(error).__qualname__)
+        span.set_status(self._error)
+        span.end()
+
+
+async def _wait(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _install_provider(service_name: str) -> None:
+    """A global tracer provider exporting over OTLP/HTTP (see the module docstring)."""
+    try:
+        from opentelemetry import trace as trace_api
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError as exc:
+        raise RuntimeError(_NO_EXTRA) from exc
+    attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
+    provider = TracerProvider(resource=Resource.create(attributes))
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace_api.set_tracer_provider(provider)
