@@ -1,4 +1,4 @@
-"""The master's admin HTTP server: routing and answers, no handlers.
+"""The master's admin HTTP server: the door, routing and answers; no handlers.
 
 The master registers a coroutine per method and path pattern; this module
 routes each request and turns every failure into a JSON ``{"error": ...}``

@@ -142,8 +142,8 @@ def test_a_directory_or_an_empty_path_is_no_token_file(tmpdir: str) -> None:
     for value, expected in ((os.path.join(tmpdir, "dir"), "cannot read"), ("", "empty string")):
         text = f'{ROUTES}\n[admin]\ntoken_file = "{value}"\n'
         path = write(tmpdir, "p.toml", text)
-        assert refusal(path).startswith(f"{path}:{line_of(path, 'token_file')}: admin.token_file: ")
         message = refusal(path)
+        assert message.startswith(f"{path}:{line_of(path, 'token_file')}: admin.token_file: ")
         assert expected in message
 
 
@@ -175,6 +175,16 @@ def guarded_server(token: str | None) -> tuple[AdminServer, list[str]]:
     server.route("POST", "/admin/reload", reload, "reload the file")
     server.route("DELETE", "/admin/clusters/{name}/nodes", reload, "remove a node")
     return server, changed
+
+
+def send_raw(address: Address, request: bytes) -> bytes:
+    """``request`` as it is (http.client would refuse it), and all that comes back."""
+    with socket.create_connection(address, timeout=2.0) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data
 
 
 def refused_for_the_token(response: HttpResponse, invalid: bool) -> None:
@@ -237,17 +247,9 @@ def test_two_authorization_fields_are_refused() -> None:
         f"Authorization: Bearer {OTHER_TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     ).encode()
 
-    def send(address: Address) -> bytes:
-        with socket.create_connection(address, timeout=2.0) as sock:
-            sock.sendall(request)
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-            return data
-
     async def run() -> None:
         async with serving(server) as address:
-            answer_bytes = await asyncio.to_thread(send, address)
+            answer_bytes = await asyncio.to_thread(send_raw, address, request)
         assert answer_bytes.startswith(b"HTTP/1.1 401 ")
         assert changed == []
 
