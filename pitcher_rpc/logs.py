@@ -6,9 +6,9 @@ someone reads the log. :class:`RateLimitedLog` writes the first line of a
 kind at once, then holds the others back for ``every`` seconds and writes
 one line for them all, the last of them with how many more there were::
 
-    request 5f1c-9 (route api) to tcp://10.0.1.5:7000 failed: deadline exceeded
-    request 5f1c-a7 (route api) to tcp://10.0.1.5:7000 failed: deadline exceeded (and 153 more
-    like it in the last 1.0s)
+    request 5f1c-9 (route api) to tcp://10.0.1.5:7000 failed: no answer before the deadline
+    request 5f1c-a7 (route api) to tcp://10.0.1.5:7000 failed: no answer before the deadline
+        (and 153 more like it in the last 1.0s)                  [one line, folded here]
 
 A kind is a key the caller chooses (the proxy's is the node's URI and the
 failure), so one node's failures never hide another's. The summary line is

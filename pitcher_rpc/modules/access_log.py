@@ -1,57 +1,41 @@
-"""``access_log``: one JSON line per answered request, written without blocking the proxy.
+"""``access_log``: one JSON line per answered or refused request, written without blocking.
 
     [modules.access_log]
     path = "/var/log/pitcher/access.log"   # the file lines are appended to (required)
     buffer = 8192                          # most lines held in memory (default)
     flush_interval = 0.2                   # seconds a line may wait for a write (default)
+    fields = ["time", "status", "path"]    # which fields, in this order (default: all)
 
 A line, written when the response has been handed to the socket::
 
     {"time":"2024-05-01T12:00:03.123Z","client":"10.0.0.7","method":"GET",
      "path":"/api/users?page=2","request_id":"5f1c2a9e0b3d-2a","route":"api",
      "cluster":"users","node":"tcp://10.0.1.5:7000","transport":"tcp","status":200,
-     "bytes":512,"total":0.000734,"backend":0.000512,"residence":0.000222}
+     "bytes":512,"total":0.000734,"backend":0.000512,"residence":0.000222,
+     "reason":null,"detail":null,"host":"api.example.com","user_agent":"curl/8.5.0",
+     "protocol":"HTTP/1.1","request_bytes":78,"retries":0,
+     "trace_id":"4bf92f3577b34da6a3ce929d0e0e4736"}
 
-``time``
-    when the response was written, UTC, to the millisecond.
-``client``
-    the client's IP address: the connection's peer, or the client a peer in
-    ``[server] trusted_proxies`` names in X-Forwarded-For (``unix`` for a
-    client on a Unix socket).
-``method``, ``path``
-    as the client sent them; ``path`` keeps the query (``?...``) and is not
-    normalised. Bytes outside ASCII are escaped (``\\u00e9``).
-``request_id``
-    the id the request_id module kept or made; null if it is off.
-``route``, ``cluster``, ``node``, ``transport``
-    the route taken, its cluster, the node of the last attempt and that
-    node's URI scheme (``tcp``, ``unix``, ``zmq+tcp`` ...); null when no
-    route took the request (a 404) or no node was called.
-``status``, ``bytes``
-    the status sent and the size of the whole response (head and body);
-    499 and 0 when the client went away before the answer (as nginx).
-``total``, ``backend``, ``residence``
-    seconds, to the microsecond (six decimals, never an exponent): from the
-    request read to the response written; from the last attempt sent to its
-    answer or error (null if no backend was called); and the rest, the time
-    spent in the proxy itself (earlier failed attempts of a retried request
-    included).
+Every field (:data:`FIELDS`, in the default order: the fourteen a line has
+always had first, ``time`` to ``residence``, then the ones added since) is
+described in docs/access-log.md. ``reason`` is why no backend answered (the
+exchange's ``failure``: ``timeout``, ``connect`` ...) or why the request was
+refused (the :class:`~pitcher_rpc.proxy.glue.Refusal`'s reason), null
+otherwise; ``detail`` is a refusal's text. What a line has not is null.
 
 A request refused before it makes an exchange (the HTTP parser's 400, 408,
-413, 414, 431, 505, and a connection refused at ACCEPT) has a line too, with
-what is known of it, written when its answer is handed to the socket::
+413, 414, 431, 501, 505, and a connection refused at ACCEPT) has a line in
+the same format, written when its answer is handed to the socket, with null
+for what a refusal has not (a route, times, a parsed head)::
 
     {"time":"2024-05-01T12:00:04.001Z","client":"10.0.0.9","method":"GET",
      "path":"/big","request_id":null,"route":null,"cluster":null,"node":null,
      "transport":null,"status":431,"bytes":153,"total":null,"backend":null,
-     "residence":null,"reason":"headers_too_large","detail":"header section too large"}
+     "residence":null,"reason":"headers_too_large","detail":"header section too large",
+     "host":null,"user_agent":null,"protocol":null,"request_bytes":null,"retries":null,
+     "trace_id":null}
 
-``method`` and ``path`` are null when the request line was not received
-whole; ``reason`` is a short fixed name (``header_timeout``,
-``body_timeout``, ``body_too_large``, ``request_line_too_long``,
-``headers_too_large``, ``too_many_headers``, ``bad_request``, ``bad_host``,
-``bad_framing``, ``version_not_supported``, ``method_not_implemented``,
-``refused_at_accept`` ...) and ``detail`` the text of the answer.
+``method`` and ``path`` are null when the request line was not received whole.
 
 Writing never blocks the event loop: a request only appends its line to a
 buffer in memory; a writer task appends the buffered lines to the file in a
@@ -85,33 +69,104 @@ import contextlib
 import json
 import logging
 import math
+import operator
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import aiofiles
 
-from .base import AnyRecord, Module
+from .base import FAILURES, AnyRecord, Module
 
 log = logging.getLogger("pitcher.access_log")
 
-_DEFAULTS: dict[str, Any] = {"buffer": 8192, "flush_interval": 0.2}
+# Every field a line can have, in the default order: the fields lines have
+# always had first (so a reader that takes them by position still can),
+# then the ones added since.
+FIELDS = (
+    "time",
+    "client",
+    "method",
+    "path",
+    "request_id",
+    "route",
+    "cluster",
+    "node",
+    "transport",
+    "status",
+    "bytes",
+    "total",
+    "backend",
+    "residence",
+    "reason",
+    "detail",
+    "host",
+    "user_agent",
+    "protocol",
+    "request_bytes",
+    "retries",
+    "trace_id",
+)
+_DEFAULTS: dict[str, Any] = {"buffer": 8192, "flush_interval": 0.2, "fields": FIELDS}
 _KEYS = frozenset({"path", *_DEFAULTS})
 # How long aclose() may spend writing out the buffer before it gives up.
 _CLOSE_TIMEOUT = 2.0
 # The least time between two warnings that lines are being dropped.
 _WARN_EVERY = 60.0
-# json.dumps() builds a new encoder on every call made with non-default
-# arguments; one encoder made here is reused.
-_encode = json.JSONEncoder(separators=(",", ":")).encode
 # A JSON string, quoted and escaped (non-ASCII as \\u escapes), in C.
 _string = json.encoder.encode_basestring_ascii
-# A line's milliseconds and what follows them, by the thousandths of its second.
-_MILLIS = tuple(f'.{millis:03d}Z",' for millis in range(1000))
+# A time's milliseconds and zone, by the thousandths of its second.
+_MILLIS = tuple(f".{millis:03d}Z" for millis in range(1000))
+_PROTOCOLS = {"1.1": '"HTTP/1.1"', "1.0": '"HTTP/1.0"'}
+# The reason of a failed exchange (Record.failure) as JSON; "" (none) is null.
+_FAILURES = {failure: _string(failure) for failure in FAILURES}
+_FAILURES[""] = "null"
+_USER_AGENT = b"user-agent"
+_TRACEPARENT = b"traceparent"
+# The request line's bytes besides the method and the target: " ", " HTTP/1.1\r\n".
+_REQUEST_LINE_REST = 12
+# A valid traceparent: version 00 with exactly its four fields, or a later
+# version (not ff) that may add fields after a dash; lower-case hex, neither
+# the trace id (the group) nor the parent id all zeros.
+_IDS = rb"-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+_VALID_TRACEPARENT = re.compile(
+    rb"00" + _IDS + rb"|(?!00|ff)[0-9a-f]{2}" + _IDS + rb"(?:-.*)?", re.S
+)
 # Route and node pairs whose fields are kept made; cleared when full.
 _WHERE_CACHE = 4096
-# Client addresses and methods kept as JSON strings; cleared when full.
+# Client addresses, methods, hosts and user agents kept as JSON strings; cleared when full.
 _TEXTS_CACHE = 4096
+
+
+def _checked_fields(fields: Any) -> tuple[str, ...]:
+    """``fields`` as a tuple of known, distinct field names; ValueError naming what is wrong."""
+    if not isinstance(fields, list | tuple) or not fields:
+        raise ValueError(f"fields must be a non-empty list of field names, got {fields!r}")
+    seen: set[str] = set()
+    for name in fields:
+        if not isinstance(name, str) or name not in FIELDS:
+            raise ValueError(f"fields: unknown field {name!r} (the fields are {', '.join(FIELDS)})")
+        if name in seen:
+            raise ValueError(f"fields: {name!r} is listed twice")
+        seen.add(name)
+    return tuple(fields)
+
+
+def _request_size(request: Any) -> int:
+    """The request's size as parsed: request line, header fields, blank line and body."""
+    names = request.names
+    # Joined and measured: a third of the time of sum(map(len, ...)).
+    return (
+        len(request.method)
+        + len(request.target)
+        + _REQUEST_LINE_REST
+        + len(b"".join(names))
+        + len(b"".join(request.values))
+        + 4 * len(names)  # ": " and CRLF
+        + 2
+        + len(request.body)
+    )
 
 
 def _seconds(micros: int) -> str:
@@ -121,6 +176,39 @@ def _seconds(micros: int) -> str:
     if micros < 1_000_000:
         return "0." + str(micros + 1_000_000)[1:]
     return str(micros // 1_000_000) + "." + str(micros % 1_000_000 + 1_000_000)[1:]
+
+
+def trace_id(traceparent: bytes) -> str | None:
+    """The trace id of a W3C ``traceparent`` value, as its 32 hex digits; None if malformed.
+
+    ``VERSION-TRACEID-PARENTID-FLAGS``, lower-case hex, neither id all zeros
+    (W3C Trace Context, level 1). A version after ``00`` may append fields
+    after a dash; ``ff`` is no version.
+    """
+    # One match in C does every check; the id is the group of the version matched.
+    found = _VALID_TRACEPARENT.fullmatch(traceparent)
+    if found is None:
+        return None
+    trace = found[1] or found[2]
+    return trace.decode("ascii")
+
+
+def _line_template(fields: tuple[str, ...]) -> tuple[str, Any]:
+    """A line with a ``%s`` for each field's JSON value, in the order given, and what
+    picks those values, in that order, out of a list of every value in :data:`FIELDS`
+    order (where the time is two: its second and its milliseconds)."""
+    parts = []
+    picked: list[int] = []
+    for name in fields:
+        index = FIELDS.index(name)
+        if name == "time":
+            parts.append('"time":"%s%s"')
+            picked += (0, 1)
+        else:
+            parts.append(f'"{name}":%s')
+            picked.append(index + 1)
+    # itemgetter picks the values into a tuple in C; one value comes alone.
+    return "{" + ",".join(parts) + "}", operator.itemgetter(*picked)
 
 
 class AccessLog(Module):
@@ -150,7 +238,12 @@ class AccessLog(Module):
             or interval <= 0
         ):
             raise ValueError(f"flush_interval must be a number of seconds > 0, got {interval!r}")
-        return {"path": path, "buffer": buffer, "flush_interval": float(interval)}
+        return {
+            "path": path,
+            "buffer": buffer,
+            "flush_interval": float(interval),
+            "fields": _checked_fields(settings.get("fields", FIELDS)),
+        }
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         super().__init__(settings)
@@ -158,6 +251,15 @@ class AccessLog(Module):
         self.path: str = checked["path"]
         self.capacity: int = checked["buffer"]
         self.flush_interval: float = checked["flush_interval"]
+        self.fields: tuple[str, ...] = checked["fields"]
+        # The default list has a line written out below (an f-string, four times
+        # faster than a template); any other is a template filled by position.
+        self._default = self.fields == FIELDS
+        self._template, self._pick = _line_template(self.fields)
+        # Fields that cost a look through the headers are made only when logged.
+        self._log_user_agent = "user_agent" in self.fields
+        self._log_trace_id = "trace_id" in self.fields
+        self._log_request_bytes = "request_bytes" in self.fields
         # Write at once, without waiting for the interval, once this many wait.
         self._urgent_at = max(1, self.capacity // 2)
         self.written = 0
@@ -177,7 +279,7 @@ class AccessLog(Module):
         self._quiet_until = 0.0  # no new drop warning before this (monotonic)
         self._failing = False  # a failure streak (open/write errors) is under way
         # The route/cluster/node/transport part of a line, by (route, node).
-        self._where: dict[tuple[Any, Any], str] = {}
+        self._where: dict[tuple[Any, Any], tuple[str, str, str, str]] = {}
         # Client addresses and methods made JSON strings, by their bytes.
         self._texts: dict[bytes, str] = {}
         # The start of a line up to its UTC second, made once per second.
@@ -230,19 +332,42 @@ class AccessLog(Module):
     def _refusal_line(self, refusal: Any) -> str:
         now = time.time()
         second = int(now)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         method = refusal.method
         target = refusal.target
-        return (
-            f'{{"time":"{stamp}{_MILLIS[int((now - second) * 1000)]}'
-            f'"client":{_string(refusal.client_ip.decode("latin-1"))},'
-            f'"method":{_string(method.decode("latin-1")) if method else "null"},'
-            f'"path":{_string(target.decode("latin-1")) if target else "null"},'
-            '"request_id":null,"route":null,"cluster":null,"node":null,"transport":null,'
-            f'"status":{refusal.status},"bytes":{refusal.response_bytes},'
-            '"total":null,"backend":null,"residence":null,'
-            f'"reason":{_string(refusal.reason)},"detail":{_string(refusal.detail)}}}'
-        )
+        # What a refusal has not (a route, times, a parsed head) is null.
+        values = [
+            self._second_of(second),
+            _MILLIS[int((now - second) * 1000)],
+            self._text(refusal.client_ip),
+            self._text(method) if method else "null",
+            _string(target.decode("latin-1")) if target else "null",
+            "null",  # request_id
+            "null",  # route
+            "null",  # cluster
+            "null",  # node
+            "null",  # transport
+            str(refusal.status),
+            str(refusal.response_bytes),
+            "null",  # total
+            "null",  # backend
+            "null",  # residence
+            _string(refusal.reason),
+            _string(refusal.detail),
+            "null",  # host
+            "null",  # user_agent
+            "null",  # protocol
+            "null",  # request_bytes
+            "null",  # retries
+            "null",  # trace_id
+        ]
+        return self._template % self._pick(values)
+
+    def _second_of(self, second: int) -> str:
+        """The UTC time of ``second`` (epoch), made once per second."""
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return self._second_text
 
     def _warn_of_drops(self) -> None:
         # One warning per streak, and streaks of a disk that keeps up only
@@ -269,12 +394,12 @@ class AccessLog(Module):
         micros = int(total * 1e6 + 0.5)
         if backend_started and backend_ended >= backend_started:
             backend = int((backend_ended - backend_started) * 1e6 + 0.5)
-            timing = (
-                f'"total":{_seconds(micros)},"backend":{_seconds(backend)},'
-                f'"residence":{_seconds(micros - backend)}'
-            )
+            backend_text = _seconds(backend)
+            residence_text = _seconds(micros - backend)
         else:
-            timing = f'"total":{_seconds(micros)},"backend":null,"residence":{_seconds(micros)}'
+            backend_text = "null"
+            residence_text = _seconds(micros)
+        total_text = _seconds(micros)
         path = request.path
         if request.query:
             path = path + b"?" + request.query
@@ -283,47 +408,109 @@ class AccessLog(Module):
             where = self._where_of(route, node)
         now = time.time()
         second = int(now)
-        if second != self._second:
-            self._second = second
-            self._second_text = '{"time":"' + time.strftime(
-                "%Y-%m-%dT%H:%M:%S", time.gmtime(second)
-            )
+        second_text = self._second_text if second == self._second else self._second_of(second)
         request_id = exchange.request_id
-        client = exchange.client_ip
-        method = request.method
         texts = self._texts
+        client = exchange.client_ip
         client_text = texts.get(client)
         if client_text is None:
             client_text = self._text(client)
+        method = request.method
         method_text = texts.get(method)
         if method_text is None:
             method_text = self._text(method)
-        return (
-            f"{self._second_text}{_MILLIS[int((now - second) * 1000)]}"
-            f'"client":{client_text},"method":{method_text},'
-            f'"path":{_string(path.decode("latin-1"))},'
-            f'"request_id":{_string(request_id.decode("latin-1")) if request_id else "null"},'
-            f'{where},"status":{exchange.status},"bytes":{exchange.response_bytes},{timing}}}'
-        )
+        host = request.host
+        if host:
+            host_text = texts.get(host)
+            if host_text is None:
+                host_text = self._text(host)
+        else:
+            host_text = "null"
+        names = request.names
+        user_agent = "null"
+        if self._log_user_agent and _USER_AGENT in names:
+            agent = request.values[names.index(_USER_AGENT)]
+            user_agent = texts.get(agent) or self._text(agent)
+        trace = "null"
+        if self._log_trace_id and _TRACEPARENT in names:
+            trace = self._trace_text(request)
+        request_bytes = "null"
+        if self._log_request_bytes:
+            request_bytes = str(_request_size(request))
+        protocol = _PROTOCOLS.get(request.version)
+        if protocol is None:
+            protocol = _string("HTTP/" + request.version)
+        attempts = exchange.attempts
+        reason = _FAILURES.get(exchange.failure)
+        if reason is None:
+            reason = _string(exchange.failure)
+        millis = _MILLIS[int((now - second) * 1000)]
+        path_text = _string(path.decode("latin-1"))
+        id_text = _string(request_id.decode("latin-1")) if request_id else "null"
+        retries = str(attempts - 1) if attempts > 1 else "0"
+        if self._default:
+            return (
+                f'{{"time":"{second_text}{millis}","client":{client_text},'
+                f'"method":{method_text},"path":{path_text},"request_id":{id_text},'
+                f'"route":{where[0]},"cluster":{where[1]},"node":{where[2]},'
+                f'"transport":{where[3]},"status":{exchange.status},'
+                f'"bytes":{exchange.response_bytes},"total":{total_text},'
+                f'"backend":{backend_text},"residence":{residence_text},'
+                f'"reason":{reason},"detail":null,"host":{host_text},'
+                f'"user_agent":{user_agent},"protocol":{protocol},'
+                f'"request_bytes":{request_bytes},"retries":{retries},"trace_id":{trace}}}'
+            )
+        values = [
+            second_text,
+            millis,
+            client_text,
+            method_text,
+            path_text,
+            id_text,
+            where[0],
+            where[1],
+            where[2],
+            where[3],
+            str(exchange.status),
+            str(exchange.response_bytes),
+            total_text,
+            backend_text,
+            residence_text,
+            reason,
+            "null",  # detail: a refusal's
+            host_text,
+            user_agent,
+            protocol,
+            request_bytes,
+            retries,
+            trace,
+        ]
+        return self._template % self._pick(values)
+
+    def _trace_text(self, request: Any) -> str:
+        """The trace id of the request's one ``traceparent`` field as JSON; null if none."""
+        names = request.names
+        if names.count(_TRACEPARENT) != 1:
+            return "null"  # two are malformed: which one holds is not known
+        found = trace_id(request.values[names.index(_TRACEPARENT)])
+        return '"' + found + '"' if found is not None else "null"
 
     def _text(self, value: bytes) -> str:
-        """A client address or a method as a JSON string, kept: they repeat."""
+        """A client address, method, host or user agent as a JSON string, kept: they repeat."""
         if len(self._texts) >= _TEXTS_CACHE:
             self._texts.clear()
         text = self._texts[value] = _string(value.decode("latin-1"))
         return text
 
-    def _where_of(self, route: Any, node: Any) -> str:
+    def _where_of(self, route: Any, node: Any) -> tuple[str, str, str, str]:
         """The route, cluster, node and transport fields, made once per route and node."""
         uri = node.uri if node is not None else None
-        where = _encode(
-            {
-                "route": route.name if route is not None else None,
-                "cluster": route.cluster.name if route is not None else None,
-                "node": uri,
-                "transport": uri.partition("://")[0] if uri is not None else None,
-            }
-        )[1:-1]
+        where = (
+            _string(route.name) if route is not None else "null",
+            _string(route.cluster.name) if route is not None else "null",
+            _string(uri) if uri is not None else "null",
+            _string(uri.partition("://")[0]) if uri is not None else "null",
+        )
         if len(self._where) >= _WHERE_CACHE:
             self._where.clear()  # routes and nodes of old snapshots
         self._where[(route, node)] = where

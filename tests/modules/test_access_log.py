@@ -77,6 +77,14 @@ FIELDS = [
     "total",
     "backend",
     "residence",
+    "reason",
+    "detail",
+    "host",
+    "user_agent",
+    "protocol",
+    "request_bytes",
+    "retries",
+    "trace_id",
 ]
 TIME_SHAPE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -227,6 +235,16 @@ def test_every_field_of_a_proxied_an_unrouted_and_a_unix_request(tmp_path: Any) 
     for key in ("route", "cluster", "node", "transport", "backend"):
         assert lost[key] is None, key
     assert lost["residence"] == lost["total"]
+
+    for line in lines:
+        assert (line["host"], line["protocol"], line["retries"]) == ("t", "HTTP/1.1", 0)
+        # Nothing failed, nothing was refused; no User-Agent, no traceparent.
+        for key in ("reason", "detail", "user_agent", "trace_id"):
+            assert line[key] is None, key
+    # The request as sent: "GET <target> HTTP/1.1", two fields, the blank line.
+    for line, request_id in zip(lines, ("req-ok", "req-local", "req-lost"), strict=True):
+        sent = f"GET {line['path']} HTTP/1.1\r\nHost: t\r\nX-Request-Id: {request_id}\r\n\r\n"
+        assert line["request_bytes"] == len(sent)
 
     # Closed: a late line is dropped and counted, not written.
     module.request_finish(Record())
@@ -517,7 +535,12 @@ def test_good_settings_and_their_defaults() -> None:
         "r.toml",
     )
     [settings] = [m.settings for m in config.modules if m.name == "access_log"]
-    assert dict(settings) == {"path": "a.log", "buffer": 8192, "flush_interval": 0.2}
+    assert dict(settings) == {
+        "path": "a.log",
+        "buffer": 8192,
+        "flush_interval": 0.2,
+        "fields": tuple(FIELDS),
+    }
     module = AccessLog(settings)
     assert (module.capacity, module.flush_interval) == (8192, 0.2)
     assert module.stats() == {"written": 0, "dropped": 0, "buffered": 0}
