@@ -451,8 +451,10 @@ def status_lines(
     lines = [
         "proxy    "
         + _paint(state, GOOD if state == "serving" else SOSO, colour)
-        + f" (admin {admin}), {_count(len(running), 'worker')}"
-        + ("" if len(running) == len(listed) else f" of {len(listed)}")
+        + f", {_count(len(running), 'worker')}"
+        + ("" if len(running) == len(listed) else f" of {len(listed)}"),
+        # The admin listener serves the live status page at its root.
+        f"admin    http://{admin}/ (the status page)",
     ]
     checksum = str(config.get("checksum") or "")
     reloads = config.get("reloads")

@@ -235,13 +235,16 @@ def test_status_on_one_screen(served: Served) -> None:
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     config = admin_json(served, "/admin/config")
-    assert lines[0] == f"proxy    serving (admin 127.0.0.1:{served.admin}), 2 workers"
-    assert lines[1].startswith(f"config   {served.path}: generation ")
-    assert f"sha256 {config['checksum'][:12]}, {config['reloads']} reload" in lines[1]
-    assert lines[2] == ""
-    assert lines[3].startswith("WORKER ") and lines[6] == ""
-    assert lines[7].split() == ["CLUSTER", "IN", "SERVICE", "OUT", "OF", "SERVICE"]
-    clusters = {line.split()[0]: line for line in lines[8:]}
+    assert lines[0] == "proxy    serving, 2 workers"
+    assert lines[1] == f"admin    http://127.0.0.1:{served.admin}/ (the status page)"
+    with urllib.request.urlopen(lines[1].split()[1], timeout=5) as page:  # no token needed
+        assert page.headers["content-type"].startswith("text/html")
+    assert lines[2].startswith(f"config   {served.path}: generation ")
+    assert f"sha256 {config['checksum'][:12]}, {config['reloads']} reload" in lines[2]
+    assert lines[3] == ""
+    assert lines[4].startswith("WORKER ") and lines[7] == ""
+    assert lines[8].split() == ["CLUSTER", "IN", "SERVICE", "OUT", "OF", "SERVICE"]
+    clusters = {line.split()[0]: line for line in lines[9:]}
     assert clusters["web"].split() == ["web", "1/1", "-"]
     assert re.fullmatch(
         rf"api +1/2  {re.escape(served.dead)} ejected, back in \d+\.\ds", clusters["api"]
@@ -263,7 +266,7 @@ def test_status_says_the_file_given_is_not_what_runs(served: Served) -> None:
     assert result.exit_code == 0, result.output
     assert re.fullmatch(
         rf" +{re.escape(other)} differs \(sha256 [0-9a-f]{{12}}\): reload to apply it",
-        result.stdout.splitlines()[2],
+        result.stdout.splitlines()[3],
     ), result.stdout
 
 

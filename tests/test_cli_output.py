@@ -467,7 +467,8 @@ def test_status_on_one_screen() -> None:
         file_checksum=CHECKSUM,
     )
     assert lines == [
-        "proxy    serving (admin 127.0.0.1:18481), 2 workers",
+        "proxy    serving, 2 workers",
+        "admin    http://127.0.0.1:18481/ (the status page)",
         f"config   /tmp/h2cli/cap.toml: generation 3, sha256 {CHECKSUM[:12]}, 1 reload",
         "",
         *workers_table(WORKERS),
@@ -490,8 +491,8 @@ def test_status_says_when_the_file_is_not_what_runs() -> None:
         path="cap.toml",
         file_checksum="0123456789abcdef",
     )
-    assert lines[0] == "proxy    draining (admin 127.0.0.1:18481), 1 worker of 2"
-    assert lines[2] == "         cap.toml differs (sha256 0123456789ab): reload to apply it"
+    assert lines[0] == "proxy    draining, 1 worker of 2"
+    assert lines[3] == "         cap.toml differs (sha256 0123456789ab): reload to apply it"
 
 
 def test_status_names_a_few_nodes_out_of_service_and_counts_the_rest() -> None:
