@@ -20,11 +20,25 @@ from typing import Any
 import pytest
 
 from pitcher_rpc.modules.access_log import AccessLog, trace_id
+from pitcher_rpc.modules.base import FAILURES
 from pitcher_rpc.pb import pitcher_pb2
+from pitcher_rpc.proxy.exchange import _failure_of
 from pitcher_rpc.proxy.glue import Refusal
 from pitcher_rpc.sdk import Request, Response, Service
 from tests.inprocess import assert_module_refuses, running_proxy, serving
 from transports.base import Server, ServerOptions
+from transports.errors import (
+    Closed,
+    ConnectError,
+    ConnectionLost,
+    DeadlineExceeded,
+    ErrorCode,
+    Overloaded,
+    Rejected,
+    RemoteError,
+    RequestTooLarge,
+    TransportError,
+)
 from transports.registry import transport_for
 
 CONFIG = """
@@ -477,3 +491,28 @@ def test_one_field_or_a_few(fields: list[str], pattern: str) -> None:
     module = AccessLog({"path": "unused.log", "fields": fields})
     refusal = Refusal(431, "headers_too_large", "too large", b"127.0.0.1", response_bytes=7)
     assert re.fullmatch(pattern, module._refusal_line(refusal))
+
+
+@pytest.mark.parametrize(
+    ("error", "failure"),
+    [
+        (ConnectError("tcp://n:1: connection refused"), "connect"),
+        (DeadlineExceeded("no answer before the deadline"), "timeout"),
+        (ConnectionLost("connection to tcp://n:1 lost"), "reset"),
+        (
+            ConnectionLost("protocol error: frame of 9000 bytes exceeds the limit of 4096"),
+            "too_large",
+        ),
+        (RemoteError(ErrorCode.INTERNAL, "RuntimeError: boom"), "error"),
+        (RemoteError(ErrorCode.FRAME_TOO_LARGE, "too large"), "too_large"),
+        (Overloaded("more than 1 requests in flight"), "overloaded"),
+        (Rejected("the node is shutting down"), "rejected"),
+        (RequestTooLarge("request of 9 bytes exceeds the node's frame limit"), "too_large"),
+        (Closed("client closed"), "shutdown"),
+    ],
+)
+def test_every_transport_error_has_its_reason(error: TransportError, failure: str) -> None:
+    """Each error a node's call can end with, including those hard to cause on purpose
+    (a node's GOAWAY race, the proxy's own stop), names one of the fixed reasons."""
+    assert _failure_of(error) == failure
+    assert failure in FAILURES
