@@ -16,7 +16,9 @@ written when the second is over even if nothing more comes (a timer on the
 running event loop; without a loop it waits for the next line of its kind).
 What each request did is in the access log, which has every one.
 
-One instance per process (a worker's lines are counted by that worker). It
+One instance per process (a worker's lines are counted by that worker),
+which with ``flush_at_exit`` writes out what it holds when the process
+exits. It
 keeps at most ``max_kinds`` kinds: past that, the oldest is written out and
 forgotten, so a flood of distinct keys cannot grow it. Pure Python on
 purpose: it runs only when a request fails, never on the request path.
@@ -25,6 +27,7 @@ purpose: it runs only when a request fails, never on the request path.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import time
 from collections.abc import Callable, Hashable
@@ -58,6 +61,7 @@ class RateLimitedLog:
         level: int = logging.WARNING,
         max_kinds: int = 1024,
         clock: Callable[[], float] = time.monotonic,
+        flush_at_exit: bool = False,
     ) -> None:
         if every <= 0 or max_kinds < 1:
             raise ValueError("every must be > 0 and max_kinds >= 1")
@@ -67,6 +71,10 @@ class RateLimitedLog:
         self.max_kinds = max_kinds
         self._clock = clock
         self._kinds: dict[Hashable, _Kind] = {}
+        if flush_at_exit:
+            # A process that stops within the second still tells of what it held
+            # (before logging's own exit handler, registered earlier, runs).
+            atexit.register(self.flush)
 
     def warning(self, kind: Hashable, message: str, *args: object) -> None:
         """Log ``message % args`` now, or hold it back if a line of ``kind`` went out lately."""

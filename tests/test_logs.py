@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -124,3 +127,23 @@ def test_bad_settings() -> None:
         RateLimitedLog(logging.getLogger("x"), every=0)
     with pytest.raises(ValueError):
         RateLimitedLog(logging.getLogger("x"), max_kinds=0)
+
+
+def test_what_is_held_is_told_when_the_process_exits() -> None:
+    script = textwrap.dedent(
+        """
+        import logging, sys
+        from pitcher_rpc.logs import RateLimitedLog
+        logging.basicConfig(stream=sys.stderr, format="%(message)s")
+        limited = RateLimitedLog(logging.getLogger("t"), every=60, flush_at_exit=True)
+        for number in range(10):
+            limited.warning("k", "failure %d", number)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert done.stderr.splitlines() == [
+        "failure 0",
+        "failure 9 (and 8 more like it in the last 0.0s)",
+    ]

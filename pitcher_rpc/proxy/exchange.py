@@ -73,7 +73,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pitcher.proxy")
 # This process's warnings about failed requests: at most one a second per node and kind.
-WARNINGS = RateLimitedLog(log)
+WARNINGS = RateLimitedLog(log, flush_at_exit=True)
 
 _colon_join = b": ".join
 _FORWARDED_NAMES = [b"x-forwarded-for", b"x-forwarded-proto"]
