@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from transports.native import describe as describe_build
 
 from .admin import AdminRequest, AdminResponse, AdminServer
-from .status_book import Delta, StatusBook, percentile, table
+from .status_book import Delta, StatusBook, microseconds, percentile, table
 
 if TYPE_CHECKING:
     from .master import Master
@@ -159,7 +159,7 @@ def _route(name: str, delta: Delta, per: float) -> dict[str, Any]:
         "client_error_rate": round(client / total, 4) if total else 0.0,
     }
     for key, quantile in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
-        row[key] = percentile(delta.bounds, counts, quantile) if counts else None
+        row[key] = microseconds(percentile(delta.bounds, counts, quantile) if counts else None)
     return row
 
 
@@ -234,7 +234,7 @@ def _clusters(
                 "routes": routed,
                 "rps": round(total * per, 3),
                 "error_rate": round(server / total, 4) if total else 0.0,
-                "p99": percentile(delta.bounds, counts, 0.99) if counts else None,
+                "p99": microseconds(percentile(delta.bounds, counts, 0.99) if counts else None),
                 "health": book is not None,
                 "panic": bool(book and book["panic"]),
                 "detect_only": bool(book and book["detect_only"]),

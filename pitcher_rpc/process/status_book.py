@@ -20,7 +20,16 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["HISTORY", "SAMPLE_INTERVAL", "WINDOW", "Delta", "StatusBook", "percentile", "table"]
+__all__ = [
+    "HISTORY",
+    "SAMPLE_INTERVAL",
+    "WINDOW",
+    "Delta",
+    "StatusBook",
+    "microseconds",
+    "percentile",
+    "table",
+]
 
 SAMPLE_INTERVAL = 2.0
 HISTORY = 150  # samples: five minutes at SAMPLE_INTERVAL
@@ -290,13 +299,13 @@ class StatusBook:
                 )
                 series["rps"][position] = round(rate, 3)
                 series["error_rate"][position] = round(errors, 4)
-                series["p99"][position] = p99
+                series["p99"][position] = microseconds(p99)
         return {
             "interval": self.interval,
             "time": [round(p.at, 3) for p in points],
             "rps": [round(p.requests, 3) for p in points],
             "server_errors": [round(p.server_errors, 3) for p in points],
-            "p99": [p.p99 for p in points],
+            "p99": [microseconds(p.p99) for p in points],
             "lag": [p.lag for p in points],
             "throttle_admitted": [round(p.admitted, 3) for p in points],
             "throttle_refused": [round(p.refused, 3) for p in points],
@@ -309,6 +318,11 @@ class StatusBook:
                 for index in sorted({index for p in points for index in p.workers})
             },
         }
+
+
+def microseconds(seconds: float | None) -> float | None:
+    """Seconds to the microsecond: finer than any bucket, and no 17-digit noise in the JSON."""
+    return None if seconds is None else round(seconds, 6)
 
 
 def _at(pair: tuple[float, int] | None, index: int) -> float | None:
