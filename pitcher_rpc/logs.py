@@ -74,7 +74,7 @@ class RateLimitedLog:
         if flush_at_exit:
             # A process that stops within the second still tells of what it held
             # (before logging's own exit handler, registered earlier, runs).
-            atexit.register(self.flush)
+            atexit.register(self._flush_at_exit)
 
     def warning(self, kind: Hashable, message: str, *args: object) -> None:
         """Log ``message % args`` now, or hold it back if a line of ``kind`` went out lately."""
@@ -119,6 +119,12 @@ class RateLimitedLog:
             self._write_held(state, now)
 
     # ---------------------------------------------------------------------------------
+
+    def _flush_at_exit(self) -> None:
+        # Only where logging was set up (a proxy's processes): a process that
+        # configured none (a test run) would print on logging's last-resort stderr.
+        if self.logger.hasHandlers():
+            self.flush()
 
     def _flush(self, kind: Hashable) -> None:
         state = self._kinds.get(kind)
