@@ -17,7 +17,8 @@ as a ratio to it.
 
 ``--modules N`` attaches N trivial modules to every request hook, to measure
 what the hook dispatch costs; ``--with`` loads built-in modules (request_id,
-metrics, throttle, throttle_fleet, access_log, headers) set to do their whole
+metrics, throttle, throttle_fleet, access_log, headers, tracing, tracing_0 and
+tracing_1: sampling every request or none) set to do their whole
 work on every request; ``--health`` puts a health table on the cluster
 (outcomes counted, balanced by health). ``--compare ROUNDS`` runs every
 variant, interleaved, and prints each one's median and its ratio to the bare
@@ -168,8 +169,28 @@ def real_modules(names: list[str], scratch: str) -> list[Module]:
             {"path": os.path.join(scratch, "access.log"), "buffer": 1_000_000},
         ),
         "headers": ("headers", {"request_set": {"x-env": "bench"}, "response_remove": ["server"]}),
+        # W3C trace context on every request; spans recorded by OpenTelemetry's
+        # SDK and batch processor for every request (1) or none (0), handed to
+        # an exporter that drops them: the cost on the event loop, not the network's.
+        "tracing": ("tracing", {"sample_ratio": 1.0}),
+        "tracing_1": ("tracing", {"sample_ratio": 1.0}),
+        "tracing_0": ("tracing", {"sample_ratio": 0.0}),
     }
-    return [module_class(settings[name][0])(settings[name][1]) for name in names]
+    modules = [module_class(settings[name][0])(settings[name][1]) for name in names]
+    for module in modules:
+        if module.name == "tracing":
+            module._span_exporter = _dropping_exporter  # type: ignore[attr-defined]
+    return modules
+
+
+def _dropping_exporter() -> Any:
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class Dropping(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    return Dropping()
 
 
 def start_redis() -> subprocess.Popen[bytes] | None:
@@ -398,6 +419,8 @@ VARIANTS: dict[str, tuple[list[str], int, bool]] = {
     "throttle (fleet)": (["throttle_fleet"], 0, False),
     "access_log": (["access_log"], 0, False),
     "node health": ([], 0, True),
+    "tracing (sampled 0)": (["tracing_0"], 0, False),
+    "tracing (sampled 1)": (["tracing_1"], 0, False),
     "bench_pair's E": (["request_id", "metrics", "throttle", "access_log"], 0, False),
     "all of them": (["request_id", "metrics", "throttle", "access_log", "headers"], 0, True),
 }

@@ -27,7 +27,9 @@ itself: the whole time less the last attempt's wait at the backend),
 error. Spans go through a batch processor (its own thread) to the OTLP/HTTP
 exporter; a full queue drops spans rather than slowing requests down.
 
-Nothing of OpenTelemetry is imported until a worker records its first span.
+Nothing of OpenTelemetry is imported while the module is not configured,
+nor with ``exporter = "none"``; the tracer provider and the batch processor's
+thread are made when a worker records its first span.
 The module runs at AFTER_CLUSTER after ``headers`` (priority 50), whose edits
 it extends rather than replaces; a route that lists its own modules should
 list ``tracing`` after ``headers``. A request answered before routing (a 404,
@@ -37,6 +39,7 @@ a throttle's 429) sends nothing on, and is still recorded.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
 import logging
 import time
@@ -171,6 +174,13 @@ class Tracing(Module):
         # Only a request carrying one of these is looked through for them.
         self.watch = frozenset({TRACEPARENT, TRACESTATE})
         self._recorder: _Recorder | None = None
+        if self.recording:
+            # Imported now, while the configuration loads: on the first
+            # sampled request it would stall the event loop for ~0.2 s. The
+            # SDK's objects (and the batch processor's thread) are made then,
+            # in the worker that records.
+            for name in _EXTRA:
+                importlib.import_module(name)
         self.continued = 0
         self.started = 0
         self.malformed = 0

@@ -21,7 +21,9 @@ without tracing pays nothing per request for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import importlib
 import inspect
 import os
 import time
@@ -91,6 +93,7 @@ def trace_of(request: Any) -> TraceContext | None:
     )
 
 
+_OTLP = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
 _NO_EXTRA = (
     "tracing needs OpenTelemetry: pip install 'pitcher-rpc[tracing]'"
     " (or leave tracing off: tracing=False, PITCHER_TRACING unset)"
@@ -115,6 +118,12 @@ class ServiceTracing:
         self._trace_state = TraceState.from_header
         self._server = trace_api.SpanKind.SERVER
         self._tracer: Any = None
+        # Imported now rather than on the first request (a ~0.2 s stall of the
+        # event loop) in case no provider is set by then and one is made here.
+        for name in ("opentelemetry.sdk.trace", _OTLP):
+            # A missing one is reported if a provider has to be made.
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
 
     def _get_tracer(self) -> Any:
         """The tracer, from the global provider, which is made first if the program set none."""
@@ -273,7 +282,6 @@ def _install_provider(service_name: str) -> None:
     attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
     provider = TracerProvider(resource=Resource.create(attributes))
     if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        exporter = importlib.import_module(_OTLP).OTLPSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     trace_api.set_tracer_provider(provider)
