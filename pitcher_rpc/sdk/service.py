@@ -703,11 +703,15 @@ class Service:
         await serve_until_signal(lambda: self.serve(address), close, register)
 
 
+# Set to "true" (or "1"): every Service made without tracing=... traces.
+TRACING_ENV = "PITCHER_TRACING"
+
+
 def _tracing_wanted() -> bool:
     """PITCHER_TRACING=true (or 1), unless OTEL_SDK_DISABLED=true: OpenTelemetry's style."""
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    return os.environ.get("PITCHER_TRACING", "").strip().lower() in ("true", "1")
+    return os.environ.get(TRACING_ENV, "").strip().lower() in ("true", "1")
 
 
 _CoroutineType = types.CoroutineType

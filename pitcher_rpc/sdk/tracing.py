@@ -31,19 +31,14 @@ from collections.abc import Awaitable
 from typing import Any
 
 from ..modules.trace_context import SAMPLED, parse_traceparent, valid_tracestate
+from .service import TRACING_ENV, _tracing_wanted
 
 __all__ = ["TRACING_ENV", "ServiceTracing", "TraceContext", "trace_of", "tracing_wanted"]
-
-# Set to "true" (or "1"): every Service made without tracing=... traces.
-TRACING_ENV = "PITCHER_TRACING"
 
 
 def tracing_wanted() -> bool:
     """Whether the environment asks for tracing (OpenTelemetry's boolean style)."""
-    environ = os.environ
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    return environ.get(TRACING_ENV, "").strip().lower() in ("true", "1")
+    return _tracing_wanted()
 
 
 class TraceContext:
