@@ -27,6 +27,10 @@ concurrency = 200
 [modules.throttle.business.shop]
 rate = 2000
 concurrency = 50
+
+[modules.throttle.business.tiny]
+rate = 1
+burst = 1
 """
 
 
@@ -44,7 +48,10 @@ def start_site(launcher: Launcher, workers: int, token_file: Path | None = None)
     doomed = launcher.echo_backend("tcp")
     health = {"consecutive_failures": 2, "ejection_time": 60.0, "slow_start": 0.0}
     config = toml_config(
-        [{"name": "api", "prefix": "/api/", "cluster": "api", "business": "shop"}],
+        [
+            {"name": "api", "prefix": "/api/", "cluster": "api", "business": "shop"},
+            {"name": "tiny", "prefix": "/tiny/", "cluster": "api", "business": "tiny"},
+        ],
         {"api": {"nodes": [live.uri, doomed.uri], "health": health}},
         server={"drain_timeout": 1.0},
     )
@@ -111,6 +118,9 @@ def test_status_reports_routes_nodes_modules_throttle_and_workers(site: StatusSi
     for index in range(20):
         assert get(site.proxy, f"/api/more/{index}").status == 200
     assert get(site.proxy, "/nowhere").status == 404
+    # A business over its quota: 429s, counted against it and not the whole proxy.
+    tiny = [get(site.proxy, f"/tiny/{index}").status for index in range(6)]
+    assert tiny.count(429) >= 3, tiny
     report = status(site.admin_port)
 
     routes = {route["name"]: route for route in report["routes"]}
@@ -124,7 +134,8 @@ def test_status_reports_routes_nodes_modules_throttle_and_workers(site: StatusSi
 
     (cluster,) = report["clusters"]
     assert cluster["name"] == "api" and cluster["health"] is True
-    assert cluster["rps"] == pytest.approx(api["rps"])
+    assert cluster["rps"] == pytest.approx(api["rps"] + routes["tiny"]["rps"], abs=0.01)
+    assert cluster["routes"] == ["api", "tiny"]
     nodes = {node["uri"]: node for node in cluster["nodes"]}
     assert nodes[site.live.uri]["state"] == "in_service"
     doomed = nodes[site.doomed.uri]
@@ -140,12 +151,17 @@ def test_status_reports_routes_nodes_modules_throttle_and_workers(site: StatusSi
 
     throttle = report["throttle"]
     assert throttle["mode"] == "enforce" and throttle["enabled"] is True
-    assert throttle["admitted_rps"] > 0 and throttle["refused_rps"] == 0
+    assert throttle["admitted_rps"] > 0 and throttle["refused_rps"] > 0
     assert (throttle["proxy"]["rate"], throttle["proxy"]["concurrency"]) == (5000, 200)
-    assert throttle["proxy"]["in_flight"] == 0
-    (shop,) = throttle["businesses"]
+    assert throttle["proxy"]["in_flight"] == 0 and throttle["proxy"]["refused_rps"] == 0
+    shop, small = throttle["businesses"]
     assert (shop["name"], shop["rate"], shop["concurrency"]) == ("shop", 2000, 50)
-    assert shop["admitted_rps"] == pytest.approx(api["rps"])
+    assert shop["admitted_rps"] == pytest.approx(api["rps"], abs=0.01)
+    assert shop["refused_rps"] == 0
+    assert (small["name"], small["rate"], small["burst"]) == ("tiny", 1, 1)
+    assert small["refused_rps"] == pytest.approx(tiny.count(429) / report["window"], rel=0.01)
+    assert small["refused_rps"] == pytest.approx(throttle["refused_rps"], abs=0.01)
+    assert routes["tiny"]["client_error_rate"] == pytest.approx(tiny.count(429) / 6, abs=0.01)
 
     workers = report["workers"]
     assert [w["index"] for w in workers] == [0, 1]
