@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -104,3 +105,28 @@ def test_the_environment_switch(
     assert tracing_wanted() is wanted
     assert (Service("env")._tracing is not None) is wanted
     assert Service("explicit", tracing=False)._tracing is None
+
+
+def test_context_trace_without_tracing_reads_the_header_when_asked() -> None:
+    app = Service("untraced", tracing=False)
+
+    @app.route("/")
+    def answer(request: Request, context: Context) -> dict[str, Any]:
+        trace = context.trace
+        if trace is None:
+            return {"trace": None}
+        return {"trace": [trace.trace_id, trace.parent_id, trace.sampled, trace.tracestate]}
+
+    def trace_seen(headers: list[tuple[bytes, bytes]]) -> Any:
+        from pitcher_rpc.codec import decode_response
+
+        answer_payload = app.respond(request_payload("/", headers))
+        assert isinstance(answer_payload, bytes)
+        return json.loads(decode_response(answer_payload).body)["trace"]
+
+    parent = (b"traceparent", f"00-{TRACE}-{PARENT}-00".encode())
+    assert trace_seen([parent]) == [TRACE, PARENT, False, ""]
+    assert trace_seen([parent, (b"tracestate", b"rojo=1")]) == [TRACE, PARENT, False, "rojo=1"]
+    assert trace_seen([parent, (b"tracestate", b"Bad")]) == [TRACE, PARENT, False, ""]
+    assert trace_seen([(b"traceparent", b"00-nonsense")]) is None
+    assert trace_seen([]) is None
