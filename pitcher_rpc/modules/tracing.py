@@ -245,8 +245,9 @@ class Tracing(Module):
             ours = HeaderChanges(set=((TRACEPARENT, value),), remove=frozenset({TRACESTATE}))
         if edits is not None:
             theirs = edits.request
+            # The proxy owns traceparent: a headers rule for it gives way.
             ours = HeaderChanges(
-                theirs.add + ours.add,
+                tuple(pair for pair in theirs.add if pair[0] != TRACEPARENT) + ours.add,
                 tuple(pair for pair in theirs.set if pair[0] != TRACEPARENT) + ours.set,
                 theirs.remove | ours.remove,
             )

@@ -237,7 +237,10 @@ def test_header_edits_of_the_headers_module_are_kept_and_errors_recorded() -> No
     with proxy_module() as proxy_spans:
 
         async def main() -> None:
-            extra = '[modules.headers]\nrequest_set = { "x-env" = "prod" }\n'
+            extra = (
+                '[modules.headers]\nrequest_set = { "x-env" = "prod" }\n'
+                'request_add = { "traceparent" = "00-forged" }\n'
+            )
             answers, _ = await through_proxy(
                 1.0, [("/api/a", "X-Env: dev\r\n"), ("/api/fail", ""), ("/nowhere", "")], extra
             )
