@@ -42,6 +42,7 @@ import asyncio
 import importlib
 import importlib.util
 import logging
+import random
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -52,15 +53,16 @@ from .trace_context import (
     RANDOM,
     SAMPLED,
     format_traceparent,
-    new_span_id,
-    new_trace_id,
     parse_traceparent,
     ratio_bound,
-    sampled_at,
     valid_tracestate,
 )
 
 log = logging.getLogger("pitcher.tracing")
+
+# The global generator: reseeded in each forked worker, so workers never share ids.
+_random_bits = random.getrandbits
+_LOW_64 = (1 << 64) - 1
 
 TRACEPARENT = b"traceparent"
 TRACESTATE = b"tracestate"
@@ -215,16 +217,17 @@ class Tracing(Module):
                 )
                 if valid_tracestate(joined):
                     tracestate = joined.decode("ascii")
+        # Ids inline rather than by new_trace_id() / new_span_id(): every
+        # request makes them. A zero id is invalid; its odds are 2**-64 at most.
+        span_id = _random_bits(64) or 1
         if parent is not None:
             self.continued += 1
-            trace = Trace(
-                parent.trace_id, parent.parent_id, new_span_id(), parent.flags, tracestate
-            )
+            trace = Trace(parent.trace_id, parent.parent_id, span_id, parent.flags, tracestate)
         else:
             self.started += 1
-            trace_id = new_trace_id()
-            flags = RANDOM | (SAMPLED if sampled_at(trace_id, self.bound) else 0)
-            trace = Trace(trace_id, 0, new_span_id(), flags, "")
+            trace_id = _random_bits(128) or 1
+            flags = RANDOM | SAMPLED if trace_id & _LOW_64 < self.bound else RANDOM
+            trace = Trace(trace_id, 0, span_id, flags, "")
         if trace.flags & SAMPLED:
             self.sampled += 1
         state[_STATE] = trace
