@@ -639,8 +639,8 @@ class Master:
 
     async def _admin_workers(self, request: AdminRequest) -> AdminResponse:
         statuses = await self._each("status")
-        for slot, status in zip(self.slots, statuses, strict=True):
-            status["restarts"] = slot.restarts
+        for slot, answer in zip(self.slots, statuses, strict=True):
+            answer["restarts"] = slot.restarts
         return AdminResponse(200, {"workers": statuses})
 
 

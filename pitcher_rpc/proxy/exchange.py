@@ -98,10 +98,12 @@ def _failure_kind(error: TransportError) -> str | None:
         return "connect"
     if isinstance(error, DeadlineExceeded):
         return "timeout"
-    if isinstance(error, Overloaded | Rejected | Closed | RequestTooLarge):
-        # A node at its in-flight limit (busy, not broken: ejecting it would
-        # only load the others more), a draining node, our own shutdown, a
-        # request too large: no fault of health.
+    if isinstance(error, Overloaded):
+        # At its in-flight limit: counted, but busy is not broken (Node.record
+        # keeps it out of health: ejecting it would only load the others more).
+        return "overloaded"
+    if isinstance(error, Rejected | Closed | RequestTooLarge):
+        # A draining node, our own shutdown, a request too large: no fault of the node.
         return None
     if isinstance(error, RemoteError):
         return "error"

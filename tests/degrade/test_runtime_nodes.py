@@ -251,7 +251,7 @@ def test_the_cli_adds_and_removes(launcher: Launcher) -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*pitcher_command(), "nodes", *args, "-c", proxy.config_path],
+            [*pitcher_command(), "nodes", *args, "--json", "-c", proxy.config_path],
             capture_output=True,
             text=True,
             timeout=30,
