@@ -20,7 +20,8 @@ from tests.servers import Server, redis_server
 
 # Tests of code that is never compiled (configuration, the master and its
 # restarts, node health and nodes at run time, the command line, the fleet,
-# the ASGI and HTTP bridges, static checks): they run the same on either
+# the ASGI and HTTP bridges, the admin door and status page, the W3C trace
+# header, static checks): they run the same on either
 # build, so once is enough. A folder ends with "/".
 ONE_BUILD = (
     "tests/asgi/",
@@ -42,6 +43,17 @@ ONE_BUILD = (
     "tests/test_cli.py",
     "tests/test_layers.py",
     "tests/test_proto_current.py",
+    "tests/process/test_admin_door.py",
+    "tests/process/test_metrics_keeper.py",
+    "tests/process/test_status.py",
+    "tests/process/test_status_book.py",
+    "tests/process/test_status_browser.py",
+    "tests/process/test_status_demo.py",
+    "tests/test_cli_admin.py",
+    "tests/test_cli_output.py",
+    "tests/test_logs.py",
+    "tests/tracing/test_module_settings.py",
+    "tests/tracing/test_trace_context.py",
 )
 
 

@@ -12,6 +12,10 @@ CONFIG = """
 [server]
 listen = "127.0.0.1:0"
 
+# A busy test machine must not shed the module under test.
+[overload]
+mode = "off"
+
 [modules.tracing]
 endpoint = "http://127.0.0.1:{collector}/v1/traces"
 headers = {{ "x-collector-key" = "secret" }}

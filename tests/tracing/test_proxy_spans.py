@@ -16,6 +16,10 @@ CONFIG = """
 [server]
 listen = "127.0.0.1:0"
 
+# A busy test machine must not shed the module under test.
+[overload]
+mode = "off"
+
 [modules.tracing]
 sample_ratio = {ratio}
 schedule_delay = 0.01
