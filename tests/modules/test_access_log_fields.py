@@ -26,6 +26,7 @@ from pitcher_rpc.proxy.exchange import _failure_of
 from pitcher_rpc.proxy.glue import Refusal
 from pitcher_rpc.sdk import Request, Response, Service
 from tests.inprocess import assert_module_refuses, running_proxy, serving
+from tests.modules.test_access_log import FIELDS
 from transports.base import Server, ServerOptions
 from transports.errors import (
     Closed,
@@ -380,30 +381,7 @@ def test_a_refusal_has_every_field_null_where_it_has_nothing(tmp_path: Any) -> N
 
     asyncio.run(main())
     [line] = lines_of(path)
-    assert list(line) == [
-        "time",
-        "client",
-        "method",
-        "path",
-        "request_id",
-        "route",
-        "cluster",
-        "node",
-        "transport",
-        "status",
-        "bytes",
-        "total",
-        "backend",
-        "residence",
-        "reason",
-        "detail",
-        "host",
-        "user_agent",
-        "protocol",
-        "request_bytes",
-        "retries",
-        "trace_id",
-    ]
+    assert list(line) == list(FIELDS)
     assert (line["status"], line["reason"]) == (431, "headers_too_large")
     assert (line["method"], line["path"], line["client"]) == ("GET", "/app/z", "127.0.0.1")
     assert line["bytes"] > 0 and "too large" in line["detail"]
@@ -428,30 +406,7 @@ def test_a_bad_field_list_is_refused_at_its_line(section: str, message: str) -> 
 
 def test_any_order_writes_the_same_values_as_the_default(tmp_path: Any) -> None:
     """The default line is written by its own code; any other list by a template: they agree."""
-    default = [
-        "time",
-        "client",
-        "method",
-        "path",
-        "request_id",
-        "route",
-        "cluster",
-        "node",
-        "transport",
-        "status",
-        "bytes",
-        "total",
-        "backend",
-        "residence",
-        "reason",
-        "detail",
-        "host",
-        "user_agent",
-        "protocol",
-        "request_bytes",
-        "retries",
-        "trace_id",
-    ]
+    default = list(FIELDS)
     sent = [
         request("/app/a?x=1", "User-Agent: ua/1", f"traceparent: {TRACEPARENT}"),
         request("/app/b", version="1.0", method="POST", body=b"body"),
