@@ -338,9 +338,12 @@ def bridge_command(
     weight: int,
     ttl: int,
     metadata: tuple[str, ...],
+    register_token_file: str | None,
 ) -> None:
     """Forward each frame to an HTTP/1.1 origin: an existing service joins a cluster as it is."""
-    registration = make_registration(register, cluster, advertise, weight, ttl, metadata)
+    registration = make_registration(
+        register, cluster, advertise, weight, ttl, metadata, register_token_file
+    )
     check_listen(listen)
     try:
         settings = BridgeSettings(

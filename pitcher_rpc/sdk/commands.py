@@ -30,6 +30,13 @@ def registration_options(command: F) -> F:
         ),
         click.option("--cluster", help="The cluster to join (with --register http://...)."),
         click.option(
+            "--register-token-file",
+            metavar="FILE",
+            type=click.Path(dir_okay=False),
+            help="The admin API's bearer token (the proxy's [admin] token_file), for"
+            " --register http://...",
+        ),
+        click.option(
             "--advertise", metavar="URI", help="The URI the proxy should use (default: --listen)."
         ),
         click.option("--weight", type=click.IntRange(1, 1000), default=1, show_default=True),
@@ -59,6 +66,7 @@ def make_registration(
     weight: int,
     ttl: int,
     metadata: tuple[str, ...],
+    token_file: str | None = None,
 ) -> Registration | None:
     """The Registration the options ask for (None without --register); BadParameter if wrong."""
     in_etcd = register is not None and register.startswith("etcd://")
@@ -76,7 +84,16 @@ def make_registration(
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--metadata")
         labels[key] = value
     if register is None:
+        if token_file is not None:
+            raise click.BadParameter("goes with --register", param_hint="--register-token-file")
         return None
+    token = ""
+    if token_file is not None:
+        if in_etcd:
+            raise click.BadParameter(
+                "is for a proxy's admin API, not etcd", param_hint="--register-token-file"
+            )
+        token = read_token(token_file)
     try:
         return Registration(
             register,
@@ -85,9 +102,27 @@ def make_registration(
             weight=weight,
             ttl=ttl,
             metadata=labels or None,
+            token=token,
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--register") from None
+
+
+def read_token(path: str) -> str:
+    """The token in ``path`` (white space around it stripped); BadParameter if there is none."""
+    try:
+        with open(path, encoding="ascii") as file:
+            token = file.read(4097).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(
+            f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}",
+            param_hint="--register-token-file",
+        ) from None
+    if not token or len(token) > 4096 or any(c.isspace() for c in token):
+        raise click.BadParameter(
+            f"{path} holds no single-word token", param_hint="--register-token-file"
+        )
+    return token
 
 
 def check_listen(listen: str) -> None:
@@ -178,7 +213,10 @@ def backend_command(
     weight: int,
     ttl: int,
     metadata: tuple[str, ...],
+    register_token_file: str | None,
 ) -> None:
     """Run a split service: APP is MODULE:ATTRIBUTE naming a Service or an ASGI 3 app."""
-    registration = make_registration(register, cluster, advertise, weight, ttl, metadata)
+    registration = make_registration(
+        register, cluster, advertise, weight, ttl, metadata, register_token_file
+    )
     run_backend(app, listen, interface, root_path, lifespan, registration)

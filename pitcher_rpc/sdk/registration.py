@@ -67,6 +67,8 @@ class Registration:
     ttl: int = 5
     metadata: Mapping[str, Any] | None = None
     propagation: float = 0.5
+    # The admin API's bearer token ([admin] token_file); "" for none.
+    token: str = field(default="", repr=False)
     _etcd: EtcdRegistrar | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -114,7 +116,10 @@ class Registration:
         while True:
             try:
                 status, answer = await _call(
-                    "POST", self._url(), {"uri": node, "weight": self.weight, "keep": True}
+                    "POST",
+                    self._url(),
+                    {"uri": node, "weight": self.weight, "keep": True},
+                    self.token,
                 )
             except OSError as exc:
                 if loop.time() + delay > deadline:
@@ -167,7 +172,9 @@ class Registration:
     async def _leave(self, method: str, suffix: str, uri: str) -> bool:
         node = self.advertise or uri
         try:
-            status, answer = await _call(method, self._url(suffix), {"uri": node, "keep": True})
+            status, answer = await _call(
+                method, self._url(suffix), {"uri": node, "keep": True}, self.token
+            )
         except OSError as exc:
             log.warning(
                 "cannot reach the proxy at %s to leave cluster %s: %s",
@@ -226,14 +233,15 @@ async def serve_until_signal(
         await register.deregister(server.address)
 
 
-async def _call(method: str, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+async def _call(
+    method: str, url: str, body: dict[str, Any], token: str = ""
+) -> tuple[int, dict[str, Any]]:
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+
     def call() -> tuple[int, dict[str, Any]]:
-        request = urllib.request.Request(
-            url,
-            json.dumps(body).encode(),
-            {"content-type": "application/json"},
-            method=method,
-        )
+        request = urllib.request.Request(url, json.dumps(body).encode(), headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, _json(response.read())

@@ -245,3 +245,75 @@ def test_register_etcd_without_the_fleet_extra_says_what_to_install() -> None:
     assert "--register etcd:// needs the fleet extra: pip install 'pitcher-rpc[fleet]'" in (
         result.stderr
     )
+
+
+def test_a_proxy_whose_admin_api_asks_for_a_token_takes_a_service_that_sends_it(
+    launcher: Launcher,
+) -> None:
+    first = launcher.test_backend("tcp", name="first")
+    admin = free_port()
+    token = "registration-token-0123456789"
+    token_path = os.path.join(launcher.tmpdir, "admin.token")
+    with open(token_path, "w") as file:
+        file.write(token + "\n")
+    text = toml_config([{"prefix": "/", "cluster": "app"}], {"app": {"nodes": [first.uri]}})
+    listen = f'listen = "127.0.0.1:{admin}"'
+    text = with_admin_port(text, admin).replace(listen, f'{listen}\ntoken_file = "{token_path}"')
+    launcher.proxy(text, workers=1)  # the admin API is the master's
+
+    without = self_registering(launcher, admin, "without")
+    deadline = time.monotonic() + 15
+    while without.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert without.stop(timeout=5) != 0
+    assert "401" in without.output
+
+    joiner = self_registering(launcher, admin, "joiner", "--register-token-file", token_path)
+    joiner.wait_for_line("registered ")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{admin}/admin/clusters", headers={"authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        assert len(json.load(answer)["clusters"]["app"]["nodes"]) == 2
+    joiner.signal(signal.SIGTERM)
+    assert joiner.stop(timeout=15) == 0
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        assert [n["uri"] for n in json.load(answer)["clusters"]["app"]["nodes"]] == [first.uri]
+
+
+def test_a_token_file_goes_with_an_admin_api_registration(tmp_path: os.PathLike[str]) -> None:
+    empty = os.path.join(tmp_path, "empty.token")
+    open(empty, "w").close()
+    for extra, message in (
+        (["--register-token-file", empty], "goes with --register"),
+        (
+            [
+                "--register",
+                "http://127.0.0.1:1",
+                "--cluster",
+                "app",
+                "--register-token-file",
+                empty,
+            ],
+            "holds no single-word token",
+        ),
+        (
+            [
+                "--register",
+                "http://127.0.0.1:1",
+                "--cluster",
+                "app",
+                "--register-token-file",
+                os.path.join(tmp_path, "missing"),
+            ],
+            "cannot read",
+        ),
+    ):
+        result = subprocess.run(
+            [*pitcher_command(), "backend", "x:app", "--listen", "tcp://127.0.0.1:0", *extra],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
