@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +26,7 @@ from pitcher_rpc.proxy.glue import Refusal
 from pitcher_rpc.sdk import Request, Response, Service
 from tests.inprocess import assert_module_refuses, running_proxy, serving
 from tests.modules.test_access_log import FIELDS
+from tests.proxy.conftest import free_port
 from transports.base import Server, ServerOptions
 from transports.errors import (
     Closed,
@@ -163,9 +163,7 @@ def raw_answer(payload: bytes) -> bytes:
 
 
 def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 @contextlib.asynccontextmanager

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -44,10 +45,31 @@ def pitcher_command() -> list[str]:
     return [sys.executable, "-m", "pitcher_rpc.cli"]
 
 
+# A port for a test to bind later. bind(0) picks from the kernel's ephemeral
+# range (32768-60999 here), where the client connections of the tests running
+# in parallel (pytest-xdist) can take it before the test binds it; each worker
+# hands out the ports of its own block below that range instead, in turn.
+_PORT_BASE = 20000
+_PORT_BLOCK = 1000
+_PORT_BLOCKS = 12
+_next_port = [-1]
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    block = _PORT_BASE + (int(worker) % _PORT_BLOCKS if worker.isdigit() else 0) * _PORT_BLOCK
+    if _next_port[0] < 0:
+        _next_port[0] = random.randrange(_PORT_BLOCK)
+    for _ in range(_PORT_BLOCK):
+        port = block + _next_port[0]
+        _next_port[0] = (_next_port[0] + 1) % _PORT_BLOCK
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {block}-{block + _PORT_BLOCK - 1}")
 
 
 def short_tmpdir() -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.proxy.conftest import free_port
 from tests.transports.test_contract import (
     CARRIERS,
     Endpoints,
@@ -64,9 +65,7 @@ def _bound_address(carrier: str, directory: str) -> tuple[str, Any]:
     if carrier in ("unix", "zmq+ipc"):
         return address, address.split("://", 1)[1]
     kind = socket.SOCK_DGRAM if carrier == "udp" else socket.SOCK_STREAM
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port(kind)
     return f"{carrier}://127.0.0.1:{port}", ("127.0.0.1", port)
 
 

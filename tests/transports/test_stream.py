@@ -13,7 +13,6 @@ import gc
 import os
 import random
 import shutil
-import socket
 import tempfile
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from tests.proxy.conftest import free_port
 from transports.base import ClientOptions, ServerOptions
 from transports.control import ErrorInfo, GoAwayInfo, Settings
 from transports.decoder import FrameDecoder
@@ -139,10 +139,7 @@ class Net:
         """An address nobody listens on (yet)."""
         if self.carrier == "unix":
             return self.fresh_address()
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        return f"tcp://127.0.0.1:{port}"
+        return f"tcp://127.0.0.1:{free_port()}"
 
     # real endpoints
 

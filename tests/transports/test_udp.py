@@ -22,6 +22,7 @@ import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.proxy.conftest import free_port
 from tests.transports.lossy_relay import LossyRelay
 from transports.base import ClientOptions, ServerOptions
 from transports.control import ErrorInfo, GoAwayInfo
@@ -188,9 +189,7 @@ def server_addr(server: UdpServer) -> tuple[str, int]:
 
 
 def unused_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return free_port(socket.SOCK_DGRAM)
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 1.0) -> None:

@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
+from tests.proxy.conftest import free_port
 from transports.base import ClientOptions, ServerOptions
 from transports.calls import FutureReceiver
 from transports.control import ErrorInfo, GoAwayInfo
@@ -103,10 +104,7 @@ class Net:
         """An address nobody listens on (yet)."""
         if self.carrier == "ipc":
             return self.fresh_address()
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        return f"zmq+tcp://127.0.0.1:{port}"
+        return f"zmq+tcp://127.0.0.1:{free_port()}"
 
     # real endpoints
 
