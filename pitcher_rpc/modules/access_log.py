@@ -125,6 +125,8 @@ _FAILURES = {failure: _string(failure) for failure in FAILURES}
 _FAILURES[""] = "null"
 _USER_AGENT = b"user-agent"
 _TRACEPARENT = b"traceparent"
+# Where the tracing module keeps a request's trace (modules/tracing.py: _STATE).
+_TRACING = "tracing"
 # The request line's bytes besides the method and the target: " ", " HTTP/1.1\r\n".
 _REQUEST_LINE_REST = 12
 # A valid traceparent: version 00 with exactly its four fields, or a later
@@ -436,8 +438,14 @@ class AccessLog(Module):
             agent = request.values[names.index(_USER_AGENT)]
             user_agent = texts.get(agent) or self._text(agent)
         trace = "null"
-        if self._log_trace_id and _TRACEPARENT in names:
-            trace = self._trace_text(request)
+        if self._log_trace_id:
+            state = exchange.module_state
+            traced = state.get(_TRACING) if state is not None else None
+            if traced is not None:
+                # The tracing module's trace, continued or started: its span's id.
+                trace = '"' + format(traced.trace_id, "032x") + '"'
+            elif _TRACEPARENT in names:
+                trace = self._trace_text(request)
         request_bytes = "null"
         if self._log_request_bytes:
             request_bytes = str(_request_size(request))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -262,3 +263,23 @@ def test_header_edits_of_the_headers_module_are_kept_and_errors_recorded() -> No
             assert "pitcher.route" not in unrouted.attributes  # type: ignore[operator]
 
         asyncio.run(main())
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0])
+def test_the_access_log_names_the_trace_the_service_was_sent(ratio: float, tmp_path: Any) -> None:
+    """A trace the proxy started or replaced is logged, not the client's (absent or malformed)."""
+    service_exporter()  # the service's spans stay in memory
+    log = tmp_path / "access.log"
+    extra = f'exporter = "none"\n\n[modules.access_log]\npath = "{log}"\nflush_interval = 0.02\n'
+    requests = [("/api/new", ""), ("/api/bad", "traceparent: 00-not-a-trace-01\r\n")]
+    requests.append(("/api/kept", f"traceparent: 00-{TRACE}-{PARENT}-01\r\n"))
+
+    async def main() -> list[str]:
+        answers, _ = await through_proxy(ratio, requests, extra)
+        await asyncio.sleep(0.2)  # the log's flush
+        return [seen["traceparent"][0].split("-")[1] for _, seen in answers]
+
+    sent = asyncio.run(main())
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["trace_id"] for line in lines] == sent
+    assert sent[2] == TRACE and len(set(sent)) == 3
