@@ -70,6 +70,35 @@ _TOKEN_MIN_LENGTH = 16
 _TOKEN_FILE_LIMIT = 4096
 
 
+def read_token(token_file: str) -> str:
+    """The bearer token ``token_file`` holds, white space around it stripped.
+
+    ValueError says why there is none: unreadable, too long, not ASCII,
+    empty, or not one word of visible characters.
+    """
+    try:
+        with open(token_file, "rb") as file:
+            # Bounded: a token is a line, and a path to /dev/zero must not hang the load.
+            data = file.read(_TOKEN_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {show(token_file)}: {exc.strerror or exc}") from None
+    if len(data) > _TOKEN_FILE_LIMIT:
+        raise ValueError(f"{show(token_file)} holds more than {_TOKEN_FILE_LIMIT} bytes")
+    try:
+        token = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"the token in {show(token_file)} must be ASCII") from None
+    if not token:
+        raise ValueError(f"{show(token_file)} is empty: it must hold the token")
+    # What goes after "Bearer " in a header: visible characters, no space inside.
+    if not all("!" <= char <= "~" for char in token):
+        raise ValueError(
+            f"the token in {show(token_file)} must be one word of visible characters"
+            " (spaces and control characters cannot be sent in a header)"
+        )
+    return token
+
+
 def load_config(path: str | os.PathLike[str], *, modules: ModuleCatalog | None = None) -> Config:
     """Read and validate a UTF-8 TOML file; ConfigError for any problem, reading included."""
     source = os.fspath(path)
@@ -323,30 +352,9 @@ class _Validator(PolicySections):
             # Relative to the file that names it, as a service manager runs from "/".
             token_file = os.path.join(os.path.dirname(os.path.abspath(self._source)), token_file)
         try:
-            with open(token_file, "rb") as file:
-                # Bounded: a token is a line, and a path to /dev/zero must not hang the load.
-                data = file.read(_TOKEN_FILE_LIMIT + 1)
-        except OSError as exc:
-            self.report(path, f"cannot read {show(token_file)}: {exc.strerror or exc}")
-            return token_file, None
-        if len(data) > _TOKEN_FILE_LIMIT:
-            self.report(path, f"{show(token_file)} holds more than {_TOKEN_FILE_LIMIT} bytes")
-            return token_file, None
-        try:
-            token = data.decode("ascii").strip()
-        except UnicodeDecodeError:
-            self.report(path, f"the token in {show(token_file)} must be ASCII")
-            return token_file, None
-        if not token:
-            self.report(path, f"{show(token_file)} is empty: it must hold the token")
-            return token_file, None
-        # What goes after "Bearer " in a header: visible characters, no space inside.
-        if not all("!" <= char <= "~" for char in token):
-            self.report(
-                path,
-                f"the token in {show(token_file)} must be one word of visible characters"
-                " (spaces and control characters cannot be sent in a header)",
-            )
+            token = read_token(token_file)
+        except ValueError as exc:
+            self.report(path, str(exc))
             return token_file, None
         if len(token) < _TOKEN_MIN_LENGTH:
             self.report(

@@ -109,20 +109,13 @@ def make_registration(
 
 
 def read_token(path: str) -> str:
-    """The token in ``path`` (white space around it stripped); BadParameter if there is none."""
+    """The token in ``path``, checked as the proxy checks its own; BadParameter if there is none."""
+    from ..config.validate import read_token as token_in
+
     try:
-        with open(path, encoding="ascii") as file:
-            token = file.read(4097).strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise click.BadParameter(
-            f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}",
-            param_hint="--register-token-file",
-        ) from None
-    if not token or len(token) > 4096 or any(c.isspace() for c in token):
-        raise click.BadParameter(
-            f"{path} holds no single-word token", param_hint="--register-token-file"
-        )
-    return token
+        return token_in(path)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--register-token-file") from None
 
 
 def check_listen(listen: str) -> None:

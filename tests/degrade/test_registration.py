@@ -295,7 +295,7 @@ def test_a_token_file_goes_with_an_admin_api_registration(tmp_path: os.PathLike[
                 "--register-token-file",
                 empty,
             ],
-            "holds no single-word token",
+            "is empty: it must hold the token",
         ),
         (
             [
