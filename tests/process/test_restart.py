@@ -16,9 +16,10 @@ RESTARTS = 5
 class Load:
     """Keep-alive and one-request-per-connection clients, counting every failure."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, seconds: float = 60.0) -> None:
         self.host = host
         self.port = port
+        self.seconds = seconds  # every client stops by itself after this long
         self.stop = threading.Event()
         self.served = 0
         self.failures: list[str] = []
@@ -45,7 +46,7 @@ class Load:
                 self.failures.append(what)
 
     def _keep_alive(self) -> None:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + self.seconds
         client: RawClient | None = None
         while not self.stop.is_set() and time.monotonic() < deadline:
             try:
@@ -66,7 +67,7 @@ class Load:
             client.close()
 
     def _one_shot(self) -> None:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + self.seconds
         while not self.stop.is_set() and time.monotonic() < deadline:
             try:
                 with RawClient.connect(self.host, self.port) as client:
