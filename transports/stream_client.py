@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import ssl
 import time
 from collections import deque
 from typing import Any, cast
@@ -351,6 +352,9 @@ class StreamClient(AwaitableCalls):
         # already waiting for one are sent once it is there, like the calls in flight.
         self._draining = False
         self.late_responses_closed = 0
+        # TLS to the node (transports/tls.py sets these); None: plain TCP.
+        self.ssl: ssl.SSLContext | None = None
+        self.server_hostname: str | None = None
 
     # public ---------------------------------------------------------------------------
 
@@ -516,7 +520,13 @@ class StreamClient(AwaitableCalls):
                     if address.scheme == "unix":
                         await loop.create_unix_connection(lambda: connection, address.path)
                     else:
-                        await loop.create_connection(lambda: connection, address.host, address.port)
+                        await loop.create_connection(
+                            lambda: connection,
+                            address.host,
+                            address.port,
+                            ssl=self.ssl,
+                            server_hostname=self.server_hostname if self.ssl else None,
+                        )
                     await connection.ready
             except TimeoutError:
                 connection._close_transport()

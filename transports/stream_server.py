@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import time
 from typing import Any, cast
 
@@ -308,6 +309,8 @@ class StreamServer:
         # Identity of the socket file we bound, so we never unlink a successor's.
         self._socket_file: tuple[int, int] | None = None
         self.closing = False
+        # TLS for every connection (transports/tls.py sets it); None: plain TCP.
+        self.ssl: ssl.SSLContext | None = None
 
     @property
     def connection_count(self) -> int:
@@ -339,6 +342,7 @@ class StreamServer:
                     address.port,
                     backlog=self.options.backlog,
                     reuse_address=True,
+                    ssl=self.ssl,
                 )
         except OSError as exc:
             raise ConnectError(f"cannot listen on {self.address}: {exc.strerror or exc}") from exc
