@@ -1,4 +1,4 @@
-"""Payloads of the control frames (SETTINGS, ERROR, GOAWAY).
+"""Payloads of the control frames (SETTINGS, ERROR, GOAWAY, WINDOW_UPDATE).
 
 The transport layer knows no protobuf library; these three tiny messages are
 written and read here in protobuf wire format by hand (varints and
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .errors import ErrorCode, ProtocolError
+from .errors import ErrorCode, FlowControlError, ProtocolError
+from .frame import MAX_WINDOW
 
 
 def encode_varint(value: int) -> bytes:
@@ -103,14 +104,23 @@ def _text(fields: dict[int, int | bytes], number: int) -> str:
 class Settings(NamedTuple):
     max_frame_size: int = 0
     max_in_flight: int = 0
+    # DATA credit every call starts with toward the sender; 0: whole frames only.
+    initial_window: int = 0
 
     def encode(self) -> bytes:
-        return _varint_field(1, self.max_frame_size) + _varint_field(2, self.max_in_flight)
+        return (
+            _varint_field(1, self.max_frame_size)
+            + _varint_field(2, self.max_in_flight)
+            + _varint_field(3, self.initial_window)
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> Settings:
         fields = iter_fields(data)
-        return cls(_int(fields, 1), _int(fields, 2))
+        initial_window = _int(fields, 3)
+        if initial_window > MAX_WINDOW:
+            raise FlowControlError(f"initial_window {initial_window} is over {MAX_WINDOW}")
+        return cls(_int(fields, 1), _int(fields, 2), initial_window)
 
 
 class ErrorInfo(NamedTuple):
@@ -141,3 +151,13 @@ class GoAwayInfo(NamedTuple):
     def decode(cls, data: bytes) -> GoAwayInfo:
         fields = iter_fields(data)
         return cls(_int(fields, 1), _text(fields, 2))
+
+
+def decode_window_update(payload: bytes) -> int:
+    """The increment of a WINDOW_UPDATE payload (4 bytes, big-endian, > 0)."""
+    if len(payload) != 4:
+        raise ProtocolError(f"WINDOW_UPDATE payload of {len(payload)} bytes (must be 4)")
+    increment = int.from_bytes(payload, "big")
+    if increment == 0:
+        raise ProtocolError("WINDOW_UPDATE with an increment of 0")
+    return increment

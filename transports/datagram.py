@@ -139,7 +139,9 @@ class DatagramDropped(ProtocolError):
 _CALL_TYPES = frozenset(
     int(t) for t in (FrameType.REQUEST, FrameType.RESPONSE, FrameType.CANCEL, FrameType.ERROR)
 )
-_KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+# UDP carries whole frames only: DATA and WINDOW_UPDATE (streamed bodies) are
+# not frame types of this carrier, and a datagram of either is dropped as unknown.
+_KNOWN_TYPES = frozenset(int(t) for t in FrameType if t < FrameType.DATA)
 
 # What each side accepts. SETTINGS has no use without a connection.
 SERVER_ACCEPTS = frozenset(int(t) for t in (FrameType.REQUEST, FrameType.CANCEL, FrameType.PING))

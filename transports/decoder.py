@@ -2,7 +2,8 @@
 
 No sockets and no asyncio here, so the decoder is tested on byte strings
 alone. Every check that can refuse a frame runs as soon as its 20-byte header
-is complete, before any payload is buffered: a peer announcing a 3 GB frame
+is complete (but a WINDOW_UPDATE's increment of 0, its one payload check), before any
+payload is buffered: a peer announcing a 3 GB frame
 is refused after 20 bytes, not after we allocate 3 GB.
 
 A violation raises :class:`~transports.errors.ProtocolError`; the complete
@@ -13,6 +14,7 @@ dead and raises the same error again: the connection must be closed.
 
 from __future__ import annotations
 
+from .control import decode_window_update
 from .errors import BadPreface, FrameTooLarge, ProtocolError
 from .frame import (
     HEADER,
@@ -21,6 +23,7 @@ from .frame import (
     PREFACE_MAGIC,
     PREFACE_SIZE,
     VERSION,
+    WINDOW_UPDATE_SIZE,
     Frame,
     FrameType,
 )
@@ -31,7 +34,15 @@ _unpack_header = HEADER.unpack_from
 _new_frame = tuple.__new__
 # Frame types that belong to one call and so need a non-zero request id, and
 # those that belong to the connection and must carry id 0. ERROR may be either.
-_CALL_TYPES = frozenset((FrameType.REQUEST, FrameType.RESPONSE, FrameType.CANCEL))
+_CALL_TYPES = frozenset(
+    (
+        FrameType.REQUEST,
+        FrameType.RESPONSE,
+        FrameType.CANCEL,
+        FrameType.DATA,
+        FrameType.WINDOW_UPDATE,
+    )
+)
 _CONNECTION_TYPES = frozenset(
     (FrameType.PING, FrameType.PONG, FrameType.GOAWAY, FrameType.SETTINGS)
 )
@@ -47,6 +58,8 @@ def check_header(
     if frame_type in _CALL_TYPES:
         if request_id == 0:
             raise ProtocolError(f"{FrameType(frame_type).name} frame with request id 0")
+        if frame_type == FrameType.WINDOW_UPDATE and length != WINDOW_UPDATE_SIZE:
+            raise ProtocolError(f"WINDOW_UPDATE payload of {length} bytes (must be 4)")
     elif frame_type in _CONNECTION_TYPES:
         if request_id != 0:
             raise ProtocolError(f"{FrameType(frame_type).name} frame with a request id")
@@ -118,6 +131,8 @@ class FrameDecoder:
                 if stop > end:
                     self._need = HEADER_SIZE + length
                     break
+                if frame_type == 10:  # FrameType.WINDOW_UPDATE: its size is checked above
+                    decode_window_update(data[start:stop])
                 frames.append(
                     _new_frame(Frame, (frame_type, request_id, data[start:stop], deadline, flags))
                 )

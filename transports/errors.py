@@ -5,6 +5,7 @@
     TransportError                 base of everything raised here
     ├── ProtocolError              the peer broke the framing rules (carries an ErrorCode)
     │   ├── FrameTooLarge          a payload over the receiver's max_frame_size
+    │   ├── FlowControlError       DATA beyond the window, or a window past 2^31-1
     │   └── BadPreface             the peer is not a Pitcher peer of our version
     ├── CallError                  one call failed; ``sent`` says if the peer may have seen it
     │   ├── ConnectError           could not connect (never sent: safe to retry anywhere)
@@ -12,6 +13,7 @@
     │   ├── DeadlineExceeded       the caller's deadline passed (a cancel frame was sent)
     │   ├── Rejected               the peer refused the call before running it (goaway)
     │   ├── RequestTooLarge        the request exceeds the peer's frame limit (never sent)
+    │   ├── StreamingUnsupported   a streamed body over a carrier that has none (UDP)
     │   └── RemoteError            the peer answered with an error frame for this call
     │       └── Overloaded         TOO_MANY_IN_FLIGHT: at its limit, it did not start the call
     └── Closed                     the client or server was closed by its owner
@@ -36,6 +38,7 @@ class ErrorCode(IntEnum):
     DEADLINE_EXCEEDED = 5
     UNAVAILABLE = 6
     BAD_PAYLOAD = 7
+    FLOW_CONTROL = 8
 
 
 class TransportError(Exception):
@@ -67,6 +70,12 @@ class ProtocolError(TransportError):
 
 class FrameTooLarge(ProtocolError):
     code = ErrorCode.FRAME_TOO_LARGE
+
+
+class FlowControlError(ProtocolError):
+    """DATA beyond the credit the receiver gave, or credit beyond ``MAX_WINDOW``."""
+
+    code = ErrorCode.FLOW_CONTROL
 
 
 class BadPreface(ProtocolError):
@@ -108,6 +117,15 @@ class Rejected(CallError):
 
 class RequestTooLarge(CallError):
     """The request is larger than the node accepts; it was not sent."""
+
+    sent = False
+
+
+class StreamingUnsupported(CallError):
+    """A streamed body was asked of a carrier that sends whole frames only (UDP).
+
+    Nothing was sent; the caller may gather the body and send it whole.
+    """
 
     sent = False
 

@@ -6,7 +6,7 @@ A frame is a 20-byte header followed by ``length`` payload bytes
     offset  size  field
     0       1     version       1
     1       1     type          FrameType
-    2       2     flags         reserved, sent as 0, ignored on receipt
+    2       2     flags         MORE (0x1), STREAM_OK (0x2); other bits sent as 0, ignored
     4       4     length        payload length in bytes
     8       8     request_id    1.. for calls; 0 for connection-level frames
     16      4     deadline_ms   REQUEST only: remaining budget in ms (0 = none)
@@ -45,7 +45,22 @@ class FrameType(IntEnum):
     GOAWAY = 6
     ERROR = 7
     SETTINGS = 8
+    # A piece of a streamed body (docs/wire.md, 6.9): payload = raw body bytes.
+    DATA = 9
+    # Credit back to the sender of DATA for one call: a uint32 increment.
+    WINDOW_UPDATE = 10
 
+
+# Header flags. MORE on REQUEST/RESPONSE: the body goes on in DATA frames; on DATA:
+# another DATA follows. STREAM_OK on REQUEST: the caller takes a streamed RESPONSE.
+FLAG_MORE = 0x0001
+FLAG_STREAM_OK = 0x0002
+# The window a side announces when its options say nothing else (SETTINGS field 3).
+DEFAULT_INITIAL_WINDOW = 256 * 1024
+# The largest window a side may announce or accumulate (as HTTP/2: 2^31 - 1), so
+# that no sum of increments overflows a signed 32-bit counter in another language.
+MAX_WINDOW = 0x7FFFFFFF
+WINDOW_UPDATE_SIZE = 4
 
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
 
@@ -68,12 +83,21 @@ def encode_frame(
     return _pack_header(VERSION, frame_type, 0, len(payload), request_id, deadline_ms) + payload
 
 
-def encode_request(request_id: int, payload: bytes, deadline_ms: int) -> bytes:
-    return _pack_header(VERSION, 1, 0, len(payload), request_id, deadline_ms) + payload
+def encode_request(request_id: int, payload: bytes, deadline_ms: int, flags: int = 0) -> bytes:
+    return _pack_header(VERSION, 1, flags, len(payload), request_id, deadline_ms) + payload
 
 
-def encode_response(request_id: int, payload: bytes) -> bytes:
-    return _pack_header(VERSION, 2, 0, len(payload), request_id, 0) + payload
+def encode_response(request_id: int, payload: bytes, flags: int = 0) -> bytes:
+    return _pack_header(VERSION, 2, flags, len(payload), request_id, 0) + payload
+
+
+def encode_data(request_id: int, data: bytes, more: bool) -> bytes:
+    """One DATA frame; ``more``: another DATA follows (the body is not complete)."""
+    return _pack_header(VERSION, 9, FLAG_MORE if more else 0, len(data), request_id, 0) + data
+
+
+def encode_window_update(request_id: int, increment: int) -> bytes:
+    return _pack_header(VERSION, 10, 0, 4, request_id, 0) + increment.to_bytes(4, "big")
 
 
 def is_known_type(frame_type: int) -> bool:

@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rpitcher.proto\x12\npitcher.v1\"\x90\x01\n\x07Request\x12\x0e\n\x06method\x18\x01 \x01(\x0c\x12\x0c\n\x04path\x18\x02 \x01(\x0c\x12\r\n\x05query\x18\x03 \x01(\x0c\x12\x14\n\x0cheader_names\x18\x04 \x03(\x0c\x12\x15\n\rheader_values\x18\x05 \x03(\x0c\x12\x0c\n\x04\x62ody\x18\x06 \x01(\x0c\x12\r\n\x05route\x18\x07 \x01(\t\x12\x0e\n\x06\x63lient\x18\x08 \x01(\t\"U\n\x08Response\x12\x0e\n\x06status\x18\x01 \x01(\r\x12\x14\n\x0cheader_names\x18\x02 \x03(\x0c\x12\x15\n\rheader_values\x18\x03 \x03(\x0c\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\"9\n\x08Settings\x12\x16\n\x0emax_frame_size\x18\x01 \x01(\r\x12\x15\n\rmax_in_flight\x18\x02 \x01(\r\"=\n\x05\x45rror\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.pitcher.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"1\n\x06GoAway\x12\x17\n\x0flast_request_id\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t*\xaf\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePROTOCOL_ERROR\x10\x01\x12\x13\n\x0f\x46RAME_TOO_LARGE\x10\x02\x12\x16\n\x12TOO_MANY_IN_FLIGHT\x10\x03\x12\x0c\n\x08INTERNAL\x10\x04\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\x05\x12\x0f\n\x0bUNAVAILABLE\x10\x06\x12\x0f\n\x0b\x42\x41\x44_PAYLOAD\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rpitcher.proto\x12\npitcher.v1\"\xb6\x01\n\x07Request\x12\x0e\n\x06method\x18\x01 \x01(\x0c\x12\x0c\n\x04path\x18\x02 \x01(\x0c\x12\r\n\x05query\x18\x03 \x01(\x0c\x12\x14\n\x0cheader_names\x18\x04 \x03(\x0c\x12\x15\n\rheader_values\x18\x05 \x03(\x0c\x12\x0c\n\x04\x62ody\x18\x06 \x01(\x0c\x12\r\n\x05route\x18\x07 \x01(\t\x12\x0e\n\x06\x63lient\x18\x08 \x01(\t\x12\x16\n\tbody_size\x18\t \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_body_size\"{\n\x08Response\x12\x0e\n\x06status\x18\x01 \x01(\r\x12\x14\n\x0cheader_names\x18\x02 \x03(\x0c\x12\x15\n\rheader_values\x18\x03 \x03(\x0c\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12\x16\n\tbody_size\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_body_size\"Q\n\x08Settings\x12\x16\n\x0emax_frame_size\x18\x01 \x01(\r\x12\x15\n\rmax_in_flight\x18\x02 \x01(\r\x12\x16\n\x0einitial_window\x18\x03 \x01(\r\"=\n\x05\x45rror\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.pitcher.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"1\n\x06GoAway\x12\x17\n\x0flast_request_id\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t*\xc1\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePROTOCOL_ERROR\x10\x01\x12\x13\n\x0f\x46RAME_TOO_LARGE\x10\x02\x12\x16\n\x12TOO_MANY_IN_FLIGHT\x10\x03\x12\x0c\n\x08INTERNAL\x10\x04\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\x05\x12\x0f\n\x0bUNAVAILABLE\x10\x06\x12\x0f\n\x0b\x42\x41\x44_PAYLOAD\x10\x07\x12\x10\n\x0c\x46LOW_CONTROL\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pitcher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORCODE']._serialized_start=437
-  _globals['_ERRORCODE']._serialized_end=612
+  _globals['_ERRORCODE']._serialized_start=537
+  _globals['_ERRORCODE']._serialized_end=730
   _globals['_REQUEST']._serialized_start=30
-  _globals['_REQUEST']._serialized_end=174
-  _globals['_RESPONSE']._serialized_start=176
-  _globals['_RESPONSE']._serialized_end=261
-  _globals['_SETTINGS']._serialized_start=263
-  _globals['_SETTINGS']._serialized_end=320
-  _globals['_ERROR']._serialized_start=322
-  _globals['_ERROR']._serialized_end=383
-  _globals['_GOAWAY']._serialized_start=385
-  _globals['_GOAWAY']._serialized_end=434
+  _globals['_REQUEST']._serialized_end=212
+  _globals['_RESPONSE']._serialized_start=214
+  _globals['_RESPONSE']._serialized_end=337
+  _globals['_SETTINGS']._serialized_start=339
+  _globals['_SETTINGS']._serialized_end=420
+  _globals['_ERROR']._serialized_start=422
+  _globals['_ERROR']._serialized_end=483
+  _globals['_GOAWAY']._serialized_start=485
+  _globals['_GOAWAY']._serialized_end=534
 # @@protoc_insertion_point(module_scope)

@@ -17,6 +17,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEADLINE_EXCEEDED: _ClassVar[ErrorCode]
     UNAVAILABLE: _ClassVar[ErrorCode]
     BAD_PAYLOAD: _ClassVar[ErrorCode]
+    FLOW_CONTROL: _ClassVar[ErrorCode]
 ERROR_CODE_UNSPECIFIED: ErrorCode
 PROTOCOL_ERROR: ErrorCode
 FRAME_TOO_LARGE: ErrorCode
@@ -25,9 +26,10 @@ INTERNAL: ErrorCode
 DEADLINE_EXCEEDED: ErrorCode
 UNAVAILABLE: ErrorCode
 BAD_PAYLOAD: ErrorCode
+FLOW_CONTROL: ErrorCode
 
 class Request(_message.Message):
-    __slots__ = ("method", "path", "query", "header_names", "header_values", "body", "route", "client")
+    __slots__ = ("method", "path", "query", "header_names", "header_values", "body", "route", "client", "body_size")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +38,7 @@ class Request(_message.Message):
     BODY_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
+    BODY_SIZE_FIELD_NUMBER: _ClassVar[int]
     method: bytes
     path: bytes
     query: bytes
@@ -44,27 +47,32 @@ class Request(_message.Message):
     body: bytes
     route: str
     client: str
-    def __init__(self, method: _Optional[bytes] = ..., path: _Optional[bytes] = ..., query: _Optional[bytes] = ..., header_names: _Optional[_Iterable[bytes]] = ..., header_values: _Optional[_Iterable[bytes]] = ..., body: _Optional[bytes] = ..., route: _Optional[str] = ..., client: _Optional[str] = ...) -> None: ...
+    body_size: int
+    def __init__(self, method: _Optional[bytes] = ..., path: _Optional[bytes] = ..., query: _Optional[bytes] = ..., header_names: _Optional[_Iterable[bytes]] = ..., header_values: _Optional[_Iterable[bytes]] = ..., body: _Optional[bytes] = ..., route: _Optional[str] = ..., client: _Optional[str] = ..., body_size: _Optional[int] = ...) -> None: ...
 
 class Response(_message.Message):
-    __slots__ = ("status", "header_names", "header_values", "body")
+    __slots__ = ("status", "header_names", "header_values", "body", "body_size")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     HEADER_NAMES_FIELD_NUMBER: _ClassVar[int]
     HEADER_VALUES_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
+    BODY_SIZE_FIELD_NUMBER: _ClassVar[int]
     status: int
     header_names: _containers.RepeatedScalarFieldContainer[bytes]
     header_values: _containers.RepeatedScalarFieldContainer[bytes]
     body: bytes
-    def __init__(self, status: _Optional[int] = ..., header_names: _Optional[_Iterable[bytes]] = ..., header_values: _Optional[_Iterable[bytes]] = ..., body: _Optional[bytes] = ...) -> None: ...
+    body_size: int
+    def __init__(self, status: _Optional[int] = ..., header_names: _Optional[_Iterable[bytes]] = ..., header_values: _Optional[_Iterable[bytes]] = ..., body: _Optional[bytes] = ..., body_size: _Optional[int] = ...) -> None: ...
 
 class Settings(_message.Message):
-    __slots__ = ("max_frame_size", "max_in_flight")
+    __slots__ = ("max_frame_size", "max_in_flight", "initial_window")
     MAX_FRAME_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_WINDOW_FIELD_NUMBER: _ClassVar[int]
     max_frame_size: int
     max_in_flight: int
-    def __init__(self, max_frame_size: _Optional[int] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
+    initial_window: int
+    def __init__(self, max_frame_size: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., initial_window: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")

@@ -47,15 +47,15 @@ def key(number: int, wire_type: int) -> bytes:
 # what the control messages define, as a newer peer might send them.
 unknown_fields = st.lists(
     st.one_of(
-        st.builds(lambda n, v: key(n, 0) + varint(v), st.integers(3, 2**29 - 1), UINT64),
+        st.builds(lambda n, v: key(n, 0) + varint(v), st.integers(4, 2**29 - 1), UINT64),
         st.builds(
-            lambda n, v: key(n, 1) + v, st.integers(3, 2**29 - 1), st.binary(min_size=8, max_size=8)
+            lambda n, v: key(n, 1) + v, st.integers(4, 2**29 - 1), st.binary(min_size=8, max_size=8)
         ),
         st.builds(
-            lambda n, v: key(n, 2) + varint(len(v)) + v, st.integers(3, 2**29 - 1), st.binary()
+            lambda n, v: key(n, 2) + varint(len(v)) + v, st.integers(4, 2**29 - 1), st.binary()
         ),
         st.builds(
-            lambda n, v: key(n, 5) + v, st.integers(3, 2**29 - 1), st.binary(min_size=4, max_size=4)
+            lambda n, v: key(n, 5) + v, st.integers(4, 2**29 - 1), st.binary(min_size=4, max_size=4)
         ),
     ),
     max_size=5,
@@ -75,14 +75,22 @@ def test_varint_round_trip(value: int) -> None:
 
 
 @settings(max_examples=300)
-@given(max_frame_size=UINT32, max_in_flight=UINT32)
-def test_settings_bytes_match_generated_class(max_frame_size: int, max_in_flight: int) -> None:
-    ours = Settings(max_frame_size, max_in_flight).encode()
-    theirs = pb.Settings(max_frame_size=max_frame_size, max_in_flight=max_in_flight)
+@given(max_frame_size=UINT32, max_in_flight=UINT32, window=st.integers(0, 2**31 - 1))
+def test_settings_bytes_match_generated_class(
+    max_frame_size: int, max_in_flight: int, window: int
+) -> None:
+    ours = Settings(max_frame_size, max_in_flight, window).encode()
+    theirs = pb.Settings(
+        max_frame_size=max_frame_size, max_in_flight=max_in_flight, initial_window=window
+    )
     assert ours == theirs.SerializeToString()
-    assert Settings.decode(theirs.SerializeToString()) == (max_frame_size, max_in_flight)
+    assert Settings.decode(theirs.SerializeToString()) == (max_frame_size, max_in_flight, window)
     parsed = pb.Settings.FromString(ours)
-    assert (parsed.max_frame_size, parsed.max_in_flight) == (max_frame_size, max_in_flight)
+    assert (parsed.max_frame_size, parsed.max_in_flight, parsed.initial_window) == (
+        max_frame_size,
+        max_in_flight,
+        window,
+    )
 
 
 @settings(max_examples=300)
@@ -137,7 +145,7 @@ def test_unknown_fields_are_skipped_in_settings(
     max_frame_size: int, max_in_flight: int, before: list[bytes], after: list[bytes]
 ) -> None:
     data = b"".join(before) + Settings(max_frame_size, max_in_flight).encode() + b"".join(after)
-    assert Settings.decode(data) == (max_frame_size, max_in_flight)
+    assert Settings.decode(data) == (max_frame_size, max_in_flight, 0)
     parsed = pb.Settings.FromString(data)
     assert (parsed.max_frame_size, parsed.max_in_flight) == (max_frame_size, max_in_flight)
 
@@ -158,7 +166,7 @@ def test_unknown_fields_are_skipped_in_goaway(last: int, reason: str, extra: lis
 
 def test_a_field_seen_twice_keeps_its_last_value_like_protobuf() -> None:
     data = Settings(10, 1).encode() + Settings(20, 0).encode()
-    assert Settings.decode(data) == (20, 1)
+    assert Settings.decode(data) == (20, 1, 0)
     parsed = pb.Settings.FromString(data)
     assert (parsed.max_frame_size, parsed.max_in_flight) == (20, 1)
 
