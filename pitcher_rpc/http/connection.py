@@ -42,6 +42,28 @@ their way: closing at once would answer them with a reset that can destroy
 the last answer before the client reads it, so the connection half-closes
 and lingers as after a refusal (nginx's ``lingering_close on``).
 
+Streamed bodies, both ways (``stream_over`` >= 0, see docs/streaming.md):
+
+- a request whose body is chunked or longer than ``stream_over`` is handed
+  out at its head; its body arrives on ``request.body_stream`` (a
+  :class:`~.request.BodyStream`) and, while that request is the active one,
+  on :attr:`ServerConnection.stream`. The caller takes the pieces as it can
+  pass them on; while it cannot (:meth:`pause_body`), or while a streamed
+  request waits behind another, reading stops. Its ``100 Continue`` goes out
+  when the caller asks for the body (:meth:`want_body`), so a request
+  answered without it never makes the client send it. A refusal inside the
+  body (413 over ``max_body_size``, bad framing, 408) lands on the stream
+  (``error``), for the caller to answer in its place; the deadlines do not
+  run while the caller holds the body back. An answer made before the body
+  ended closes the connection after it (RFC 9110 §10.1.1);
+- an answer may be streamed: :meth:`respond_head`, :meth:`response_data` per
+  piece, :meth:`response_end` (or :meth:`response_cut`). Content-Length when
+  the size is known, else chunked on HTTP/1.1 and the connection's close on
+  HTTP/1.0; a body that turns out longer or shorter than its length, or cut
+  midway, is never made to look complete: no last chunk, the connection
+  closes, and the piece that completes a length is held until the end is
+  confirmed.
+
 The caller acts on a few plain attributes after a call: bytes to write come
 back from the method or wait in :attr:`outgoing`; :attr:`half_close` and
 :attr:`must_close` say how the connection ends.
@@ -54,10 +76,10 @@ from collections.abc import Callable
 from typing import Final
 
 from .parser import RequestParser
-from .request import HttpError, HttpLimits, HttpRequest
+from .request import BodyStream, HttpError, HttpLimits, HttpRequest
 from .response import date_line, error_body, status_line
 
-__all__ = ["LINGER_BYTES", "LINGER_SECONDS", "ServerConnection"]
+__all__ = ["LINGER_BYTES", "LINGER_SECONDS", "STREAM_BUFFER_HIGH", "ServerConnection"]
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Pipelined requests queued beyond this make the connection ask to stop
@@ -68,6 +90,19 @@ PIPELINE_LOW = 8
 # long, and at most this many bytes of it.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1 << 20
+# Body bytes of a streamed request held (received, not taken by the caller)
+# beyond which reading stops: the caller takes what each read brings at once
+# while it can pass it on, so more than this means it cannot.
+STREAM_BUFFER_HIGH = 256 * 1024
+
+# How a streamed answer's body is framed.
+_NO_BODY = 0  # HEAD, 204, 304: the head is the whole answer
+_LENGTH = 1  # content-length
+_CHUNKED = 2  # transfer-encoding: chunked (HTTP/1.1)
+_UNTIL_CLOSE = 3  # the end of the connection ends the body (HTTP/1.0)
+_CHUNKED_HEAD = b"transfer-encoding: chunked\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_CRLF = b"\r\n"
 
 _CLOSE = b"connection: close\r\n"
 _KEEP_ALIVE_10 = b"connection: keep-alive\r\n"
@@ -87,6 +122,10 @@ _CLIENT_DONE = HttpError(0, "client closed its side")
 _NO_BODY_YET: Final = -1.0
 
 
+def _chunk_size_line(size: int) -> bytes:
+    return b"%x\r\n" % size
+
+
 class ServerConnection:
     """The HTTP/1.1 state of one client connection; see the module docstring.
 
@@ -96,11 +135,16 @@ class ServerConnection:
 
     __slots__ = (
         "_continue_sent",
+        "_held",
+        "_keep",
         "_lingered",
         "_pipelined",
         "_queue",
         "_refused",
         "_requests_left",
+        "_response_left",
+        "_response_mode",
+        "_waiting_streams",
         "active",
         "body_deadline",
         "body_started",
@@ -117,6 +161,8 @@ class ServerConnection:
         "parser",
         "request_started",
         "request_timeout",
+        "response_sent",
+        "stream",
         "write_blocked",
     )
 
@@ -131,8 +177,9 @@ class ServerConnection:
         keepalive_requests: int = 0,
         error_answer: Callable[[int, str], tuple[bytes, bytes]] | None = None,
         now: float = 0.0,
+        stream_over: int = -1,
     ) -> None:
-        self.parser = parser = RequestParser(limits, watch)
+        self.parser = parser = RequestParser(limits, watch, stream_over)
         # The head must arrive within header_timeout of the request's first
         # byte; with request_timeout (0: none) the whole request, body
         # included, must arrive within it.
@@ -176,6 +223,19 @@ class ServerConnection:
         # The client does not read what it is sent (the caller's pause_writing).
         self.write_blocked = False
         self._continue_sent = False
+        # The active request's streamed body, until it is answered.
+        self.stream: BodyStream | None = None
+        # Streamed requests queued behind the active one: reading waits for them.
+        self._waiting_streams = 0
+        # A streamed answer under way: its framing, the length it has left,
+        # whether the connection stays open after it, and a piece held back
+        # because it completes the length (sent once the end is confirmed).
+        self._response_mode = _NO_BODY
+        self._response_left = 0
+        self._keep = False
+        self._held: bytes | None = None
+        # Body bytes of the streamed answer handed to the caller to write.
+        self.response_sent = 0
 
     # bytes in -------------------------------------------------------------------------
 
@@ -195,9 +255,21 @@ class ServerConnection:
             requests = parser.feed(data)
         except HttpError as error:
             self._refused = True
-            self._queue.extend(error.requests)
-            self._queue.append(error)
+            stream = parser.stream
+            if stream is None:
+                self._enqueue(error.requests)
+                self._queue.append(error)
+            else:
+                # Inside a streamed body: its request, handed out already (or
+                # in error.requests), is answered with the error in its place
+                # (unless its answer has gone out: then it is moot).
+                if not stream.discarding:
+                    stream.error = error
+                self._enqueue(error.requests)
             return self.next_request() if self.active is None else None
+        stream = self.stream
+        if stream is not None and stream.discarding:
+            stream.take()  # the answer has gone out: the rest of the body is dropped
         if requests:
             self._continue_sent = False
             if parser.in_request:
@@ -207,9 +279,11 @@ class ServerConnection:
             if self.active is None and not self._queue and len(requests) == 1:
                 # The common case, kept short: one request with nothing ahead of it.
                 request = self.active = requests[0]
+                if request.body_stream is not None:
+                    self.stream = request.body_stream
                 return request
             self._pipelined = True
-            self._queue.extend(requests)
+            self._enqueue(requests)
             return self.next_request() if self.active is None else None
         if self.body_started == _NO_BODY_YET and parser.headers_complete:
             self.body_started = now  # the head is complete: the body's clock starts
@@ -225,11 +299,23 @@ class ServerConnection:
         """
         if self.linger_until:
             return False  # the client has read our refusal and is done
+        stream = self.parser.stream
+        if stream is not None and not stream.discarding:
+            # The body was cut short: never to be passed on as a whole one.
+            stream.error = HttpError(400, "the client closed its side inside the body")
+            self._refused = True
         if self.active is None and not self._queue:
             self.must_close = True
             return False
         self._queue.append(_CLIENT_DONE)
         return True
+
+    def _enqueue(self, requests: list[HttpRequest]) -> None:
+        queue = self._queue
+        for request in requests:
+            queue.append(request)
+            if request.body_stream is not None:
+                self._waiting_streams += 1
 
     def next_request(self) -> HttpRequest | None:
         """The next queued request, if nothing is being answered; refusals are answered here."""
@@ -241,8 +327,12 @@ class ServerConnection:
             if type(item) is HttpError:
                 self._refuse(item)
                 return None
-            self.active = item  # type: ignore[assignment]
-            return item  # type: ignore[return-value]
+            request: HttpRequest = item  # type: ignore[assignment]
+            self.active = request
+            if request.body_stream is not None:
+                self._waiting_streams -= 1
+                self.stream = request.body_stream
+            return request
         self._idle()
         return None
 
@@ -278,6 +368,14 @@ class ServerConnection:
             and not self.draining
             and self.keepalive_timeout > 0
         )
+        stream = request.body_stream
+        if stream is not None:
+            self.stream = None
+            if not stream.ended:
+                # Answered before its body ended: close after the answer and
+                # drop the rest (RFC 9110 §10.1.1; no 100 went out, or the
+                # client is told to stop).
+                keep = False
         framing = b"" if status in _NO_CONTENT else b"content-length: %d\r\n" % len(body)
         if not keep:
             framing += _CLOSE
@@ -313,6 +411,7 @@ class ServerConnection:
             # more): nothing unread can turn the close into a reset.
             queue.clear()
             self.must_close = True
+        self._waiting_streams = 0
 
     def respond_error(
         self, status: int, message: str, fields: bytes = b"", now: float | None = None
@@ -324,8 +423,10 @@ class ServerConnection:
     def abandon(self) -> None:
         """The active request will not be answered (the client is gone)."""
         self.active = None
+        self.stream = None
         self.must_close = True
         self._queue.clear()
+        self._waiting_streams = 0
         self.parser.close()
 
     def _refuse(self, error: HttpError) -> None:
@@ -344,11 +445,192 @@ class ServerConnection:
         )
         self._refused = True
         self._queue.clear()
+        self._waiting_streams = 0
         self.half_close = True
 
     def lingering(self, now: float) -> None:
         """The caller has half-closed after a refusal: drop what comes until ``now`` + linger."""
         self.linger_until = now + LINGER_SECONDS
+
+    # streamed answers -------------------------------------------------------------------
+
+    def respond_head(
+        self, status: int, fields: bytes, body_size: int | None, now: float | None = None
+    ) -> bytes:
+        """The head of a streamed answer to the active request; its body follows.
+
+        ``body_size`` is the body's length when known. The body is framed by
+        Content-Length when it is known, else chunked (HTTP/1.1) or by the
+        connection's close (HTTP/1.0). Then :meth:`response_data` for each
+        piece and :meth:`response_end` (or :meth:`response_cut`). When
+        :attr:`response_open` is False after this call there is no body to
+        send (HEAD, 204, 304): call :meth:`response_end` at once.
+        """
+        request = self.active
+        assert request is not None, "respond_head() without a request to answer"
+        self._requests_left -= 1
+        keep = (
+            request.keep_alive
+            and self._requests_left != 0
+            and not self.draining
+            and self.keepalive_timeout > 0
+        )
+        stream = request.body_stream
+        if stream is not None and not stream.ended:
+            # Answering before the body ended: the rest is dropped as it comes
+            # and the connection closes after the answer (RFC 9110 §10.1.1).
+            keep = False
+            stream.discarding = True
+            stream.paused = False
+            stream.take()
+        if status in _NO_CONTENT:
+            mode = _NO_BODY
+            framing = b""
+        elif body_size is not None:
+            mode = _NO_BODY if request.method == b"HEAD" else _LENGTH
+            framing = b"content-length: %d\r\n" % body_size
+        elif request.method == b"HEAD":
+            mode = _NO_BODY
+            framing = b""
+        elif request.version == "1.1":
+            mode = _CHUNKED
+            framing = _CHUNKED_HEAD
+        else:
+            mode = _UNTIL_CLOSE
+            framing = b""
+            keep = False
+        if not keep:
+            framing += _CLOSE
+        elif request.version == "1.0":
+            framing += _KEEP_ALIVE_10
+        self._response_mode = mode
+        self._response_left = body_size or 0
+        self._keep = keep
+        self._held = None
+        self.response_sent = 0
+        if now is not None:
+            self.last_activity = now
+        return status_line(status) + fields + date_line() + framing + b"\r\n"
+
+    @property
+    def response_open(self) -> bool:
+        """A streamed answer's body is being sent."""
+        return self._response_mode != _NO_BODY
+
+    def response_data(self, data: bytes) -> list[bytes] | None:
+        """The chunks to write for one piece of a streamed answer's body (for ``writelines``).
+
+        None: the piece breaks the answer's framing (more than its
+        Content-Length): the caller must :meth:`response_cut`. A piece that
+        completes the length is held back (``[]``) until :meth:`response_end`
+        confirms nothing follows.
+        """
+        mode = self._response_mode
+        size = len(data)
+        if not size:
+            return []
+        if mode == _CHUNKED:
+            self.response_sent += size
+            return [_chunk_size_line(size), data, _CRLF]
+        if mode == _LENGTH:
+            if self._held is not None or size > self._response_left:
+                return None
+            self._response_left -= size
+            if not self._response_left:
+                self._held = data
+                return []
+            self.response_sent += size
+            return [data]
+        if mode == _UNTIL_CLOSE:
+            self.response_sent += size
+            return [data]
+        return []  # no body is sent (HEAD): the caller has stopped the stream
+
+    def response_end(self, now: float | None = None) -> list[bytes] | None:
+        """The streamed answer's body is complete: its last bytes, and the answer ends.
+
+        None: it is shorter than its Content-Length; the caller must
+        :meth:`response_cut`. Otherwise the connection goes on as after
+        :meth:`respond` (the next request, or a close).
+        """
+        mode = self._response_mode
+        tail: list[bytes] = []
+        if mode == _LENGTH:
+            if self._response_left:
+                return None
+            held = self._held
+            if held is not None:
+                self._held = None
+                self.response_sent += len(held)
+                tail.append(held)
+        elif mode == _CHUNKED:
+            tail.append(_LAST_CHUNK)
+        self._response_mode = _NO_BODY
+        self._end_response(now, mode == _UNTIL_CLOSE)
+        return tail
+
+    def response_cut(self) -> None:
+        """The streamed answer cannot be completed: close with what was sent (no end marker)."""
+        self._response_mode = _NO_BODY
+        self._held = None
+        self.abandon()
+
+    def _end_response(self, now: float | None, close: bool) -> None:
+        request = self.active
+        assert request is not None
+        if close:
+            self._queue.clear()
+            self._waiting_streams = 0
+            self.must_close = True
+        elif not self._keep:
+            self._end_after_answer()
+        self.active = None
+        self.stream = None
+        if now is not None:
+            self.last_activity = now
+            if self.parser.in_request:
+                self.request_started = now
+                if self.body_started != _NO_BODY_YET:
+                    self.body_started = now
+
+    # streamed request bodies ------------------------------------------------------------
+
+    def want_body(self) -> bytes:
+        """The caller will pass the active request's streamed body on: ``100 Continue``
+        to write first if the client waits for it, else ``b""``."""
+        request = self.active
+        stream = self.stream
+        if (
+            request is None
+            or stream is None
+            or not request.expect_continue
+            or self._continue_sent
+            or stream.received
+            or stream.ended
+        ):
+            return b""
+        self._continue_sent = True
+        return CONTINUE
+
+    def pause_body(self, now: float) -> None:
+        """The caller cannot pass more of the streamed body on: stop reading.
+
+        The body's deadlines stop counting until :meth:`resume_body`: the
+        wait is not the client's doing.
+        """
+        stream = self.stream
+        if stream is not None and not stream.paused:
+            stream.paused = True
+            stream.paused_at = now
+
+    def resume_body(self, now: float) -> None:
+        """The caller can take the streamed body again; reading may resume."""
+        stream = self.stream
+        if stream is not None and stream.paused:
+            stream.paused = False
+            if self.body_started != _NO_BODY_YET:
+                self.body_started += now - stream.paused_at
+            self.last_activity = now
 
     # flow control and deadlines -------------------------------------------------------
 
@@ -363,7 +645,10 @@ class ServerConnection:
         """
         if self.linger_until:
             return True
-        if self.write_blocked or self._refused:
+        if self.write_blocked or self._refused or self._waiting_streams:
+            return False
+        stream = self.stream
+        if stream is not None and (stream.paused or stream.buffered >= STREAM_BUFFER_HIGH):
             return False
         return len(self._queue) < PIPELINE_HIGH
 
@@ -371,7 +656,12 @@ class ServerConnection:
         """Whether reading paused by the water marks may resume (hysteresis)."""
         if self.linger_until:
             return True
-        return not self.write_blocked and not self._refused and len(self._queue) < PIPELINE_LOW
+        if self.write_blocked or self._refused or self._waiting_streams:
+            return False
+        stream = self.stream
+        if stream is not None and (stream.paused or stream.buffered >= STREAM_BUFFER_HIGH):
+            return False
+        return len(self._queue) < PIPELINE_LOW
 
     def pause_writing(self) -> None:
         self.write_blocked = True
@@ -395,7 +685,13 @@ class ServerConnection:
             if now > self.linger_until:
                 self.must_close = True
             return
-        if self.must_close or self.half_close or self.active is not None or self._queue:
+        if self.must_close or self.half_close:
+            return
+        stream = self.stream
+        if stream is not None:
+            self._check_stream(stream, now)
+            return
+        if self.active is not None or self._queue:
             return
         parser = self.parser
         if parser.in_request:
@@ -411,6 +707,29 @@ class ServerConnection:
                 self._refuse(HttpError(408, "request body not received in time"))
         elif now - self.last_activity > self.keepalive_timeout:
             self.must_close = True
+
+    def _check_stream(self, stream: BodyStream, now: float) -> None:
+        """The body deadlines of the active request's streamed body: an ``error`` on it.
+
+        Only while the body is read: not once it ended or failed, not while
+        the caller holds it back (paused, or pieces it has not taken).
+        """
+        if (
+            stream.ended
+            or stream.error is not None
+            or stream.discarding
+            or stream.paused
+            or stream.buffered >= STREAM_BUFFER_HIGH
+            or self._refused
+        ):
+            return
+        if now - self.last_activity > self.body_timeout:
+            stream.error = HttpError(408, "request body paused too long")
+        elif self.body_deadline and now - self.body_started > self.body_deadline:
+            stream.error = HttpError(408, "request body not received in time")
+        else:
+            return
+        self._refused = True  # nothing more is read: the answer ends the connection
 
     def close_if_idle(self, now: float, quiet_for: float) -> bool:
         """While draining: True (and ``must_close``) if nothing has come for ``quiet_for``."""

@@ -30,6 +30,14 @@ the request is forwarded to see one and the same host. ``OPTIONS`` with an
 absolute-form target with an empty path and no query is ``OPTIONS *``
 (RFC 9112 §3.2.4).
 
+Streamed bodies (``stream_over`` >= 0): a request whose body is chunked or
+longer than ``stream_over`` bytes is handed out at its head, with a
+:class:`BodyStream` that its body arrives on piece by piece (``max_body_size``
+still bounds the total), unless the whole body came in the same ``feed`` as
+the head: nobody has seen the request yet, so it is handed out whole as any
+other. A violation inside a streamed body raises as any other; the stream is
+``stream`` until its body ends, for the caller to tell its consumer.
+
 A violation raises :class:`HttpError`; the complete requests that came before
 it in the same ``feed`` are on the exception as ``requests``. After an error
 the parser is dead and raises the same error again: the caller answers it and
@@ -53,9 +61,9 @@ from httptools import (
     HttpRequestParser,
 )
 
-from .request import HttpError, HttpLimits, HttpRequest
+from .request import BodyStream, HttpError, HttpLimits, HttpRequest
 
-__all__ = ["HttpError", "HttpLimits", "HttpRequest", "RequestParser"]
+__all__ = ["BodyStream", "HttpError", "HttpLimits", "HttpRequest", "RequestParser"]
 
 # The two spaces and "HTTP/1.1", added to the method and target lengths to get
 # the request-line length before the version has arrived.
@@ -126,6 +134,7 @@ class RequestParser:
         "_closed",
         "_done",
         "_error",
+        "_feeds",
         "_headers_done",
         "_last_host",
         "_limits",
@@ -139,6 +148,8 @@ class RequestParser:
         "_parser",
         "_pending_error",
         "_request",
+        "_stream_feed",
+        "_stream_over",
         "_synthetic",
         "_target",
         "_transfer_encoding",
@@ -147,10 +158,14 @@ class RequestParser:
         "_values",
         "_watch",
         "in_request",
+        "stream",
     )
 
     def __init__(
-        self, limits: HttpLimits | None = None, watch: frozenset[bytes] = frozenset()
+        self,
+        limits: HttpLimits | None = None,
+        watch: frozenset[bytes] = frozenset(),
+        stream_over: int = -1,
     ) -> None:
         limits = limits or _DEFAULT_LIMITS
         self._limits = limits
@@ -191,6 +206,14 @@ class RequestParser:
         self._body_parts: list[bytes] = []
         self._body_size = 0
         self._chunk_mark = -1
+        # Bodies chunked or longer than this are streamed; negative: none is.
+        self._stream_over = stream_over
+        # The body of the request being parsed, when it is streamed.
+        self.stream: BodyStream | None = None
+        # feed() calls so far, and the one that ended the streamed head: a
+        # body complete in that same call is handed out whole after all.
+        self._feeds = 0
+        self._stream_feed = -1
 
     @property
     def limits(self) -> HttpLimits:
@@ -237,6 +260,7 @@ class RequestParser:
             return []
         done: list[HttpRequest] = []
         self._done = done
+        self._feeds += 1
         continuing = self.in_request
         mark = self._progress_mark() if continuing else None
         try:
@@ -390,11 +414,12 @@ class RequestParser:
         self._pending_error = error
         raise error
 
-    def _finish(self, request: HttpRequest) -> None:
+    def _finish(self, request: HttpRequest, hand_out: bool = True) -> None:
         self.in_request = False
         self._headers_done = False
         self._request = None
-        self._done.append(request)
+        if hand_out:
+            self._done.append(request)
         if not request.keep_alive:
             self._closed = True
 
@@ -543,7 +568,7 @@ class RequestParser:
 
         if parser.should_upgrade():
             self._upgrading = True
-        self._request = HttpRequest(
+        request = HttpRequest(
             method,
             path,
             query,
@@ -558,6 +583,16 @@ class RequestParser:
             content_length,
             bool(self._watch) and not self._watch.isdisjoint(names),
         )
+        self._request = request
+        stream_over = self._stream_over
+        if stream_over >= 0 and (
+            transfer_encoding is not None
+            or (content_length is not None and content_length > stream_over)
+        ):
+            # Handed out now; its body follows on the stream.
+            self.stream = request.body_stream = BodyStream()
+            self._stream_feed = self._feeds
+            self._done.append(request)
         self._headers_done = True
         # Trailer fields get a budget and lists of their own; they are
         # dropped, which RFC 9110 §6.5.1 allows.
@@ -616,7 +651,13 @@ class RequestParser:
         if size > self._max_body_size:
             self._fail(413, "body too large")
         self._body_size = size
-        self._body_parts.append(body)
+        stream = self.stream
+        if stream is None:
+            self._body_parts.append(body)
+        else:
+            stream.pieces.append(body)
+            stream.buffered += len(body)
+            stream.received = size
 
     def _on_chunk_header(self) -> None:
         self._chunk_mark = self._body_size
@@ -628,6 +669,19 @@ class RequestParser:
         assert request is not None
         if self._names:
             self._check_fields()  # the trailer's
+        stream = self.stream
+        if stream is not None:
+            self.stream = None
+            if self._stream_feed == self._feeds:
+                # The whole body came with its head: the request, not returned
+                # from feed() yet, is handed out whole after all.
+                pieces = stream.take()
+                request.body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                request.body_stream = None
+            else:
+                stream.ended = True
+            self._finish(request, False)
+            return
         parts = self._body_parts
         if parts:
             request.body = parts[0] if len(parts) == 1 else b"".join(parts)

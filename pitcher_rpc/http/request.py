@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["HttpError", "HttpLimits", "HttpRequest"]
+__all__ = ["BodyStream", "HttpError", "HttpLimits", "HttpRequest"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +51,63 @@ class HttpError(Exception):
         return f"{self.status} {self.reason}"
 
 
+class BodyStream:
+    """The body of a request handed out at its head (see ``RequestParser`` ``stream_over``).
+
+    The parser appends what it de-frames to ``pieces`` as it arrives; the
+    consumer takes them (:meth:`take`) and passes them on. ``ended``: the last
+    byte has been received (``pieces`` may still hold some). ``error``: the
+    body was refused midway (over ``max_body_size``, bad chunk framing, a
+    deadline): the request must be answered with that status, or cut if its
+    answer has begun. ``paused``: the consumer cannot take more for now,
+    so reading from the client stops; ``discarding``: the answer went out
+    before the body ended, what still comes is dropped.
+    """
+
+    __slots__ = (
+        "buffered",
+        "discarding",
+        "ended",
+        "error",
+        "paused",
+        "paused_at",
+        "pieces",
+        "received",
+    )
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        # Bytes in ``pieces``, and bytes received in all.
+        self.buffered = 0
+        self.received = 0
+        self.ended = False
+        self.error: HttpError | None = None
+        self.paused = False
+        self.paused_at = 0.0
+        self.discarding = False
+
+    def take(self) -> list[bytes]:
+        """The pieces received and not taken yet, in order; the stream holds none after."""
+        pieces = self.pieces
+        self.pieces = []
+        self.buffered = 0
+        return pieces
+
+    def put_back(self, pieces: list[bytes]) -> None:
+        """Pieces taken but not passed on: they come first the next time."""
+        self.pieces[:0] = pieces
+        self.buffered += sum(map(len, pieces))
+
+    def __repr__(self) -> str:
+        state = "ended" if self.ended else "error" if self.error is not None else "open"
+        return f"BodyStream({state}, {self.received} received, {self.buffered} held)"
+
+
 # The fields of a request, which equality compares (a compiled class keeps no
 # __slots__ to read back).
 _FIELDS = (
     "body",
+    "body_stream",
     "content_length",
     "expect_continue",
     "host",
@@ -76,6 +129,10 @@ class HttpRequest:
     The header fields are two parallel lists, ``names`` and ``values``, in the
     order received: that is the shape the request frame carries, so the hot
     path never builds a pair per field. ``headers`` gives the pairs.
+
+    ``body_stream`` is None for a request handed out whole (``body`` is all
+    of it); for one handed out at its head it is the :class:`BodyStream` its
+    body arrives on, and ``body`` is empty.
     """
 
     __slots__ = _FIELDS
@@ -95,6 +152,7 @@ class HttpRequest:
         expect_continue: bool,
         content_length: int | None,
         watched: bool = False,
+        body_stream: BodyStream | None = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -110,6 +168,7 @@ class HttpRequest:
         self.content_length = content_length
         # Whether any header named in the parser's ``watch`` set is present.
         self.watched = watched
+        self.body_stream = body_stream
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -126,5 +185,6 @@ class HttpRequest:
     def __repr__(self) -> str:
         return (
             f"HttpRequest({self.method!r}, {self.target!r}, HTTP/{self.version}, "
-            f"{len(self.names)} headers, {len(self.body)} body bytes)"
+            f"{len(self.names)} headers, "
+            + (f"{len(self.body)} body bytes)" if self.body_stream is None else "streamed body)")
         )

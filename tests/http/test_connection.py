@@ -27,18 +27,40 @@ def answer(conn: ServerConnection, request: HttpRequest) -> bytes:
     return b"".join(conn.respond(200, b"x-seen: %d\r\n" % len(request.body), body))
 
 
-def drive(chunks: list[bytes], now: float = 0.0, **options: float) -> tuple[list[bytes], bytes]:
+def drive(
+    chunks: list[bytes], now: float = 0.0, stream_over: int = -1, **options: float
+) -> tuple[list[bytes], bytes]:
     """Feed ``chunks`` one by one, answering every request as soon as it is handed out.
 
-    Returns what the requests were (method and target) and every byte the
-    connection asked to write, dates masked.
+    A request handed out at its head (a streamed body, see ``stream_over``)
+    is answered when its body has ended, with the body it gathered, or with
+    the refusal its body met. Returns what the requests were (method and
+    target) and every byte the connection asked to write, dates masked.
     """
-    conn = ServerConnection(HttpLimits(max_body_size=1000), **options)
+    conn = ServerConnection(HttpLimits(max_body_size=1000), stream_over=stream_over, **options)
     seen: list[bytes] = []
     out: list[bytes] = []
+    gathered: list[bytes] = []
 
     def serve(request: HttpRequest | None) -> None:
         while request is not None:
+            stream = request.body_stream
+            if stream is not None:
+                if conn.stream is not stream:
+                    return  # its turn has not come
+                if not gathered:
+                    gathered.append(b"")
+                    out.append(conn.want_body())
+                gathered.extend(stream.take())
+                if stream.error is not None:
+                    seen.append(request.method + b" " + request.target)
+                    out.extend(conn.respond_error(stream.error.status, stream.error.reason))
+                    gathered.clear()
+                    break
+                if not stream.ended:
+                    return  # the rest of its body is still to come
+                request.body = b"".join(gathered)
+                gathered.clear()
             seen.append(request.method + b" " + request.target)
             out.append(answer(conn, request))
             request = conn.next_request()
@@ -48,7 +70,8 @@ def drive(chunks: list[bytes], now: float = 0.0, **options: float) -> tuple[list
     for chunk in chunks:
         if conn.must_close or conn.half_close:
             break
-        serve(conn.receive_data(chunk, now))
+        request = conn.receive_data(chunk, now)
+        serve(request or conn.active)
     return seen, _DATE.sub(b"date: -\r\n", b"".join(out))
 
 
@@ -507,14 +530,23 @@ def _without_continue(output: bytes) -> bytes:
     return output.replace(CONTINUE, b"")
 
 
+@pytest.mark.parametrize("stream_over", [-1, 0, 3], ids=["whole", "stream-all", "stream-over-3"])
 @pytest.mark.parametrize("ending", _ENDINGS, ids=range(len(_ENDINGS)))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=40))
-def test_any_split_gives_the_same_requests_and_answers(ending: bytes, cuts: list[int]) -> None:
+def test_any_split_gives_the_same_requests_and_answers(
+    ending: bytes, stream_over: int, cuts: list[int]
+) -> None:
+    # Streamed or not (a body whose head came in an earlier read than its
+    # end is handed out at the head), the requests and answers are the same.
     data = _STREAM + ending
     whole = drive([data])
-    pieces = drive(_splits(data, cuts))
-    byte_by_byte = drive([data[i : i + 1] for i in range(len(data))]) if not cuts else whole
+    pieces = drive(_splits(data, cuts), stream_over=stream_over)
+    byte_by_byte = (
+        drive([data[i : i + 1] for i in range(len(data))], stream_over=stream_over)
+        if not cuts
+        else whole
+    )
     assert pieces[0] == whole[0]
     assert _without_continue(pieces[1]) == _without_continue(whole[1])
     assert _without_continue(byte_by_byte[1]) == _without_continue(whole[1])
@@ -543,6 +575,8 @@ def test_the_stream_itself_is_answered_as_expected() -> None:
 @settings(max_examples=300, deadline=None)
 def test_any_bytes_split_anyhow_give_the_same_result(data: bytes, cuts: list[int]) -> None:
     assert drive(_splits(data, cuts)) == drive([data])
+    streamed = drive(_splits(data, cuts), stream_over=0)
+    assert (streamed[0], _without_continue(streamed[1])) == drive([data])
 
 
 def test_a_finished_connection_leaves_no_garbage_for_the_cyclic_collector() -> None:
@@ -603,12 +637,19 @@ def _timed_stream() -> tuple[bytes, list[_Span]]:
     return b"".join(head + body for head, body in _TIMED_REQUESTS), spans
 
 
-def _drive_timed(pieces: list[tuple[float, bytes]]) -> tuple[list[bytes], int | None]:
-    """Feed each piece at its time, checking the deadlines first; answer requests at once."""
+def _drive_timed(
+    pieces: list[tuple[float, bytes]], stream_over: int = -1
+) -> tuple[list[bytes], int | None]:
+    """Feed each piece at its time, checking the deadlines first; answer requests at once.
+
+    A streamed request (``stream_over``) is answered once its body has ended;
+    a refusal of its body is read from its stream.
+    """
     conn = ServerConnection(
         HttpLimits(body_timeout=_BODY_TIMEOUT, body_deadline=_BODY_DEADLINE),
         header_timeout=_HEADER_TIMEOUT,
         keepalive_timeout=1e9,
+        stream_over=stream_over,
     )
     seen: list[bytes] = []
     for now, piece in pieces:
@@ -616,8 +657,15 @@ def _drive_timed(pieces: list[tuple[float, bytes]]) -> tuple[list[bytes], int | 
         if conn.outgoing:
             (refusal,) = conn.outgoing
             return seen, int(refusal[9:12])
-        request = conn.receive_data(piece, now)
+        if conn.stream is not None and conn.stream.error is not None:
+            return seen, conn.stream.error.status
+        request = conn.receive_data(piece, now) or conn.active
         while request is not None:
+            stream = request.body_stream
+            if stream is not None:
+                stream.take()
+                if not stream.ended:
+                    break
             seen.append(request.method + b" " + request.target)
             conn.respond(200, b"", b"", now)
             request = conn.next_request()
@@ -665,8 +713,11 @@ def test_deadlines_hold_however_the_bytes_are_split_and_paced(
     for gap, piece in zip(gaps, _splits(stream, cuts), strict=False):
         now += gap
         pieces.append((now, piece))
-    seen, status = _drive_timed(pieces)
     expected_seen, expected_status = _expected(spans, pieces)
+    seen, status = _drive_timed(pieces)
+    assert (seen, status or 0) == (expected_seen, expected_status)
+    # The same deadlines when every body is streamed (handed out at its head).
+    seen, status = _drive_timed(pieces, stream_over=0)
     assert (seen, status or 0) == (expected_seen, expected_status)
 
 
@@ -693,6 +744,7 @@ def test_a_stall_anywhere_in_a_body_is_408_and_nowhere_else() -> None:
         in_body = any(
             span.body_starts <= cut < span.end and span.end > span.body_starts for span in spans
         )
-        seen, status = _drive_timed(pieces)
-        assert status == (408 if in_body else None), cut
-        assert seen == [span.target for span in spans if span.end <= cut], cut
+        for stream_over in (-1, 0):
+            seen, status = _drive_timed(pieces, stream_over)
+            assert status == (408 if in_body else None), (cut, stream_over)
+            assert seen == [span.target for span in spans if span.end <= cut], (cut, stream_over)
