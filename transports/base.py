@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from .calls import Receiver
-from .frame import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_IN_FLIGHT
+from .frame import DEFAULT_INITIAL_WINDOW, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_IN_FLIGHT
 
 # A server-side handler: request payload in, response payload out. The server
 # runs one per request, concurrently, and cancels it when the caller cancels
@@ -71,6 +71,11 @@ class ClientOptions:
     retry_interval: float = 0.05
     # Message carriers (ZeroMQ): messages queued per socket before a send is refused.
     high_water_mark: int = 10000
+    # Streamed response bodies: the DATA credit every call starts with toward this
+    # client (SETTINGS initial_window; 0: whole responses only), and the idle limit
+    # between two DATA frames for a receiver that names no ``timeout`` of its own.
+    initial_window: int = DEFAULT_INITIAL_WINDOW
+    stream_idle_timeout: float = 60.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,6 +91,11 @@ class ServerOptions:
     replay_ttl: float = 30.0
     # Message carriers (ZeroMQ): messages queued per socket before a send is refused.
     high_water_mark: int = 10000
+    # Streamed request bodies (a WithStreams handler): the DATA credit every call
+    # starts with toward this server (SETTINGS initial_window; 0: whole requests
+    # only), and how long a request body may pause between two DATA frames.
+    initial_window: int = DEFAULT_INITIAL_WINDOW
+    stream_idle_timeout: float = 60.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .control import ErrorInfo
 from .errors import (
@@ -32,6 +32,9 @@ from .errors import (
     TransportError,
 )
 from .frame import HEADER, VERSION
+
+if TYPE_CHECKING:
+    from .bodies import IncomingBody
 
 log = logging.getLogger("pitcher.transports")
 
@@ -48,6 +51,19 @@ class Receiver(Protocol):
     def on_response(self, payload: bytes) -> None: ...
 
     def on_error(self, error: TransportError) -> None: ...
+
+
+class StreamReceiver(Receiver, Protocol):
+    """A receiver that takes a streamed response (``send(..., stream_response=True)``).
+
+    Gets exactly one of ``on_response`` (a whole answer), ``on_error`` (before
+    any head) or ``on_response_head`` (a head whose body follows through
+    ``body``: see :class:`transports.bodies.IncomingBody`). ``timeout``, the
+    call's own timeout in seconds, is the idle limit between two DATA frames
+    of its body (the carrier's ``stream_idle_timeout`` if it has none).
+    """
+
+    def on_response_head(self, payload: bytes, body: IncomingBody) -> None: ...
 
 
 class FutureReceiver:
@@ -194,7 +210,9 @@ class CallTable:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def request_header(self, receiver: Receiver, size: int, remaining: float) -> bytes:
+    def request_header(
+        self, receiver: Receiver, size: int, remaining: float, flags: int = 0
+    ) -> bytes:
         """Register a call and return its REQUEST header (``size`` payload bytes).
 
         ``remaining``: seconds left until ``receiver.deadline``, > 0 (a carrier
@@ -212,7 +230,7 @@ class CallTable:
         return _pack_header(
             VERSION,
             1,  # FrameType.REQUEST
-            0,
+            flags,
             size,
             request_id,
             (int(milliseconds) or 1) if milliseconds < MAX_DEADLINE_MS else 0,

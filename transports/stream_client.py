@@ -30,6 +30,7 @@ from collections import deque
 from typing import Any, cast
 
 from .base import ClientOptions
+from .bodies import IncomingBody, OutgoingBody
 from .calls import (
     AwaitableCalls,
     CallTable,
@@ -38,7 +39,7 @@ from .calls import (
     deliver_response,
     error_for,
 )
-from .control import ErrorInfo, GoAwayInfo, Settings
+from .control import ErrorInfo, GoAwayInfo, Settings, decode_window_update
 from .decoder import FrameDecoder
 from .errors import (
     CallError,
@@ -55,12 +56,16 @@ from .errors import (
 from .frame import (
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_MAX_IN_FLIGHT,
+    FLAG_MORE,
+    FLAG_STREAM_OK,
     HEADER,
     HEADER_SIZE,
     PREFACE,
     VERSION,
     FrameType,
+    encode_data,
     encode_frame,
+    encode_window_update,
 )
 from .registry import Address, parse_address
 from .stream_io import Batcher, set_nodelay
@@ -88,7 +93,9 @@ class _ClientConnection(asyncio.Protocol):
         "draining",
         "late_responses",
         "max_in_flight",
+        "outgoing",
         "peer_max_frame_size",
+        "peer_window",
         "pending",
         "ready",
         "transport",
@@ -111,6 +118,10 @@ class _ClientConnection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = loop.create_future()
         self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
         self.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
+        # The node's SETTINGS initial_window: 0, it takes whole requests only.
+        self.peer_window = 0
+        # Request bodies still being sent, by request id (their calls are in pending).
+        self.outgoing: dict[int, OutgoingBody] = {}
         self.draining = False
         self.closed = False
         self.write_paused = False
@@ -125,8 +136,10 @@ class _ClientConnection(asyncio.Protocol):
         self.transport = transport
         self._batcher.transport = transport
         set_nodelay(transport)
-        # Our own limit, so the node never sends a response we would refuse.
-        settings = Settings(self._pool.options.max_frame_size, 0).encode()
+        # Our own limit, so the node never sends a response we would refuse; our
+        # window, so it may stream a response to a call that allows it.
+        options = self._pool.options
+        settings = Settings(options.max_frame_size, 0, options.initial_window).encode()
         transport.write(PREFACE + encode_frame(FrameType.SETTINGS, 0, settings))
 
     def data_received(self, data: bytes) -> None:
@@ -149,11 +162,12 @@ class _ClientConnection(asyncio.Protocol):
         pos = 0
         end = len(data)
         while end - pos >= HEADER_SIZE:
-            version, kind, _, length, request_id, _ = _unpack_header(data, pos)
+            version, kind, flags, length, request_id, _ = _unpack_header(data, pos)
             start = pos + HEADER_SIZE
             stop = start + length
             if (
                 kind != 2  # FrameType.RESPONSE
+                or flags  # MORE: a streamed response's head
                 or stop > end
                 or version != VERSION
                 or not request_id
@@ -166,6 +180,8 @@ class _ClientConnection(asyncio.Protocol):
                 # Its caller gave up (deadline, cancel): drop it, never reuse.
                 self.late_responses += 1
                 continue
+            if self.outgoing:
+                self._answered_early(request_id)
             try:
                 receiver.on_response(data[start:stop])
             except Exception:
@@ -210,10 +226,22 @@ class _ClientConnection(asyncio.Protocol):
 
     def _on_frame(self, frame: Any) -> None:
         kind = frame.type
-        if kind == _RESPONSE:
-            receiver = self.pending.pop(frame.request_id, None)
+        if kind == FrameType.DATA:
+            self._on_data(frame.request_id, frame.payload, frame.flags)
+        elif kind == FrameType.WINDOW_UPDATE:
+            body = self.outgoing.get(frame.request_id)
+            if body is not None:
+                # FlowControlError past the largest window: the connection fails.
+                body.credit(decode_window_update(frame.payload))
+        elif kind == _RESPONSE:
+            request_id = frame.request_id
+            receiver = self.pending.pop(request_id, None)
+            if self.outgoing:
+                self._answered_early(request_id)
             if receiver is None:
                 self.late_responses += 1
+            elif frame.flags & FLAG_MORE:
+                self._on_response_head(request_id, receiver, frame.payload)
             else:
                 deliver_response(receiver, frame.payload)
         elif kind == _ERROR:
@@ -223,14 +251,24 @@ class _ClientConnection(asyncio.Protocol):
                 self._close_transport()
                 return
             receiver = self.pending.pop(frame.request_id, None)
+            if self.outgoing:
+                self._answered_early(frame.request_id)
             if receiver is not None:
-                deliver_error(receiver, error_for(error))
+                if isinstance(receiver, IncomingBody):
+                    # After the head: the body was cut, never a clean end.
+                    deliver_error(
+                        receiver,
+                        ConnectionLost(f"the node cut the response body: {error.describe()}"),
+                    )
+                else:
+                    deliver_error(receiver, error_for(error))
         elif kind == FrameType.SETTINGS:
             settings = Settings.decode(frame.payload)
             if settings.max_in_flight:
                 self.max_in_flight = settings.max_in_flight
             if settings.max_frame_size:
                 self.peer_max_frame_size = settings.max_frame_size
+            self.peer_window = settings.initial_window
             if not self.ready.done():
                 self.ready.set_result(None)
         elif kind == FrameType.GOAWAY:
@@ -239,6 +277,8 @@ class _ClientConnection(asyncio.Protocol):
             self.accepting = False
             reason = info.reason or "no reason given"
             for request_id in [rid for rid in self.pending if rid > info.last_request_id]:
+                if self.outgoing:
+                    self._answered_early(request_id)
                 deliver_error(
                     self.pending.pop(request_id), Rejected(f"node is going away ({reason})")
                 )
@@ -250,6 +290,63 @@ class _ClientConnection(asyncio.Protocol):
             pass
         else:
             self._fail(ErrorCode.PROTOCOL_ERROR, f"a client does not accept {kind} frames")
+
+    def _on_response_head(self, request_id: int, receiver: Receiver, payload: bytes) -> None:
+        """A RESPONSE with MORE: the body follows in DATA; its IncomingBody takes the call's
+        place in ``pending`` until it ends."""
+        on_head = getattr(receiver, "on_response_head", None)
+        if on_head is None or not self._pool.options.initial_window:
+            # Never asked for (no STREAM_OK, or no window announced): the node is wrong.
+            self.call_expired(request_id)
+            deliver_error(receiver, CallError("the node streamed a response nobody asked for"))
+            return
+        idle = getattr(receiver, "timeout", 0.0) or self._pool.options.stream_idle_timeout
+        body = IncomingBody(self, request_id, self._pool.options.initial_window, idle)
+        self.pending[request_id] = body
+        if body.deadline < self.calls.timer_at:
+            self.calls.wake_at(body.deadline)
+        try:
+            on_head(payload, body)
+        except Exception:
+            log.exception("a receiver failed on a response head from %s", self._pool.address)
+            body.abort()
+
+    def _on_data(self, request_id: int, data: bytes, flags: int) -> None:
+        entry = self.pending.get(request_id)
+        if entry is None:
+            if request_id >= self.calls.next_id:
+                raise ProtocolError(f"DATA for request id {request_id}, never sent")
+            return  # it crossed our CANCEL, or the call failed: dropped
+        if not isinstance(entry, IncomingBody):
+            raise ProtocolError(f"DATA for request {request_id} before its RESPONSE head")
+        if entry.receive(data, flags & FLAG_MORE != 0) and self.pending.get(request_id) is entry:
+            del self.pending[request_id]
+
+    def _answered_early(self, request_id: int) -> None:
+        """The call's outcome came while its request body was still being sent: stop it."""
+        body = self.outgoing.pop(request_id, None)
+        if body is not None:
+            body.stop()
+
+    # the bodies' BodyLink ----------------------------------------------------------------
+
+    def send_data(self, request_id: int, data: bytes, more: bool) -> None:
+        if not more:
+            self.outgoing.pop(request_id, None)
+        self._batcher.write(encode_data(request_id, data, more))
+
+    def send_credit(self, request_id: int, increment: int) -> None:
+        self._batcher.write(encode_window_update(request_id, increment))
+
+    def drop_call(self, request_id: int) -> None:
+        if self.pending.pop(request_id, None) is not None:
+            self.call_expired(request_id)
+
+    def watch(self, when: float) -> None:
+        self.calls.wake_at(when)
+
+    def time(self) -> float:
+        return self._loop.time()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -271,6 +368,7 @@ class _ClientConnection(asyncio.Protocol):
             self.ready.exception()
         self.calls.close()
         self._fail_all(ConnectionLost(f"connection to {self._pool.address} lost{reason}"))
+        self._stop_outgoing()
         self._pool.connection_closed(self)
 
     # used by the pool --------------------------------------------------------------------
@@ -302,6 +400,8 @@ class _ClientConnection(asyncio.Protocol):
 
     def call_expired(self, request_id: int) -> bool:
         """A call its caller stopped waiting for: tell the node (it may have it)."""
+        if self.outgoing:
+            self._answered_early(request_id)
         self._batcher.write(encode_frame(FrameType.CANCEL, request_id))
         if self.draining and not self.pending:
             self._close_transport()
@@ -317,7 +417,13 @@ class _ClientConnection(asyncio.Protocol):
             self._batcher.flush()
             self.transport.write(encode_frame(_ERROR, 0, ErrorInfo(code, message).encode()))
         self._fail_all(ConnectionLost(f"protocol error from {self._pool.address}: {message}"))
+        self._stop_outgoing()
         self._close_transport()
+
+    def _stop_outgoing(self) -> None:
+        outgoing, self.outgoing = self.outgoing, {}
+        for body in outgoing.values():
+            body.stop()
 
     def _fail_all(self, error: CallError) -> None:
         self.calls.fail_all(error)
@@ -370,13 +476,17 @@ class StreamClient(AwaitableCalls):
     def late_responses(self) -> int:
         return self.late_responses_closed + sum(c.late_responses for c in self._connections)
 
-    def send(self, payload: bytes, receiver: Receiver) -> None:
-        """Send one request; its outcome goes to ``receiver`` (possibly before this returns)."""
+    def send(self, payload: bytes, receiver: Receiver, stream_response: bool = False) -> None:
+        """Send one request; its outcome goes to ``receiver`` (possibly before this returns).
+
+        ``stream_response``: the node may stream its answer (REQUEST flag STREAM_OK);
+        ``receiver`` is then a :class:`~transports.calls.StreamReceiver`.
+        """
         for connection in self._connections:
             if connection.accepting and len(connection.pending) < connection.max_in_flight:
                 break
         else:
-            self._send_later(payload, receiver)
+            self._send_later(payload, receiver, FLAG_STREAM_OK if stream_response else 0, None)
             return
         size = len(payload)
         remaining = receiver.deadline - connection._loop.time()
@@ -384,16 +494,81 @@ class StreamClient(AwaitableCalls):
             connection.refuse(payload, receiver)
             return
         connection._batcher.write(
-            connection.calls.request_header(receiver, size, remaining) + payload
+            connection.calls.request_header(
+                receiver, size, remaining, FLAG_STREAM_OK if stream_response else 0
+            )
+            + payload
         )
 
-    def _send_later(self, payload: bytes, receiver: Receiver) -> None:
+    def send_stream(
+        self, payload: bytes, receiver: Receiver, stream_response: bool = True
+    ) -> OutgoingBody:
+        """Send a request whose body follows: ``payload`` is its head (REQUEST with MORE).
+
+        The rest of the body goes through the returned
+        :class:`~transports.bodies.OutgoingBody`; the outcome goes to
+        ``receiver`` as for :meth:`send`. A node that announced no window
+        gets one whole REQUEST at ``end()`` instead.
+        """
+        flags = FLAG_STREAM_OK if stream_response else 0
+        body = OutgoingBody(self, receiver, payload, flags)
+        connection = self._pick()
+        if connection is None:
+            self._send_later(payload, receiver, flags, body)
+        else:
+            self._start_stream(connection, payload, receiver, flags, body)
+        return body
+
+    @property
+    def supports_streaming(self) -> bool:
+        """Streamed bodies are possible on this carrier (the node may still take none)."""
+        return True
+
+    def _start_stream(
+        self,
+        connection: _ClientConnection,
+        payload: bytes,
+        receiver: Receiver,
+        flags: int,
+        body: OutgoingBody,
+    ) -> None:
+        if not connection.peer_window:
+            body.bind_whole(connection.peer_max_frame_size)
+            return
+        size = len(payload)
+        remaining = receiver.deadline - connection._loop.time()
+        if remaining <= 0 or size > connection.peer_max_frame_size:
+            body.stop()
+            connection.refuse(payload, receiver)
+            return
+        calls = connection.calls
+        header = calls.request_header(receiver, size, remaining, flags | FLAG_MORE)
+        request_id = calls.last_id()
+        connection.outgoing[request_id] = body
+        connection._batcher.write(header + payload)
+        body.bind_stream(
+            connection, request_id, connection.peer_window, connection.peer_max_frame_size
+        )
+
+    def send_whole(self, payload: bytes, receiver: Receiver, flags: int) -> None:
+        """An OutgoingBody's whole REQUEST, for a node that takes no streamed body."""
+        self.send(payload, receiver, flags & FLAG_STREAM_OK != 0)
+
+    def give_up(self, receiver: Receiver) -> None:
+        self.cancel(receiver)
+
+    def _send_later(
+        self, payload: bytes, receiver: Receiver, flags: int, body: OutgoingBody | None
+    ) -> None:
         """send() with no connection free: wait for one (or fail at once if closing)."""
         if self._closed or self._draining:
+            if body is not None:
+                body.stop()
             receiver.on_error(Closed(f"client for {self.address} is closed"))
             return
         task = asyncio.get_running_loop().create_task(
-            self._send_when_connected(payload, receiver), name=f"pitcher-call {self.address}"
+            self._send_when_connected(payload, receiver, flags, body),
+            name=f"pitcher-call {self.address}",
         )
         self._starting[receiver] = task
 
@@ -455,18 +630,27 @@ class StreamClient(AwaitableCalls):
                 return connection
         return None
 
-    async def _send_when_connected(self, payload: bytes, receiver: Receiver) -> None:
+    async def _send_when_connected(
+        self, payload: bytes, receiver: Receiver, flags: int, body: OutgoingBody | None
+    ) -> None:
         try:
-            await self._acquire(receiver.deadline)
+            connection = await self._acquire(receiver.deadline)
         except asyncio.CancelledError:
+            if body is not None:
+                body.stop()
             raise  # cancel() or close(): they answer the receiver themselves
         except TransportError as exc:
+            if body is not None:
+                body.stop()
             if self._starting.pop(receiver, None) is not None:
                 deliver_error(receiver, exc)
             return
         if self._starting.pop(receiver, None) is not None:
             # _acquire returned with a connection free, and nothing ran since.
-            self.send(payload, receiver)
+            if body is None:
+                self.send(payload, receiver, flags & FLAG_STREAM_OK != 0)
+            else:
+                self._start_stream(connection, payload, receiver, flags, body)
 
     async def _acquire(self, give_up_at: float) -> _ClientConnection:
         loop = asyncio.get_running_loop()
