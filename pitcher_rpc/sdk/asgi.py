@@ -25,19 +25,20 @@ import inspect
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from time import monotonic
 from typing import Any, cast
 from urllib.parse import unquote
 
-from transports.base import Server, ServerOptions, WithDeadline
+from transports.base import Server, ServerOptions
 from transports.frame import DEFAULT_MAX_FRAME_SIZE
 from transports.native import describe as describe_build
 from transports.registry import transport_for
 
-from ..codec import decode_request, encode_response
+from ..codec import decode_request, encode_response, encode_varint, response_head
 from .registration import Registration, serve_until_signal
-from .service import Service, _valid_headers
+from .service import Service, _declared_size, _served, _valid_headers, stream_answer
 
 log = logging.getLogger("pitcher.asgi")
 
@@ -51,6 +52,8 @@ _ASGI = {"version": "3.0", "spec_version": "2.4"}
 _DISCONNECT: dict[str, Any] = {"type": "http.disconnect"}
 _CONTENT_LENGTH = b"content-length"
 _REQUEST_ID = b"x-request-id"
+# Response field 5 (body_size, a varint): key byte.
+_BODY_SIZE_KEY = b"\x28"
 # Methods whose requests carry a length even when it is 0 (clients send
 # ``Content-Length: 0``); Django reads a body only as long as it says.
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
@@ -137,7 +140,12 @@ def as_service(candidate: object, interface: str = "auto", name: str = "") -> Se
 
 
 class _Cycle:
-    """One request's receive() and send(), and the future of its RESPONSE payload."""
+    """One request's receive() and send(), and the future of its RESPONSE payload.
+
+    The answer is the whole payload, or (for a caller that takes streamed
+    answers, when the app sends its body in several messages) the
+    transport's StreamedAnswer, whose chunks come through ``stream``.
+    """
 
     __slots__ = (
         "answer",
@@ -145,18 +153,34 @@ class _Cycle:
         "complete",
         "disconnected",
         "limit",
+        "may_stream",
         "name",
         "names",
         "parts",
+        "reading",
+        "rest",
         "size",
         "started",
         "status",
+        "stream",
         "values",
         "waiter",
     )
 
-    def __init__(self, body: bytes, answer: asyncio.Future[bytes], limit: int, name: str) -> None:
+    def __init__(
+        self,
+        body: bytes,
+        answer: asyncio.Future[Any],
+        limit: int,
+        name: str,
+        rest: AsyncIterator[bytes] | None = None,
+        may_stream: bool = False,
+    ) -> None:
         self.body: bytes | None = body
+        # The rest of a streamed request body (the transport's iterator), None once read.
+        self.rest = rest
+        self.reading: asyncio.Future[bytes | None] | None = None
+        self.may_stream = may_stream
         self.answer = answer
         self.limit = limit
         self.name = name
@@ -168,21 +192,60 @@ class _Cycle:
         self.values: list[bytes] = []
         self.parts: list[bytes] = []
         self.size = 0
+        self.stream: _Outgoing | None = None
         self.waiter: asyncio.Future[None] | None = None
 
     async def receive(self) -> Message:
         body = self.body
         if body is not None:
             self.body = None
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": self.rest is not None}
+        if self.rest is not None and not self.disconnected:
+            return await self._next_piece()
         if not (self.disconnected or self.complete):
             # The app listens for the end of the call: the proxy's CANCEL, the
             # deadline, the server stopping. Nothing else can come.
-            waiter = self.waiter
-            if waiter is None or waiter.cancelled():  # the app's own cancel scope ended a wait
-                waiter = self.waiter = self.answer.get_loop().create_future()
-            await waiter
+            await self._wait_disconnect()
         return {"type": "http.disconnect"}
+
+    async def _wait_disconnect(self) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.cancelled():  # the app's own cancel scope ended a wait
+            waiter = self.waiter = self.answer.get_loop().create_future()
+        await waiter
+
+    async def _next_piece(self) -> Message:
+        """The next piece of a streamed request body, or http.disconnect if the call ended."""
+        rest = self.rest
+        assert rest is not None
+        reading = self.reading
+        if reading is None:
+            # A task of its own: the wait for the sender can end with the call
+            # (disconnect) without cancelling the transport's iterator.
+            reading = self.reading = asyncio.ensure_future(_next_chunk(rest))
+            reading.add_done_callback(self._read_done)
+        waiter = self.waiter
+        if waiter is None or waiter.cancelled():
+            waiter = self.waiter = self.answer.get_loop().create_future()
+        await asyncio.wait((reading, waiter), return_when=asyncio.FIRST_COMPLETED)
+        if not reading.done() or self.disconnected:
+            return {"type": "http.disconnect"}
+        self.reading = None
+        if reading.cancelled() or reading.exception() is not None:
+            # The sender's body was cut (its client went away): the call is over.
+            self.rest = None
+            self.disconnect()
+            return {"type": "http.disconnect"}
+        chunk = reading.result()
+        if chunk is None:
+            self.rest = None
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    @staticmethod
+    def _read_done(reading: asyncio.Future[bytes | None]) -> None:
+        if not reading.cancelled():
+            reading.exception()  # retrieved: a cut body is an outcome, not a bug to log
 
     def disconnect(self) -> None:
         """Nobody waits for the answer any more: a waiting receive() gets http.disconnect."""
@@ -190,6 +253,12 @@ class _Cycle:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        reading = self.reading
+        if reading is not None and not reading.done():
+            reading.cancel()
+        stream = self.stream
+        if stream is not None:
+            stream.close()
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -201,11 +270,24 @@ class _Cycle:
             if self.disconnected:
                 return  # as uvicorn does: nobody reads it
             body = message.get("body", b"")
+            more = message.get("more_body", False)
+            stream = self.stream
+            if stream is not None:
+                if not more:
+                    self.complete = True
+                await stream.put(bytes(body), not more)
+                return
+            if more and self.may_stream:
+                self._start_stream()
+                stream = self.stream
+                if stream is not None:
+                    await stream.put(bytes(body), False)
+                return
             if body:
                 self.size += len(body)
                 if self.size <= self.limit:
                     self.parts.append(body)
-            if not message.get("more_body", False):
+            if not more:
                 self.complete = True
                 self._finish()
         elif kind == "http.response.start":
@@ -221,45 +303,72 @@ class _Cycle:
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r} in an http scope")
 
-    def _finish(self) -> None:
-        answer = self.answer
-        if answer.done():
-            return
+    def _head_checked(self) -> bool:
+        """Whether the status and headers may be sent; if not, the call failed (logged)."""
         status = self.status
         if type(status) is not int or not 200 <= status <= 599:
             self.fail(f"status {status!r} is not a final HTTP status (200..599)")
-            return
-        if self.size > self.limit:
-            self.fail(
-                f"answered {self.size} bytes, over the frame limit of {self.limit} bytes"
-                " (responses are not streamed yet)"
-            )
-            return
+            return False
         names = self.names
         if names and not _valid_headers(names, self.values):
             pairs = list(zip(names, self.values, strict=True))
             self.fail(f"answered a header the proxy would refuse: {pairs!r}")
+            return False
+        return True
+
+    def _start_stream(self) -> None:
+        """The app sends its body in pieces and the caller takes them: answer the head now."""
+        answer = self.answer
+        if answer.done() or not self._head_checked():
+            return
+        head = response_head(self.status, self.names, self.values)
+        size = _content_length(self.names, self.values)
+        if size is not None:
+            head += _BODY_SIZE_KEY + encode_varint(size)
+        stream = self.stream = _Outgoing(self)
+        answer.set_result(stream_answer(head, stream.chunks()))
+        parts = self.parts
+        if parts:  # none so far: a body begins streamed or not at all
+            stream.items.append(b"".join(parts))
+            parts.clear()
+
+    def _finish(self) -> None:
+        answer = self.answer
+        if answer.done():
+            return
+        if self.size > self.limit:
+            self.fail(
+                f"answered {self.size} bytes, over the frame limit of {self.limit} bytes"
+                " (to a caller that takes no streamed answer)"
+            )
+            return
+        if not self._head_checked():
             return
         parts = self.parts
         body = parts[0] if len(parts) == 1 else b"".join(parts)
-        payload = encode_response(status, names, self.values, body)
+        payload = encode_response(self.status, self.names, self.values, body)
         if len(payload) > self.limit:
             self.fail(
                 f"answered {len(payload)} bytes, over the frame limit of {self.limit} bytes"
-                " (responses are not streamed yet)"
+                " (to a caller that takes no streamed answer)"
             )
             return
         answer.set_result(payload)
 
     def fail(self, reason: str) -> None:
-        """The call fails (the proxy answers 502); the log names the app and why."""
+        """The call fails (the proxy answers 502, or cuts a streamed body); the log says why."""
         log.error("ASGI app %s %s: not sent", self.name, reason)
-        if not self.answer.done():
+        stream = self.stream
+        if stream is not None:
+            stream.fail(AppError(reason))
+        elif not self.answer.done():
             self.answer.set_exception(AppError(reason))
 
     def app_ended(self, error: BaseException | None) -> None:
         """The app's call returned (or raised): answer whatever is still owed."""
-        if self.complete or self.disconnected or self.answer.done():
+        if self.complete or self.disconnected:
+            return
+        if self.stream is None and self.answer.done():
             return
         if not self.started:
             # uvicorn's answer when nothing was sent: 500, and the log says why.
@@ -268,6 +377,97 @@ class _Cycle:
             self.answer.set_result(_SERVER_ERROR)
             return
         self.fail("returned without completing its response" if error is None else "failed")
+
+
+class _Outgoing:
+    """The pieces of a streamed response between the app's send() and the transport.
+
+    send() returns once the transport took its piece (at most one waits
+    here), so an app is held back by the caller's credit as under an HTTP
+    server by the socket's buffer.
+    """
+
+    __slots__ = ("closed", "cycle", "ended", "error", "items", "reader", "space")
+
+    def __init__(self, cycle: _Cycle) -> None:
+        self.cycle = cycle
+        self.items: deque[bytes] = deque()
+        self.ended = False
+        self.closed = False
+        self.error: BaseException | None = None
+        self.reader: asyncio.Future[None] | None = None
+        self.space: asyncio.Future[None] | None = None
+
+    async def put(self, chunk: bytes, last: bool) -> None:
+        if self.closed:
+            return
+        if chunk:
+            self.items.append(chunk)
+        if last:
+            self.ended = True
+        self._wake_reader()
+        while self.items and not self.closed:
+            space = self.space
+            if space is None or space.done():
+                space = self.space = self.cycle.answer.get_loop().create_future()
+            await space
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._wake_reader()
+
+    def close(self) -> None:
+        """The transport reads no more (the call was cancelled or is over)."""
+        self.closed = True
+        self.items.clear()
+        self._wake(self.space)
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        self._wake(self.reader)
+
+    @staticmethod
+    def _wake(waiter: asyncio.Future[None] | None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                items = self.items
+                if items:
+                    chunk = items.popleft()
+                    if not items:
+                        self._wake(self.space)
+                    yield chunk
+                    continue
+                if self.error is not None:
+                    raise self.error
+                if self.ended or self.closed:
+                    return
+                reader = self.reader = self.cycle.answer.get_loop().create_future()
+                await reader
+        finally:
+            if not self.ended:
+                # Cut short (CANCEL, the deadline) or failed: the app hears http.disconnect.
+                self.cycle.disconnect()
+            self.close()
+
+
+async def _next_chunk(rest: AsyncIterator[bytes]) -> bytes | None:
+    """The next non-empty piece of a streamed request body; None at its end."""
+    async for chunk in rest:
+        if chunk:
+            return chunk
+    return None
+
+
+def _content_length(names: list[bytes], values: list[bytes]) -> int | None:
+    """The app's Content-Length, when it gave one: the body_size of a streamed answer."""
+    if _CONTENT_LENGTH not in names:
+        return None
+    value = values[names.index(_CONTENT_LENGTH)].strip()
+    return int(value) if value.isdigit() else None
 
 
 # ----------------------------------------------------------------------------- the service
@@ -300,9 +500,20 @@ class AsgiService:
 
     # -- per request
 
-    def respond(self, payload: bytes, deadline_ms: int = 0) -> Awaitable[bytes]:
-        """The transport handler: a Request payload in, an awaitable of the Response payload."""
+    def respond(self, payload: bytes, deadline_ms: int = 0, call: Any = None) -> Awaitable[Any]:
+        """The transport handler: a Request payload in, an awaitable of the Response payload.
+
+        ``call`` (a carrier that streams bodies passes it): the rest of a
+        streamed request body, which the app receives piece by piece, and
+        whether the caller takes a streamed answer (then an app sending its
+        body in several messages answers a StreamedAnswer).
+        """
         message = decode_request(payload)
+        rest: AsyncIterator[bytes] | None = None
+        may_stream = False
+        if call is not None:
+            rest = call.body
+            may_stream = call.may_stream
         method = message.method.decode("latin-1")
         raw_path = message.path
         path = raw_path.decode("latin-1")
@@ -317,7 +528,13 @@ class AsgiService:
         values = message.header_values[:]
         headers = list(zip(names, values, strict=True))
         body = message.body
-        if body or method in _BODY_METHODS:
+        if rest is not None:
+            # Known only when the sender declared it (a chunked body has none,
+            # as under an HTTP server that passes Transfer-Encoding on).
+            size = _declared_size(message)
+            if size is not None:
+                headers.append((_CONTENT_LENGTH, b"%d" % size))
+        elif body or method in _BODY_METHODS:
             headers.append((_CONTENT_LENGTH, b"%d" % len(body)))
         client_text = message.client
         client: tuple[str, int] | None = None
@@ -353,8 +570,8 @@ class AsgiService:
         state = self.state
         if state is not None:
             scope["state"] = state.copy()
-        answer: asyncio.Future[bytes] = loop.create_future()
-        cycle = _Cycle(body, answer, self._frame_limit, self.name)
+        answer: asyncio.Future[Any] = loop.create_future()
+        cycle = _Cycle(body, answer, self._frame_limit, self.name, rest, may_stream)
         task = loop.create_task(self._run_app(scope, cycle), name="pitcher-asgi-request")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -401,9 +618,7 @@ class AsgiService:
         if address.startswith("udp"):
             limit = min(limit, settings.max_datagram - 24)  # CRC and frame header
         self._frame_limit = limit
-        server: Server = await transport_for(address).serve(
-            address, WithDeadline(self.respond), options
-        )
+        server: Server = await transport_for(address).serve(address, _served(self.respond), options)
         self._server_address = _server_tuple(server.address)
         log.info("ASGI app %s serving on %s (%s)", self.name, server.address, describe_build())
         return server
@@ -445,7 +660,7 @@ class AsgiService:
             await self.shutdown()
 
 
-async def _wait(cycle: _Cycle) -> bytes:
+async def _wait(cycle: _Cycle) -> Any:
     # What the frame's handler awaits: the answer, not the end of the app.
     try:
         return await cycle.answer

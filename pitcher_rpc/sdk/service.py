@@ -19,7 +19,7 @@ import os
 import re
 import time
 import types
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -33,6 +33,15 @@ from transports.stepping import resume
 from ..codec import Request as RequestMessage
 from ..codec import decode_request, encode_response, response_head, with_body
 from .registration import Registration, serve_until_signal
+from .streams import (
+    BodyReader,
+    BodyTooLarge,
+    Streamed,
+    StreamingResponse,
+    gather_body,
+    read_request,
+    request_stream,
+)
 
 log = logging.getLogger("pitcher.sdk")
 
@@ -154,6 +163,7 @@ class Request:
         "_headers",
         "_message",
         "_params",
+        "_reader",
         "body",
         "client",
         "method",
@@ -186,6 +196,8 @@ class Request:
             headers if isinstance(headers, Headers) or headers is None else Headers(headers)
         )
         self._params: dict[str, str] | None = None
+        # The rest of a streamed body (a streams.BodyReader), for a route that reads it itself.
+        self._reader: Any = None
 
     @property
     def headers(self) -> Headers:
@@ -210,6 +222,32 @@ class Request:
         if params is None:
             params = self._params = dict(parse_qsl(self.query, keep_blank_values=True))
         return params
+
+    def stream(self) -> AsyncIterator[bytes]:
+        """The body's chunks as they come: ``async for chunk in request.stream()``.
+
+        A body that came whole is one chunk (none when empty). A streamed body
+        (a route made with ``stream=True``) is read once: the sender is held
+        back while the handler does not read. See docs/sdk.md.
+        """
+        return request_stream(self)
+
+    def read(self) -> Awaitable[bytes]:
+        """``await request.read()``: the whole body (also in ``body`` afterwards).
+
+        Bounded by the service's ``max_body_size``: over it, BodyTooLarge
+        (which, let out of the handler, answers 413).
+        """
+        return read_request(self)
+
+    @property
+    def body_size(self) -> int | None:
+        """The body's length when known before it is read (Content-Length); None if not."""
+        reader = self._reader
+        if reader is None:
+            return len(self.body)
+        size: int | None = reader.size
+        return size
 
     def text(self) -> str:
         return self.body.decode("utf-8", "replace")
@@ -344,6 +382,7 @@ _BARE_OK = response_head(200, (), ())
 _NO_CONTENT = Response(204).encode()
 _NOT_FOUND = Response(404, "not found\n").encode()
 _NOT_ALLOWED = Response(405, "method not allowed\n").encode()
+_TOO_LARGE = Response(413, "request body too large\n").encode()
 # What a handler returns that is surely no awaitable: no inspection for these.
 _PLAIN = frozenset((dict, list, bytes, str, Response, type(None)))
 
@@ -464,12 +503,28 @@ def _handler_name(handler: Handler) -> str:
 
 
 class _Route:
-    __slots__ = ("handler", "is_coroutine", "methods", "name", "prefix", "wants_context")
+    __slots__ = (
+        "handler",
+        "is_coroutine",
+        "methods",
+        "name",
+        "prefix",
+        "stream",
+        "wants_context",
+    )
 
-    def __init__(self, prefix: str, methods: frozenset[str] | None, handler: Handler) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        methods: frozenset[str] | None,
+        handler: Handler,
+        stream: bool = False,
+    ) -> None:
         self.prefix = prefix
         self.methods = methods
         self.handler = handler
+        # The handler reads a streamed request body itself (request.stream()).
+        self.stream = stream
         # Decided once: no inspection per request.
         self.is_coroutine = inspect.iscoroutinefunction(handler)
         self.wants_context = _takes_context(handler)
@@ -483,12 +538,26 @@ class Service:
     ``tracing=True`` runs each handler inside an OpenTelemetry span, a child
     of the proxy's (the ``tracing`` extra; see :mod:`pitcher_rpc.sdk.tracing`);
     left at None, ``PITCHER_TRACING=true`` in the environment turns it on.
+
+    ``max_body_size`` bounds a request body read whole: the body a handler
+    gets in ``request.body`` when the caller streamed it (413 past it), and
+    ``await request.read()``. None (the default): the server's frame limit,
+    the most a whole REQUEST may carry. A route made with ``stream=True``
+    reads its body with ``request.stream()``, unbounded. See docs/sdk.md.
     """
 
     def __init__(
-        self, name: str = "service", handler: Handler | None = None, *, tracing: bool | None = None
+        self,
+        name: str = "service",
+        handler: Handler | None = None,
+        *,
+        tracing: bool | None = None,
+        max_body_size: int | None = None,
     ) -> None:
+        if max_body_size is not None and max_body_size < 0:
+            raise ValueError(f"max_body_size must be >= 0, not {max_body_size}")
         self.name = name
+        self.max_body_size = max_body_size
         # The span maker when tracing is on; respond() reads it once per request.
         self._tracing: Any = None
         if tracing is None:
@@ -507,19 +576,27 @@ class Service:
             self._add("/", None, handler)
 
     def route(
-        self, prefix: str = "/", methods: Iterable[str] | None = None
+        self, prefix: str = "/", methods: Iterable[str] | None = None, *, stream: bool = False
     ) -> Callable[[Handler], Handler]:
-        """Register a handler for paths starting with ``prefix`` (sync or async)."""
+        """Register a handler for paths starting with ``prefix`` (sync or async).
+
+        ``stream=True``: the handler reads a streamed request body itself, as
+        it comes (``request.stream()``, or ``await request.read()``), and
+        ``request.body`` is empty until it did. Without it the service reads a
+        streamed body whole (up to ``max_body_size``) before the handler runs.
+        """
         allowed = frozenset(m.upper() for m in methods) if methods is not None else None
 
         def register(handler: Handler) -> Handler:
-            self._add(prefix, allowed, handler)
+            self._add(prefix, allowed, handler, stream)
             return handler
 
         return register
 
-    def _add(self, prefix: str, methods: frozenset[str] | None, handler: Handler) -> None:
-        self._routes.append(_Route(prefix, methods, handler))
+    def _add(
+        self, prefix: str, methods: frozenset[str] | None, handler: Handler, stream: bool = False
+    ) -> None:
+        self._routes.append(_Route(prefix, methods, handler, stream))
         self._routes.sort(key=lambda r: len(r.prefix), reverse=True)
         first = self._routes[0]
         alone = len(self._routes) == 1 and first.prefix == "/" and first.methods is None
@@ -535,8 +612,11 @@ class Service:
                 path_matched = True
         return _NOT_ALLOWED if path_matched else _NOT_FOUND
 
-    async def handle(self, request: Request) -> Response:
-        """Run the handler for ``request`` and return its answer as a Response."""
+    async def handle(self, request: Request) -> Response | StreamingResponse:
+        """Run the handler for ``request`` and return its answer as a Response.
+
+        A handler's StreamingResponse comes back as it is (nothing iterated).
+        """
         found = self._only or self._match(request.method, request.path)
         if isinstance(found, bytes):
             return (
@@ -551,7 +631,7 @@ class Service:
         )
         if type(result) not in _PLAIN and _awaitable(result):
             result = await result
-        if isinstance(result, Response):
+        if isinstance(result, Response | StreamingResponse):
             return result
         if isinstance(result, bytes | str):
             return Response(200, result)
@@ -559,17 +639,24 @@ class Service:
             return Response(204)
         return Response(200, json_bytes(result), [_JSON_TYPE])
 
-    def respond(self, payload: bytes, deadline_ms: int = 0) -> bytes | Awaitable[bytes]:
+    def respond(self, payload: bytes, deadline_ms: int = 0, call: Any = None) -> Any:
         """The transport handler: a Request payload in, the Response payload out.
 
         The payload comes back at once when the handler does not wait, else an
         awaitable of it (:class:`transports.handlers.HandlerRunner` takes both).
         ``deadline_ms`` is the REQUEST frame's budget (0: none), for the
-        handlers that take a :class:`Context`.
+        handlers that take a :class:`Context`. ``call`` is the transport's
+        ServerCall when the server carries streamed bodies: the rest of a
+        streamed request body (``call.body``), and whether the caller takes a
+        streamed answer (``call.may_stream``); then a StreamingResponse
+        comes back as the transport's StreamedAnswer. Without it (or when
+        the caller cannot take one) a streamed answer is collected whole.
         """
         message = decode_request(payload)
+        if call is not None and call.body is not None:
+            return self._respond_streamed(message, deadline_ms, call)
         if self._tracing is not None:
-            return self._tracing.respond(self, message, deadline_ms)
+            return self._deliver(self._tracing.respond(self, message, deadline_ms), call)
         method = message.method.decode("latin-1")
         path = message.path.decode("latin-1")
         route = self._only or self._match(method, path)
@@ -586,16 +673,18 @@ class Service:
             message=message,
         )
         if route.wants_context:
-            return self._respond_with_context(route, request, deadline_ms)
+            return self._respond_with_context(route, request, deadline_ms, call)
         result = route.handler(request)
         if route.is_coroutine and type(result) is _CoroutineType:
             try:
                 waiting_on = result.send(None)
             except StopIteration as done:
-                return self._answer(route, done.value)
-            return self._carry_on(route, result, waiting_on)
-        if type(result) not in _PLAIN and _awaitable(result):
-            return self._finish_later(route, result)
+                return self._deliver(self._answer(route, done.value), call)
+            return self._carry_on(route, result, waiting_on, call)
+        if type(result) not in _PLAIN:
+            if _awaitable(result):
+                return self._finish_later(route, result, call)
+            return self._deliver(self._answer(route, result), call)
         # _answer inlined: most requests end here.
         try:
             answer = _encode_result(result)
@@ -607,23 +696,29 @@ class Service:
         return answer
 
     def _respond_with_context(
-        self, route: _Route, request: Request, deadline_ms: int
-    ) -> bytes | Awaitable[bytes]:
+        self, route: _Route, request: Request, deadline_ms: int, call: Any
+    ) -> Any:
         context = Context(request, time.monotonic() + deadline_ms / 1000 if deadline_ms else None)
         result = route.handler(request, context)
         if type(result) is _CoroutineType:
             try:
                 waiting_on = result.send(None)
             except StopIteration as done:
-                return self._answer(route, done.value)
-            return self._carry_on_with_context(route, result, waiting_on, context)
+                return self._deliver(self._answer(route, done.value), call)
+            return self._carry_on_with_context(route, result, waiting_on, context, call)
         if type(result) not in _PLAIN and _awaitable(result):
-            return self._finish_later(route, result)
-        return self._answer(route, result)
+            return self._finish_later(route, result, call)
+        return self._deliver(self._answer(route, result), call)
 
-    def _answer(self, route: _Route, result: Any) -> bytes:
-        """The Response payload for what ``route``'s handler returned; the log names it if bad."""
+    def _answer(self, route: _Route, result: Any) -> Any:
+        """The Response payload for what ``route``'s handler returned; the log names it if bad.
+
+        A StreamingResponse becomes a :class:`~pitcher_rpc.sdk.streams.Streamed`
+        (its head checked now), which :meth:`_deliver` sends as the caller can take it.
+        """
         try:
+            if type(result) not in _PLAIN and isinstance(result, StreamingResponse):
+                return self._streamed(route, result)
             answer = _encode_result(result)
         except Exception as exc:
             _log_unsendable(route, exc)
@@ -631,6 +726,25 @@ class Service:
         if len(answer) > self._frame_limit:
             self._log_too_large(route, len(answer))
         return answer
+
+    def _streamed(self, route: _Route, response: StreamingResponse) -> Streamed:
+        head = Response(response.status, b"", response.header_pairs()).encode()
+        return Streamed(head, response.chunks(), response.size, route.name, self._frame_limit)
+
+    def _deliver(self, answer: Any, call: Any) -> Any:
+        """What the transport gets: the bytes, a StreamedAnswer, or an awaitable of either."""
+        if type(answer) is bytes:
+            return answer
+        if isinstance(answer, Streamed):
+            if call is not None and call.may_stream:
+                return _streamed_answer(answer)
+            return answer.collect()
+        return self._deliver_later(answer, call)
+
+    async def _deliver_later(self, answer: Awaitable[Any], call: Any) -> Any:
+        # The tracing path's awaitable: it answers a payload or a Streamed.
+        result = self._deliver(await answer, call)
+        return result if type(result) is bytes or not _awaitable(result) else await result
 
     def _log_too_large(self, route: _Route, size: int) -> None:
         # The transport refuses to send it (the caller gets an INTERNAL error,
@@ -642,13 +756,16 @@ class Service:
             self._frame_limit,
         )
 
-    async def _carry_on(self, route: _Route, coroutine: Any, waiting_on: Any) -> bytes:
+    async def _carry_on(self, route: _Route, coroutine: Any, waiting_on: Any, call: Any) -> Any:
         """The rest of a handler's coroutine that was stepped by hand and had to wait."""
-        return self._answer(route, await resume(coroutine, waiting_on))
+        answer = self._answer(route, await resume(coroutine, waiting_on))
+        if type(answer) is bytes:
+            return answer
+        return await self._settle(answer, call)
 
     async def _carry_on_with_context(
-        self, route: _Route, coroutine: Any, waiting_on: Any, context: Context
-    ) -> bytes:
+        self, route: _Route, coroutine: Any, waiting_on: Any, context: Context, call: Any
+    ) -> Any:
         # The server cancels the task this runs in (CANCEL, deadline, shutdown),
         # and the error comes through here on its way out of the handler.
         try:
@@ -656,15 +773,90 @@ class Service:
         except asyncio.CancelledError:
             context._cancelled = True
             raise
-        return self._answer(route, result)
+        answer = self._answer(route, result)
+        if type(answer) is bytes:
+            return answer
+        return await self._settle(answer, call)
 
-    async def _finish_later(self, route: _Route, awaitable: Awaitable[Any]) -> bytes:
-        return self._answer(route, await awaitable)
+    async def _finish_later(self, route: _Route, awaitable: Awaitable[Any], call: Any) -> Any:
+        answer = self._answer(route, await awaitable)
+        if type(answer) is bytes:
+            return answer
+        return await self._settle(answer, call)
+
+    async def _settle(self, answer: Any, call: Any) -> Any:
+        delivered = self._deliver(answer, call)
+        return await delivered if _awaitable(delivered) else delivered
+
+    # -- streamed request bodies
+
+    def _respond_streamed(self, message: Any, deadline_ms: int, call: Any) -> Any:
+        """A request whose body goes on in DATA frames (``call.body``)."""
+        method = message.method.decode("latin-1")
+        path = message.path.decode("latin-1")
+        route = self._only or self._match(method, path)
+        if isinstance(route, bytes):
+            return route  # the transport stops the sender: nobody reads the rest
+        size = _declared_size(message)
+        limit = self._body_limit()
+        if route.stream and self._tracing is None:
+            request = Request(
+                method,
+                path,
+                message.query.decode("latin-1"),
+                None,
+                b"",
+                message.route,
+                message.client,
+                message=message,
+            )
+            request._reader = BodyReader(message.body, call.body, limit, size)
+            return self._run_streaming_route(route, request, deadline_ms, call)
+        return self._gather_then_respond(message, deadline_ms, call, limit, size)
+
+    async def _gather_then_respond(
+        self, message: Any, deadline_ms: int, call: Any, limit: int, size: int | None
+    ) -> Any:
+        # As nginx's proxy_request_buffering: the handler gets the whole body in
+        # request.body, as from a whole REQUEST, read here up to max_body_size.
+        try:
+            message.body = await gather_body(message.body, call.body, limit, size)
+        except BodyTooLarge:
+            return _TOO_LARGE
+        answer = self.respond(message.SerializeToString(), deadline_ms, _WholeCall(call))
+        return await answer if _awaitable(answer) else answer
+
+    async def _run_streaming_route(
+        self, route: _Route, request: Request, deadline_ms: int, call: Any
+    ) -> Any:
+        context: Context | None = None
+        try:
+            if route.wants_context:
+                context = Context(
+                    request, time.monotonic() + deadline_ms / 1000 if deadline_ms else None
+                )
+                result = route.handler(request, context)
+            else:
+                result = route.handler(request)
+            if type(result) not in _PLAIN and _awaitable(result):
+                result = await result
+        except BodyTooLarge:
+            return _TOO_LARGE
+        except asyncio.CancelledError:
+            if context is not None:
+                context._cancelled = True
+            raise
+        return await self._settle(self._answer(route, result), call)
+
+    def _body_limit(self) -> int:
+        limit = self.max_body_size
+        return self._frame_limit if limit is None else limit
 
     async def handle_payload(self, payload: bytes, deadline_ms: int = 0) -> bytes:
-        """:meth:`respond`, always awaited."""
+        """:meth:`respond`, always awaited (a streamed answer collected whole)."""
         answer = self.respond(payload, deadline_ms)
-        return answer if isinstance(answer, bytes) else await answer
+        result: bytes = answer if isinstance(answer, bytes) else await answer
+        return result
 
     async def serve(self, address: str, options: ServerOptions | None = None) -> Server:
         """Start serving on ``address`` (any registered transport URI); returns the server."""
@@ -675,8 +867,8 @@ class Service:
         self._frame_limit = limit
         # Every route's handler may take a Context, added even after this:
         # each request's deadline goes to respond(), which a route without a
-        # Context ignores.
-        handler = WithDeadline(self.respond)
+        # Context ignores. A carrier that streams bodies also passes the call.
+        handler = _served(self.respond)
         server: Server = await transport_for(address).serve(address, handler, options)
         log.info("%s serving on %s (%s)", self.name, server.address, describe_build())
         return server
@@ -716,6 +908,46 @@ def _tracing_wanted() -> bool:
 
 _CoroutineType = types.CoroutineType
 _awaitable = inspect.isawaitable
+
+
+class _WholeCall:
+    """A call whose request body was read whole here: what the handler path sees of it."""
+
+    __slots__ = ("body", "may_stream")
+
+    def __init__(self, call: Any) -> None:
+        self.body: AsyncIterator[bytes] | None = None
+        self.may_stream: bool = bool(call.may_stream)
+
+
+def _declared_size(message: Any) -> int | None:
+    """The Request's ``body_size`` (field 9) when the sender knew it, else None."""
+    if message.HasField("body_size"):
+        size: int = message.body_size
+        return size
+    return None
+
+
+def _served(respond: Callable[..., Any]) -> Any:
+    """``respond`` marked for the transports: with the call where streams are carried."""
+    from transports import base
+
+    with_streams = getattr(base, "WithStreams", None)
+    if with_streams is not None:
+        return with_streams(respond)
+    return WithDeadline(respond)
+
+
+def stream_answer(head: bytes, chunks: AsyncIterator[bytes]) -> Any:
+    """The transport's StreamedAnswer: a RESPONSE head with MORE, then ``chunks`` as DATA."""
+    from transports import base
+
+    streamed_answer: Any = base.StreamedAnswer  # type: ignore[attr-defined]
+    return streamed_answer(head, chunks)
+
+
+def _streamed_answer(answer: Streamed) -> Any:
+    return stream_answer(answer.streamed_head(), answer.body())
 
 
 def _log_unsendable(route: _Route, error: Exception) -> None:
