@@ -51,10 +51,13 @@ def main(verbose: bool) -> None:
 def _load_or_exit(path: str) -> Config:
     """The configuration at ``path``, or every mistake in it on stderr and exit status 1."""
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
+    for warning in config.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return config
 
 
 @main.command()
@@ -146,6 +149,8 @@ async def _serve(path: str, config: Config) -> None:
         except ConfigError as exc:
             log.error("reload refused, keeping generation %d:\n%s", proxy.snapshot.generation, exc)
         else:
+            for warning in base.warnings:
+                log.warning("%s", warning)
             snapshot = found.reload(base)
             log.info("reloaded %s: generation %d", path, snapshot.generation)
 

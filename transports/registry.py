@@ -18,6 +18,7 @@ ENTRY_POINT_GROUP = "pitcher_rpc.transports"
 _BUILTIN = {
     "tcp": "transports.stream:TcpTransport",
     "unix": "transports.stream:UnixTransport",
+    "tls": "transports.tls:TlsTransport",
     "udp": "transports.udp:UdpTransport",
     "zmq+tcp": "transports.zeromq:ZmqTransport",
     "zmq+ipc": "transports.zeromq:ZmqTransport",

@@ -8,6 +8,7 @@ is reported at once.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -18,17 +19,32 @@ from .lines import KeyPath, LineIndex, format_key_path
 class Checks:
     """The issues found so far in one document, and the checks that find them."""
 
-    __slots__ = ("_index", "_source", "_text", "issues")
+    __slots__ = ("_index", "_source", "_text", "issues", "warnings")
 
     def __init__(self, text: str, source: str) -> None:
         self._text = text
         self._source = source
         self._index = LineIndex(text)
         self.issues: list[ConfigIssue] = []
+        # Kept in the snapshot and shown, never a reason to refuse it.
+        self.warnings: list[ConfigIssue] = []
 
     def report(self, path: KeyPath, message: str) -> None:
         line = self._index.line_of(path)
         self.issues.append(ConfigIssue(self._source, line, format_key_path(path), message))
+
+    def warn(self, path: KeyPath, message: str) -> None:
+        line = self._index.line_of(path)
+        self.warnings.append(ConfigIssue(self._source, line, format_key_path(path), message))
+
+    def relative_path(self, name: str) -> str:
+        """A file the configuration names: relative to the configuration file's directory.
+
+        As a service manager runs the proxy from "/", not from where the file is.
+        """
+        if not os.path.isabs(name) and os.path.isfile(self._source):
+            return os.path.join(os.path.dirname(os.path.abspath(self._source)), name)
+        return name
 
     def _check_keys(
         self, table: Mapping[str, Any], path: KeyPath, allowed: Collection[str]

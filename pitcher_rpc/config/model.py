@@ -10,24 +10,29 @@ does, and reports every problem with its key and line.
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from .health import HealthPolicy
+from .issues import ConfigIssue
 
 __all__ = [
     "BALANCE_POLICIES",
     "DEFAULT_IDEMPOTENT_METHODS",
     "AdminConfig",
     "ClusterConfig",
+    "ClusterTlsConfig",
     "Config",
     "DiscoveryConfig",
     "ListenAddress",
     "NodeConfig",
     "RouteConfig",
     "ServerConfig",
+    "ServerTlsConfig",
+    "SniCertificate",
     "UpstreamConfig",
     "parse_listen",
 ]
@@ -91,6 +96,58 @@ def parse_listen(text: str) -> ListenAddress:
 
 
 @dataclass(frozen=True, slots=True)
+class SniCertificate:
+    """One of ``[[server.tls.certificates]]``: served to clients asking for one of ``names``."""
+
+    names: tuple[str, ...]  # lower-case host names, or "*.example.com" (one label)
+    certificate: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTlsConfig:
+    """``[server.tls]``: the listener speaks TLS (HTTP/1.1 inside, ALPN "http/1.1").
+
+    ``context`` is the SSLContext the validator built from the files (so a
+    file that loads at ``pitcher check`` is the one served, and one that does
+    not is refused with its key and line); every reload builds a new one,
+    which new handshakes use while open connections keep theirs.
+    ``digest`` hashes the settings and the files' bytes: two snapshots with
+    the same digest serve the same certificates.
+    """
+
+    certificate: str
+    key: str
+    min_version: str = "1.2"
+    # The CA whose certificates clients must present ("required") or may ("optional").
+    client_ca: str | None = None
+    client_certificate: str = "required"
+    certificates: tuple[SniCertificate, ...] = ()
+    digest: str = ""
+    context: ssl.SSLContext | None = field(default=None, compare=False, repr=False, hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterTlsConfig:
+    """``[clusters.NAME.tls]``: how the proxy speaks TLS to the cluster's ``tls://`` nodes.
+
+    ``ca`` None trusts the system's store; ``certificate`` and ``key`` are
+    the proxy's own (for services that ask for a client certificate);
+    ``server_name`` is what the node's certificate must name (and the SNI
+    sent), default each node's host. ``context`` and ``digest`` as
+    :class:`ServerTlsConfig`'s.
+    """
+
+    ca: str | None = None
+    certificate: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+    min_version: str = "1.2"
+    digest: str = ""
+    context: ssl.SSLContext | None = field(default=None, compare=False, repr=False, hash=False)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The HTTP frontend: listener and request-head limits."""
 
@@ -122,6 +179,13 @@ class ServerConfig:
     # collector's way (gc.freeze); thresholds as gc.set_threshold, None = CPython's.
     gc_freeze: bool = True
     gc_thresholds: tuple[int, int, int] | None = None
+    # None: plain HTTP.
+    tls: ServerTlsConfig | None = None
+
+    @property
+    def scheme(self) -> str:
+        """What clients use: "https" on a TLS listener, else "http"."""
+        return "http" if self.tls is None else "https"
 
     @property
     def listen_address(self) -> ListenAddress:
@@ -268,6 +332,8 @@ class ClusterConfig:
     scale_out: ScaleOutConfig | None = None
     # None: the file's nodes (and the admin API's changes) are all there is.
     discovery: DiscoveryConfig | None = None
+    # How its tls:// nodes are reached; None: the system's trust store, each node's host.
+    tls: ClusterTlsConfig | None = None
 
     def __post_init__(self) -> None:
         # A list passed by a caller would stay mutable behind the frozen record.
@@ -332,6 +398,8 @@ class Config:
     admin: AdminConfig = AdminConfig()
     modules: tuple[ModuleConfig, ...] = ()
     overload: OverloadConfig = OverloadConfig()
+    # What is worth saying but not refusing (an expired certificate: nginx serves it too).
+    warnings: tuple[ConfigIssue, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.routes, tuple):

@@ -37,7 +37,18 @@ SERVER_KEYS = (
     "max_headers",
     "max_body_size",
     "request_id_header",  # refused with a pointer to [modules.request_id]
+    "tls",
 )
+SERVER_TLS_KEYS = (
+    "certificate",
+    "key",
+    "min_version",
+    "client_ca",
+    "client_certificate",
+    "certificates",
+)
+SNI_CERTIFICATE_KEYS = ("names", "certificate", "key")
+CLUSTER_TLS_KEYS = ("ca", "certificate", "key", "server_name", "min_version")
 UPSTREAM_KEYS = ("connect_timeout", "max_connections", "max_frame_size")
 ROUTE_KEYS = (
     "name",
@@ -51,7 +62,7 @@ ROUTE_KEYS = (
     "modules",
     "business",
 )
-CLUSTER_KEYS = ("balance", "nodes", "health", "scale_out", "discovery")
+CLUSTER_KEYS = ("balance", "nodes", "health", "scale_out", "discovery", "tls")
 SCALE_OUT_KEYS = ("command", "below", "cooldown", "timeout", "detect_only")
 NODE_KEYS = ("uri", "weight")
 

@@ -54,6 +54,7 @@ from .schema import (
     host_problem,
 )
 from .sections import PolicySections
+from .tls import cluster_tls_section, server_tls_section
 
 __all__ = [
     "ConfigError",
@@ -194,6 +195,7 @@ class _Validator(PolicySections):
             admin=admin,
             modules=modules,
             overload=overload,
+            warnings=tuple(self.warnings),
         )
 
     # -- [server] and [upstream] ---------------------------------------------
@@ -213,6 +215,10 @@ class _Validator(PolicySections):
                 parse_listen(listen)
             except ValueError as exc:
                 self.report((*path, "listen"), f"{exc}, got {show(listen)}")
+        tls = None
+        tls_table = self._table(table, (*path, "tls"))
+        if tls_table is not None:
+            tls = server_tls_section(self, tls_table, (*path, "tls"))
         if "request_id_header" in table:
             self.report(
                 (*path, "request_id_header"),
@@ -250,6 +256,7 @@ class _Validator(PolicySections):
             drain_timeout=self._seconds(table, (*path, "drain_timeout"), defaults.drain_timeout),
             gc_freeze=self._gc_freeze(table, (*path, "gc_freeze")),
             gc_thresholds=self._gc_thresholds(table, (*path, "gc_thresholds")),
+            tls=tls,
         )
 
     def _networks(self, table: Mapping[str, Any], path: KeyPath) -> tuple[str, ...]:
@@ -429,6 +436,16 @@ class _Validator(PolicySections):
                 (*path, "scale_out"),
                 "needs a [clusters.NAME.health] table: capacity is judged by node health",
             )
+        tls = None
+        tls_table = self._table(value, (*path, "tls"))
+        if tls_table is not None:
+            tls = cluster_tls_section(self, tls_table, (*path, "tls"))
+            if discovery is None and nodes and not any(n.uri.startswith("tls://") for n in nodes):
+                self.warn(
+                    (*path, "tls"),
+                    "applies to tls:// nodes, and this cluster has none (a node added at run"
+                    " time as tls://host:port will use it)",
+                )
         return ClusterConfig(
             name=name,
             balance=balance,
@@ -436,6 +453,7 @@ class _Validator(PolicySections):
             health=health,
             scale_out=scale_out,
             discovery=discovery,
+            tls=tls,
         )
 
     def _nodes(
