@@ -8,7 +8,7 @@ payload means.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -51,7 +51,81 @@ class WithDeadline:
         return f"WithDeadline({self.handler!r})"
 
 
-Handler = PayloadHandler | WithDeadline
+class ServerCall:
+    """What a :class:`WithStreams` handler learns of its call beyond the payload.
+
+    ``body``: the rest of the request body when the REQUEST had the MORE flag
+    (the payload is then its head), an async iterator of byte chunks whose
+    credit goes back to the caller as the handler takes them; None for a
+    whole request. ``may_stream``: the caller takes a streamed answer (its
+    REQUEST had STREAM_OK and its connection announced a window), so the
+    handler may return a :class:`StreamedAnswer`; when False it must answer
+    bytes (gathering its body itself).
+    """
+
+    __slots__ = ("body", "may_stream")
+
+    def __init__(self, body: AsyncIterator[bytes] | None, may_stream: bool) -> None:
+        self.body = body
+        self.may_stream = may_stream
+
+    def __repr__(self) -> str:
+        return f"ServerCall(body={self.body!r}, may_stream={self.may_stream})"
+
+
+# Whole requests share these two: no object per request.
+WHOLE_CALL = ServerCall(None, False)
+WHOLE_CALL_MAY_STREAM = ServerCall(None, True)
+
+
+class StreamedAnswer:
+    """A response whose body follows its head: RESPONSE with MORE, then DATA.
+
+    ``head`` is the response payload (its body field may hold the first bytes);
+    ``chunks`` yields the rest, sent as the caller's credit allows (the server
+    waits for WINDOW_UPDATE: a slow caller holds the iterator back, nothing
+    piles up). An exception inside ``chunks`` cuts the stream: the caller gets
+    a per-request ERROR (INTERNAL) after the head, never a clean end.
+    """
+
+    __slots__ = ("chunks", "head")
+
+    def __init__(self, head: bytes, chunks: AsyncIterator[bytes]) -> None:
+        self.head = head
+        self.chunks = chunks
+
+
+# A handler served as WithStreams: (payload, deadline_ms, call) in; bytes, a
+# StreamedAnswer, or an awaitable of either out.
+StreamsHandler = Callable[
+    [bytes, int, ServerCall], "Awaitable[bytes | StreamedAnswer] | bytes | StreamedAnswer"
+]
+
+
+class WithStreams:
+    """Marks a handler that takes ``(payload, deadline_ms, call)``: serve ``WithStreams(h)``.
+
+    The server then accepts streamed request bodies (it announces a window)
+    and lets the handler stream its answer (see :class:`ServerCall`,
+    :class:`StreamedAnswer`). A carrier without streamed bodies (UDP) calls
+    the handler with whole requests only and ``may_stream`` False.
+    """
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: StreamsHandler) -> None:
+        self.handler = handler
+
+    def __call__(
+        self, payload: bytes
+    ) -> Awaitable[bytes | StreamedAnswer] | bytes | StreamedAnswer:
+        return self.handler(payload, 0, WHOLE_CALL)
+
+    def __repr__(self) -> str:
+        return f"WithStreams({self.handler!r})"
+
+
+Handler = PayloadHandler | WithDeadline | WithStreams
 
 
 @dataclass(frozen=True, slots=True)

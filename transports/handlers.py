@@ -21,10 +21,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable
 from typing import Any
 
-from .base import WithDeadline
+from .base import (
+    WHOLE_CALL,
+    WHOLE_CALL_MAY_STREAM,
+    ServerCall,
+    StreamedAnswer,
+    WithDeadline,
+    WithStreams,
+)
 from .control import ErrorInfo
 from .errors import ErrorCode
 from .stepping import as_coroutine, resume
@@ -39,11 +46,17 @@ _CoroutineType = types.CoroutineType
 # awaitable of the response payload out), or a function answering the bytes
 # at once and an awaitable only when it has to wait; or either, taking the
 # deadline too, marked by WithDeadline.
-RunnerHandler = Callable[[bytes], "Awaitable[bytes] | bytes"] | WithDeadline
+RunnerHandler = Callable[[bytes], "Awaitable[bytes] | bytes"] | WithDeadline | WithStreams
 
 # What a server is told when one request is done: the key it started the
-# request with, and either the response payload or the error to send.
-Answer = Callable[[Hashable, "bytes | None", "ErrorInfo | None"], None]
+# request with, and either the response payload (bytes, or a StreamedAnswer
+# from a WithStreams handler) or the error to send.
+Answer = Callable[[Hashable, "bytes | StreamedAnswer | None", "ErrorInfo | None"], None]
+
+# How the handler is called.
+_PAYLOAD = 0  # handler(payload)
+_DEADLINE = 1  # handler(payload, deadline_ms)
+_STREAMS = 2  # handler(payload, deadline_ms, call)
 
 
 class HandlerRunner:
@@ -62,8 +75,8 @@ class HandlerRunner:
         "_answer",
         "_handler",
         "_loop",
+        "_mode",
         "_on_settled",
-        "_takes_deadline",
         "_timers",
         "_unstarted",
         "tasks",
@@ -77,11 +90,17 @@ class HandlerRunner:
         on_settled: Callable[[], None] = lambda: None,
     ) -> None:
         # Unwrapped once: per request a branch picks the call, and no wrapper
-        # adds a Python call to either kind of handler.
-        self._takes_deadline = isinstance(handler, WithDeadline)
-        self._handler: Callable[..., Any] = (
-            handler.handler if isinstance(handler, WithDeadline) else handler
-        )
+        # adds a Python call to any kind of handler.
+        self._handler: Callable[..., Any]
+        if isinstance(handler, WithStreams):
+            self._mode = _STREAMS
+            self._handler = handler.handler
+        elif isinstance(handler, WithDeadline):
+            self._mode = _DEADLINE
+            self._handler = handler.handler
+        else:
+            self._mode = _PAYLOAD
+            self._handler = handler
         self._loop = loop
         self._answer = answer
         # Called whenever a waiting request ends, answered or cancelled: the
@@ -99,12 +118,39 @@ class HandlerRunner:
     def __contains__(self, key: Hashable) -> bool:
         return key in self.tasks
 
-    def start(self, key: Hashable, payload: bytes, deadline_ms: int) -> None:
+    @property
+    def takes_streams(self) -> bool:
+        """The handler was served as WithStreams: it takes streamed bodies."""
+        return self._mode == _STREAMS
+
+    def start(
+        self,
+        key: Hashable,
+        payload: bytes,
+        deadline_ms: int,
+        may_stream: int = 0,
+        body: AsyncIterator[bytes] | None = None,
+    ) -> None:
+        """Run the handler for one request.
+
+        ``may_stream`` (non-zero: the caller takes a streamed answer) and ``body``
+        (the rest of a streamed request body) reach a WithStreams handler only.
+        """
         coroutine: Coroutine[Any, Any, Any] | None = None
         try:
             handler = self._handler
-            result = handler(payload, deadline_ms) if self._takes_deadline else handler(payload)
-            if not isinstance(result, bytes):
+            mode = self._mode
+            if mode == _PAYLOAD:
+                result = handler(payload)
+            elif mode == _DEADLINE:
+                result = handler(payload, deadline_ms)
+            else:
+                if body is not None:
+                    call = ServerCall(body, may_stream != 0)
+                else:
+                    call = WHOLE_CALL_MAY_STREAM if may_stream else WHOLE_CALL
+                result = handler(payload, deadline_ms, call)
+            if not isinstance(result, bytes) and not isinstance(result, StreamedAnswer):
                 coroutine = result if isinstance(result, _CoroutineType) else as_coroutine(result)
                 yielded = coroutine.send(None)
         except StopIteration as done:
@@ -136,6 +182,17 @@ class HandlerRunner:
             timer.cancel()
         self._stop(task)
         return True
+
+    def adopt(self, key: Hashable, task: asyncio.Task[None]) -> None:
+        """Count a task that carries on a request after its handler answered (a streamed
+        answer): it is in flight, and ``cancel`` (CANCEL) or ``cancel_all`` stops it."""
+        self.tasks[key] = task
+
+    def release(self, key: Hashable, task: asyncio.Task[None]) -> None:
+        """An adopted task is done."""
+        if self.tasks.get(key) is task:
+            del self.tasks[key]
+        self._on_settled()
 
     def cancel_all(self) -> None:
         tasks, self.tasks = self.tasks, {}
@@ -203,7 +260,9 @@ class HandlerRunner:
 
     def _finish(self, key: Hashable, result: Any, error: BaseException | None) -> None:
         if error is None:
-            if isinstance(result, bytes):
+            if isinstance(result, bytes) or (
+                self._mode == _STREAMS and isinstance(result, StreamedAnswer)
+            ):
                 self._answer(key, result, None)
                 return
             error = TypeError(f"handler returned {type(result).__name__}, not bytes")

@@ -16,21 +16,27 @@ import ssl
 import time
 from typing import Any, cast
 
-from .base import Handler, ServerOptions
-from .control import ErrorInfo, GoAwayInfo, Settings
+from .base import Handler, ServerOptions, StreamedAnswer
+from .control import ErrorInfo, GoAwayInfo, Settings, decode_window_update
 from .decoder import FrameDecoder
-from .errors import ConnectError, ErrorCode, ProtocolError
+from .errors import ConnectError, ConnectionLost, ErrorCode, ProtocolError
+from .flow import take_bytes_field, with_bytes_field
 from .frame import (
     DEFAULT_MAX_FRAME_SIZE,
+    FLAG_MORE,
+    FLAG_STREAM_OK,
     HEADER,
     HEADER_SIZE,
     PREFACE,
     VERSION,
     FrameType,
+    encode_data,
     encode_frame,
+    encode_window_update,
 )
 from .handlers import HandlerRunner
 from .registry import parse_address
+from .server_bodies import AnswerCredit, RequestBody, send_streamed_answer
 from .stream_io import Batcher, remove_stale_socket, set_nodelay
 
 log = logging.getLogger("pitcher.transports")
@@ -50,11 +56,16 @@ class _ServerConnection(asyncio.Protocol):
         "_loop",
         "_max_in_flight",
         "_server",
+        "_stream_ok",
+        "_window",
+        "answers",
+        "bodies",
         "closed",
         "goaway_sent",
         "last_request_id",
         "peer_done",
         "peer_max_frame_size",
+        "peer_window",
         "tasks",
         "transport",
     )
@@ -76,6 +87,15 @@ class _ServerConnection(asyncio.Protocol):
         self.goaway_sent = False
         self.peer_done = False
         self.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
+        # Our window toward the client: a WithStreams handler takes streamed requests.
+        self._window = options.initial_window if self.tasks.takes_streams else 0
+        # The client's window (SETTINGS field 3): 0, it takes whole responses only.
+        self.peer_window = 0
+        # STREAM_OK as it reaches the handler: only if the client announced a window.
+        self._stream_ok = 0
+        # Streamed request bodies being received, and streamed answers' credit, by id.
+        self.bodies: dict[int, RequestBody] = {}
+        self.answers: dict[int, AnswerCredit] = {}
         # The largest response payload both sides accept.
         self._answer_limit = min(options.max_frame_size, DEFAULT_MAX_FRAME_SIZE)
         self.closed = False
@@ -91,7 +111,7 @@ class _ServerConnection(asyncio.Protocol):
             + encode_frame(
                 FrameType.SETTINGS,
                 0,
-                Settings(options.max_frame_size, options.max_in_flight).encode(),
+                Settings(options.max_frame_size, options.max_in_flight, self._window).encode(),
             )
         )
         self._server._connections.add(self)
@@ -123,11 +143,12 @@ class _ServerConnection(asyncio.Protocol):
         pos = 0
         end = len(data)
         while end - pos >= HEADER_SIZE:
-            version, kind, _, length, request_id, deadline_ms = _unpack_header(data, pos)
+            version, kind, flags, length, request_id, deadline_ms = _unpack_header(data, pos)
             start = pos + HEADER_SIZE
             stop = start + length
             if (
                 kind != 1  # FrameType.REQUEST
+                or flags & 1  # FLAG_MORE: a streamed request's head
                 or stop > end
                 or version != VERSION
                 or length > max_frame_size
@@ -139,7 +160,7 @@ class _ServerConnection(asyncio.Protocol):
                 break
             pos = stop
             self.last_request_id = request_id
-            runner.start(request_id, data[start:stop], deadline_ms)
+            runner.start(request_id, data[start:stop], deadline_ms, flags & self._stream_ok)
         if pos < end:
             self._feed(data[pos:] if pos else data)
 
@@ -160,18 +181,19 @@ class _ServerConnection(asyncio.Protocol):
             return
         runner = self.tasks
         try:
-            for kind, request_id, payload, deadline_ms, _ in frames:
+            for kind, request_id, payload, deadline_ms, flags in frames:
                 if (
                     kind == 1  # FrameType.REQUEST
+                    and not flags & FLAG_MORE
                     and request_id > self.last_request_id
                     and len(runner.tasks) < self._max_in_flight
                     and not self.goaway_sent
                     and not self.closed
                 ):
                     self.last_request_id = request_id
-                    runner.start(request_id, payload, deadline_ms)
+                    runner.start(request_id, payload, deadline_ms, flags & self._stream_ok)
                 else:
-                    self._on_frame(kind, request_id, payload, deadline_ms)
+                    self._on_frame(kind, request_id, payload, deadline_ms, flags)
         except ProtocolError as exc:  # a control payload that does not decode
             self._direct = False
             self.fail(exc.code, str(exc))
@@ -180,11 +202,24 @@ class _ServerConnection(asyncio.Protocol):
         self._direct = not decoder.buffered and not decoder.in_preface and not self.closed
 
     def _on_frame(
-        self, kind: int, request_id: int, payload: bytes, deadline_ms: int, *_: Any
+        self, kind: int, request_id: int, payload: bytes, deadline_ms: int, flags: int = 0
     ) -> None:
         if self.closed:
             return
-        if kind == _REQUEST:
+        if kind == FrameType.DATA:
+            body = self.bodies.get(request_id)
+            if body is None:
+                if request_id > self.last_request_id:
+                    raise ProtocolError(f"DATA for request id {request_id}, never started")
+                return  # the call was answered or cancelled: dropped
+            # FlowControlError beyond the window: the connection fails.
+            if body.receive(payload, flags & FLAG_MORE != 0):
+                del self.bodies[request_id]
+        elif kind == FrameType.WINDOW_UPDATE:
+            credit = self.answers.get(request_id)
+            if credit is not None:
+                credit.grant(decode_window_update(payload))
+        elif kind == _REQUEST:
             if self.goaway_sent and request_id > self.last_request_id:
                 self._batcher.write(
                     encode_frame(
@@ -205,8 +240,27 @@ class _ServerConnection(asyncio.Protocol):
                 )
                 return
             self.last_request_id = request_id
-            self.tasks.start(request_id, payload, deadline_ms)
+            if flags & FLAG_MORE:
+                if not self._window:
+                    raise ProtocolError(
+                        f"request {request_id} streams its body, but this server"
+                        " announced no window"
+                    )
+                body = RequestBody(
+                    self,
+                    self._loop,
+                    request_id,
+                    self._window,
+                    self._server.options.stream_idle_timeout,
+                )
+                self.bodies[request_id] = body
+                self.tasks.start(request_id, payload, deadline_ms, flags & self._stream_ok, body)
+            else:
+                self.tasks.start(request_id, payload, deadline_ms, flags & self._stream_ok)
         elif kind == FrameType.CANCEL:
+            body = self.bodies.pop(request_id, None)
+            if body is not None:
+                body.fail(ConnectionLost("the caller cancelled the call"))
             if self.tasks.cancel(request_id):
                 self._maybe_finish()
         elif kind == FrameType.PING:
@@ -225,13 +279,25 @@ class _ServerConnection(asyncio.Protocol):
                 self._answer_limit = min(
                     self._server.options.max_frame_size, settings.max_frame_size
                 )
+            self.peer_window = settings.initial_window
+            self._stream_ok = FLAG_STREAM_OK if settings.initial_window else 0
         elif kind == FrameType.PONG:
             pass
         else:
             self.fail(ErrorCode.PROTOCOL_ERROR, f"a server does not accept {kind} frames")
 
-    def _answer(self, request_id: Any, result: bytes | None, error: ErrorInfo | None) -> None:
+    def _answer(
+        self, request_id: Any, result: bytes | StreamedAnswer | None, error: ErrorInfo | None
+    ) -> None:
+        if self.bodies:
+            # Answered before its request body ended: later DATA is dropped.
+            body = self.bodies.pop(request_id, None)
+            if body is not None:
+                body.fail(ConnectionLost("the call was answered"))
         if result is not None:
+            if isinstance(result, StreamedAnswer):
+                self._start_answer(request_id, result)
+                return
             size = len(result)
             if size <= self._answer_limit:
                 self._batcher.write(_pack_header(VERSION, 2, 0, size, request_id, 0) + result)
@@ -244,6 +310,93 @@ class _ServerConnection(asyncio.Protocol):
             )
         assert error is not None
         self._batcher.write(encode_frame(_ERROR, request_id, error.encode()))
+
+    def _start_answer(self, request_id: int, answer: StreamedAnswer) -> None:
+        """A StreamedAnswer: sent by a task of its own, counted in flight until it ends."""
+        if len(answer.head) > self._answer_limit:
+            self._answer(
+                request_id,
+                None,
+                ErrorInfo(
+                    ErrorCode.INTERNAL,
+                    f"ValueError: response head of {len(answer.head)} bytes exceeds the frame"
+                    f" limit of {self._answer_limit}",
+                ),
+            )
+            return
+        if not self.peer_window:
+            # The client takes whole responses only: a handler that ignored
+            # may_stream is answered whole, within the frame limit.
+            credit = AnswerCredit(self._loop, 0)
+        else:
+            credit = AnswerCredit(self._loop, self.peer_window)
+            self.answers[request_id] = credit
+        task = self._loop.create_task(
+            self._run_answer(request_id, answer, credit),
+            name=f"pitcher-answer {request_id}",
+        )
+        self.tasks.adopt(request_id, task)
+
+    async def _run_answer(
+        self, request_id: int, answer: StreamedAnswer, credit: AnswerCredit
+    ) -> None:
+        task = asyncio.current_task()
+        try:
+            if self.peer_window:
+                await send_streamed_answer(
+                    self, request_id, answer, credit, min(self._answer_limit, 1 << 20)
+                )
+            else:
+                await self._gather_answer(request_id, answer)
+        finally:
+            self.answers.pop(request_id, None)
+            if task is not None:
+                self.tasks.release(request_id, task)
+
+    async def _gather_answer(self, request_id: int, answer: StreamedAnswer) -> None:
+        parts: list[bytes] = []
+        size = len(answer.head)
+        try:
+            async for chunk in answer.chunks:
+                parts.append(bytes(chunk))
+                size += len(chunk)
+                if size > self._answer_limit:
+                    raise ValueError(
+                        f"response of over {size} bytes exceeds the frame limit of"
+                        f" {self._answer_limit} (the caller takes no streamed answer)"
+                    )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("streamed answer to request %d failed", request_id, exc_info=exc)
+            self.send_error(
+                request_id, ErrorInfo(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            )
+            return
+        head, first = take_bytes_field(answer.head, 4)  # pitcher.v1.Response.body
+        body = first + b"".join(parts)
+        self._answer(request_id, with_bytes_field(head, 4, body) if body else head, None)
+
+    # the bodies' ServerLink ---------------------------------------------------------------
+
+    def send_data(self, request_id: int, data: bytes, more: bool) -> None:
+        if not self.closed:
+            self._batcher.write(encode_data(request_id, data, more))
+
+    def send_credit(self, request_id: int, increment: int) -> None:
+        if not self.closed:
+            self._batcher.write(encode_window_update(request_id, increment))
+
+    def send_head(self, request_id: int, payload: bytes, more: bool) -> None:
+        if not self.closed:
+            self._batcher.write(
+                _pack_header(VERSION, 2, FLAG_MORE if more else 0, len(payload), request_id, 0)
+                + payload
+            )
+
+    def send_error(self, request_id: int, info: ErrorInfo) -> None:
+        if not self.closed:
+            self._batcher.write(encode_frame(_ERROR, request_id, info.encode()))
 
     def send_goaway(self, reason: str) -> None:
         if self.goaway_sent or self.closed:
@@ -272,6 +425,9 @@ class _ServerConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        bodies, self.bodies = self.bodies, {}
+        for body in bodies.values():
+            body.fail(ConnectionLost("the connection closed"))
         self.tasks.cancel_all()
         if self.transport is not None:
             self._batcher.flush()

@@ -24,7 +24,7 @@ from collections import Counter, deque
 from collections.abc import Hashable
 from typing import Any
 
-from .base import Handler, ServerOptions
+from .base import Handler, ServerOptions, StreamedAnswer
 from .control import ErrorInfo, GoAwayInfo
 from .datagram import (
     CRC_SIZE,
@@ -272,9 +272,17 @@ class UdpServer:
         if self._sweeper is None:
             self._arm_sweeper()
 
-    def _answer(self, key: Any, result: bytes | None, error: ErrorInfo | None) -> None:
+    def _answer(
+        self, key: Any, result: bytes | StreamedAnswer | None, error: ErrorInfo | None
+    ) -> None:
         addr, request_id = key
         datagram = None
+        if result is not None and not isinstance(result, bytes):
+            # A WithStreams handler that streamed although may_stream was False.
+            result = None
+            error = ErrorInfo(
+                ErrorCode.INTERNAL, "TypeError: a streamed answer on a whole-frame carrier"
+            )
         if result is not None:
             # encode_response_datagram, inline.
             body = _pack_header(VERSION, 2, 0, len(result), request_id, 0) + result

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from .base import Handler, ServerOptions
+from .base import Handler, ServerOptions, StreamedAnswer
 from .control import ErrorInfo, GoAwayInfo
 from .errors import ConnectError, ErrorCode, ProtocolError
 from .frame import (
@@ -416,11 +416,19 @@ class ZmqServer:
             peer.last_request_id = request_id
         runner.start(key, payload, deadline_ms)
 
-    def _answer(self, key: Any, result: bytes | None, error: ErrorInfo | None) -> None:
+    def _answer(
+        self, key: Any, result: bytes | StreamedAnswer | None, error: ErrorInfo | None
+    ) -> None:
         identity, request_id = key
         peer = self._peers.get(identity)
         if peer is not None:
             peer.running -= 1
+        if result is not None and not isinstance(result, bytes):
+            # A WithStreams handler that streamed although may_stream was False.
+            result = None
+            error = ErrorInfo(
+                ErrorCode.INTERNAL, "TypeError: a streamed answer on a whole-frame carrier"
+            )
         if result is not None:
             limit = self.options.max_frame_size
             if len(result) <= limit:
