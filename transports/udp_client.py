@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import ClientOptions
+from .bodies import OutgoingBody
 from .calls import AwaitableCalls, CallTable, Receiver, deliver_error, error_for
 from .control import ErrorInfo, GoAwayInfo
 from .datagram import (
@@ -57,6 +58,7 @@ from .errors import (
     ProtocolError,
     Rejected,
     RequestTooLarge,
+    StreamingUnsupported,
     TransportError,
 )
 from .frame import VERSION, FrameType
@@ -170,8 +172,11 @@ class UdpClient(AwaitableCalls):
     def connection_count(self) -> int:
         return 0 if self._transport is None else 1
 
-    def send(self, payload: bytes, receiver: Receiver) -> None:
-        """Send one request; its outcome goes to ``receiver`` (possibly before this returns)."""
+    def send(self, payload: bytes, receiver: Receiver, stream_response: bool = False) -> None:
+        """Send one request; its outcome goes to ``receiver`` (possibly before this returns).
+
+        ``stream_response`` changes nothing: over UDP every answer is whole.
+        """
         sendto = self._sendto
         if sendto is None or self._closed or len(payload) > self._max_payload:
             self._send_slow(payload, receiver)
@@ -188,6 +193,31 @@ class UdpClient(AwaitableCalls):
         if receiver.idempotent and self._retries:
             self._plan_resend(calls.last_id(), datagram, now, receiver.deadline)
         sendto(datagram)
+
+    @property
+    def supports_streaming(self) -> bool:
+        """UDP carries whole frames only (one datagram per frame)."""
+        return False
+
+    def send_stream(
+        self, payload: bytes, receiver: Receiver, stream_response: bool = True
+    ) -> OutgoingBody:
+        """Refused: the receiver gets StreamingUnsupported (nothing sent); the body is done."""
+        body = OutgoingBody(self, receiver, payload, 0)
+        body.stop()
+        receiver.on_error(
+            StreamingUnsupported(
+                f"{self.address}: UDP carries whole requests only (one datagram per frame);"
+                " send the body whole"
+            )
+        )
+        return body
+
+    def send_whole(self, payload: bytes, receiver: Receiver, flags: int) -> None:
+        self.send(payload, receiver)
+
+    def give_up(self, receiver: Receiver) -> None:
+        self.cancel(receiver)
 
     def cancel(self, receiver: Receiver) -> None:
         """The caller gives up: forget the call and tell the node (CANCEL). No callback follows."""

@@ -34,6 +34,7 @@ import zmq
 import zmq.asyncio
 
 from .base import ClientOptions
+from .bodies import OutgoingBody
 from .calls import (
     AwaitableCalls,
     CallTable,
@@ -120,8 +121,11 @@ class ZmqClient(AwaitableCalls):
         """1 while the socket is open: ZeroMQ hides the connection behind it."""
         return 0 if self._socket is None or self._socket.closed else 1
 
-    def send(self, payload: bytes, receiver: Receiver) -> None:
-        """Send one request; its outcome goes to ``receiver`` (possibly before this returns)."""
+    def send(self, payload: bytes, receiver: Receiver, stream_response: bool = False) -> None:
+        """Send one request; its outcome goes to ``receiver`` (possibly before this returns).
+
+        ``stream_response`` changes nothing yet: over ZeroMQ every answer is whole.
+        """
         if self._closed:
             receiver.on_error(Closed(f"client for {self.address} is closed"))
             return
@@ -167,6 +171,30 @@ class ZmqClient(AwaitableCalls):
         if error is not None:
             del self._pending[request_id]
             receiver.on_error(error)
+
+    @property
+    def supports_streaming(self) -> bool:
+        """Not yet over ZeroMQ: ``send_stream`` gathers the body into one whole REQUEST."""
+        return False
+
+    def send_stream(
+        self, payload: bytes, receiver: Receiver, stream_response: bool = True
+    ) -> OutgoingBody:
+        """A request whose body follows, sent as one whole REQUEST at ``end()``.
+
+        ZeroMQ has no SETTINGS exchange, so no node announces a window: the
+        body is gathered (RequestTooLarge over the frame limit), as for a
+        stream node that takes whole frames only.
+        """
+        body = OutgoingBody(self, receiver, payload, 0)
+        body.bind_whole(self._max_request)
+        return body
+
+    def send_whole(self, payload: bytes, receiver: Receiver, flags: int) -> None:
+        self.send(payload, receiver)
+
+    def give_up(self, receiver: Receiver) -> None:
+        self.cancel(receiver)
 
     def cancel(self, receiver: Receiver) -> None:
         """The caller gives up: forget the call and tell the node (CANCEL). No callback follows."""

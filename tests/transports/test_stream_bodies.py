@@ -32,6 +32,7 @@ from transports.errors import (
     DeadlineExceeded,
     ErrorCode,
     RequestTooLarge,
+    StreamingUnsupported,
     TransportError,
 )
 from transports.frame import (
@@ -673,3 +674,65 @@ def test_close_lets_streams_finish_within_grace_then_cuts_them(net: Net) -> None
         assert 0.25 <= loop.time() - start < 2.0
 
     net.run(scenario)
+
+
+# ----------------------------------------------------------------------------- other carriers
+
+
+def test_udp_refuses_a_streamed_request_and_answers_whole() -> None:
+    from transports.udp import UdpClient, UdpServer
+
+    async def handler(payload: bytes, deadline_ms: int, call: ServerCall) -> bytes:
+        return b"may_stream=%d" % call.may_stream
+
+    async def scenario() -> None:
+        server = UdpServer("udp://127.0.0.1:0", WithStreams(handler))
+        await server.start()
+        client = UdpClient(server.address)
+        try:
+            assert not client.supports_streaming
+            call = Call()
+            body = client.send_stream(b"head", call)
+            kind, error = await call.outcome
+            assert kind == "error" and isinstance(error, StreamingUnsupported)
+            assert not error.sent and "UDP" in str(error)
+            assert body.done and body.write(b"x")
+            whole = Call()
+            client.send(b"q", whole, stream_response=True)
+            assert await whole.outcome == ("whole", b"may_stream=0")
+        finally:
+            client.abort()
+            server.abort()
+
+    asyncio.run(asyncio.wait_for(scenario(), 5.0))
+
+
+def test_zeromq_gathers_a_streamed_request_into_one_whole_frame(socket_dir: str) -> None:  # noqa: F811
+    from transports.zeromq import ZmqClient, ZmqServer
+
+    async def handler(payload: bytes, deadline_ms: int, call: ServerCall) -> bytes:
+        assert call.body is None and not call.may_stream
+        return pitcher_pb2.Request.FromString(payload).body
+
+    async def scenario() -> None:
+        server = ZmqServer(f"zmq+ipc://{socket_dir}/z.sock", WithStreams(handler))
+        await server.start()
+        client = ZmqClient(server.address)
+        try:
+            call = Call()
+            head = pitcher_pb2.Request(method=b"POST", body=b"a").SerializeToString()
+            body = client.send_stream(head, call)
+            assert body.write(b"b" * 1000) and body.write(b"c")
+            body.end()
+            kind, payload = await call.outcome
+            assert (kind, payload) == ("whole", b"a" + b"b" * 1000 + b"c")
+            too_big = Call()
+            body = client.send_stream(b"", too_big)
+            body.write(b"x" * (4 * MIB + 1))
+            kind, error = await too_big.outcome
+            assert kind == "error" and isinstance(error, RequestTooLarge)
+        finally:
+            client.abort()
+            server.abort()
+
+    asyncio.run(asyncio.wait_for(scenario(), 5.0))
