@@ -30,6 +30,10 @@ what this docstring said before (hand-written bytes slower): that was
 measured against a loop writing varints for every field, not against the
 one-table-look-up prefixes used here.
 
+A streamed body (docs/streaming.md) travels apart from its head: the head's
+``body`` holds the first bytes only, and ``body_size`` (Request field 9,
+Response field 5, optional) the whole body's length when it is known.
+
 What is written by hand is canonical protobuf, the very bytes upb writes:
 fields in number order, proto3 defaults (empty strings, status 0) left out.
 """
@@ -91,6 +95,8 @@ _METHOD, _PATH, _QUERY, _NAME, _VALUE, _BODY, _ROUTE, _CLIENT = (
     _prefixes(field) for field in range(1, 9)
 )
 _RESPONSE_NAME, _RESPONSE_VALUE, _RESPONSE_BODY = (_prefixes(field) for field in (2, 3, 4))
+# Request field 9 (body_size, a varint): its key.
+_BODY_SIZE_KEY = b"\x48"
 # Field 1 (status, a varint) with its value, for every status a response may carry.
 _STATUS = tuple(b"\x08" + encode_varint(status) for status in range(1000))
 
@@ -107,12 +113,18 @@ def encode_request(
     body: BytesLike,
     route: str,
     client: str,
+    body_size: int = -1,
 ) -> bytes:
-    """The Request payload, written straight to bytes (any bytes-like body will do)."""
+    """The Request payload, written straight to bytes (any bytes-like body will do).
+
+    ``body_size`` >= 0 is the length of a body streamed after this head
+    (``body`` its first bytes); negative leaves the field out (a whole body,
+    or a streamed one of unknown length).
+    """
     if type(header_names) is list and len(header_names) > HAND_MAX_HEADERS and type(body) is bytes:
         try:
             return _encode_request_upb(
-                method, path, query, header_names, header_values, body, route, client
+                method, path, query, header_names, header_values, body, route, client, body_size
             )
         except TypeError:  # a bytes-like field the generated class refuses (memoryview)
             pass
@@ -152,6 +164,9 @@ def encode_request(
         size = len(text)
         append(_CLIENT[size] if size < 0x80 else _prefix(8, size))
         append(text)
+    if body_size >= 0:
+        append(_BODY_SIZE_KEY)
+        append(encode_varint(body_size))
     return b"".join(parts)
 
 
@@ -164,6 +179,7 @@ def _encode_request_upb(
     body: bytes,
     route: str,
     client: str,
+    body_size: int = -1,
 ) -> bytes:
     message = Request()
     message.method = method
@@ -176,6 +192,8 @@ def _encode_request_upb(
         message.body = body
     message.route = route
     message.client = client
+    if body_size >= 0:
+        message.body_size = body_size
     return message.SerializeToString()
 
 
@@ -197,17 +215,27 @@ def decode_request(payload: bytes) -> pitcher_pb2.Request:
 
 
 class ResponseMessage:
-    """A decoded Response: the fields of ``pitcher.v1.Response`` as plain values (lists)."""
+    """A decoded Response: the fields of ``pitcher.v1.Response`` as plain values (lists).
 
-    __slots__ = ("body", "header_names", "header_values", "status")
+    ``body_size`` is read by :func:`decode_response_head` only (the head of a
+    streamed answer): the body's whole length, or None when not given.
+    """
+
+    __slots__ = ("body", "body_size", "header_names", "header_values", "status")
 
     def __init__(
-        self, status: int, header_names: list[bytes], header_values: list[bytes], body: bytes
+        self,
+        status: int,
+        header_names: list[bytes],
+        header_values: list[bytes],
+        body: bytes,
+        body_size: int | None = None,
     ) -> None:
         self.status = status
         self.header_names = header_names
         self.header_values = header_values
         self.body = body
+        self.body_size = body_size
 
     def __repr__(self) -> str:
         return (
@@ -266,3 +294,17 @@ def decode_response(payload: bytes) -> ResponseMessage:
     if len(names) != len(values):
         raise BadPayload(f"response has {len(names)} header names but {len(values)} values")
     return ResponseMessage(message.status, names, values, message.body)
+
+
+def decode_response_head(payload: bytes) -> ResponseMessage:
+    """The head of a streamed Response: as :func:`decode_response`, with ``body_size``."""
+    try:
+        message = _parse_response(payload)
+    except Exception as exc:  # DecodeError, or upb's own errors on hostile input
+        raise BadPayload(f"undecodable response payload: {exc}") from None
+    names = message.header_names[:]
+    values = message.header_values[:]
+    if len(names) != len(values):
+        raise BadPayload(f"response has {len(names)} header names but {len(values)} values")
+    size = message.body_size if message.HasField("body_size") else None
+    return ResponseMessage(message.status, names, values, message.body, size)

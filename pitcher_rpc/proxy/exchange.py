@@ -30,6 +30,19 @@ A node at its in-flight limit (``TOO_MANY_IN_FLIGHT``) did not start the
 call either, but is busy rather than broken: the retry goes only to a node
 not tried yet, with none the client gets 503 and ``Retry-After: 1``, and the
 node's health counts nothing.
+
+Streamed bodies (docs/streaming.md). A request handed out at its head (its
+body chunked or over the connection's threshold) goes to the node as a head
+with MORE and its first bytes, then the rest through the carrier's
+:class:`~transports.bodies.OutgoingBody` as it arrives; reading from the
+client stops while the node's credit is spent. A carrier without streamed
+bodies (UDP) gets the body gathered and sent whole. Once a body byte has been
+written after the head the request is never retried: the node may have
+acted on it. Every call may be answered with a streamed response
+(``on_response_head``): the client connection writes it as it comes and
+returns credit only for what the client's socket took. The node's health
+and its in-flight count take a streamed answer's outcome at its end: a
+body cut midway is the node's failure, not a success.
 """
 
 from __future__ import annotations
@@ -53,7 +66,13 @@ from transports.errors import (
     TransportError,
 )
 
-from ..codec import BadPayload, decode_response, encode_request
+from ..codec import (
+    BadPayload,
+    ResponseMessage,
+    decode_response,
+    decode_response_head,
+    encode_request,
+)
 from ..http.headers import (
     InvalidHeader,
     forward_request_headers,
@@ -61,12 +80,16 @@ from ..http.headers import (
     response_headers,
 )
 from ..http.parser import HttpRequest
+from ..http.request import BodyStream, HttpError
 from ..http.response import error_body
 from ..logs import RateLimitedLog
 from ..modules.base import Record, real_client, trusted_proxies
+from .glue import refusal_reason
 from .routing import normalize_path
 
 if TYPE_CHECKING:
+    from transports.bodies import IncomingBody, OutgoingBody
+
     from .server import HttpConnection
     from .snapshot import Route, Snapshot
     from .upstream import Node
@@ -90,6 +113,14 @@ _SETTING = " ([upstream] max_frame_size)"
 
 # The status of a request whose client went away before the answer (nginx's).
 CLIENT_CLOSED = 499
+# The most of a streamed request body's first bytes sent in its head frame
+# (docs/wire.md: they count against no window, only against the node's frame
+# limit). The same as the threshold below which a body is not streamed at
+# all (frontend.STREAM_BODY_OVER): any node takes a whole request that large.
+HEAD_BODY_MAX = 64 * 1024
+# Record.failure of an answer whose streamed body was cut midway (by the node,
+# a length that did not hold, or the client going away).
+CUT = "cut"
 
 
 def _failure_kind(error: TransportError) -> str | None:
@@ -161,11 +192,15 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         "calling",
         "chains",
         "deadline",
+        "gathered",
         "idempotent",
+        "incoming",
+        "outgoing",
         "path",
         "payload",
         "snapshot",
         "timed",
+        "timeout",
         "tried",
     )
 
@@ -206,6 +241,13 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         self.module_state = None
         # Why no backend answered (Record.failure); "" while none failed.
         self.failure = ""
+        # A streamed request body's way to the node, or its pieces gathered
+        # for a carrier that takes whole requests only; a streamed answer's body.
+        self.outgoing: OutgoingBody | None = None
+        self.gathered: list[bytes] | None = None
+        self.incoming: IncomingBody | None = None
+        # The route's timeout: the idle limit between two DATA of a streamed answer.
+        self.timeout = 0.0
 
     # start -----------------------------------------------------------------------------
 
@@ -230,8 +272,24 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         if not route.cluster.nodes:
             self.fail(503, f"cluster {route.cluster.name!r} has no nodes", 0, "overloaded")
             return
-        self.payload = self._encode(route)
+        self.timeout = route.timeout
         self.deadline = self.connection.loop.time() + route.timeout
+        stream = request.body_stream
+        if stream is None:
+            self.payload = self._encode(route, request.body, -1)
+            self._send()
+            return
+        if stream.error is not None:
+            self._body_refused(stream.error)
+            return
+        if not getattr(route.cluster.nodes[0].client, "supports_streaming", False):
+            # A carrier of whole frames (UDP): the body is gathered, then sent.
+            self.gathered = []
+            self.connection.body_wanted()
+            self.pump_body()
+            return
+        size = request.content_length
+        self.payload = self._encode(route, _first_bytes(stream), -1 if size is None else size)
         self._send()
 
     def _find_client(self) -> None:
@@ -252,7 +310,7 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         )
         self.client_ip = real_client(peer, chain, trusted)
 
-    def _encode(self, route: Route) -> bytes:
+    def _encode(self, route: Route, body: bytes, body_size: int) -> bytes:
         request = self.request
         connection = self.connection
         client_ip = connection.client_ip
@@ -283,7 +341,7 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
             else self.client_ip.decode("latin-1") + ":0"
         )
         return encode_request(
-            request.method, path, request.query, names, values, request.body, route.name, client
+            request.method, path, request.query, names, values, body, route.name, client, body_size
         )
 
     # the call -----------------------------------------------------------------------
@@ -315,8 +373,86 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
             self.calling = True
         if self.timed:
             self.backend_started = perf_counter()
-        # The answer may come back before send() returns (an error found at once).
-        node.client.send(self.payload, self)
+        client: Any = node.client
+        if self.request.body_stream is None or self.gathered is not None:
+            # The answer may come back before send() returns (an error found at once).
+            if getattr(client, "supports_streaming", False):
+                client.send(self.payload, self, True)
+            else:
+                client.send(self.payload, self)
+            return
+        attempt = self.attempts
+        outgoing = client.send_stream(self.payload, self, True)
+        if self.attempts != attempt or self.status:
+            return  # failed inside send_stream (and retried, or answered)
+        self.outgoing = outgoing
+        outgoing.on_writable = self._body_writable
+        self.connection.body_wanted()
+        self.pump_body()
+
+    # a streamed request body ----------------------------------------------------------
+
+    def pump_body(self) -> None:
+        """Pass on what the client sent of a streamed body, as far as the node's credit goes.
+
+        Called when the call starts, after every read from the client and
+        when the node's credit returns. A refusal of the body (over
+        ``max_body_size``, bad framing, a deadline) ends the call.
+        """
+        stream = self.request.body_stream
+        if stream is None or self.status:
+            return
+        if stream.error is not None:
+            self._body_refused(stream.error)
+            return
+        gathered = self.gathered
+        if gathered is not None:
+            gathered += stream.take()
+            if stream.ended and not self.attempts:
+                route = self.route
+                assert route is not None
+                body = b"".join(gathered)
+                self.gathered = []
+                self.payload = self._encode(route, body, -1)
+                self._send()
+            return
+        outgoing = self.outgoing
+        if outgoing is None or outgoing.done or stream.paused:
+            return
+        pieces = stream.take()
+        if len(pieces) > 1:
+            # Held back while the node's credit was spent, or cut small by a
+            # slow trickle: one DATA frame rather than many (a copy of at most
+            # STREAM_BUFFER_HIGH and one read).
+            pieces = [b"".join(pieces)]
+        for index, piece in enumerate(pieces):
+            if not outgoing.write(piece):
+                # The node's credit is spent: hold the rest, stop reading.
+                stream.put_back(pieces[index + 1 :])
+                self.connection.hold_body()
+                return
+        if stream.ended and not outgoing.ended:
+            outgoing.end()
+
+    def _body_writable(self) -> None:
+        self.connection.release_body(self)
+
+    def _body_refused(self, error: HttpError) -> None:
+        """The client's streamed body was refused midway: the call is given up, the
+        client answered with the refusal (the connection closes after it)."""
+        self._give_up_call()
+        self.failure = refusal_reason(error.status, error.reason, True)
+        self._finish_error(error.status, error.reason, b"")
+
+    def _give_up_call(self) -> None:
+        outgoing = self.outgoing
+        if outgoing is not None:
+            self.outgoing = None
+            outgoing.abort()
+        elif self.node is not None:
+            self.node.client.cancel(self)
+        if self.calling:
+            self._call_over()
 
     # the receiver interface (transports.calls.Receiver) ------------------------------
 
@@ -425,6 +561,11 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
             return False
         if isinstance(error, RemoteError) and answer_too_large(error, 0):
             return False  # it would be as large again
+        outgoing = self.outgoing
+        if outgoing is not None:
+            if outgoing.started:
+                return False  # body bytes went after the head: the node may have acted
+            self.outgoing = None
         if not error.sent:
             # Never reached a handler: safe whatever the method. A refused
             # connect is not retried on the same lone node (it is backing off),
@@ -441,21 +582,30 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         try:
             response = decode_response(payload)
         except BadPayload as exc:
-            if self.node is not None and self.node.stats is not None:
-                self.node.record("error")
-            uri = self.node.uri  # type: ignore[union-attr]
-            WARNINGS.warning(
-                (uri, "bad_answer"),
-                "request %s: bad answer from %s: %s",
-                self.request_id.decode() or "-",
-                uri,
-                exc,
-            )
-            self.fail(502, "backend answered with an undecodable payload", 0, "bad_answer")
+            self._bad_answer(exc)
             return
+        fields = self._answer_fields(response)
+        if fields is not None:
+            self.connection.finish(self, response.status, fields, response.body)
+
+    def _bad_answer(self, exc: BadPayload) -> None:
+        if self.node is not None and self.node.stats is not None:
+            self.node.record("error")
+        uri = self.node.uri  # type: ignore[union-attr]
+        WARNINGS.warning(
+            (uri, "bad_answer"),
+            "request %s: bad answer from %s: %s",
+            self.request_id.decode() or "-",
+            uri,
+            exc,
+        )
+        self.fail(502, "backend answered with an undecodable payload", 0, "bad_answer")
+
+    def _answer_fields(self, response: ResponseMessage, record: bool = True) -> bytes | None:
+        """The header lines of the node's answer, or None when it was answered with a 502."""
         status = response.status
         node = self.node
-        if node is not None and node.stats is not None:
+        if node is not None and node.stats is not None and (record or not 200 <= status <= 599):
             if not 200 <= status <= 599:
                 node.record("error")  # not HTTP: the backend is broken
             else:
@@ -463,7 +613,7 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         if not 200 <= status <= 599:
             # 1xx cannot be relayed as a final answer (and 101 would need an upgrade).
             self.fail(502, f"backend answered with status {status}", 0, "bad_answer")
-            return
+            return None
         add_name = self.id_header if self.echo_id else None
         edits = self.edits
         try:
@@ -484,8 +634,72 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
                 )
         except InvalidHeader:
             self.fail(502, "backend answered with an invalid header", 0, "bad_answer")
+            return None
+        return fields
+
+    # a streamed answer ----------------------------------------------------------------
+
+    def on_response_head(self, payload: bytes, body: IncomingBody) -> None:
+        """The head of a streamed answer; its body follows on ``body``.
+
+        The call stays in flight for the node until the body's outcome
+        (:meth:`stream_over`); the node's health counts that outcome.
+        """
+        if self.timed:
+            self.backend_ended = perf_counter()
+        if self.connection.closed or self.status:
+            body.abort()
+            if self.calling:
+                self._call_over()
             return
-        self.connection.finish(self, status, fields, response.body)
+        self.incoming = body
+        if self.chains.backend_response and self._answered(self.chains.backend_response):
+            self._stop_incoming()
+            return
+        try:
+            response = decode_response_head(payload)
+        except BadPayload as exc:
+            self._stop_incoming()
+            self._bad_answer(exc)
+            return
+        fields = self._answer_fields(response, False)
+        if fields is None:
+            self._stop_incoming()
+            return
+        self.connection.stream_response(
+            self, response.status, fields, response.body, response.body_size, body
+        )
+
+    def _stop_incoming(self) -> None:
+        incoming = self.incoming
+        if incoming is not None:
+            self.incoming = None
+            incoming.abort()
+        if self.calling:
+            self._call_over()
+
+    def stream_over(self, error: TransportError | None, failure: str, node_fault: bool) -> None:
+        """A streamed answer's body ended (``failure`` ""), or was cut (``failure`` CUT): by
+        the node (``node_fault``, with its ``error`` if it sent one) or by the client going
+        away. The node's health and in-flight count take the outcome."""
+        self.incoming = None
+        self.failure = failure
+        if self.timed:
+            self.backend_ended = perf_counter()
+        if not self.calling:
+            return
+        self._call_over()
+        node = self.node
+        if node is None or node.stats is None:
+            return
+        if error is not None:
+            kind = _failure_kind(error)
+            node.record(kind if kind is not None else "reset")
+        elif node_fault:
+            node.record("error")  # a length the node gave and did not keep
+        elif not failure:
+            status = self.status
+            node.record("5xx" if status >= 500 else "4xx" if status >= 400 else None)
 
     def fail(self, status: int, message: str, retry_after: int = 0, failure: str = "") -> None:
         """Answer an error; ``failure`` is why no backend answered (Record.failure), if so."""
@@ -510,13 +724,25 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         The request still finishes for the modules, with nginx's status 499
         (client closed request): a log line is written, a held slot released.
         """
-        if self.node is not None:
-            self.node.client.cancel(self)
-            if self.calling:
-                self._call_over()
+        if self.incoming is not None:
+            self._stop_incoming()
+        elif self.node is not None:
+            self._give_up_call()
         if not self.status:
             self.status = CLIENT_CLOSED
             self.finish_now()
             finished = self.chains.request_finish
             if finished:
                 self.snapshot.modules.run(finished, self)
+
+
+def _first_bytes(stream: BodyStream) -> bytes:
+    """What a streamed body's head frame carries: what came with the head, up to HEAD_BODY_MAX."""
+    pieces = stream.take()
+    if not pieces:
+        return b""
+    first = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    if len(first) > HEAD_BODY_MAX:
+        stream.put_back([first[HEAD_BODY_MAX:]])
+        first = first[:HEAD_BODY_MAX]
+    return first

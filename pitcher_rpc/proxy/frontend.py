@@ -12,6 +12,14 @@ exchange; it is reported to the server as a :class:`~.glue.Refusal`, which
 passes it on to the modules that count and log refusals
 (``request_refused``). Each connection also counts against the connection
 cap (:meth:`ProxyServer.at_connection_cap`).
+
+Streamed bodies (docs/streaming.md): a request body chunked or over
+:data:`STREAM_BODY_OVER` bytes is handed to its exchange as it arrives
+(reading pauses while the node's credit is spent); a streamed answer is
+written piece by piece as it comes (``writelines``: the framing around a
+piece, never a copy of it), and the node gets credit back only for what
+the client's socket took: while the socket is paused (``pause_writing``)
+the credit is owed, so a slow client slows the node, not the proxy's memory.
 """
 
 from __future__ import annotations
@@ -24,12 +32,24 @@ from typing import TYPE_CHECKING
 from ..http.connection import ServerConnection
 from ..http.parser import HttpRequest
 from ..http.response import error_response
-from .exchange import Exchange
+from .exchange import CUT, Exchange
 from .glue import HttpGlue, Refusal, refusal_of
 
 if TYPE_CHECKING:
+    from transports.bodies import IncomingBody
+    from transports.errors import TransportError
+
     from .server import ProxyServer
     from .snapshot import Snapshot
+
+# A request body longer than this, or chunked, is streamed to the node as it
+# arrives rather than gathered first. Below it, a body comes in one or two
+# reads (a socket read takes up to 256 KiB, the kernel's receive buffer holds
+# about this much at once) and the whole-frame path costs one join; above
+# it, gathering would hold the body in memory per request and delay the node
+# until the last byte, and the streamed path's per-DATA cost is small beside
+# the bytes. The same size bounds the first bytes carried in the head frame.
+STREAM_BODY_OVER = 64 * 1024
 
 
 class HttpConnection(HttpGlue):
@@ -41,10 +61,12 @@ class HttpConnection(HttpGlue):
 
     __slots__ = (
         "_advancing",
+        "_owed",
         "answered",
         "client_ip",
         "client_text",
         "current",
+        "incoming",
         "server",
         "watch",
     )
@@ -65,6 +87,7 @@ class HttpConnection(HttpGlue):
             # connections accepted after it (nginx does the same).
             keepalive_requests=snapshot.config.server.keepalive_requests,
             now=self.loop.time(),
+            stream_over=STREAM_BODY_OVER,
         )
         self.http.draining = server.draining
         self.current: Exchange | None = None
@@ -73,6 +96,10 @@ class HttpConnection(HttpGlue):
         self._advancing = False
         # A request was answered: idle now means idle between two requests.
         self.answered = False
+        # A streamed answer's body being written, and the credit not yet
+        # returned for it because the client's socket was paused.
+        self.incoming: IncomingBody | None = None
+        self._owed = 0
 
     # asyncio callbacks -----------------------------------------------------------------
 
@@ -123,11 +150,41 @@ class HttpConnection(HttpGlue):
         request = http.receive_data(data, self.loop.time())
         if request is not None:
             self._begin(request)
-            if not http.waiting:
+            if not http.waiting and http.stream is None:
                 return  # the common case: one request, nothing queued behind it
+        elif http.stream is not None and self.current is not None:
+            self.current.pump_body()  # more of a streamed body
         self._advance()
 
+    def eof_received(self) -> bool:
+        keep_open = super().eof_received()
+        self._body_news()
+        return keep_open
+
+    def resume_writing(self) -> None:
+        owed = self._owed
+        if owed:
+            # The client's socket took what it was given: the node may send more.
+            self._owed = 0
+            incoming = self.incoming
+            if incoming is not None:
+                incoming.consumed(owed)
+        super().resume_writing()
+
+    def check_timeouts(self, now: float) -> None:
+        super().check_timeouts(now)
+        self._body_news()
+
+    def _body_news(self) -> None:
+        """A streamed body may have failed (a deadline, the client's close): tell its exchange."""
+        stream = self.http.stream
+        if stream is not None and stream.error is not None and self.current is not None:
+            self.current.pump_body()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        current = self.current
+        if current is not None and self.incoming is not None:
+            self._cut_stream(current, None, False)  # the client went away mid-answer
         self.closed = True
         if self.current is not None:
             self.current.abandon()
@@ -192,6 +249,141 @@ class HttpConnection(HttpGlue):
             # half_close: the last answer, with requests behind it: linger.
             self._advance()
 
+    # streamed request bodies ------------------------------------------------------------
+
+    def body_wanted(self) -> None:
+        """The exchange passes the streamed body on: a ``100 Continue`` if the client waits."""
+        interim = self.http.want_body()
+        transport = self.transport
+        if interim and transport is not None and not self.closed:
+            transport.write(interim)
+
+    def hold_body(self) -> None:
+        """The node's credit is spent: stop reading the body until :meth:`release_body`."""
+        self.http.pause_body(self.loop.time())
+        self._sync_reading()
+
+    def release_body(self, exchange: Exchange) -> None:
+        """The node can take more: pass on what is held and read again."""
+        if exchange is not self.current or self.closed:
+            return
+        self.http.resume_body(self.loop.time())
+        exchange.pump_body()
+        self._sync_reading()
+
+    # streamed answers -------------------------------------------------------------------
+
+    def stream_response(
+        self,
+        exchange: Exchange,
+        status: int,
+        fields: bytes,
+        first: bytes,
+        body_size: int | None,
+        incoming: IncomingBody,
+    ) -> None:
+        """Write a streamed answer's head, then its body as it comes (see the module doc)."""
+        if exchange is not self.current or self.closed:
+            incoming.abort()
+            exchange.stream_over(None, "", False)
+            return
+        http = self.http
+        head = http.respond_head(status, fields, body_size, self.loop.time())
+        exchange.status = status
+        exchange.response_bytes = len(head)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(head)
+        if not http.response_open:
+            incoming.abort()  # HEAD, 204, 304: no body goes to the client
+            exchange.stream_over(None, "", False)
+            self._end_stream(exchange, http.response_end(self.loop.time()) or [], "")
+            return
+        self.incoming = incoming
+        self._owed = 0
+        # The head's first bytes count against no window: no credit for them.
+        if first and not self._stream_piece(exchange, first):
+            return
+        incoming.start(self._on_stream_data, self._on_stream_end, self._on_stream_error)
+
+    def _stream_piece(self, exchange: Exchange, data: bytes) -> bool:
+        """Write one piece of a streamed answer's body; False if it broke the framing (cut)."""
+        chunks = self.http.response_data(data)
+        if chunks is None:
+            self._cut_stream(exchange, None, True)  # longer than the length the node gave
+            return False
+        if chunks:
+            transport = self.transport
+            if transport is not None:
+                transport.writelines(chunks)
+        return True
+
+    def _on_stream_data(self, data: bytes) -> None:
+        exchange = self.current
+        incoming = self.incoming
+        if exchange is None or incoming is None:
+            return
+        if not self._stream_piece(exchange, data):
+            return
+        if self.http.write_blocked:
+            self._owed += len(data)  # returned when the client's socket drains
+        else:
+            incoming.consumed(len(data))
+
+    def _on_stream_end(self) -> None:
+        exchange = self.current
+        if exchange is None or self.incoming is None:
+            return
+        self.incoming = None
+        tail = self.http.response_end(self.loop.time())
+        if tail is None:
+            self._cut_stream(exchange, None, True)  # shorter than the length the node gave
+            return
+        exchange.stream_over(None, "", False)
+        self._end_stream(exchange, tail, "")
+
+    def _on_stream_error(self, error: TransportError) -> None:
+        exchange = self.current
+        if exchange is None or self.incoming is None:
+            return
+        self._cut_stream(exchange, error, True)
+
+    def _cut_stream(
+        self, exchange: Exchange, error: TransportError | None, node_fault: bool
+    ) -> None:
+        """The answer cannot be completed: the client must not take it for a whole one.
+
+        ``node_fault``: the node cut it (``error``) or broke its length; else
+        the client went away.
+        """
+        incoming = self.incoming
+        self.incoming = None
+        if incoming is not None and error is None:
+            incoming.abort()
+        exchange.stream_over(error, CUT, node_fault)
+        self.http.response_cut()
+        self._end_stream(exchange, [], CUT)
+
+    def _end_stream(self, exchange: Exchange, tail: list[bytes], failure: str) -> None:
+        """A streamed answer is over (whole or cut): account for it, then go on or close."""
+        self.current = None
+        self.server.requests_served += 1
+        self.answered = True
+        http = self.http
+        transport = self.transport
+        if tail and transport is not None and not transport.is_closing():
+            transport.writelines(tail)
+        exchange.response_bytes += http.response_sent
+        exchange.failure = failure or exchange.failure
+        finished = exchange.chains.request_finish
+        if finished:
+            exchange.finish_now()
+            exchange.snapshot.modules.run(finished, exchange)
+        if http.must_close:
+            self.close()
+        else:
+            self._advance()
+
     def refused(self, answer: bytes) -> None:
         self.server.report_refusal(refusal_of(answer, self.client_ip, self.http.parser))
 
@@ -199,6 +391,10 @@ class HttpConnection(HttpGlue):
         if self.closed:
             return
         current = self.current
+        if current is not None and self.incoming is not None:
+            # The client went away in the middle of a streamed answer.
+            self._cut_stream(current, None, False)
+            return  # _cut_stream closed the connection
         if current is not None:
             self.current = None
             current.abandon()
