@@ -32,6 +32,7 @@ from transports.native import describe as describe_build
 
 from ..config import Config, ConfigError, load_config
 from ..config.overlay import NodeChange, Overlay
+from ..config.tls import tls_digest
 from ..degrade.scale import Child, spawn
 from ..fleet.feed import NodeFeed
 from ..proxy.backlog import describe_backlog
@@ -429,8 +430,14 @@ class Master:
         self.base_config, self.overlay, self.config = base, overlay, config
         self.coordination.health.configure(config, time.monotonic())
         self.generation += 1
+        for warning in base.warnings:
+            log.warning("%s", warning)
         results = await self._each(
-            "reload", path=self.config_path, checksum=config.checksum, overlay=overlay.to_json()
+            "reload",
+            path=self.config_path,
+            checksum=config.checksum,
+            overlay=overlay.to_json(),
+            tls=tls_digest(config),
         )
         failed = [r for r in results if "error" in r]
         log.info(
@@ -445,6 +452,7 @@ class Master:
             "checksum": config.checksum,
             "workers": results,
             "complete": not failed,
+            "warnings": [str(warning) for warning in base.warnings],
         }
 
     def _reload_in_background(self) -> None:

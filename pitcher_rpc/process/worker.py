@@ -19,6 +19,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, load_config
 from ..config.overlay import Overlay
+from ..config.tls import tls_digest
 from ..proxy.server import ProxyServer
 from .control import ControlError, encode_message, read_message
 from .gc_tuning import GcPauses, GcSettings, apply
@@ -141,6 +142,10 @@ class Worker:
             config = load_config(str(message["path"]))
             if config.checksum != message.get("checksum"):
                 raise ControlError("the file changed after the master checked it; not reloaded")
+            if "tls" in message and tls_digest(config) != message["tls"]:
+                raise ControlError(
+                    "a certificate or key file changed after the master checked it; not reloaded"
+                )
             self.base_config = config
             proxy.reload(Overlay.from_json(message.get("overlay") or ()).apply(config))
             return self.status()
@@ -178,6 +183,7 @@ class Worker:
             "gc": self.pauses.snapshot(),
             "modules": proxy.module_stats(),
             "overload": proxy.overload_status(),
+            "tls": proxy.tls_status(),
         }
 
 

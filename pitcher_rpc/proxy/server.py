@@ -37,6 +37,7 @@ from .frontend import HttpConnection
 from .glue import Refusal
 from .module_host import ModuleHost
 from .snapshot import Snapshot
+from .tls import TlsAccept, log_handshake_failure
 from .upstream import Upstreams
 
 log = logging.getLogger("pitcher.proxy")
@@ -163,6 +164,9 @@ class ProxyServer:
         self._refusal_handlers: tuple[tuple[Any, Any], ...] = ()
         self._refusal_source: object = None
         self._sweeper: asyncio.TimerHandle | None = None
+        # TLS: handshakes under way (cancelled by stop) and failed ones by reason.
+        self.handshakes: set[asyncio.Task[None]] = set()
+        self.handshake_failures: dict[str, int] = {}
 
     @property
     def address(self) -> str:
@@ -174,7 +178,7 @@ class ProxyServer:
         config = self.snapshot.config.server
         if sock is not None:
             server = await self.loop.create_server(
-                lambda: HttpConnection(self), sock=sock, backlog=config.backlog
+                self._new_connection, sock=sock, backlog=config.backlog
             )
         else:
             listen = config.listen_address
@@ -182,11 +186,11 @@ class ProxyServer:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(listen.path)
                 server = await self.loop.create_unix_server(
-                    lambda: HttpConnection(self), listen.path, backlog=config.backlog
+                    self._new_connection, listen.path, backlog=config.backlog
                 )
             else:
                 server = await self.loop.create_server(
-                    lambda: HttpConnection(self),
+                    self._new_connection,
                     listen.host,
                     listen.port,
                     backlog=config.backlog,
@@ -205,6 +209,39 @@ class ProxyServer:
         if self.health is not None:
             self._health_timer = self.loop.call_later(HEALTH_TICK, self._health_tick)
 
+    def _new_connection(self) -> asyncio.Protocol:
+        """What serves a connection just accepted: HTTP at once, or a TLS handshake first.
+
+        Decided per connection by the configuration current now, so a reload
+        that changes the certificates serves the next handshake with the new
+        ones (each snapshot has its own SSLContext), and the connections open
+        keep the session they have.
+        """
+        tls = self.snapshot.config.server.tls
+        if tls is None or tls.context is None:
+            return HttpConnection(self)
+        return TlsAccept(self, tls.context)
+
+    @property
+    def scheme(self) -> str:
+        """ "https" when the listener speaks TLS now, else "http"."""
+        return self.snapshot.config.server.scheme
+
+    def handshake_failed(self, peer: str, reason: str) -> None:
+        """A TLS handshake failed: counted by reason, and logged (a line a second per reason)."""
+        failures = self.handshake_failures
+        failures[reason] = failures.get(reason, 0) + 1
+        log_handshake_failure(peer, reason)
+
+    def tls_status(self) -> dict[str, Any]:
+        """For the worker's status: whether TLS is on, handshakes under way, failures by reason."""
+        tls = self.snapshot.config.server.tls
+        return {
+            "enabled": tls is not None,
+            "handshaking": len(self.handshakes),
+            "handshake_failures": dict(self.handshake_failures),
+        }
+
     def reload(self, config: Config) -> Snapshot:
         """Swap in a new snapshot; requests already running keep theirs."""
         self.shedder.configure(config.overload)
@@ -213,7 +250,11 @@ class ProxyServer:
         chains = self.modules.chains_for(config, self.snapshot.config.routes)
         snapshot = Snapshot(config, self.upstreams, self.snapshot.generation + 1, chains)
         self.snapshot = snapshot
-        self.upstreams.retain_only(snapshot.node_uris())
+        clusters = snapshot.clusters.values()
+        self.upstreams.retain_only(
+            snapshot.node_uris(),
+            in_use=[node.client for cluster in clusters for node in cluster.nodes],
+        )
         self._apply_connection_limit()
         return snapshot
 
@@ -377,7 +418,7 @@ class ProxyServer:
                 if self.accept_paused or self.draining:
                     return
                 server = await self.loop.create_server(
-                    lambda: HttpConnection(self), sock=listener.dup(), backlog=backlog
+                    self._new_connection, sock=listener.dup(), backlog=backlog
                 )
                 if self.accept_paused or self.draining:
                     server.close()  # paused again (or stopping) meanwhile
@@ -571,6 +612,8 @@ class ProxyServer:
         servers, self._servers = self._servers, []
         for server in servers:
             server.close()
+        for handshake in list(self.handshakes):
+            handshake.cancel()
         for connection in self.connections:
             connection.drain()
         # A busy keep-alive client gets its next answer with "connection: close"

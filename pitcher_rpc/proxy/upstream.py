@@ -8,6 +8,7 @@ warm connections.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -16,7 +17,7 @@ from typing import Any
 from transports.base import Client, ClientOptions
 from transports.registry import transport_for
 
-from ..config import ClusterConfig, HealthConfig, UpstreamConfig
+from ..config import ClusterConfig, ClusterTlsConfig, HealthConfig, UpstreamConfig
 from .balance import BALANCERS, HealthWeighted, RoundRobin, SmoothWeighted
 
 log = logging.getLogger("pitcher.upstream")
@@ -270,11 +271,28 @@ class Upstreams:
             max_frame_size=options.max_frame_size,
         )
 
-    def client(self, uri: str) -> Client:
-        client = self._clients.get(uri)
+    def client(self, uri: str, tls: ClusterTlsConfig | None = None) -> Client:
+        """The client of a node, made on first use; a tls:// node's per cluster TLS settings.
+
+        A tls:// node is keyed by its URI and its cluster's TLS digest: the
+        same node in two clusters that trust different CAs gets two clients,
+        and a reload that changes a CA or a certificate makes a new client
+        (the old one drains) while one that changes nothing keeps the warm one.
+        """
+        key = uri
+        if tls is not None and uri.startswith("tls://"):
+            key = f"{uri} {tls.digest}"
+        client = self._clients.get(key)
         if client is None:
-            client = transport_for(uri).client(uri, self._options)
-            self._clients[uri] = client
+            options = self._options
+            if key != uri:
+                assert tls is not None
+                extra: dict[str, Any] = {"tls_context": tls.context}
+                if tls.server_name:
+                    extra["server_name"] = tls.server_name
+                options = dataclasses.replace(options, extra=extra)
+            client = transport_for(uri).client(uri, options)
+            self._clients[key] = client
         return client
 
     def cluster(self, config: ClusterConfig) -> Cluster:
@@ -282,7 +300,7 @@ class Upstreams:
         if health is None:
             # Outcomes are counted for /metrics; with no failure kinds, none is one for health.
             nodes = [
-                Node(n.uri, n.weight, self.client(n.uri), self._node_stats(n.uri))
+                Node(n.uri, n.weight, self.client(n.uri, config.tls), self._node_stats(n.uri))
                 for n in config.nodes
             ]
             return Cluster(config.name, nodes, config.balance)
@@ -292,7 +310,7 @@ class Upstreams:
             Node(
                 n.uri,
                 n.weight,
-                self.client(n.uri),
+                self.client(n.uri, config.tls),
                 self._node_stats(n.uri, alarm_at),
                 health.failures,
             )
@@ -324,12 +342,26 @@ class Upstreams:
                 outcomes[uri] = outcome
         return outcomes
 
-    def retain_only(self, uris: Collection[str], drain_timeout: float = 30.0) -> None:
-        """Drain and close clients of nodes no longer configured: in-flight calls finish."""
+    def retain_only(
+        self,
+        uris: Collection[str],
+        drain_timeout: float = 30.0,
+        in_use: Collection[Client] | None = None,
+    ) -> None:
+        """Drain and close clients of nodes no longer configured: in-flight calls finish.
+
+        ``in_use`` (the clients of the snapshot now current) also drains the
+        clients of nodes still configured but reached another way now (their
+        cluster's TLS settings changed).
+        """
         for uri in [u for u in self._stats if u not in uris]:
             del self._stats[uri]
-        for uri in [u for u in self._clients if u not in uris]:
-            client = self._clients.pop(uri)
+        used = None if in_use is None else {id(client) for client in in_use}
+        for key, client in list(self._clients.items()):
+            if key.partition(" ")[0] in uris and (used is None or id(client) in used):
+                continue
+            del self._clients[key]
+            uri = key.partition(" ")[0]
             task = asyncio.get_running_loop().create_task(
                 client.close(drain_timeout), name=f"pitcher-drain {uri}"
             )

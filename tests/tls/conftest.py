@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import socket
 import ssl
 import tempfile
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import pytest
 import trustme
+
+from tests.proxy.conftest import SOCKET_TIMEOUT, RawClient, build_request
 
 
 @dataclass
@@ -83,3 +86,47 @@ def pki() -> Iterator[Pki]:
         yield Pki(directory, ca, ca_file, other, other_file)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def proxy_config(backend_uri: str, tls: str, server: str = "", clusters: str = "") -> str:
+    """A proxy on a free loopback port whose [server.tls] table holds ``tls`` (TOML lines)."""
+    return f"""[server]
+listen = "127.0.0.1:0"
+{server}
+[server.tls]
+{tls}
+[admin]
+listen = "127.0.0.1:0"
+[[routes]]
+cluster = "echo"
+[clusters.echo]
+nodes = ["{backend_uri}"]
+{clusters}
+"""
+
+
+def connect(
+    port: int, context: ssl.SSLContext, server_hostname: str | None = "127.0.0.1"
+) -> tuple[ssl.SSLSocket, int]:
+    """A TLS connection to the proxy, and the client's own port (what the proxy logs)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT)
+    local_port = sock.getsockname()[1]
+    try:
+        return context.wrap_socket(sock, server_hostname=server_hostname), local_port
+    except BaseException:
+        sock.close()
+        raise
+
+
+def get(sock: ssl.SSLSocket, path: str = "/hello") -> RawClient:
+    """Send one GET on ``sock``; the RawClient reads the answer."""
+    client = RawClient(sock)
+    client.send(build_request("GET", path, (), b"", "127.0.0.1", "1.1"))
+    return client
+
+
+def san(sock: ssl.SSLSocket) -> list[str]:
+    """The names in the certificate the server presented."""
+    certificate = sock.getpeercert()
+    assert certificate is not None
+    return [value for _, value in certificate.get("subjectAltName", ())]
