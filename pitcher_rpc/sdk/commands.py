@@ -128,6 +128,73 @@ def check_listen(listen: str) -> None:
         raise click.BadParameter(message, param_hint="--listen") from None
 
 
+def tls_options(command: F) -> F:
+    """``--tls-certificate``, ``--tls-key`` and ``--tls-client-ca``: serving a tls:// address."""
+    path = click.Path(dir_okay=False)
+    options = [
+        click.option(
+            "--tls-certificate",
+            metavar="FILE",
+            type=path,
+            help="With --listen tls://...: the certificate chain (PEM) the service presents.",
+        ),
+        click.option("--tls-key", metavar="FILE", type=path, help="Its private key (PEM)."),
+        click.option(
+            "--tls-client-ca",
+            metavar="FILE",
+            type=path,
+            help="Require a client certificate signed by this CA (PEM): the proxy's cluster"
+            " then sets [clusters.NAME.tls] certificate and key.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def configure_tls(
+    listen: str, certificate: str | None, key: str | None, client_ca: str | None
+) -> None:
+    """Make the TLS context a tls:// --listen serves with; BadParameter if it cannot be."""
+    import ssl
+
+    from transports.tls import set_default_server_context
+
+    from ..config.tls import server_context
+
+    wanted = listen.lower().startswith("tls://")
+    given = [
+        name
+        for name, value in (
+            ("--tls-certificate", certificate),
+            ("--tls-key", key),
+            ("--tls-client-ca", client_ca),
+        )
+        if value is not None
+    ]
+    if not wanted:
+        if given:
+            message = f"{given[0]} needs --listen tls://HOST:PORT"
+            raise click.BadParameter(message, param_hint="--listen")
+        return
+    if certificate is None or key is None:
+        message = "a tls:// address needs --tls-certificate FILE and --tls-key FILE"
+        raise click.BadParameter(message, param_hint="--listen")
+    try:
+        context = server_context(certificate, key, client_ca=client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
+            reason = f"the key in {key} does not match the certificate in {certificate}"
+        raise click.BadParameter(
+            f"cannot load {certificate} / {key}"
+            + (f" / {client_ca}" if client_ca else "")
+            + f": {reason}",
+            param_hint="--tls-certificate",
+        ) from None
+    set_default_server_context(context)
+
+
 def run_backend(
     app: str,
     listen: str,
@@ -193,6 +260,7 @@ def backend_options(command: F) -> F:
 @click.argument("app")
 @click.option("--listen", required=True, metavar="URI", help="e.g. unix:///run/app.sock")
 @backend_options
+@tls_options
 @registration_options
 def backend_command(
     app: str,
@@ -200,6 +268,9 @@ def backend_command(
     interface: str,
     root_path: str,
     lifespan: str,
+    tls_certificate: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
     register: str | None,
     cluster: str | None,
     advertise: str | None,
@@ -212,4 +283,5 @@ def backend_command(
     registration = make_registration(
         register, cluster, advertise, weight, ttl, metadata, register_token_file
     )
+    configure_tls(listen, tls_certificate, tls_key, tls_client_ca)
     run_backend(app, listen, interface, root_path, lifespan, registration)
