@@ -66,6 +66,10 @@ class AppError(Exception):
     """The app broke the ASGI rules or answered what the proxy would refuse; the call fails."""
 
 
+class ClientDisconnected(OSError):
+    """send() of a piece of a body after the call ended (ASGI 2.4: an OSError)."""
+
+
 class LifespanError(Exception):
     """The app's lifespan startup (or shutdown) failed; the message is the app's."""
 
@@ -267,10 +271,14 @@ class _Cycle:
                 raise RuntimeError("http.response.body sent before http.response.start")
             if self.complete:
                 raise RuntimeError("http.response.body sent after the response was complete")
-            if self.disconnected:
-                return  # as uvicorn does: nobody reads it
-            body = message.get("body", b"")
             more = message.get("more_body", False)
+            if self.disconnected:
+                if more:
+                    # ASGI 2.4: a producer (Starlette's StreamingResponse) learns
+                    # of the end here, and stops rather than making pieces for nobody.
+                    raise ClientDisconnected("the caller went away")
+                return  # the last piece: as uvicorn, nobody reads it
+            body = message.get("body", b"")
             stream = self.stream
             if stream is not None:
                 if not more:
@@ -587,7 +595,11 @@ class AsgiService:
             cycle.disconnect()
             raise
         except Exception as exc:
-            log.error("Exception in ASGI application %s", self.name, exc_info=exc)
+            if cycle.disconnected:
+                # Most often ClientDisconnected out of send(): the caller went away.
+                log.debug("ASGI app %s ended after its call did: %r", self.name, exc)
+            else:
+                log.error("Exception in ASGI application %s", self.name, exc_info=exc)
             cycle.app_ended(exc)
         else:
             cycle.app_ended(None)

@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-from transports.base import Server, ServerOptions, WithDeadline
+from transports.base import (
+    WHOLE_CALL,
+    WHOLE_CALL_MAY_STREAM,
+    Server,
+    ServerCall,
+    ServerOptions,
+    StreamedAnswer,
+    WithStreams,
+)
 from transports.frame import DEFAULT_MAX_FRAME_SIZE
 from transports.native import describe as describe_build
 from transports.registry import transport_for
@@ -823,7 +831,8 @@ class Service:
             message.body = await gather_body(message.body, call.body, limit, size)
         except BodyTooLarge:
             return _TOO_LARGE
-        answer = self.respond(message.SerializeToString(), deadline_ms, _WholeCall(call))
+        whole: ServerCall = WHOLE_CALL_MAY_STREAM if call.may_stream else WHOLE_CALL
+        answer = self.respond(message.SerializeToString(), deadline_ms, whole)
         return await answer if _awaitable(answer) else answer
 
     async def _run_streaming_route(
@@ -910,16 +919,6 @@ _CoroutineType = types.CoroutineType
 _awaitable = inspect.isawaitable
 
 
-class _WholeCall:
-    """A call whose request body was read whole here: what the handler path sees of it."""
-
-    __slots__ = ("body", "may_stream")
-
-    def __init__(self, call: Any) -> None:
-        self.body: AsyncIterator[bytes] | None = None
-        self.may_stream: bool = bool(call.may_stream)
-
-
 def _declared_size(message: Any) -> int | None:
     """The Request's ``body_size`` (field 9) when the sender knew it, else None."""
     if message.HasField("body_size"):
@@ -928,25 +927,17 @@ def _declared_size(message: Any) -> int | None:
     return None
 
 
-def _served(respond: Callable[..., Any]) -> Any:
-    """``respond`` marked for the transports: with the call where streams are carried."""
-    from transports import base
-
-    with_streams = getattr(base, "WithStreams", None)
-    if with_streams is not None:
-        return with_streams(respond)
-    return WithDeadline(respond)
+def _served(respond: Callable[..., Any]) -> WithStreams:
+    """``respond`` marked for the transports: it takes the call, and may stream."""
+    return WithStreams(respond)
 
 
-def stream_answer(head: bytes, chunks: AsyncIterator[bytes]) -> Any:
+def stream_answer(head: bytes, chunks: AsyncIterator[bytes]) -> StreamedAnswer:
     """The transport's StreamedAnswer: a RESPONSE head with MORE, then ``chunks`` as DATA."""
-    from transports import base
-
-    streamed_answer: Any = base.StreamedAnswer  # type: ignore[attr-defined]
-    return streamed_answer(head, chunks)
+    return StreamedAnswer(head, chunks)
 
 
-def _streamed_answer(answer: Streamed) -> Any:
+def _streamed_answer(answer: Streamed) -> StreamedAnswer:
     return stream_answer(answer.streamed_head(), answer.body())
 
 

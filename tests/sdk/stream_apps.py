@@ -170,8 +170,20 @@ def _starlette() -> Any:
     async def whole(request: StarletteRequest) -> JSONResponse:
         return JSONResponse({"size": len(await request.body())})
 
+    async def endless(request: StarletteRequest) -> StarletteStreaming:
+        async def pieces() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    yield b"e" * PIECE
+                    await asyncio.sleep(0)
+            finally:
+                ended.append("asgi answer closed")
+
+        return StarletteStreaming(pieces())
+
     return Starlette(
         routes=[
+            Route("/endless", endless),
             Route("/numbers", numbers),
             Route("/big", big),
             Route("/broken", broken),
@@ -208,3 +220,35 @@ fastapi_app = _fastapi() if os.environ.get("STREAM_APPS_NO_ASGI") is None else N
 def short(request: Request) -> StreamingResponse:
     """Declares 10 bytes and makes 4."""
     return StreamingResponse([b"four"], size=10)
+
+
+# What the endless answer and the endless reader saw end, for the cancel tests.
+ended: list[str] = []
+
+
+@service.route("/endless")
+def endless(request: Request) -> StreamingResponse:
+    async def pieces() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield b"e" * PIECE
+                await asyncio.sleep(0)
+        finally:
+            ended.append("answer closed")
+
+    return StreamingResponse(pieces())
+
+
+@service.route("/reader", stream=True)
+async def endless_reader(request: Request) -> dict[str, Any]:
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+    except asyncio.CancelledError:
+        ended.append("reader cancelled")
+        raise
+    except Exception as exc:
+        ended.append(f"reader failed: {type(exc).__name__}")
+        raise
+    return {"size": size}

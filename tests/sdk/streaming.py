@@ -46,7 +46,7 @@ def request_payload(
 class _Receiver:
     __slots__ = ("deadline", "head", "idempotent", "timeout")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float = 10.0) -> None:
         self.deadline = loop.time() + timeout
         self.timeout = timeout
         self.idempotent = False

@@ -25,7 +25,7 @@ from pitcher_rpc.pb import pitcher_pb2
 from pitcher_rpc.sdk import Service
 from pitcher_rpc.sdk.asgi import AsgiService
 from tests.sdk import stream_apps
-from tests.sdk.streaming import Body, request_payload, streamed_call
+from tests.sdk.streaming import Body, _Receiver, request_payload, streamed_call
 from tests.sdk.test_streams import parse_event_stream
 from transports.base import ServerOptions
 from transports.errors import ErrorCode, RemoteError, TransportError
@@ -114,10 +114,6 @@ def test_asgi_streaming_responses_reach_a_whole_caller_gathered() -> None:
 
 # ----------------------------------------------------------------------------- streamed answers
 
-needs_streams = pytest.mark.skipif(
-    not hasattr(__import__("transports.base").base, "WithStreams"),
-    reason="the transports' server does not carry streamed bodies yet",
-)
 WINDOW = 256 * 1024  # the transports' default initial_window
 PIECE = stream_apps.PIECE
 
@@ -130,7 +126,6 @@ async def streamed(client: Any, path: bytes, query: bytes = b"", **kwargs: Any) 
     return await streamed_call(client, request_payload(path, query), **kwargs)
 
 
-@needs_streams
 def test_a_streamed_answer_comes_in_pieces_paced_by_the_reader() -> None:
     async def scenario(client: Any) -> None:
         head, body = await streamed(client, b"/big", b"mib=16&size=1")
@@ -147,7 +142,6 @@ def test_a_streamed_answer_comes_in_pieces_paced_by_the_reader() -> None:
     serve(stream_apps.service, scenario)
 
 
-@needs_streams
 def test_an_exception_midway_cuts_the_stream() -> None:
     async def scenario(client: Any) -> None:
         head, body = await streamed(client, b"/fail")
@@ -167,7 +161,6 @@ def test_an_exception_midway_cuts_the_stream() -> None:
     serve(app, scenario)
 
 
-@needs_streams
 def test_server_sent_events_arrive_as_they_are_made() -> None:
     async def scenario(client: Any) -> None:
         started = time.monotonic()
@@ -203,7 +196,6 @@ def pieces_of(data: bytes, size: int = PIECE) -> list[bytes]:
     return [data[at : at + size] for at in range(0, len(data), size)]
 
 
-@needs_streams
 def test_an_upload_is_read_as_a_stream_or_whole() -> None:
     data = os.urandom(3 * MIB + 1234)
     digest = hashlib.sha256(data).hexdigest()
@@ -227,7 +219,6 @@ def test_an_upload_is_read_as_a_stream_or_whole() -> None:
     serve(stream_apps.service, scenario)
 
 
-@needs_streams
 def test_a_body_over_max_body_size_is_refused_with_413_unread() -> None:
     app = Service("small", max_body_size=MIB)
     app.route("/")(stream_apps.buffered)
@@ -251,7 +242,6 @@ def test_a_body_over_max_body_size_is_refused_with_413_unread() -> None:
     serve(app, scenario)
 
 
-@needs_streams
 def test_a_slow_reader_holds_the_sender_back() -> None:
     stream_apps.slow_reads.clear()
     data = b"s" * (2 * MIB)
@@ -298,7 +288,6 @@ def test_a_slow_reader_holds_the_sender_back() -> None:
     serve(stream_apps.service, scenario)
 
 
-@needs_streams
 def test_an_early_answer_stops_the_upload() -> None:
     async def scenario(client: Any) -> None:
         head, body = await streamed_call(
@@ -314,7 +303,6 @@ def test_an_early_answer_stops_the_upload() -> None:
 # ----------------------------------------------------------------------------- ASGI
 
 
-@needs_streams
 def test_asgi_apps_stream_both_ways() -> None:
     data = os.urandom(MIB + 7)
 
@@ -369,7 +357,6 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-@needs_streams
 def test_a_100_mib_streamed_answer_keeps_the_service_small() -> None:
     from tests.proxy.conftest import Process, pitcher_command, wait_until
 
@@ -409,3 +396,56 @@ def test_a_100_mib_streamed_answer_keeps_the_service_small() -> None:
     print(f"100 MiB streamed: service RSS {before} KiB before, peak {peak} KiB (+{growth} KiB)")
     assert received == 100 * MIB
     assert growth < 16 * 1024, f"the service grew by {growth} KiB for a streamed 100 MiB"
+
+
+# ----------------------------------------------------------------------------- callers going away
+
+
+def test_a_caller_going_away_closes_the_answer_and_stops_the_reader() -> None:
+    stream_apps.ended.clear()
+
+    async def scenario(client: Any) -> None:
+        _, body = await streamed(client, b"/endless")
+        assert isinstance(body, Body)
+        pieces = body.__aiter__()
+        for _ in range(3):
+            await anext(pieces)
+        body.incoming.abort()  # CANCEL: the handler's generator is closed
+        await wait_for(lambda: "answer closed" in stream_apps.ended)
+        loop = asyncio.get_running_loop()
+        receiver = _Receiver(loop)
+        outgoing = client.send_stream(request_payload(b"/reader"), receiver, False)
+        outgoing.write(b"r" * PIECE)
+        await asyncio.sleep(0.05)
+        outgoing.abort()  # the upload's client went away
+        await wait_for(lambda: any(e.startswith("reader") for e in stream_apps.ended))
+        assert not receiver.head.done()  # nothing is answered to a cancelled call
+        # The connection serves on.
+        assert (await whole(client, b"/buffered")).status == 200
+
+    serve(stream_apps.service, scenario)
+    assert stream_apps.ended[0] == "answer closed"
+    assert stream_apps.ended[1] in ("reader cancelled", "reader failed: ConnectionLost")
+
+
+def test_an_asgi_stream_stops_when_its_caller_goes_away() -> None:
+    stream_apps.ended.clear()
+
+    async def scenario(client: Any) -> None:
+        _, body = await streamed(client, b"/endless")
+        assert isinstance(body, Body)
+        pieces = body.__aiter__()
+        for _ in range(3):
+            await anext(pieces)
+        body.incoming.abort()
+        await wait_for(lambda: "asgi answer closed" in stream_apps.ended)
+        assert (await whole(client, b"/numbers")).status == 200
+
+    serve(AsgiService(stream_apps.starlette_app), scenario)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
