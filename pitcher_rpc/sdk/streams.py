@@ -452,8 +452,7 @@ class Streamed:
                 sent,
                 type(exc).__name__,
                 exc,
-                exc_info=not isinstance(exc, ValueError),
-            )
+            )  # the transport logs the traceback with the request's id
             raise
         finally:
             await _close(chunks)
