@@ -234,7 +234,8 @@ class ServerConnection:
         self._response_left = 0
         self._keep = False
         self._held: bytes | None = None
-        # Body bytes of the streamed answer handed to the caller to write.
+        # Bytes of the streamed answer after its head handed to the caller to
+        # write (its body, and a chunked body's framing).
         self.response_sent = 0
 
     # bytes in -------------------------------------------------------------------------
@@ -530,8 +531,9 @@ class ServerConnection:
         if not size:
             return []
         if mode == _CHUNKED:
-            self.response_sent += size
-            return [_chunk_size_line(size), data, _CRLF]
+            line = _chunk_size_line(size)
+            self.response_sent += len(line) + size + 2
+            return [line, data, _CRLF]
         if mode == _LENGTH:
             if self._held is not None or size > self._response_left:
                 return None
@@ -565,6 +567,7 @@ class ServerConnection:
                 tail.append(held)
         elif mode == _CHUNKED:
             tail.append(_LAST_CHUNK)
+            self.response_sent += len(_LAST_CHUNK)
         self._response_mode = _NO_BODY
         self._end_response(now, mode == _UNTIL_CLOSE)
         return tail

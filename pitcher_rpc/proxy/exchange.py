@@ -282,8 +282,8 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         if stream.error is not None:
             self._body_refused(stream.error)
             return
-        if not getattr(route.cluster.nodes[0].client, "supports_streaming", False):
-            # A carrier of whole frames (UDP): the body is gathered, then sent.
+        if not all(getattr(n.client, "supports_streaming", False) for n in route.cluster.nodes):
+            # A carrier of whole frames (UDP) may take it: the body is gathered, then sent.
             self.gathered = []
             self.connection.body_wanted()
             self.pump_body()

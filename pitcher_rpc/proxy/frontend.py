@@ -285,7 +285,7 @@ class HttpConnection(HttpGlue):
         """Write a streamed answer's head, then its body as it comes (see the module doc)."""
         if exchange is not self.current or self.closed:
             incoming.abort()
-            exchange.stream_over(None, "", False)
+            exchange.stream_over(None, CUT, False)  # the client has gone
             return
         http = self.http
         head = http.respond_head(status, fields, body_size, self.loop.time())

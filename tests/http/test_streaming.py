@@ -251,6 +251,7 @@ def test_an_unknown_length_is_chunked_on_http11() -> None:
     assert conn.response_data(b"a" * 26) == [b"1a\r\n", b"a" * 26, b"\r\n"]
     assert conn.response_data(b"") == []
     assert conn.response_end() == [b"0\r\n\r\n"]
+    assert conn.response_sent == 4 + 26 + 2 + 5, "every byte after the head, framing too"
     assert not conn.must_close and not conn.half_close
 
 

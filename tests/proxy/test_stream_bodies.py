@@ -553,3 +553,28 @@ def test_an_upload_that_started_streaming_is_never_retried(launcher: Launcher) -
     assert sorted(statuses[size] for size in (500000, 500001)) == [200, 502]
     failed = 500000 if statuses[500000] == 502 else 500001
     assert f"flaky.a.{failed}" in marks and f"flaky.b.{failed}" not in marks
+
+
+@pytest.mark.parametrize("fault", ["client_closes", "client_stalls"])
+def test_an_upload_cut_short_is_refused_and_never_passed_on_as_whole(
+    launcher: Launcher, fault: str
+) -> None:
+    site = _site(launcher, {"body_timeout": 0.5})
+    sock = site.raw()
+    sock.sendall(b"POST /drain HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+    sock.sendall(pattern(200000))
+    launcher.wait_for_mark("drain.started")
+    if fault == "client_closes":
+        sock.shutdown(socket.SHUT_WR)
+    data = b""
+    sock.settimeout(5)
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    expected = b"HTTP/1.1 400 " if fault == "client_closes" else b"HTTP/1.1 408 "
+    assert data.startswith(expected), data[:200]
+    assert b"connection: close" in data.lower()
+    launcher.wait_for_mark("drain.cancelled")
+    sock.close()
