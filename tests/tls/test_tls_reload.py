@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -87,3 +88,18 @@ def test_reload_swaps_the_certificate_without_dropping_connections(
         assert serves("fourth.test")
         client.send(b"GET /still HTTP/1.1\r\nHost: x\r\n\r\n")
         assert client.response().status == 200
+
+    # A failed handshake is counted by reason in the worker's status.
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as plain:
+        plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert plain.recv(100) == b""
+
+    def counted() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/admin/workers", timeout=5) as r:
+            (worker,) = json.loads(r.read())["workers"]
+        tls = worker["tls"]
+        return tls["enabled"] and tls["handshake_failures"] == {
+            "plain HTTP sent to the TLS port": 1
+        }
+
+    wait_until(counted, 5.0, "the failed handshake in the worker's status")
