@@ -216,6 +216,11 @@ starlette_app = _starlette() if os.environ.get("STREAM_APPS_NO_ASGI") is None el
 fastapi_app = _fastapi() if os.environ.get("STREAM_APPS_NO_ASGI") is None else None
 
 
+@service.route("/small")
+def small(request: Request) -> StreamingResponse:
+    return StreamingResponse([b"one ", "two"])
+
+
 @service.route("/short")
 def short(request: Request) -> StreamingResponse:
     """Declares 10 bytes and makes 4."""

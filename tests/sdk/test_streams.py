@@ -345,3 +345,64 @@ def test_a_whole_body_is_one_chunk_and_read_returns_it() -> None:
     respond(app, payload(body=b"hello"))
     respond(app, payload(body=b""))
     assert seen == [([b"hello"], b"hello", 5), ([], b"", 0)]
+
+
+async def pieces(*chunks: bytes) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        await asyncio.sleep(0)
+        yield chunk
+
+
+def respond_streamed(app: Service, request: bytes, *rest: bytes) -> pitcher_pb2.Response:
+    """The answer to a request whose body goes on in ``rest`` (as the server's ServerCall)."""
+    from transports.base import ServerCall
+
+    async def run() -> bytes:
+        answer = app.respond(request, 0, ServerCall(pieces(*rest), False))
+        result: bytes = answer if isinstance(answer, bytes) else await answer
+        return result
+
+    return pitcher_pb2.Response.FromString(asyncio.run(run()))
+
+
+def test_a_streamed_body_is_read_once() -> None:
+    outcomes: list[Any] = []
+    app = Service("once")
+
+    @app.route("/twice", stream=True)
+    async def twice(request: Request) -> bytes:
+        assert request.body == b""  # not read yet
+        first = [chunk async for chunk in request.stream()]
+        outcomes.append(first)
+        try:
+            request.stream()
+        except RuntimeError as exc:
+            outcomes.append(str(exc))
+        try:
+            await request.read()
+        except RuntimeError as exc:
+            outcomes.append(str(exc))
+        return b"ok"
+
+    @app.route("/read", stream=True)
+    async def read_then_stream(request: Request) -> bytes:
+        body = await request.read()
+        outcomes.append((body, request.body, [chunk async for chunk in request.stream()]))
+        return b"ok"
+
+    assert respond_streamed(app, payload(b"/twice", b"he"), b"ll", b"", b"o").body == b"ok"
+    assert outcomes[0] == [b"he", b"ll", b"o"]
+    assert all("read already" in message for message in outcomes[1:3])
+    outcomes.clear()
+    assert respond_streamed(app, payload(b"/read", b"a"), b"b").body == b"ok"
+    assert outcomes == [(b"ab", b"ab", [b"ab"])]
+
+
+def test_a_buffered_route_gets_the_whole_body_and_413_past_its_limit() -> None:
+    seen: list[bytes] = []
+    app = Service("buffered", max_body_size=5)
+    app.route("/")(lambda request: seen.append(request.body) or b"ok")
+    assert respond_streamed(app, payload(b"/", b"ab"), b"cd", b"e").body == b"ok"
+    assert seen == [b"abcde"]
+    refused = respond_streamed(app, payload(b"/", b"ab"), b"cd", b"ef")
+    assert refused.status == 413 and seen == [b"abcde"]

@@ -449,3 +449,53 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+# ----------------------------------------------------------------------------- other paths
+
+
+def test_a_traced_service_streams_and_its_span_ends_with_the_head() -> None:
+    pytest.importorskip("opentelemetry.sdk.trace")
+    from tests.tracing.spans import service_exporter
+
+    exporter = service_exporter()
+    app = Service("traced-streams", tracing=True)
+    app.route("/big")(stream_apps.big)
+    app.route("/upload", stream=True)(stream_apps.upload)
+    data = os.urandom(MIB)
+
+    async def scenario(client: Any) -> None:
+        head, body = await streamed(client, b"/big", b"mib=2")
+        assert head.status == 200 and isinstance(body, Body)
+        assert len(await body.read()) == 2 * MIB
+        # With tracing, a stream route gets its body read whole first (docs/sdk.md).
+        _, answer = await streamed_call(client, request_payload(b"/upload"), pieces_of(data))
+        assert json.loads(await read_body(answer))["size"] == len(data)
+        collected = await whole(client, b"/big", b"mib=1")
+        assert len(collected.body) == MIB
+
+    serve(app, scenario)
+    names = [span.name for span in exporter.get_finished_spans()]
+    assert names.count("GET /big") == 2 and names.count("GET /upload") == 1
+
+
+def test_a_datagram_carrier_gets_streamed_answers_whole() -> None:
+    from transports.registry import transport_for
+
+    async def main() -> None:
+        server = await stream_apps.service.serve("udp://127.0.0.1:0")
+        client = transport_for(server.address).client(server.address)
+        try:
+            answer = pitcher_pb2.Response.FromString(
+                await client.call(request_payload(b"/small"), 5)
+            )
+            assert answer.status == 200 and answer.body == b"one two"
+            # Over a datagram's frame limit: the too-large error, not a cut datagram.
+            with pytest.raises(RemoteError) as failed:
+                await client.call(request_payload(b"/big", b"mib=1"), 5)
+            assert "exceeds the frame limit" in failed.value.remote_message
+        finally:
+            await client.close(1)
+            await server.close(1)
+
+    uvloop.run(asyncio.wait_for(main(), 10))
