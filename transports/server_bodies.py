@@ -25,7 +25,7 @@ from typing import Protocol
 from .base import StreamedAnswer
 from .control import ErrorInfo
 from .errors import DeadlineExceeded, ErrorCode, TransportError
-from .flow import ReceiveWindow, SendWindow
+from .flow import ReceiveWindow, SendWindow, take_bytes_field, with_bytes_field
 
 log = logging.getLogger("pitcher.transports")
 
@@ -200,6 +200,32 @@ async def send_streamed_answer(
         log.error("streamed answer to request %d failed", request_id, exc_info=exc)
         link.send_error(request_id, ErrorInfo(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
         await _close_chunks(chunks)
+
+
+async def gather_answer(answer: StreamedAnswer, limit: int) -> bytes:
+    """A StreamedAnswer as one whole response payload, for a caller with no window.
+
+    The chunks go into the head's body field (``pitcher.v1.Response.body``, 4)
+    after the head's own first bytes. ValueError over ``limit`` bytes.
+    """
+    parts: list[bytes] = []
+    size = len(answer.head)
+    chunks = answer.chunks
+    try:
+        async for chunk in chunks:
+            parts.append(bytes(chunk))
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(
+                    f"response of over {size} bytes exceeds the frame limit of {limit}"
+                    " (the caller takes no streamed answer)"
+                )
+    except BaseException:
+        await _close_chunks(chunks)
+        raise
+    head, first = take_bytes_field(answer.head, 4)
+    body = first + b"".join(parts)
+    return with_bytes_field(head, 4, body) if body else head
 
 
 async def _close_chunks(chunks: object) -> None:

@@ -20,7 +20,6 @@ from .base import Handler, ServerOptions, StreamedAnswer
 from .control import ErrorInfo, GoAwayInfo, Settings, decode_window_update
 from .decoder import FrameDecoder
 from .errors import ConnectError, ConnectionLost, ErrorCode, ProtocolError
-from .flow import take_bytes_field, with_bytes_field
 from .frame import (
     DEFAULT_MAX_FRAME_SIZE,
     FLAG_MORE,
@@ -36,7 +35,7 @@ from .frame import (
 )
 from .handlers import HandlerRunner
 from .registry import parse_address
-from .server_bodies import AnswerCredit, RequestBody, send_streamed_answer
+from .server_bodies import AnswerCredit, RequestBody, gather_answer, send_streamed_answer
 from .stream_io import Batcher, remove_stale_socket, set_nodelay
 
 log = logging.getLogger("pitcher.transports")
@@ -354,17 +353,8 @@ class _ServerConnection(asyncio.Protocol):
                 self.tasks.release(request_id, task)
 
     async def _gather_answer(self, request_id: int, answer: StreamedAnswer) -> None:
-        parts: list[bytes] = []
-        size = len(answer.head)
         try:
-            async for chunk in answer.chunks:
-                parts.append(bytes(chunk))
-                size += len(chunk)
-                if size > self._answer_limit:
-                    raise ValueError(
-                        f"response of over {size} bytes exceeds the frame limit of"
-                        f" {self._answer_limit} (the caller takes no streamed answer)"
-                    )
+            whole = await gather_answer(answer, self._answer_limit)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -373,9 +363,7 @@ class _ServerConnection(asyncio.Protocol):
                 request_id, ErrorInfo(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             )
             return
-        head, first = take_bytes_field(answer.head, 4)  # pitcher.v1.Response.body
-        body = first + b"".join(parts)
-        self._answer(request_id, with_bytes_field(head, 4, body) if body else head, None)
+        self._answer(request_id, whole, None)
 
     # the bodies' ServerLink ---------------------------------------------------------------
 

@@ -34,7 +34,7 @@ import zmq
 import zmq.asyncio
 
 from .base import ClientOptions
-from .bodies import OutgoingBody
+from .bodies import IncomingBody, OutgoingBody
 from .calls import (
     AwaitableCalls,
     CallTable,
@@ -43,17 +43,29 @@ from .calls import (
     deliver_response,
     error_for,
 )
-from .control import ErrorInfo, GoAwayInfo
+from .control import ErrorInfo, GoAwayInfo, Settings, decode_window_update
 from .errors import (
+    CallError,
     Closed,
     ConnectError,
     ConnectionLost,
     DeadlineExceeded,
+    FlowControlError,
     ProtocolError,
     Rejected,
     RequestTooLarge,
 )
-from .frame import HEADER, HEADER_SIZE, VERSION, FrameType, encode_frame
+from .frame import (
+    FLAG_MORE,
+    FLAG_STREAM_OK,
+    HEADER,
+    HEADER_SIZE,
+    VERSION,
+    FrameType,
+    encode_data,
+    encode_frame,
+    encode_window_update,
+)
 from .zeromq_io import endpoint_of, new_socket, parse_zmq_address, read_header, shared_context
 from .zeromq_io import should_log as _should_log
 
@@ -109,6 +121,16 @@ class ZmqClient(AwaitableCalls):
         self.late_responses = 0
         # Malformed messages received and dropped.
         self.dropped = 0
+        # Streamed bodies: the node's window (0 until its SETTINGS says more), its
+        # frame limit, our SETTINGS, and the request bodies being sent.
+        self._server_window = 0
+        self._server_max_frame = self._max_request
+        self._settings = encode_frame(
+            FrameType.SETTINGS,
+            0,
+            Settings(self.options.max_frame_size, 0, self.options.initial_window).encode(),
+        )
+        self._outgoing: dict[int, OutgoingBody] = {}
 
     # public ---------------------------------------------------------------------------
 
@@ -121,10 +143,13 @@ class ZmqClient(AwaitableCalls):
         """1 while the socket is open: ZeroMQ hides the connection behind it."""
         return 0 if self._socket is None or self._socket.closed else 1
 
-    def send(self, payload: bytes, receiver: Receiver, stream_response: bool = False) -> None:
+    def send(
+        self, payload: bytes, receiver: Receiver, stream_response: bool = False, _more: int = 0
+    ) -> None:
         """Send one request; its outcome goes to ``receiver`` (possibly before this returns).
 
-        ``stream_response`` changes nothing yet: over ZeroMQ every answer is whole.
+        ``stream_response``: the node may stream its answer (STREAM_OK); ``receiver``
+        is then a :class:`~transports.calls.StreamReceiver`.
         """
         if self._closed:
             receiver.on_error(Closed(f"client for {self.address} is closed"))
@@ -151,7 +176,15 @@ class ZmqClient(AwaitableCalls):
             receiver.on_error(DeadlineExceeded("deadline passed before sending", sent=False))
             return
         calls = self._calls
-        frame = calls.request_header(receiver, len(payload), remaining) + payload
+        frame = (
+            calls.request_header(
+                receiver,
+                len(payload),
+                remaining,
+                (FLAG_STREAM_OK if stream_response else 0) | _more,
+            )
+            + payload
+        )
         request_id = calls.last_id()
         error: ConnectError | None = None
         if self._queued:
@@ -174,24 +207,97 @@ class ZmqClient(AwaitableCalls):
 
     @property
     def supports_streaming(self) -> bool:
-        """Not yet over ZeroMQ: ``send_stream`` gathers the body into one whole REQUEST."""
-        return False
+        return True
+
+    @property
+    def node_window(self) -> int:
+        """The node's SETTINGS initial_window (0: it takes whole requests only, or has
+        not spoken yet); a streamed request goes out only when it is above 0."""
+        return self._server_window
 
     def send_stream(
         self, payload: bytes, receiver: Receiver, stream_response: bool = True
     ) -> OutgoingBody:
-        """A request whose body follows, sent as one whole REQUEST at ``end()``.
+        """Send a request whose body follows: ``payload`` is its head (REQUEST with MORE).
 
-        ZeroMQ has no SETTINGS exchange, so no node announces a window: the
-        body is gathered (RequestTooLarge over the frame limit), as for a
-        stream node that takes whole frames only.
+        As :meth:`transports.stream_client.StreamClient.send_stream`. Only to a
+        node whose SETTINGS announced a window; otherwise the body is gathered
+        into one whole REQUEST at ``end()`` (RequestTooLarge over the frame limit).
         """
-        body = OutgoingBody(self, receiver, payload, 0)
-        body.bind_whole(self._max_request)
+        flags = FLAG_STREAM_OK if stream_response else 0
+        body = OutgoingBody(self, receiver, payload, flags)
+        window = self._server_window
+        if not window or self._closed:
+            body.bind_whole(self._max_request)
+            return body
+        self.send(payload, receiver, stream_response, FLAG_MORE)
+        request_id = self._calls.last_id()
+        if self._pending.get(request_id) is not receiver:
+            body.stop()  # refused at once: the receiver has its error
+            return body
+        self._outgoing[request_id] = body
+        queued = self._queued.get(request_id)
+        if queued is None:
+            body.bind_stream(self, request_id, window, self._server_max_frame)
+        else:
+            # DATA must not overtake its head, which waits in zmq.asyncio's queue.
+            queued[0].add_done_callback(
+                functools.partial(self._head_sent, request_id, body, window)
+            )
         return body
 
+    def _head_sent(
+        self, request_id: int, body: OutgoingBody, window: int, future: asyncio.Future[Any]
+    ) -> None:
+        if future.cancelled() or future.exception() is not None or request_id not in self._pending:
+            self._outgoing.pop(request_id, None)
+            body.stop()
+            return
+        body.bind_stream(self, request_id, window, self._server_max_frame)
+
     def send_whole(self, payload: bytes, receiver: Receiver, flags: int) -> None:
-        self.send(payload, receiver)
+        self.send(payload, receiver, flags & FLAG_STREAM_OK != 0)
+
+    # the bodies' BodyLink ----------------------------------------------------------------
+
+    def send_data(self, request_id: int, data: bytes, more: bool) -> None:
+        if not more:
+            self._outgoing.pop(request_id, None)
+        if not self._send_now(encode_data(request_id, data, more)):
+            # A DATA lost would corrupt the body: the call ends instead.
+            self._outgoing.pop(request_id, None)
+            receiver = self._pending.pop(request_id, None)
+            self.call_expired(request_id)
+            if receiver is not None:
+                deliver_error(
+                    receiver, ConnectionLost(f"{self.address}: the request body could not be sent")
+                )
+
+    def send_credit(self, request_id: int, increment: int) -> None:
+        self._send_now(encode_window_update(request_id, increment))
+
+    def drop_call(self, request_id: int) -> None:
+        self._give_up(request_id)
+
+    def watch(self, when: float) -> None:
+        self._calls.wake_at(when)
+
+    def time(self) -> float:
+        loop = self._loop
+        assert loop is not None
+        return loop.time()
+
+    def _send_now(self, frame: bytes) -> bool:
+        send = self._send
+        if send is None:
+            return False
+        try:
+            send(frame, _NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        if self._reader_waiting:
+            self._poke_reader()
+        return True
 
     def give_up(self, receiver: Receiver) -> None:
         self.cancel(receiver)
@@ -247,6 +353,9 @@ class ZmqClient(AwaitableCalls):
     def abort(self) -> None:
         """Close the socket now; calls in flight fail with ConnectionLost."""
         self._closed = True
+        outgoing, self._outgoing = self._outgoing, {}
+        for body in outgoing.values():
+            body.stop()
         self._calls.close()
         pending = list(self._pending.items())
         self._pending.clear()
@@ -419,6 +528,10 @@ class ZmqClient(AwaitableCalls):
     def call_expired(self, request_id: int) -> bool:
         """A call its caller stopped waiting for: unsend it if it is still queued
         (False), or CANCEL it at the node (True)."""
+        if self._outgoing:
+            body = self._outgoing.pop(request_id, None)
+            if body is not None:
+                body.stop()
         queued = self._queued.pop(request_id, None)
         if queued is not None and queued[0].cancel():
             return False
@@ -488,40 +601,75 @@ class ZmqClient(AwaitableCalls):
                 and version == VERSION
                 and request_id
                 and length == size - HEADER_SIZE
+                and not _flags  # MORE: a streamed response's head
             ):
                 receiver = self._pending.pop(request_id, None)
                 if receiver is None:
                     # Its caller gave up (deadline, cancel): drop it.
                     self.late_responses += 1
                     return
+                if self._outgoing:
+                    self._answered_early(request_id)
                 deliver_response(receiver, data[HEADER_SIZE:])
                 if self._goaway_seen:
                     self._maybe_say_goaway()
                 return
         try:
             frame_type, request_id, _deadline = read_header(data, self.options.max_frame_size)
-            self._on_frame(frame_type, request_id, data[HEADER_SIZE:])
+            self._on_frame(frame_type, request_id, data[HEADER_SIZE:], (data[2] << 8) | data[3])
         except ProtocolError as exc:
             self._drop(str(exc))
         if self._goaway_seen:
             self._maybe_say_goaway()
 
-    def _on_frame(self, frame_type: int, request_id: int, payload: bytes) -> None:
-        if frame_type == FrameType.ERROR:
+    def _on_frame(self, frame_type: int, request_id: int, payload: bytes, flags: int) -> None:
+        if frame_type == FrameType.DATA:
+            entry = self._pending.get(request_id)
+            if not isinstance(entry, IncomingBody):
+                return  # crossed a CANCEL, or a node's mistake: dropped, no connection to end
+            try:
+                ended = entry.receive(payload, flags & FLAG_MORE != 0)
+            except FlowControlError as exc:
+                self._give_up(request_id)
+                deliver_error(entry, ConnectionLost(f"{self.address}: {exc}"))
+                return
+            if ended and self._pending.get(request_id) is entry:
+                del self._pending[request_id]
+        elif frame_type == FrameType.WINDOW_UPDATE:
+            body = self._outgoing.get(request_id)
+            if body is not None:
+                try:
+                    body.credit(decode_window_update(payload))
+                except FlowControlError as exc:
+                    receiver = self._pending.pop(request_id, None)
+                    self.call_expired(request_id)
+                    if receiver is not None:
+                        deliver_error(receiver, ConnectionLost(f"{self.address}: {exc}"))
+        elif frame_type == FrameType.ERROR:
             error = ErrorInfo.decode(payload)
             if request_id == 0:
                 # The node dropped something we sent; it keeps serving the rest.
                 log.warning("node %s reported: %s", self.address, error.describe())
                 return
             receiver = self._pending.pop(request_id, None)
+            if self._outgoing:
+                self._answered_early(request_id)
             if receiver is None:
                 self.late_responses += 1
+            elif isinstance(receiver, IncomingBody):
+                deliver_error(
+                    receiver, ConnectionLost(f"the node cut the response body: {error.describe()}")
+                )
             else:
                 deliver_error(receiver, error_for(error))
         elif frame_type == _RESPONSE:
             receiver = self._pending.pop(request_id, None)
+            if self._outgoing:
+                self._answered_early(request_id)
             if receiver is None:
                 self.late_responses += 1
+            elif flags & FLAG_MORE:
+                self._on_response_head(request_id, receiver, payload)
             else:
                 deliver_response(receiver, payload)
         elif frame_type == FrameType.GOAWAY:
@@ -550,9 +698,36 @@ class ZmqClient(AwaitableCalls):
                 with contextlib.suppress(zmq.ZMQError):
                     send(encode_frame(FrameType.PONG, 0, payload), _NOBLOCK)
         elif frame_type == FrameType.SETTINGS:
-            pass  # nothing to learn: both ends are configured with the same limits
+            # A node speaks first to a new connection when it takes streamed
+            # bodies: learn its window and answer with ours (docs/wire.md, "ZeroMQ").
+            settings = Settings.decode(payload)
+            self._server_window = settings.initial_window
+            if settings.max_frame_size:
+                self._server_max_frame = min(settings.max_frame_size, self._max_request)
+            self._send_now(self._settings)
         else:
             raise ProtocolError(f"a client does not accept {FrameType(frame_type).name} frames")
+
+    def _on_response_head(self, request_id: int, receiver: Receiver, payload: bytes) -> None:
+        on_head = getattr(receiver, "on_response_head", None)
+        if on_head is None or not self.options.initial_window:
+            self.call_expired(request_id)
+            deliver_error(receiver, CallError("the node streamed a response nobody asked for"))
+            return
+        idle = getattr(receiver, "timeout", 0.0) or self.options.stream_idle_timeout
+        body = IncomingBody(self, request_id, self.options.initial_window, idle)
+        self._pending[request_id] = body
+        self._calls.wake_at(body.deadline)
+        try:
+            on_head(payload, body)
+        except Exception:
+            log.exception("a receiver failed on a response head from %s", self.address)
+            body.abort()
+
+    def _answered_early(self, request_id: int) -> None:
+        body = self._outgoing.pop(request_id, None)
+        if body is not None:
+            body.stop()
 
     def _drop(self, reason: str) -> None:
         self.dropped += 1

@@ -29,17 +29,22 @@ import zmq
 import zmq.asyncio
 
 from .base import Handler, ServerOptions, StreamedAnswer
-from .control import ErrorInfo, GoAwayInfo
-from .errors import ConnectError, ErrorCode, ProtocolError
+from .control import ErrorInfo, GoAwayInfo, Settings, decode_window_update
+from .errors import ConnectError, ConnectionLost, ErrorCode, FlowControlError, ProtocolError
 from .frame import (
+    FLAG_MORE,
+    FLAG_STREAM_OK,
     HEADER,
     HEADER_SIZE,
     VERSION,
     FrameType,
+    encode_data,
     encode_frame,
     encode_response,
+    encode_window_update,
 )
 from .handlers import HandlerRunner
+from .server_bodies import AnswerCredit, RequestBody, gather_answer, send_streamed_answer
 from .stream_io import remove_stale_socket
 from .zeromq_io import endpoint_of, new_socket, parse_zmq_address, read_header, shared_context
 from .zeromq_io import should_log as _should_log
@@ -79,9 +84,21 @@ def _no_events(option: int) -> int:
 class _Peer:
     """What the server knows of one identity (one client connection)."""
 
-    __slots__ = ("draining", "error_sent", "last_request_id", "last_seen", "running")
+    __slots__ = (
+        "answers",
+        "bodies",
+        "draining",
+        "error_sent",
+        "greeted",
+        "last_request_id",
+        "last_seen",
+        "link",
+        "running",
+        "stream_ok",
+        "window",
+    )
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, link: _PeerLink) -> None:
         self.last_seen = now
         self.last_request_id = 0
         # Requests started and not yet answered or cancelled.
@@ -89,6 +106,38 @@ class _Peer:
         self.error_sent = False
         # Sent our GOAWAY and has not answered with its own yet.
         self.draining = False
+        # Streamed bodies (docs/wire.md, "ZeroMQ"): the client's SETTINGS came
+        # (it knows our window), its window, STREAM_OK as a handler may see it.
+        self.greeted = False
+        self.window = 0
+        self.stream_ok = 0
+        self.link = link
+        self.bodies: dict[int, RequestBody] = {}
+        self.answers: dict[int, AnswerCredit] = {}
+
+
+class _PeerLink:
+    """The ServerLink of one identity's streamed bodies: frames to that identity."""
+
+    __slots__ = ("_server", "identity")
+
+    def __init__(self, server: ZmqServer, identity: bytes) -> None:
+        self._server = server
+        self.identity = identity
+
+    def send_data(self, request_id: int, data: bytes, more: bool) -> None:
+        self._server._send_to(self.identity, encode_data(request_id, data, more))
+
+    def send_credit(self, request_id: int, increment: int) -> None:
+        self._server._send_to(self.identity, encode_window_update(request_id, increment))
+
+    def send_head(self, request_id: int, payload: bytes, more: bool) -> None:
+        self._server._send_to(
+            self.identity, encode_response(request_id, payload, FLAG_MORE if more else 0)
+        )
+
+    def send_error(self, request_id: int, info: ErrorInfo) -> None:
+        self._server._send_to(self.identity, encode_frame(_ERROR, request_id, info.encode()))
 
 
 class ZmqServer:
@@ -111,6 +160,9 @@ class ZmqServer:
         # re-check of the socket's events (see _send_to).
         self._handling = False
         self._runner: HandlerRunner | None = None
+        # Our window (a WithStreams handler) and the SETTINGS a new identity gets.
+        self._window = 0
+        self._settings = b""
         self._peers: dict[bytes, _Peer] = {}
         self._next_prune = 0.0
         self._idle: asyncio.Event | None = None
@@ -189,6 +241,13 @@ class ZmqServer:
         self._shadow = shadow
         self._events = shadow.get
         self._runner = HandlerRunner(self.handler, loop, self._answer, self._on_settled)
+        options = self.options
+        self._window = options.initial_window if self._runner.takes_streams else 0
+        self._settings = encode_frame(
+            FrameType.SETTINGS,
+            0,
+            Settings(options.max_frame_size, options.max_in_flight, self._window).encode(),
+        )
         self._reader = loop.create_task(
             self._receive_loop(socket, shadow), name=f"pitcher-zmq-server {self.address}"
         )
@@ -337,7 +396,11 @@ class ZmqServer:
         identity = parts[0]
         peer = self._peers.get(identity)
         if peer is None:
-            peer = self._peers[identity] = _Peer(now)
+            peer = self._peers[identity] = _Peer(now, _PeerLink(self, identity))
+            if self._window:
+                # A new connection behind this identity: tell it our window; the
+                # client answers with its own SETTINGS (docs/wire.md, "ZeroMQ").
+                self._send_to(identity, self._settings)
             if now >= self._next_prune:
                 self._prune(now)
         else:
@@ -356,16 +419,37 @@ class ZmqServer:
                 and version == VERSION
                 and request_id
                 and length == size - HEADER_SIZE
+                and not _flags & 1  # FLAG_MORE: a streamed request's head
             ):
-                self._on_request(identity, peer, request_id, data[HEADER_SIZE:], deadline_ms)
+                self._on_request(
+                    identity, peer, request_id, data[HEADER_SIZE:], deadline_ms, _flags
+                )
                 return
         try:
             frame_type, request_id, deadline_ms = read_header(data, self.options.max_frame_size)
             payload = data[HEADER_SIZE:]
+            flags = (data[2] << 8) | data[3]
             if frame_type == _REQUEST:
-                self._on_request(identity, peer, request_id, payload, deadline_ms)
+                self._on_request(identity, peer, request_id, payload, deadline_ms, flags)
+            elif frame_type == FrameType.DATA:
+                self._on_data(identity, peer, request_id, payload, flags)
+            elif frame_type == FrameType.WINDOW_UPDATE:
+                credit = peer.answers.get(request_id)
+                if credit is not None:
+                    try:
+                        credit.grant(decode_window_update(payload))
+                    except FlowControlError as exc:
+                        self._fail_call(identity, peer, request_id, exc)
+            elif frame_type == FrameType.SETTINGS:
+                settings = Settings.decode(payload)
+                peer.greeted = True
+                peer.window = settings.initial_window
+                peer.stream_ok = FLAG_STREAM_OK if settings.initial_window else 0
             elif frame_type == FrameType.CANCEL:
                 assert self._runner is not None
+                body = peer.bodies.pop(request_id, None)
+                if body is not None:
+                    body.fail(ConnectionLost("the caller cancelled the call"))
                 if self._runner.cancel((identity, request_id)):
                     peer.running -= 1
             elif frame_type == FrameType.PING:
@@ -378,7 +462,7 @@ class ZmqServer:
                 # The client has read every answer it was waiting for.
                 peer.draining = False
                 self._check_drained()
-            elif frame_type in (FrameType.PONG, FrameType.SETTINGS):
+            elif frame_type == FrameType.PONG:
                 pass
             else:
                 raise ProtocolError(f"a server does not accept {FrameType(frame_type).name} frames")
@@ -386,7 +470,13 @@ class ZmqServer:
             self._refuse(identity, peer, exc)
 
     def _on_request(
-        self, identity: bytes, peer: _Peer, request_id: int, payload: bytes, deadline_ms: int
+        self,
+        identity: bytes,
+        peer: _Peer,
+        request_id: int,
+        payload: bytes,
+        deadline_ms: int,
+        flags: int,
     ) -> None:
         if self.closing:
             self._send_to(identity, encode_frame(_ERROR, request_id, _UNAVAILABLE))
@@ -411,10 +501,67 @@ class ZmqServer:
             info = ErrorInfo(ErrorCode.TOO_MANY_IN_FLIGHT, f"more than {limit} requests in flight")
             self._send_to(identity, encode_frame(_ERROR, request_id, info.encode()))
             return
+        if flags & FLAG_MORE:
+            if not self._window or not peer.greeted:
+                # This identity never learnt our window: a client that streamed
+                # to an earlier connection (we restarted) or a server without
+                # streams. Not started: safe to send again, whole or after SETTINGS.
+                info = ErrorInfo(
+                    ErrorCode.UNAVAILABLE,
+                    "no streamed request body before SETTINGS"
+                    if self._window
+                    else "this server takes whole requests only",
+                )
+                self._send_to(identity, encode_frame(_ERROR, request_id, info.encode()))
+                return
+            peer.running += 1
+            if request_id > peer.last_request_id:
+                peer.last_request_id = request_id
+            assert self._loop is not None
+            body = RequestBody(
+                peer.link,
+                self._loop,
+                request_id,
+                self._window,
+                self.options.stream_idle_timeout,
+            )
+            peer.bodies[request_id] = body
+            runner.start(key, payload, deadline_ms, flags & peer.stream_ok, body)
+            return
         peer.running += 1
         if request_id > peer.last_request_id:
             peer.last_request_id = request_id
-        runner.start(key, payload, deadline_ms)
+        runner.start(key, payload, deadline_ms, flags & peer.stream_ok)
+
+    def _on_data(
+        self, identity: bytes, peer: _Peer, request_id: int, payload: bytes, flags: int
+    ) -> None:
+        body = peer.bodies.get(request_id)
+        if body is None:
+            return  # answered, cancelled, or refused: dropped
+        try:
+            ended = body.receive(payload, flags & FLAG_MORE != 0)
+        except FlowControlError as exc:
+            self._fail_call(identity, peer, request_id, exc)
+            return
+        if ended:
+            del peer.bodies[request_id]
+
+    def _fail_call(
+        self, identity: bytes, peer: _Peer, request_id: int, error: FlowControlError
+    ) -> None:
+        """A flow-control violation: no connection to close, so that call ends (ERROR)."""
+        self.dropped += 1
+        if _should_log(self.dropped):
+            log.warning("a client of %s broke flow control: %s", self.address, error)
+        body = peer.bodies.pop(request_id, None)
+        if body is not None:
+            body.fail(ConnectionLost(str(error)))
+        assert self._runner is not None
+        if self._runner.cancel((identity, request_id)):
+            peer.running -= 1
+        info = ErrorInfo(ErrorCode.FLOW_CONTROL, str(error))
+        self._send_to(identity, encode_frame(_ERROR, request_id, info.encode()))
 
     def _answer(
         self, key: Any, result: bytes | StreamedAnswer | None, error: ErrorInfo | None
@@ -422,13 +569,17 @@ class ZmqServer:
         identity, request_id = key
         peer = self._peers.get(identity)
         if peer is not None:
+            if peer.bodies:
+                # Answered before its request body ended: later DATA is dropped.
+                body = peer.bodies.pop(request_id, None)
+                if body is not None:
+                    body.fail(ConnectionLost("the call was answered"))
+            if result is not None and not isinstance(result, bytes):
+                self._start_answer(key, peer, result)
+                return
             peer.running -= 1
         if result is not None and not isinstance(result, bytes):
-            # A WithStreams handler that streamed although may_stream was False.
-            result = None
-            error = ErrorInfo(
-                ErrorCode.INTERNAL, "TypeError: a streamed answer on a whole-frame carrier"
-            )
+            return  # its peer is gone
         if result is not None:
             limit = self.options.max_frame_size
             if len(result) <= limit:
@@ -441,6 +592,49 @@ class ZmqServer:
             )
         assert error is not None
         self._send_to(identity, encode_frame(_ERROR, request_id, error.encode()))
+
+    def _start_answer(self, key: Any, peer: _Peer, answer: StreamedAnswer) -> None:
+        """A StreamedAnswer: in flight (and counted running) until its task ends."""
+        assert self._loop is not None and self._runner is not None
+        credit = AnswerCredit(self._loop, peer.window)
+        if peer.window:
+            peer.answers[key[1]] = credit
+        task = self._loop.create_task(
+            self._run_answer(key, peer, answer, credit), name=f"pitcher-answer {key[1]}"
+        )
+        self._runner.adopt(key, task)
+
+    async def _run_answer(
+        self, key: Any, peer: _Peer, answer: StreamedAnswer, credit: AnswerCredit
+    ) -> None:
+        identity, request_id = key
+        task = asyncio.current_task()
+        limit = self.options.max_frame_size
+        whole: bytes | None = None
+        error: ErrorInfo | None = None
+        try:
+            if peer.window:
+                await send_streamed_answer(
+                    peer.link, request_id, answer, credit, min(limit, 1 << 20)
+                )
+            else:
+                # The client announced no window: gathered, within the frame limit.
+                try:
+                    whole = await gather_answer(answer, limit)
+                except Exception as exc:
+                    log.error("streamed answer to request %d failed", request_id, exc_info=exc)
+                    error = ErrorInfo(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        finally:
+            peer.answers.pop(request_id, None)
+            assert self._runner is not None and task is not None
+            if self._runner.tasks.get(key) is task:
+                # Not cancelled (a CANCEL counts itself): this call stops running now.
+                peer.running -= 1
+            self._runner.release(key, task)
+        if whole is not None:
+            self._send_to(identity, encode_response(request_id, whole))
+        elif error is not None:
+            self._send_to(identity, encode_frame(_ERROR, request_id, error.encode()))
 
     def _on_settled(self) -> None:
         if self.closing:

@@ -23,9 +23,9 @@ from tests.transports.test_stream import (  # noqa: F401 (fixtures)
     socket_dir,
     wait_until,
 )
-from transports.base import ServerCall, StreamedAnswer, WithStreams
+from transports.base import ClientOptions, ServerCall, ServerOptions, StreamedAnswer, WithStreams
 from transports.bodies import IncomingBody, OutgoingBody
-from transports.control import Settings
+from transports.control import ErrorInfo, Settings
 from transports.errors import (
     CallError,
     ConnectionLost,
@@ -707,18 +707,120 @@ def test_udp_refuses_a_streamed_request_and_answers_whole() -> None:
     asyncio.run(asyncio.wait_for(scenario(), 5.0))
 
 
-def test_zeromq_gathers_a_streamed_request_into_one_whole_frame(socket_dir: str) -> None:  # noqa: F811
+def test_zeromq_streams_both_ways_within_the_window(socket_dir: str) -> None:  # noqa: F811
     from transports.zeromq import ZmqClient, ZmqServer
 
+    total = 20 * MIB
+    seen: dict[str, Any] = {}
+
+    async def handler(payload: bytes, deadline_ms: int, call: ServerCall) -> bytes | StreamedAnswer:
+        if call.body is None:
+            return b"whole"
+        size = 0
+        async for chunk in call.body:
+            size += len(chunk)
+        seen["request"] = (size, call.body.window.max_held)  # type: ignore[attr-defined]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for chunk in pattern_chunks(total):
+                yield chunk
+
+        assert call.may_stream
+        return StreamedAnswer(b"head", chunks())
+
+    async def scenario() -> None:
+        server = ZmqServer(
+            f"zmq+ipc://{socket_dir}/z.sock",
+            WithStreams(handler),
+            ServerOptions(initial_window=WINDOW),
+        )
+        await server.start()
+        client = ZmqClient(server.address, ClientOptions(initial_window=WINDOW))
+        try:
+            # The node greets a new connection with its SETTINGS: the client learns its window.
+            assert await client.call(b"", 2.0) == b"whole"
+            await wait_until(lambda: client.node_window == WINDOW)
+            call = Call(timeout=10.0)
+            body = client.send_stream(b"up", call)
+            await write_all(body, pattern_chunks(total))
+            assert await call.outcome == ("head", b"head")
+            assert await call.end is None
+            assert call.received == total and call.digest.hexdigest() == pattern_digest(total)
+            assert call.body is not None and 0 < call.body.window.max_held <= WINDOW
+            size, held = seen["request"]
+            assert size == total and 0 < held <= WINDOW
+            assert client.in_flight == 0
+            await wait_until(lambda: server.in_flight == 0)
+            # Aborted midway: the node stops (its chunks are closed), nothing more arrives.
+            aborted = Call(consume=False)
+            client.send_stream(b"", aborted).end()
+            await aborted.outcome
+            await wait_until(lambda: aborted.received == WINDOW)
+            assert aborted.body is not None
+            aborted.body.abort()
+            await wait_until(lambda: server.in_flight == 0)
+            assert client.in_flight == 0 and not aborted.end.done()
+        finally:
+            client.abort()
+            server.abort()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10.0))
+
+
+def test_zeromq_refuses_a_streamed_request_before_settings(socket_dir: str) -> None:  # noqa: F811
+    import zmq
+    import zmq.asyncio
+
+    from transports.zeromq import ZmqServer
+
     async def handler(payload: bytes, deadline_ms: int, call: ServerCall) -> bytes:
-        assert call.body is None and not call.may_stream
-        return pitcher_pb2.Request.FromString(payload).body
+        return b"ran"
 
     async def scenario() -> None:
         server = ZmqServer(f"zmq+ipc://{socket_dir}/z.sock", WithStreams(handler))
         await server.start()
+        context = zmq.asyncio.Context()
+        dealer = context.socket(zmq.DEALER)
+        try:
+            dealer.connect(server.address.removeprefix("zmq+"))
+            # A client that streamed to an earlier server: this one never told it its window.
+            await dealer.send(encode_request(1, b"h", 1000, FLAG_MORE))
+            settings = await asyncio.wait_for(dealer.recv(), 2.0)
+            assert settings[1] == FrameType.SETTINGS
+            assert Settings.decode(settings[20:]).initial_window > 0
+            refusal = await asyncio.wait_for(dealer.recv(), 2.0)
+            assert refusal[1] == FrameType.ERROR
+            info = ErrorInfo.decode(refusal[20:])
+            assert info.code == ErrorCode.UNAVAILABLE and "SETTINGS" in info.message
+            assert server.in_flight == 0
+            # After its SETTINGS, the same identity may stream.
+            dealer.send(encode_frame(FrameType.SETTINGS, 0, Settings(1 << 20, 0, WINDOW).encode()))
+            await dealer.send(encode_request(2, b"h", 1000, FLAG_MORE) + b"")
+            await dealer.send(encode_data(2, b"body", False))
+            answer = await asyncio.wait_for(dealer.recv(), 2.0)
+            assert answer[1] == FrameType.RESPONSE and answer[20:] == b"ran"
+        finally:
+            dealer.close(linger=0)
+            context.term()
+            server.abort()
+
+    asyncio.run(asyncio.wait_for(scenario(), 5.0))
+
+
+def test_zeromq_gathers_a_body_for_a_node_without_streams(socket_dir: str) -> None:  # noqa: F811
+    from transports.zeromq import ZmqClient, ZmqServer
+
+    def handler(payload: bytes) -> bytes:
+        return pitcher_pb2.Request.FromString(payload).body
+
+    async def scenario() -> None:
+        server = ZmqServer(f"zmq+ipc://{socket_dir}/z.sock", handler)
+        await server.start()
         client = ZmqClient(server.address)
         try:
+            assert await client.call(b"", 2.0) == b""
+            await asyncio.sleep(0.05)
+            assert client.node_window == 0
             call = Call()
             head = pitcher_pb2.Request(method=b"POST", body=b"a").SerializeToString()
             body = client.send_stream(head, call)
