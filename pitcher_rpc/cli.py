@@ -122,6 +122,7 @@ async def _serve_with_workers(
 
 
 async def _serve(path: str, config: Config) -> None:
+    from .config.tls import describe_listener
     from .proxy.backlog import describe_backlog
     from .proxy.server import ProxyServer
 
@@ -163,8 +164,9 @@ async def _serve(path: str, config: Config) -> None:
     apply(GcSettings(config.server.gc_freeze, config.server.gc_thresholds))
     # Announced only once the signal handlers are in place.
     log.info(
-        "listening on %s (%s; config %s, sha256 %s; %s)",
+        "listening on %s (%s%s; config %s, sha256 %s; %s)",
         proxy.address,
+        describe_listener(config.server.tls),
         describe_backlog(config.server.backlog),
         path,
         config.checksum[:12],

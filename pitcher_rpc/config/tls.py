@@ -37,6 +37,7 @@ __all__ = [
     "certificate_validity",
     "client_context",
     "cluster_tls_section",
+    "describe_listener",
     "load_chain",
     "server_context",
     "server_tls_section",
@@ -223,6 +224,18 @@ def cluster_tls_section(
         digest=digest.hexdigest(),
         context=context,
     )
+
+
+def describe_listener(tls: ServerTlsConfig | None) -> str:
+    """For the start-up line: "TLS 1.2+, 3 certificates, client certificates required; "."""
+    if tls is None:
+        return ""
+    parts = [f"TLS {tls.min_version}+"]
+    if tls.certificates:
+        parts.append(f"{len(tls.certificates) + 1} certificates by SNI")
+    if tls.client_ca is not None:
+        parts.append(f"client certificates {tls.client_certificate}")
+    return ", ".join(parts) + "; "
 
 
 def tls_digest(config: Config) -> str:

@@ -32,7 +32,7 @@ from transports.native import describe as describe_build
 
 from ..config import Config, ConfigError, load_config
 from ..config.overlay import NodeChange, Overlay
-from ..config.tls import tls_digest
+from ..config.tls import describe_listener, tls_digest
 from ..degrade.scale import Child, spawn
 from ..fleet.feed import NodeFeed
 from ..proxy.backlog import describe_backlog
@@ -181,8 +181,9 @@ class Master:
         else:
             notify(READY=1, MAINPID=os.getpid())
         log.info(
-            "listening on %s (%s) with %d workers (admin on %s:%d, config %s, sha256 %s; %s)",
+            "listening on %s (%s%s) with %d workers (admin on %s:%d, config %s, sha256 %s; %s)",
             self.address,
+            describe_listener(self.config.server.tls),
             describe_backlog(self.config.server.backlog),
             len(self.slots),
             host,

@@ -62,6 +62,7 @@ def wait_logged(proxy: Proxy, needle: str) -> str:
 def test_http_client_is_answered_over_tls_on_a_keep_alive_connection(
     proxy: Proxy, pki: Pki
 ) -> None:
+    assert "(TLS 1.2+, 2 certificates by SNI; backlog" in proxy.process.wait_for_line("listening")
     context = pki.client_context()
     context.set_alpn_protocols(["h2", "http/1.1"])
     connection = http.client.HTTPSConnection("127.0.0.1", proxy.port, context=context, timeout=5)
@@ -167,6 +168,8 @@ def test_a_version_below_min_version_is_refused(strict: Proxy, pki: Pki) -> None
 
 
 def test_a_required_client_certificate(strict: Proxy, pki: Pki) -> None:
+    line = strict.process.wait_for_line("listening")
+    assert "(TLS 1.3+, client certificates required; backlog" in line
     # With one from the CA it trusts: served.
     context = pki.client_context(pair=pki.issue("client"))
     secure, _ = connect(strict.port, context)

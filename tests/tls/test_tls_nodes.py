@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 
 import pytest
 
 from pitcher_rpc.config import parse_config
 from pitcher_rpc.proxy.upstream import Upstreams
-from tests.proxy.conftest import Backend, Launcher, free_port, get, pitcher_command
+from tests.proxy.conftest import (
+    Backend,
+    Launcher,
+    Process,
+    free_port,
+    get,
+    pitcher_command,
+    wait_until,
+)
 from tests.tls.conftest import Pair, Pki
 
 
@@ -146,3 +155,44 @@ def test_a_reload_keeps_a_nodes_client_unless_its_tls_changed(pki: Pki, same: bo
         await upstreams.close(0.1)
 
     asyncio.run(run())
+
+
+def test_a_tls_service_registers_under_its_tls_address(launcher: Launcher, pki: Pki) -> None:
+    pair = pki.issue("registered")
+
+    def service(name: str, listen: str, *extra: str) -> Process:
+        env = {
+            "TEST_BACKEND_NAME": name,
+            "TEST_MARK_DIR": launcher.mark_dir,
+            "PYTHONPATH": launcher.tmpdir + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
+        command = [*pitcher_command(), "backend", "testapp:app", "--listen", listen]
+        command += ["--tls-certificate", pair.certificate, "--tls-key", pair.key, *extra]
+        return launcher.spawn(command, env=env)
+
+    first_uri = f"tls://127.0.0.1:{free_port()}"
+    service("first", first_uri).wait_for_line(f"serving on {first_uri}")
+    admin = free_port()
+    text = cluster_config(first_uri, f'ca = "{pki.ca_file}"').replace(
+        '[admin]\nlisten = "127.0.0.1:0"', f'[admin]\nlisten = "127.0.0.1:{admin}"'
+    )
+    proxy = launcher.proxy(text, workers=1)
+    joiner = service(
+        "joiner",
+        "tls://127.0.0.1:0",
+        "--register",
+        f"http://127.0.0.1:{admin}",
+        "--cluster",
+        "echo",
+    )
+    line = joiner.wait_for_line("registered ")
+    assert "registered tls://127.0.0.1:" in line
+    seen: set[str] = set()
+
+    def both_answer() -> bool:
+        response = get(proxy, "/")
+        assert response.status == 200, response.body
+        seen.add(response.json()["backend"])
+        return seen == {"first", "joiner"}
+
+    wait_until(both_answer, 10.0, "answers from both tls:// services")
