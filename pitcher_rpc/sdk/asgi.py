@@ -236,8 +236,13 @@ class _Cycle:
             return {"type": "http.disconnect"}
         self.reading = None
         if reading.cancelled() or reading.exception() is not None:
-            # The sender's body was cut (its client went away): the call is over.
+            # The sender's body was cut (its client went away, or it stalled
+            # past the idle limit): the call is over, and fails with that.
             self.rest = None
+            error = None if reading.cancelled() else reading.exception()
+            answer = self.answer
+            if not answer.done():
+                answer.set_exception(error or AppError("the request body was cut"))
             self.disconnect()
             return {"type": "http.disconnect"}
         chunk = reading.result()
