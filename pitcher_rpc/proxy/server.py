@@ -227,6 +227,18 @@ class ProxyServer:
         """ "https" when the listener speaks TLS now, else "http"."""
         return self.snapshot.config.server.scheme
 
+    def handshake_started(self, task: asyncio.Task[None]) -> None:
+        """A TLS handshake began: it holds a place under the connection cap until it ends."""
+        self.handshakes.add(task)
+        task.add_done_callback(self._handshake_ended)
+        if len(self.connections) + len(self.handshakes) >= self.connection_limit:
+            self._pause_accepting()
+
+    def _handshake_ended(self, task: asyncio.Task[None]) -> None:
+        self.handshakes.discard(task)
+        if self.accept_paused:
+            self.connection_gone()
+
     def handshake_failed(self, peer: str, reason: str) -> None:
         """A TLS handshake failed: counted by reason, and logged (a line a second per reason)."""
         failures = self.handshake_failures
@@ -382,7 +394,12 @@ class ProxyServer:
         limit = self.connection_limit
         while parked and len(self.connections) - len(parked) < limit:
             self._unpark(parked.popleft())
-        if self.accept_paused and not parked and len(self.connections) < limit:
+        # A TLS handshake under way holds its place too, as nginx counts it.
+        if (
+            self.accept_paused
+            and not parked
+            and len(self.connections) + len(self.handshakes) < limit
+        ):
             self._resume_accepting()
 
     def _unpark(self, parked: _Parked) -> None:

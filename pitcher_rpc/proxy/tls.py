@@ -8,8 +8,10 @@ So the listener accepts plain connections, and each is upgraded here with
 current when it was accepted (a reload's new certificate serves the next
 handshake, while open connections carry on with the session they have), a
 failure is logged with the peer and the reason and counted, and only a
-connection whose handshake succeeded becomes an :class:`HttpConnection`
-(and counts against the connection cap).
+connection whose handshake succeeded becomes an :class:`HttpConnection`.
+A handshake under way holds a place under the connection cap, as nginx
+counts it: a flood of clients that never finish theirs cannot grow without
+bound.
 
 Per connection this costs one small protocol object and one task, for the
 handshake only, next to the handshake's own public-key work.
@@ -152,8 +154,7 @@ class TlsAccept(asyncio.Protocol):
             name="pitcher-tls-handshake",
         )
         self.task = task
-        server.handshakes.add(task)
-        task.add_done_callback(server.handshakes.discard)
+        server.handshake_started(task)
 
     async def _finish(
         self, transport: asyncio.BaseTransport, handshake: Awaitable[Any], early: _Early

@@ -7,6 +7,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -220,3 +221,33 @@ def test_an_expired_certificate_is_served_with_a_warning(
         connect(proxy.port, pki.client_context())
     wait_logged(proxy, "TLS handshake with 127.0.0.1:")
     proxy.process.stop()
+
+
+def test_handshakes_under_way_count_against_the_connection_cap(
+    launcher_m: Launcher, backend: Backend, pki: Pki
+) -> None:
+    pair = pki.issue("capped")
+    tls = f'certificate = "{pair.certificate}"\nkey = "{pair.key}"\n'
+    proxy = launcher_m.proxy(proxy_config(backend.uri, tls, server="max_connections = 2"))
+    # Two clients that connect and never say hello hold both places.
+    silent = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(2)]
+    outcome: list[int] = []
+
+    def third() -> None:
+        secure, _ = connect(proxy.port, pki.client_context())
+        with secure:
+            outcome.append(get(secure).response().status)
+
+    waiting = threading.Thread(target=third)
+    waiting.start()
+    try:
+        waiting.join(0.5)
+        assert waiting.is_alive() and outcome == []  # in the backlog, not handshaking
+        silent[0].close()
+        waiting.join(5.0)
+        assert outcome == [200]
+    finally:
+        for sock in silent:
+            sock.close()
+        waiting.join(5.0)
+        proxy.process.stop()
