@@ -26,7 +26,7 @@ from .model import DiscoveryConfig
 
 DISCOVERY_KEYS = ("etcd", "prefix", "dns", "interval", "weight")
 # Transports whose node address is host:port, which a DNS name can stand for.
-DNS_SCHEMES = ("tcp", "udp", "zmq+tcp")
+DNS_SCHEMES = ("tcp", "tls", "udp", "zmq+tcp")
 FLEET_EXTRA = "pip install 'pitcher-rpc[fleet]'"
 
 

@@ -12,6 +12,7 @@ errors instead of certificate warnings.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import re
@@ -39,6 +40,7 @@ __all__ = [
     "cluster_tls_section",
     "describe_listener",
     "load_chain",
+    "named_for_discovery",
     "server_context",
     "server_tls_section",
     "tls_digest",
@@ -224,6 +226,18 @@ def cluster_tls_section(
         digest=digest.hexdigest(),
         context=context,
     )
+
+
+def named_for_discovery(tls: ClusterTlsConfig | None, name: str) -> ClusterTlsConfig:
+    """A cluster's TLS settings for tls:// nodes found in DNS: ``server_name`` is the DNS name.
+
+    The nodes are the name's addresses, and their certificates name the DNS
+    name, not each address. ``tls`` None: the system's trust store.
+    """
+    if tls is None:
+        tls = ClusterTlsConfig(context=client_context())
+    digest = hashlib.sha256(f"{tls.digest} {name}".encode()).hexdigest()
+    return dataclasses.replace(tls, server_name=name.lower().rstrip("."), digest=digest)
 
 
 def describe_listener(tls: ServerTlsConfig | None) -> str:

@@ -54,7 +54,7 @@ from .schema import (
     host_problem,
 )
 from .sections import PolicySections
-from .tls import cluster_tls_section, server_tls_section
+from .tls import cluster_tls_section, named_for_discovery, server_tls_section
 
 __all__ = [
     "ConfigError",
@@ -446,6 +446,10 @@ class _Validator(PolicySections):
                     "applies to tls:// nodes, and this cluster has none (a node added at run"
                     " time as tls://host:port will use it)",
                 )
+        dns = discovery.dns if discovery is not None and discovery.dns_scheme == "tls" else None
+        if dns is not None and (tls_table is None or (tls is not None and not tls.server_name)):
+            # Nodes found in DNS are addresses: their certificates name the DNS name.
+            tls = named_for_discovery(tls, dns[0])
         return ClusterConfig(
             name=name,
             balance=balance,

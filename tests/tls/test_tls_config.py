@@ -247,3 +247,20 @@ def test_validity_dates_are_read_from_the_certificate(pki: Pki) -> None:
     )
     with pytest.raises(ValueError):
         certificate_validity(der[:40])
+
+
+def test_nodes_found_in_dns_are_checked_against_the_dns_name(pki: Pki) -> None:
+    # Discovered tls:// nodes are addresses; their certificates carry the name.
+    def cluster(tls: str) -> str:
+        text = '[[routes]]\ncluster = "api"\n[clusters.api.discovery]\n'
+        return write(pki, "dns.toml", text + f'dns = "tls://API.internal:7443"\n{tls}')
+
+    plain = load_config(cluster("")).clusters["api"].tls
+    assert plain is not None and plain.server_name == "api.internal"
+    assert plain.context is not None and plain.context.check_hostname
+    with_ca = load_config(cluster(f'[clusters.api.tls]\nca = "{pki.ca_file}"\n'))
+    tls = with_ca.clusters["api"].tls
+    assert tls is not None and tls.server_name == "api.internal" and tls.ca == pki.ca_file
+    named = cluster(f'[clusters.api.tls]\nca = "{pki.ca_file}"\nserver_name = "edge.internal"\n')
+    tls = load_config(named).clusters["api"].tls
+    assert tls is not None and tls.server_name == "edge.internal"
