@@ -170,7 +170,7 @@ def test_a_quiet_event_stream_sends_keep_alive_comments() -> None:
     chunks = asyncio.run(drain(EventSourceResponse(slow(), ping=0.05)))
     assert chunks[0] == b"data: one\n\n" and chunks[-1] == b"data: two\n\n"
     pings = chunks[1:-1]
-    assert 2 <= len(pings) <= 6 and set(pings) == {KEEP_ALIVE}
+    assert 1 <= len(pings) <= 6 and set(pings) == {KEEP_ALIVE}
     assert [e["data"] for e in parse_event_stream(b"".join(chunks))] == ["one", "two"]
 
 

@@ -109,18 +109,18 @@ def test_a_large_answer_streams_with_its_length_and_the_service_stays_small(setu
 
 def test_server_sent_events_reach_the_client_as_they_are_made(setup: Setup) -> None:
     connection = setup.connect()
-    started = time.monotonic()
     connection.request("GET", "/sdk/events", headers={"Accept": "text/event-stream"})
     response = connection.getresponse()
     assert response.status == 200
     assert response.getheader("content-type") == "text/event-stream; charset=utf-8"
     assert response.getheader("cache-control") == "no-cache"
     first = response.read1(65536)
-    # The first event is at the client while the handler still sleeps (0.3 s).
-    assert time.monotonic() - started < 0.28, "the first event was held back"
+    first_at = time.monotonic()
     assert parse_event_stream(first)[0]["data"] == "hello\nworld"
     rest = response.read()
-    assert rest.count(b": ping\n\n") >= 2
+    # The first event was at the client while the handler still paused (0.3 s).
+    assert time.monotonic() - first_at >= 0.15, "the first event was held back"
+    assert rest.count(b": ping\n\n") >= 1
     assert [event["data"] for event in parse_event_stream(first + rest)] == [
         "hello\nworld",
         '{"n":2}',
