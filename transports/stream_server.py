@@ -312,6 +312,8 @@ class _ServerConnection(asyncio.Protocol):
 
     def _start_answer(self, request_id: int, answer: StreamedAnswer) -> None:
         """A StreamedAnswer: sent by a task of its own, counted in flight until it ends."""
+        if self.closed:
+            return  # nobody to send it to; its chunks are never started
         if len(answer.head) > self._answer_limit:
             self._answer(
                 request_id,

@@ -595,7 +595,8 @@ class ZmqServer:
 
     def _start_answer(self, key: Any, peer: _Peer, answer: StreamedAnswer) -> None:
         """A StreamedAnswer: in flight (and counted running) until its task ends."""
-        assert self._loop is not None and self._runner is not None
+        if self._loop is None or self._runner is None or self._socket is None:
+            return  # closed: nobody to send it to
         credit = AnswerCredit(self._loop, peer.window)
         if peer.window:
             peer.answers[key[1]] = credit

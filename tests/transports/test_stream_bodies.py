@@ -142,8 +142,10 @@ def test_100_mib_each_way_held_within_the_window(net: Net) -> None:
     total = 100 * MIB
     seen: dict[str, Any] = {}
 
-    async def handler(payload: bytes, deadline_ms: int, call: ServerCall) -> StreamedAnswer:
-        assert call.body is not None and call.may_stream
+    async def handler(payload: bytes, deadline_ms: int, call: ServerCall) -> bytes | StreamedAnswer:
+        if call.body is None:
+            return b"whole"
+        assert call.may_stream
         digest = hashlib.sha256()
         size = 0
         async for chunk in call.body:
@@ -164,7 +166,17 @@ def test_100_mib_each_way_held_within_the_window(net: Net) -> None:
         body = client.send_stream(b"up", call)
         await write_all(body, pattern_chunks(total))
         assert await call.outcome == ("head", b"head:up")
+        # Whole calls on the same connection while the body streams down: never
+        # queued behind it (its DATA in flight is bounded by the window).
+        loop = asyncio.get_running_loop()
+        latencies: list[float] = []
+        while not call.end.done() and len(latencies) < 200:
+            start = loop.time()
+            assert await client.call(b"", 2.0) == b"whole"
+            latencies.append(loop.time() - start)
+            await asyncio.sleep(0.002)
         assert await call.end is None
+        assert len(latencies) >= 3 and max(latencies) < 1.0
         assert call.received == total
         assert call.digest.hexdigest() == pattern_digest(total)
         assert call.body is not None and 0 < call.body.window.max_held <= WINDOW
