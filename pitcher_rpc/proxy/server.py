@@ -239,11 +239,12 @@ class ProxyServer:
         if self.accept_paused:
             self.connection_gone()
 
-    def handshake_failed(self, peer: str, reason: str) -> None:
+    def handshake_failed(self, peer: str, reason: str, logged: bool = True) -> None:
         """A TLS handshake failed: counted by reason, and logged (a line a second per reason)."""
         failures = self.handshake_failures
         failures[reason] = failures.get(reason, 0) + 1
-        log_handshake_failure(peer, reason)
+        if logged:
+            log_handshake_failure(peer, reason)
 
     def tls_status(self) -> dict[str, Any]:
         """For the worker's status: whether TLS is on, handshakes under way, failures by reason."""

@@ -169,9 +169,15 @@ class TlsAccept(asyncio.Protocol):
             transport.close()
             server.handshake_failed(self.peer, failure_reason(exc))
             return
-        if secure is None or early.lost or server.draining:
+        if secure is None or secure.is_closing() or early.lost or server.draining:
+            # uvloop hands back a closed transport when the client went away
+            # before its ClientHello (a TCP health check, a port scan): counted,
+            # not logged, as nginx logs it at info only.
             if secure is not None:
                 secure.close()
+            transport.close()
+            if not server.draining:
+                server.handshake_failed(self.peer, "closed before the handshake", logged=False)
             return
         connection = HttpConnection(server)
         secure.set_protocol(connection)
