@@ -167,6 +167,8 @@ class ProxyServer:
         # TLS: handshakes under way (cancelled by stop) and failed ones by reason.
         self.handshakes: set[asyncio.Task[None]] = set()
         self.handshake_failures: dict[str, int] = {}
+        # What X-Forwarded-Proto says for this listener's requests (bytes, for the hot path).
+        self.forwarded_proto = config.server.scheme.encode()
 
     @property
     def address(self) -> str:
@@ -263,6 +265,7 @@ class ProxyServer:
         chains = self.modules.chains_for(config, self.snapshot.config.routes)
         snapshot = Snapshot(config, self.upstreams, self.snapshot.generation + 1, chains)
         self.snapshot = snapshot
+        self.forwarded_proto = config.server.scheme.encode()
         clusters = snapshot.clusters.values()
         self.upstreams.retain_only(
             snapshot.node_uris(),

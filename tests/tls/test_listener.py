@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import shutil
 import socket
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from pitcher_rpc.config import parse_config
+from pitcher_rpc.proxy.server import ProxyServer
 from tests.proxy.conftest import Backend, Launcher, Proxy
 from tests.tls.conftest import Pki, connect, expired, get, proxy_config, san
 
@@ -255,3 +258,21 @@ def test_handshakes_under_way_count_against_the_connection_cap(
             sock.close()
         waiting.join(5.0)
         proxy.process.stop()
+
+
+def test_the_scheme_follows_the_listener_across_reloads(pki: Pki) -> None:
+    # What X-Forwarded-Proto is to say: https on a TLS listener, http again without.
+    pair = pki.issue("scheme")
+    tls = f'certificate = "{pair.certificate}"\nkey = "{pair.key}"\n'
+    text = proxy_config("tcp://127.0.0.1:7001", tls)
+    secure = parse_config(text)
+    plain = parse_config(text.replace("[server.tls]\n" + tls, ""))
+
+    async def run() -> None:
+        server = ProxyServer(secure)
+        assert (server.scheme, server.forwarded_proto) == ("https", b"https")
+        server.reload(plain)
+        assert (server.scheme, server.forwarded_proto) == ("http", b"http")
+        await server.upstreams.close(0.1)
+
+    asyncio.run(run())
