@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from .certificates import covers, read_leaf
 from .checks import Checks
 from .issues import one_of_message, show, type_message
 from .lines import KeyPath
@@ -35,7 +36,6 @@ from .schema import (
 
 __all__ = [
     "TLS_VERSIONS",
-    "certificate_validity",
     "client_context",
     "cluster_tls_section",
     "describe_listener",
@@ -130,6 +130,8 @@ def server_tls_section(
     digest = hashlib.sha256()
     min_version = _min_version(checks, table, path)
     certificate, key = _pair(checks, table, path, required=True, digest=digest)
+    if certificate is not None:
+        _check_leaf(checks, (*path, "certificate"), certificate)
     client_ca = _file(checks, table, (*path, "client_ca"), "CA certificates", digest)
     mode = checks._string(table, (*path, "client_certificate"))
     if mode is None:
@@ -195,6 +197,8 @@ def cluster_tls_section(
     min_version = _min_version(checks, table, path)
     ca = _file(checks, table, (*path, "ca"), "CA certificates", digest)
     certificate, key = _pair(checks, table, path, required=False, digest=digest)
+    if certificate is not None:
+        _check_leaf(checks, (*path, "certificate"), certificate)
     server_name = checks._string(table, (*path, "server_name"))
     if server_name is not None:
         server_name = server_name.lower().rstrip(".")
@@ -300,8 +304,6 @@ def _pair(
         if name not in table and (required or other in table):
             what = "the certificate chain, PEM" if name == "certificate" else "its private key"
             checks.report((*path, name), f"missing required key ({what})")
-    if certificate is not None:
-        _check_dates(checks, (*path, "certificate"), certificate)
     return certificate, key
 
 
@@ -372,6 +374,8 @@ def _sni_certificates(
                 )
             first.setdefault(name, index)
         certificate, key = _pair(checks, item, where, required=True, digest=digest)
+        if certificate is not None:
+            _check_leaf(checks, (*where, "certificate"), certificate, names)
         if names and certificate is not None and key is not None:
             entries.append(SniCertificate(names, certificate, key))
     return tuple(entries)
@@ -427,92 +431,40 @@ def _chooser(contexts: dict[str, ssl.SSLContext]) -> Any:
     return choose
 
 
-def _check_dates(checks: Checks, path: KeyPath, certificate: str) -> None:
-    """Warn of a leaf certificate that has expired or is not valid yet."""
+def _check_leaf(
+    checks: Checks, path: KeyPath, certificate: str, names: tuple[str, ...] = ()
+) -> None:
+    """Warn of a leaf certificate that has expired, is not valid yet, or lacks one of ``names``."""
     try:
         with open(certificate, "rb") as file:
-            text = file.read(_PEM_LIMIT).decode("ascii", "replace")
-        validity = certificate_validity(ssl.PEM_cert_to_DER_cert(_first_certificate(text)))
+            leaf = read_leaf(file.read(_PEM_LIMIT).decode("ascii", "replace"))
     except (OSError, ValueError):
         return  # loading it says what is wrong
-    not_before, not_after = validity
     now = time.time()
-    if now > not_after:
+    if now > leaf.not_after:
         checks.warn(
             path,
-            f"the certificate in {show(certificate)} expired on {_date(not_after)}:"
+            f"the certificate in {show(certificate)} expired on {_date(leaf.not_after)}:"
             " clients will refuse it",
         )
-    elif now < not_before:
+    elif now < leaf.not_before:
         checks.warn(
             path,
-            f"the certificate in {show(certificate)} is not valid before {_date(not_before)}:"
-            " clients will refuse it until then",
+            f"the certificate in {show(certificate)} is not valid before"
+            f" {_date(leaf.not_before)}: clients will refuse it until then",
         )
-
-
-def _first_certificate(text: str) -> str:
-    start = text.index("-----BEGIN CERTIFICATE-----")
-    end = text.index("-----END CERTIFICATE-----", start) + len("-----END CERTIFICATE-----")
-    return text[start:end]
+    for index, name in enumerate(names):
+        if not covers(leaf.names, name):
+            carried = ", ".join(leaf.names) or "none"
+            checks.warn(
+                (*path[:-1], "names", index),
+                f"{show(name)} is not a name the certificate in {show(certificate)} carries"
+                f" ({carried}): clients asking for it will refuse it",
+            )
 
 
 def _date(stamp: float) -> str:
     return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def certificate_validity(der: bytes) -> tuple[float, float]:
-    """(notBefore, notAfter) of a DER certificate, as Unix times; ValueError if malformed.
-
-    RFC 5280 4.1: Certificate = SEQUENCE { tbsCertificate = SEQUENCE {
-    [0] version OPTIONAL, serialNumber, signature, issuer, validity, ... } }.
-    The ssl module has no public reader for a certificate it did not verify.
-    """
-    _, start, _ = _tlv(der, 0, 0x30)
-    _, position, _ = _tlv(der, start, 0x30)
-    tag, _, end = _tlv(der, position)
-    if tag == 0xA0:  # version
-        _, _, end = _tlv(der, end, 0x02)  # serialNumber
-    elif tag != 0x02:
-        raise ValueError("not a certificate")
-    _, _, end = _tlv(der, end, 0x30)  # signature algorithm
-    _, _, end = _tlv(der, end, 0x30)  # issuer
-    _, inside, _ = _tlv(der, end, 0x30)  # validity
-    before_tag, before_start, before_end = _tlv(der, inside)
-    after_tag, after_start, after_end = _tlv(der, before_end)
-    return (
-        _asn1_time(before_tag, der[before_start:before_end]),
-        _asn1_time(after_tag, der[after_start:after_end]),
-    )
-
-
-def _tlv(data: bytes, offset: int, expected: int | None = None) -> tuple[int, int, int]:
-    """(tag, content start, content end) of the DER element at ``offset``."""
-    if offset + 2 > len(data):
-        raise ValueError("truncated")
-    tag, length = data[offset], data[offset + 1]
-    start = offset + 2
-    if length & 0x80:
-        size = length & 0x7F
-        if not 0 < size <= 4 or start + size > len(data):
-            raise ValueError("bad length")
-        length = int.from_bytes(data[start : start + size], "big")
-        start += size
-    end = start + length
-    if end > len(data) or (expected is not None and tag != expected):
-        raise ValueError("not a certificate")
-    return tag, start, end
-
-
-def _asn1_time(tag: int, value: bytes) -> float:
-    text = value.decode("ascii")
-    if tag == 0x17:  # UTCTime: YYMMDDHHMMSSZ, years 1950-2049 (RFC 5280 4.1.2.5.1)
-        year = int(text[:2])
-        text = ("19" if year >= 50 else "20") + text
-    elif tag != 0x18:  # GeneralizedTime: YYYYMMDDHHMMSSZ
-        raise ValueError("not a time")
-    moment = datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC)
-    return moment.timestamp()
 
 
 def _is_host(name: str) -> bool:

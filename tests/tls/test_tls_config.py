@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 
 from pitcher_rpc.config import ConfigError, load_config
-from pitcher_rpc.config.tls import certificate_validity
+from pitcher_rpc.config.certificates import certificate_fields, covers, read_leaf
 from tests.proxy.conftest import pitcher_command
 from tests.tls.conftest import Pki, expired
 
@@ -221,32 +221,66 @@ server_name = "API.internal."
     assert [w.key for w in config.warnings] == ["clusters.api.tls"]
 
 
-def test_validity_dates_are_read_from_the_certificate(pki: Pki) -> None:
+def test_validity_and_names_are_read_from_the_certificate(pki: Pki) -> None:
     moments = expired()
     for stem, dates in (("dated", moments), ("fresh", {})):
-        pair = pki.issue(stem, **dates)
-        with open(pair.certificate, "rb") as file:
+        pair = pki.issue(stem, "api.test", "*.api.test", "10.0.0.1", "::1", **dates)
+        with open(pair.certificate, encoding="ascii") as file:
             pem = file.read()
-        parsed = x509.load_pem_x509_certificate(pem)
-        der = ssl.PEM_cert_to_DER_cert(
-            pem.decode().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
-        )
-        assert certificate_validity(der) == (
+        parsed = x509.load_pem_x509_certificate(pem.encode())
+        leaf = read_leaf(pem)
+        assert (leaf.not_before, leaf.not_after) == (
             parsed.not_valid_before_utc.timestamp(),
             parsed.not_valid_after_utc.timestamp(),
         )
+        assert leaf.names == ("api.test", "*.api.test", "10.0.0.1", "::1")
     # GeneralizedTime (years past 2049) as well as UTCTime.
     late = pki.issue("late", not_after=datetime.datetime(2060, 1, 2, 3, 4, 5, tzinfo=datetime.UTC))
     with open(late.certificate, encoding="ascii") as file:
-        der = ssl.PEM_cert_to_DER_cert(
-            file.read().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
-        )
-    assert (
-        certificate_validity(der)[1]
-        == datetime.datetime(2060, 1, 2, 3, 4, 5, tzinfo=datetime.UTC).timestamp()
+        pem = file.read()
+    leaf = read_leaf(pem)
+    assert leaf.not_after == datetime.datetime(2060, 1, 2, 3, 4, 5, tzinfo=datetime.UTC).timestamp()
+    der = ssl.PEM_cert_to_DER_cert(
+        pem.split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
     )
+    assert certificate_fields(der) == leaf
     with pytest.raises(ValueError):
-        certificate_validity(der[:40])
+        certificate_fields(der[:40])
+    with pytest.raises(ValueError):
+        read_leaf("no certificate here")
+
+
+def test_covers_follows_certificate_wildcards() -> None:
+    names = ("api.test", "*.api.test", "10.0.0.1")
+    assert covers(names, "API.test.")
+    assert covers(names, "v1.api.test")
+    assert covers(names, "*.api.test")
+    assert covers(names, "10.0.0.1")
+    assert not covers(names, "a.b.api.test")  # a wildcard covers one label
+    assert not covers(names, "*.test")
+    assert not covers(names, "other.test")
+
+
+def test_an_sni_name_the_certificate_does_not_carry_is_a_warning(pki: Pki) -> None:
+    default, named = pki.issue("sni-default"), pki.issue("sni-named", "api.test")
+    path = write(
+        pki,
+        "sni.toml",
+        f"""[server.tls]
+certificate = "{default.certificate}"
+key = "{default.key}"
+[[server.tls.certificates]]
+names = ["api.test", "www.test"]
+certificate = "{named.certificate}"
+key = "{named.key}"
+{ROUTE}""",
+    )
+    (warning,) = load_config(path).warnings
+    assert str(warning) == (
+        f'{path}:5: server.tls.certificates[0].names[1]: "www.test" is not a name the'
+        f' certificate in "{named.certificate}" carries (api.test): clients asking for it'
+        " will refuse it"
+    )
 
 
 def test_nodes_found_in_dns_are_checked_against_the_dns_name(pki: Pki) -> None:
