@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -56,7 +57,8 @@ key = "{pair.key}"
 min_version = "1.3"
 client_ca = "{pki.ca_file}"
 """
-    return launcher_m.proxy(proxy_config(backend.uri, tls))
+    # The handshake is held to header_timeout.
+    return launcher_m.proxy(proxy_config(backend.uri, tls, server="header_timeout = 0.5"))
 
 
 def wait_logged(proxy: Proxy, needle: str) -> str:
@@ -276,3 +278,12 @@ def test_the_scheme_follows_the_listener_across_reloads(pki: Pki) -> None:
         await server.upstreams.close(0.1)
 
     asyncio.run(run())
+
+
+def test_a_handshake_is_held_to_header_timeout(strict: Proxy) -> None:
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=5) as silent:
+        port = silent.getsockname()[1]
+        began = time.monotonic()
+        assert silent.recv(100) == b""  # closed by the proxy, nothing said
+        assert 0.3 < time.monotonic() - began < 3.0
+    wait_logged(strict, f"TLS handshake with 127.0.0.1:{port} failed: no handshake in time")
