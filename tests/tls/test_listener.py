@@ -16,6 +16,8 @@ import pytest
 
 from pitcher_rpc.config import parse_config
 from pitcher_rpc.proxy.server import ProxyServer
+from pitcher_rpc.sdk.echo import app as echo_app
+from tests.inprocess import running_proxy, serving
 from tests.proxy.conftest import Backend, Launcher, Proxy
 from tests.tls.conftest import Pki, connect, expired, get, proxy_config, san
 
@@ -287,3 +289,32 @@ def test_a_handshake_is_held_to_header_timeout(strict: Proxy) -> None:
         assert silent.recv(100) == b""  # closed by the proxy, nothing said
         assert 0.3 < time.monotonic() - began < 3.0
     wait_logged(strict, f"TLS handshake with 127.0.0.1:{port} failed: no handshake in time")
+
+
+def test_the_stock_event_loop_hands_over_bytes_sent_behind_the_handshake(pki: Pki) -> None:
+    # asyncio's own loop reads what the client sends right after its handshake
+    # before start_tls returns: those bytes must reach the HTTP connection, in order.
+    pair = pki.issue("stock")
+    tls = f'certificate = "{pair.certificate}"\nkey = "{pair.key}"\n'
+
+    async def main() -> None:
+        async with (
+            serving(echo_app) as [node],
+            running_proxy(proxy_config(node, tls)) as (proxy, port),
+        ):
+            context = pki.client_context()
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+                # Two pipelined requests in the same write as the end of the handshake.
+                writer.write(
+                    b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+                )
+                for path in (b"/a", b"/b"):
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    assert head.startswith(b"HTTP/1.1 200"), head
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    assert b'"path": "%s"' % path in await reader.readexactly(length)
+                writer.close()
+            assert proxy.handshake_failures == {}
+
+    asyncio.run(main())
