@@ -137,6 +137,7 @@ class ServerConnection:
         "_continue_sent",
         "_held",
         "_keep",
+        "_linger_limit",
         "_lingered",
         "_pipelined",
         "_queue",
@@ -216,6 +217,8 @@ class ServerConnection:
         self.request_started = now
         self.linger_until = 0.0
         self._lingered = 0
+        # Bytes read and dropped while lingering before the connection closes.
+        self._linger_limit = LINGER_BYTES
         self._refused = False
         # The client has sent a request before the previous one was answered:
         # it may be sending one now, so a close after an answer lingers.
@@ -244,7 +247,7 @@ class ServerConnection:
         """Take what the client sent; return the request to start now, if one can start."""
         if self.linger_until:
             self._lingered += len(data)
-            if self._lingered > LINGER_BYTES:
+            if self._lingered > self._linger_limit:
                 self.must_close = True
             return None
         self.last_activity = now
@@ -377,6 +380,7 @@ class ServerConnection:
                 # drop the rest (RFC 9110 §10.1.1; no 100 went out, or the
                 # client is told to stop).
                 keep = False
+                self._let_body_finish(stream)
         framing = b"" if status in _NO_CONTENT else b"content-length: %d\r\n" % len(body)
         if not keep:
             framing += _CLOSE
@@ -484,6 +488,7 @@ class ServerConnection:
             stream.discarding = True
             stream.paused = False
             stream.take()
+            self._let_body_finish(stream)
         if status in _NO_CONTENT:
             mode = _NO_BODY
             framing = b""
@@ -571,6 +576,14 @@ class ServerConnection:
         self._response_mode = _NO_BODY
         self._end_response(now, mode == _UNTIL_CLOSE)
         return tail
+
+    def _let_body_finish(self, stream: BodyStream) -> None:
+        """An answer goes out before its request's body ended: the lingering close after it
+        reads (and drops) what the body may still bring, so that a client sending it whole
+        before it reads gets to the answer instead of a reset (nginx's lingering close)."""
+        rest = self.parser.limits.max_body_size - stream.received
+        if rest > self._linger_limit:
+            self._linger_limit = rest
 
     def response_cut(self) -> None:
         """The streamed answer cannot be completed: close with what was sent (no end marker)."""

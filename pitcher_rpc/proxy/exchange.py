@@ -376,10 +376,9 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         client: Any = node.client
         if self.request.body_stream is None or self.gathered is not None:
             # The answer may come back before send() returns (an error found at once).
-            if getattr(client, "supports_streaming", False):
-                client.send(self.payload, self, True)
-            else:
-                client.send(self.payload, self)
+            # True: a streamed answer is welcome (every carrier's send() takes the
+            # flag; one without streams answers whole).
+            client.send(self.payload, self, True)
             return
         attempt = self.attempts
         outgoing = client.send_stream(self.payload, self, True)

@@ -363,3 +363,19 @@ def test_an_upgrade_request_with_a_streamed_body_is_an_ordinary_one() -> None:
     assert conn.stream.ended and conn.stream.take() == [b"ab", b"cde"]
     conn.respond(200, b"", b"")
     assert conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 0) is not None
+
+
+def test_the_lingering_close_after_an_early_answer_takes_the_rest_of_the_body() -> None:
+    # A client that sends its whole body before reading must reach the answer: the
+    # close after it reads and drops up to what the body may still bring.
+    conn = _connection(max_body_size=8 << 20)
+    conn.receive_data(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 6000000\r\n\r\n", 0)
+    conn.receive_data(b"a" * 1000, 0)
+    conn.respond_error(413, "request larger than the backend accepts")
+    assert conn.half_close
+    conn.lingering(0.0)
+    for _ in range(5):
+        conn.receive_data(b"b" * 1_000_000, 0.1)
+    assert not conn.must_close, "5 MB of the body's 6 MB dropped, not cut at LINGER_BYTES"
+    conn.receive_data(b"c" * (8 << 20), 0.2)
+    assert conn.must_close, "never more than max_body_size"
