@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from .calls import Receiver
+
+if TYPE_CHECKING:
+    from .bodies import OutgoingBody
 from .frame import DEFAULT_INITIAL_WINDOW, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_IN_FLIGHT
 
 # A server-side handler: request payload in, response payload out. The server
@@ -178,12 +181,29 @@ class Client(Protocol):
 
     address: str
 
-    def send(self, payload: bytes, receiver: Receiver) -> None:
+    def send(self, payload: bytes, receiver: Receiver, stream_response: bool = False) -> None:
         """Send one request; its outcome goes to ``receiver`` exactly once.
 
         The hot-path form: no future and no timer per call. The receiver may
         be called before this returns (an error found at once).
+        ``stream_response``: the node may stream its answer (the receiver is
+        then a :class:`~transports.calls.StreamReceiver`); a carrier without
+        streams answers whole.
         """
+
+    def send_stream(
+        self, payload: bytes, receiver: Receiver, stream_response: bool = True
+    ) -> OutgoingBody:
+        """Send a request whose body follows (``payload`` is its head): docs/wire.md 6.9.
+
+        The body goes through the returned OutgoingBody. UDP refuses
+        (StreamingUnsupported to the receiver); a node that takes no streams
+        gets one whole REQUEST at ``end()``.
+        """
+
+    @property
+    def supports_streaming(self) -> bool:
+        """Whether this carrier can stream bodies at all (False: UDP)."""
 
     def cancel(self, receiver: Receiver) -> None:
         """The caller gives up on a call: forget it and tell the node. No callback follows."""

@@ -140,9 +140,10 @@ class HandlerRunner:
         try:
             handler = self._handler
             mode = self._mode
-            if mode == _PAYLOAD:
+            # Literals, not the module's names: a global lookup per request saved.
+            if mode == 0:  # _PAYLOAD
                 result = handler(payload)
-            elif mode == _DEADLINE:
+            elif mode == 1:  # _DEADLINE
                 result = handler(payload, deadline_ms)
             else:
                 if body is not None:

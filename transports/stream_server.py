@@ -139,6 +139,7 @@ class _ServerConnection(asyncio.Protocol):
         """
         runner = self.tasks
         max_frame_size = self._decoder.max_frame_size
+        stream_ok = self._stream_ok
         pos = 0
         end = len(data)
         while end - pos >= HEADER_SIZE:
@@ -159,7 +160,7 @@ class _ServerConnection(asyncio.Protocol):
                 break
             pos = stop
             self.last_request_id = request_id
-            runner.start(request_id, data[start:stop], deadline_ms, flags & self._stream_ok)
+            runner.start(request_id, data[start:stop], deadline_ms, flags & stream_ok)
         if pos < end:
             self._feed(data[pos:] if pos else data)
 
@@ -294,7 +295,8 @@ class _ServerConnection(asyncio.Protocol):
             if body is not None:
                 body.fail(ConnectionLost("the call was answered"))
         if result is not None:
-            if isinstance(result, StreamedAnswer):
+            # The class test first: bytes are the rule, and it is cheaper.
+            if result.__class__ is not bytes and isinstance(result, StreamedAnswer):
                 self._start_answer(request_id, result)
                 return
             size = len(result)
