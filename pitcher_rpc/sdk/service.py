@@ -47,8 +47,8 @@ from .streams import (
     Streamed,
     StreamingResponse,
     gather_body,
-    read_request,
-    request_stream,
+    ready,
+    whole_body,
 )
 
 log = logging.getLogger("pitcher.sdk")
@@ -171,7 +171,6 @@ class Request:
         "_headers",
         "_message",
         "_params",
-        "_reader",
         "body",
         "client",
         "method",
@@ -204,8 +203,6 @@ class Request:
             headers if isinstance(headers, Headers) or headers is None else Headers(headers)
         )
         self._params: dict[str, str] | None = None
-        # The rest of a streamed body (a streams.BodyReader), for a route that reads it itself.
-        self._reader: Any = None
 
     @property
     def headers(self) -> Headers:
@@ -238,7 +235,7 @@ class Request:
         (a route made with ``stream=True``) is read once: the sender is held
         back while the handler does not read. See docs/sdk.md.
         """
-        return request_stream(self)
+        return whole_body(self.body)
 
     def read(self) -> Awaitable[bytes]:
         """``await request.read()``: the whole body (also in ``body`` afterwards).
@@ -246,16 +243,12 @@ class Request:
         Bounded by the service's ``max_body_size``: over it, BodyTooLarge
         (which, let out of the handler, answers 413).
         """
-        return read_request(self)
+        return ready(self.body)
 
     @property
     def body_size(self) -> int | None:
         """The body's length when known before it is read (Content-Length); None if not."""
-        reader = self._reader
-        if reader is None:
-            return len(self.body)
-        size: int | None = reader.size
-        return size
+        return len(self.body)
 
     def text(self) -> str:
         return self.body.decode("utf-8", "replace")
@@ -268,6 +261,50 @@ class Request:
             f"Request({self.method!r}, {self.path!r}, {self.query!r}, {self.headers!r},"
             f" {self.body!r}, route={self.route!r}, client={self.client!r})"
         )
+
+
+class StreamedRequest(Request):
+    """A request of a ``stream=True`` route whose body goes on after its head.
+
+    Its body is read by the handler (:meth:`stream` or :meth:`read`), from a
+    :class:`~pitcher_rpc.sdk.streams.BodyReader`; ``body`` is empty until
+    :meth:`read` returned.
+    """
+
+    __slots__ = ("_reader",)
+
+    def __init__(self, method: str, path: str, message: RequestMessage, reader: BodyReader) -> None:
+        super().__init__(
+            method,
+            path,
+            message.query.decode("latin-1"),
+            None,
+            b"",
+            message.route,
+            message.client,
+            message=message,
+        )
+        # None once read() took the whole body.
+        self._reader: BodyReader | None = reader
+
+    def stream(self) -> AsyncIterator[bytes]:
+        reader = self._reader
+        return whole_body(self.body) if reader is None else reader.chunks()
+
+    def read(self) -> Awaitable[bytes]:
+        reader = self._reader
+        return ready(self.body) if reader is None else self._read(reader)
+
+    async def _read(self, reader: BodyReader) -> bytes:
+        body = await reader.read()
+        self.body = body
+        self._reader = None
+        return body
+
+    @property
+    def body_size(self) -> int | None:
+        reader = self._reader
+        return len(self.body) if reader is None else reader.size
 
 
 # ----------------------------------------------------------------------------- Response
@@ -647,21 +684,21 @@ class Service:
             return Response(204)
         return Response(200, json_bytes(result), [_JSON_TYPE])
 
-    def respond(self, payload: bytes, deadline_ms: int = 0, call: Any = None) -> Any:
+    def respond(self, payload: bytes, deadline_ms: int = 0, call: Any = WHOLE_CALL) -> Any:
         """The transport handler: a Request payload in, the Response payload out.
 
         The payload comes back at once when the handler does not wait, else an
         awaitable of it (:class:`transports.handlers.HandlerRunner` takes both).
         ``deadline_ms`` is the REQUEST frame's budget (0: none), for the
         handlers that take a :class:`Context`. ``call`` is the transport's
-        ServerCall when the server carries streamed bodies: the rest of a
-        streamed request body (``call.body``), and whether the caller takes a
-        streamed answer (``call.may_stream``); then a StreamingResponse
-        comes back as the transport's StreamedAnswer. Without it (or when
-        the caller cannot take one) a streamed answer is collected whole.
+        ServerCall: the rest of a streamed request body (``call.body``), and
+        whether the caller takes a streamed answer (``call.may_stream``);
+        then a StreamingResponse comes back as the transport's
+        StreamedAnswer. Without it (a whole request from a caller that takes
+        no stream) a streamed answer is collected whole.
         """
         message = decode_request(payload)
-        if call is not None and call.body is not None:
+        if call.body is not None:
             return self._respond_streamed(message, deadline_ms, call)
         if self._tracing is not None:
             return self._deliver(self._tracing.respond(self, message, deadline_ms), call)
@@ -687,12 +724,12 @@ class Service:
             try:
                 waiting_on = result.send(None)
             except StopIteration as done:
-                return self._deliver(self._answer(route, done.value), call)
+                return self._answer(route, done.value, call)
             return self._carry_on(route, result, waiting_on, call)
         if type(result) not in _PLAIN:
             if _awaitable(result):
                 return self._finish_later(route, result, call)
-            return self._deliver(self._answer(route, result), call)
+            return self._answer(route, result, call)
         # _answer inlined: most requests end here.
         try:
             answer = _encode_result(result)
@@ -712,25 +749,37 @@ class Service:
             try:
                 waiting_on = result.send(None)
             except StopIteration as done:
-                return self._deliver(self._answer(route, done.value), call)
+                return self._answer(route, done.value, call)
             return self._carry_on_with_context(route, result, waiting_on, context, call)
         if type(result) not in _PLAIN and _awaitable(result):
             return self._finish_later(route, result, call)
-        return self._deliver(self._answer(route, result), call)
+        return self._answer(route, result, call)
 
-    def _answer(self, route: _Route, result: Any) -> Any:
+    def _answer(self, route: _Route, result: Any, call: Any = None) -> Any:
         """The Response payload for what ``route``'s handler returned; the log names it if bad.
 
-        A StreamingResponse becomes a :class:`~pitcher_rpc.sdk.streams.Streamed`
-        (its head checked now), which :meth:`_deliver` sends as the caller can take it.
+        A StreamingResponse is sent as ``call``'s caller can take it (see
+        :meth:`_deliver`); without ``call`` it comes back as a
+        :class:`~pitcher_rpc.sdk.streams.Streamed` (its head checked) for
+        the caller of this to deliver.
         """
+        answer: bytes | None
         try:
-            if type(result) not in _PLAIN and isinstance(result, StreamingResponse):
-                return self._streamed(route, result)
             answer = _encode_result(result)
         except Exception as exc:
-            _log_unsendable(route, exc)
-            raise
+            # A StreamingResponse is recognised here, where encoding it as JSON
+            # failed, so that a dict, bytes or Response answer pays no check.
+            if not isinstance(result, StreamingResponse):
+                _log_unsendable(route, exc)
+                raise
+            answer = None
+        if answer is None:
+            try:
+                streamed = self._streamed(route, result)
+            except Exception as exc:
+                _log_unsendable(route, exc)
+                raise
+            return streamed if call is None else self._deliver(streamed, call)
         if len(answer) > self._frame_limit:
             self._log_too_large(route, len(answer))
         return answer
@@ -744,7 +793,7 @@ class Service:
         if type(answer) is bytes:
             return answer
         if isinstance(answer, Streamed):
-            if call is not None and call.may_stream:
+            if call.may_stream:
                 return _streamed_answer(answer)
             return answer.collect()
         return self._deliver_later(answer, call)
@@ -766,10 +815,8 @@ class Service:
 
     async def _carry_on(self, route: _Route, coroutine: Any, waiting_on: Any, call: Any) -> Any:
         """The rest of a handler's coroutine that was stepped by hand and had to wait."""
-        answer = self._answer(route, await resume(coroutine, waiting_on))
-        if type(answer) is bytes:
-            return answer
-        return await self._settle(answer, call)
+        answer = self._answer(route, await resume(coroutine, waiting_on), call)
+        return answer if type(answer) is bytes else await _settled(answer)
 
     async def _carry_on_with_context(
         self, route: _Route, coroutine: Any, waiting_on: Any, context: Context, call: Any
@@ -781,20 +828,12 @@ class Service:
         except asyncio.CancelledError:
             context._cancelled = True
             raise
-        answer = self._answer(route, result)
-        if type(answer) is bytes:
-            return answer
-        return await self._settle(answer, call)
+        answer = self._answer(route, result, call)
+        return answer if type(answer) is bytes else await _settled(answer)
 
     async def _finish_later(self, route: _Route, awaitable: Awaitable[Any], call: Any) -> Any:
-        answer = self._answer(route, await awaitable)
-        if type(answer) is bytes:
-            return answer
-        return await self._settle(answer, call)
-
-    async def _settle(self, answer: Any, call: Any) -> Any:
-        delivered = self._deliver(answer, call)
-        return await delivered if _awaitable(delivered) else delivered
+        answer = self._answer(route, await awaitable, call)
+        return answer if type(answer) is bytes else await _settled(answer)
 
     # -- streamed request bodies
 
@@ -808,17 +847,9 @@ class Service:
         size = _declared_size(message)
         limit = self._body_limit()
         if route.stream and self._tracing is None:
-            request = Request(
-                method,
-                path,
-                message.query.decode("latin-1"),
-                None,
-                b"",
-                message.route,
-                message.client,
-                message=message,
+            request = StreamedRequest(
+                method, path, message, BodyReader(message.body, call.body, limit, size)
             )
-            request._reader = BodyReader(message.body, call.body, limit, size)
             return self._run_streaming_route(route, request, deadline_ms, call)
         return self._gather_then_respond(message, deadline_ms, call, limit, size)
 
@@ -855,7 +886,7 @@ class Service:
             if context is not None:
                 context._cancelled = True
             raise
-        return await self._settle(self._answer(route, result), call)
+        return await _settled(self._answer(route, result, call))
 
     def _body_limit(self) -> int:
         limit = self.max_body_size
@@ -935,6 +966,11 @@ def _served(respond: Callable[..., Any]) -> WithStreams:
 def stream_answer(head: bytes, chunks: AsyncIterator[bytes]) -> StreamedAnswer:
     """The transport's StreamedAnswer: a RESPONSE head with MORE, then ``chunks`` as DATA."""
     return StreamedAnswer(head, chunks)
+
+
+async def _settled(answer: Any) -> Any:
+    """A delivered answer that may still be an awaitable (a stream being collected)."""
+    return await answer if _awaitable(answer) else answer
 
 
 def _streamed_answer(answer: Streamed) -> StreamedAnswer:

@@ -114,28 +114,14 @@ class BodyReader:
             await closing()
 
 
-async def _whole(body: bytes) -> AsyncIterator[bytes]:
+async def whole_body(body: bytes) -> AsyncIterator[bytes]:
+    """``request.stream()`` of a body that came whole: one chunk (none when empty)."""
     if body:
         yield body
 
 
-def request_stream(request: Any) -> AsyncIterator[bytes]:
-    """``request.stream()``: the body's chunks, whether it came whole (one chunk) or streamed."""
-    reader: BodyReader | None = request._reader
-    if reader is None:
-        return _whole(request.body)
-    return reader.chunks()
-
-
-async def read_request(request: Any) -> bytes:
-    """``await request.read()``: the whole body; it stays in ``request.body`` afterwards."""
-    reader: BodyReader | None = request._reader
-    if reader is None:
-        body: bytes = request.body
-        return body
-    body = await reader.read()
-    request.body = body
-    request._reader = None
+async def ready(body: bytes) -> bytes:
+    """``await request.read()`` of a body that is all there."""
     return body
 
 
