@@ -850,3 +850,46 @@ def test_zeromq_gathers_a_body_for_a_node_without_streams(socket_dir: str) -> No
             server.abort()
 
     asyncio.run(asyncio.wait_for(scenario(), 5.0))
+
+
+def test_request_body_idle_limit_and_deadline(net: Net) -> None:
+    outcomes: list[str] = []
+
+    async def handler(payload: bytes, deadline_ms: int, call: ServerCall) -> bytes:
+        assert call.body is not None
+        try:
+            async for _ in call.body:
+                pass
+        except DeadlineExceeded as exc:
+            outcomes.append(f"idle: {exc}")
+            raise
+        except asyncio.CancelledError:
+            outcomes.append("cancelled")
+            raise
+        return b"read it all"
+
+    async def scenario() -> None:
+        server = await net.serve(WithStreams(handler), stream_idle_timeout=0.2)
+        client = net.client(server.address)
+        await client.ping()
+        # The caller stops sending (its deadline is far): the server's idle limit ends it.
+        stalled = Call(timeout=5.0)
+        body = client.send_stream(b"", stalled)
+        body.write(b"x")
+        kind, error = await stalled.outcome
+        assert kind == "error" and "DeadlineExceeded" in str(error)
+        assert outcomes and outcomes[0].startswith("idle: no request body data")
+        # The REQUEST's deadline covers the upload: the client gives up, the server is told.
+        patient = await net.serve(WithStreams(handler), stream_idle_timeout=5.0)
+        client = net.client(patient.address)
+        await client.ping()
+        slow = Call(timeout=0.15)
+        body = client.send_stream(b"", slow)
+        body.write(b"y")
+        kind, error = await slow.outcome
+        assert kind == "error" and isinstance(error, DeadlineExceeded)
+        assert body.done
+        await wait_until(lambda: "cancelled" in outcomes)
+        await wait_until(lambda: patient.in_flight == 0 and server.in_flight == 0)
+
+    net.run(scenario)
