@@ -456,8 +456,12 @@ class _Outgoing:
                     continue
                 if self.error is not None:
                     raise self.error
-                if self.ended or self.closed:
+                if self.ended:
                     return
+                if self.closed:
+                    # The call ended on this side (its request body was cut, the
+                    # server stops): the answer must not end as if it were whole.
+                    raise AppError("the call ended before the app's response did")
                 reader = self.reader = self.cycle.answer.get_loop().create_future()
                 await reader
         finally:

@@ -202,3 +202,30 @@ def test_send_waits_for_the_transport_and_raises_once_the_caller_is_gone() -> No
     run(scenario())
     assert len(outcome) == 1 and isinstance(outcome[0], ClientDisconnected)
     assert len(sent) <= 3
+
+
+def test_a_response_under_way_is_cut_when_the_request_body_is_cut() -> None:
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"some"
+        await asyncio.sleep(0.01)
+        raise ConnectionError("the sender went away")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"echo:", "more_body": True})
+        while (await receive())["type"] == "http.request":
+            await send({"type": "http.response.body", "body": b".", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def scenario() -> list[bytes]:
+        answer = await AsgiService(app).respond(
+            request_payload(b"/", method=b"POST"), 0, ServerCall(broken(), True)
+        )
+        assert isinstance(answer, StreamedAnswer)
+        received: list[bytes] = []
+        with pytest.raises(AppError, match="ended before"):
+            async for chunk in answer.chunks:
+                received.append(chunk)
+        return received
+
+    assert b"".join(run(scenario())).startswith(b"echo:")
