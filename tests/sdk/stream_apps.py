@@ -194,9 +194,12 @@ def _starlette() -> Any:
 
 
 def _fastapi() -> Any:
-    from fastapi import FastAPI
-    from fastapi.sse import EventSourceResponse as FastEvents
-    from fastapi.sse import ServerSentEvent as FastEvent
+    try:
+        from fastapi import FastAPI
+        from fastapi.sse import EventSourceResponse as FastEvents
+        from fastapi.sse import ServerSentEvent as FastEvent
+    except ImportError:  # FastAPI missing, or older than its server-sent events
+        return None
 
     app = FastAPI()
 

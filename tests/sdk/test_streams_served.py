@@ -91,7 +91,7 @@ def test_a_collected_answer_over_the_frame_limit_fails_as_a_too_large_one() -> N
     serve(stream_apps.service, scenario, ServerOptions(max_frame_size=512 * 1024))
 
 
-def test_asgi_streaming_responses_reach_a_whole_caller_gathered() -> None:
+def test_starlette_streaming_responses_reach_a_whole_caller_gathered() -> None:
     async def scenario(client: Any) -> None:
         answer = await whole(client, b"/numbers")
         assert answer.status == 200 and answer.body == b"0\n1\n2\n3\n4\n"
@@ -100,6 +100,11 @@ def test_asgi_streaming_responses_reach_a_whole_caller_gathered() -> None:
         assert failed.value.code == ErrorCode.INTERNAL
 
     serve(AsgiService(stream_apps.starlette_app), scenario)
+
+
+def test_fastapi_event_streams_reach_a_whole_caller_gathered() -> None:
+    if stream_apps.fastapi_app is None:
+        pytest.skip("needs FastAPI with fastapi.sse")
 
     async def events(client: Any) -> None:
         answer = await whole(client, b"/events")
@@ -303,7 +308,7 @@ def test_an_early_answer_stops_the_upload() -> None:
 # ----------------------------------------------------------------------------- ASGI
 
 
-def test_asgi_apps_stream_both_ways() -> None:
+def test_starlette_apps_stream_both_ways() -> None:
     data = os.urandom(MIB + 7)
 
     async def scenario(client: Any) -> None:
@@ -333,6 +338,11 @@ def test_asgi_apps_stream_both_ways() -> None:
         assert json.loads(await read_body(body)) == {"size": len(data)}
 
     serve(AsgiService(stream_apps.starlette_app), scenario)
+
+
+def test_fastapi_event_source_response_streams() -> None:
+    if stream_apps.fastapi_app is None:
+        pytest.skip("needs FastAPI with fastapi.sse")
 
     async def events(client: Any) -> None:
         head, body = await streamed(client, b"/events")
