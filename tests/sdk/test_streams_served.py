@@ -509,3 +509,31 @@ def test_a_datagram_carrier_gets_streamed_answers_whole() -> None:
             await server.close(1)
 
     uvloop.run(asyncio.wait_for(main(), 10))
+
+
+def test_zeromq_streams_both_ways() -> None:
+    pytest.importorskip("zmq")
+    from transports.registry import transport_for
+
+    data = os.urandom(MIB)
+
+    async def main() -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            address = f"zmq+ipc://{os.path.join(directory, 'z.sock')}"
+            server = await stream_apps.service.serve(address)
+            client = transport_for(address).client(address)
+            try:
+                # The node's SETTINGS (its window) reach the client with its first answer.
+                assert (await whole(client, b"/buffered")).status == 200
+                head, body = await streamed(client, b"/big", b"mib=4&size=1")
+                assert head.body_size == 4 * MIB and isinstance(body, Body)
+                assert len(await body.read()) == 4 * MIB
+                _, answer = await streamed_call(
+                    client, request_payload(b"/upload"), pieces_of(data)
+                )
+                assert json.loads(await read_body(answer))["size"] == len(data)
+            finally:
+                await client.close(1)
+                await server.close(1)
+
+    uvloop.run(asyncio.wait_for(main(), 15))
