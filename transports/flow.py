@@ -10,7 +10,7 @@ steady stream costs one small frame per half window and not one per DATA.
 
 There is no connection-wide window on purpose: a call whose consumer stalls
 stops only itself, and the bytes a connection may hold are bounded anyway by
-``max_in_flight x initial_window`` (docs/wire.md, 6.11).
+``max_in_flight x initial_window`` (docs/wire.md, 6.10).
 
 :class:`SendWindow` is the sender's account, :class:`ReceiveWindow` the
 receiver's; both raise :class:`~transports.errors.FlowControlError` on a
