@@ -3,18 +3,22 @@
 ``pitcher backend app:app --listen unix:///run/app.sock`` runs a FastAPI,
 Starlette, Django or Litestar application behind the proxy as it would run an
 SDK :class:`~pitcher_rpc.sdk.service.Service`. Each REQUEST frame becomes an
-``http`` scope and one ``http.request`` event holding the whole body; the
-app's ``http.response.start`` and ``http.response.body`` messages are
-gathered into one RESPONSE frame. What differs from a server speaking HTTP
-(no response streaming yet, the disconnect, the scope's fields) is in
-docs/asgi.md.
+``http`` scope; its body is one ``http.request`` event, or, when the caller
+streams it, one event per piece with ``more_body`` (read as the app calls
+``receive()``, so a slow app holds the sender back). An answer in one
+``http.response.body`` message is one RESPONSE frame; one in several is
+streamed (a RESPONSE head, then DATA per message, ``send()`` returning as the
+transport takes each) to a caller that takes streamed answers, and gathered
+into one frame for any other. What differs from a server speaking HTTP (the
+disconnect, the scope's fields) is in docs/asgi.md.
 
 Per request: the payload is parsed by the generated class (C), the scope is
 built straight from its fields, and the app runs in one task (as under
 uvicorn: frameworks need a task of their own for anyio's cancel scopes and
-thread pools). The frame handler waits for the response, not for the app:
-background tasks run after the answer is sent. There is no queue: the body
-is handed over by the first ``receive()``, and the answer is one future.
+thread pools). The frame handler waits for the response (or its head), not
+for the app: background tasks run after the answer is sent. There is no
+queue for a whole body: it is handed over by the first ``receive()``, and the
+answer is one future.
 """
 
 from __future__ import annotations

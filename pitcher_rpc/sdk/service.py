@@ -6,7 +6,9 @@ when a single handler serves every path), and the handler gets a Request
 whose headers and query parameters are decoded only when it reads them. A
 coroutine handler is stepped by hand; only one that really waits goes on in
 a task (see :mod:`transports.handlers`). A dict or list comes back as one
-JSON encode and one Response payload written straight to bytes.
+JSON encode and one Response payload written straight to bytes. Streamed
+bodies (:mod:`pitcher_rpc.sdk.streams`, docs/sdk.md) add one check per
+request to this path: that the call carries no body.
 """
 
 from __future__ import annotations
