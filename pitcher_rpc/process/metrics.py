@@ -51,6 +51,7 @@ def _worker_families(workers: Sequence[dict[str, Any]], master: bool = False) ->
     yield requests
     yield connections
     yield from _connection_cap(workers)
+    yield from _tls(workers)
     snapshots = [w["gc"] for w in workers if isinstance(w.get("gc"), dict)]
     if snapshots:
         merged = GcPauses.merge(snapshots)
@@ -145,6 +146,30 @@ class _Master:
         yield from _health(self.health, self.scale_outs, _module_reports(self.workers, "metrics"))
         yield from _discovery(self.discovery)
         yield _build_info()
+
+
+def _tls(workers: Sequence[dict[str, Any]]) -> Iterable[Metric]:
+    """A TLS listener's handshakes: under way, and failed by reason, all workers."""
+    reports = [w["tls"] for w in workers if isinstance(w.get("tls"), dict) and w["tls"]["enabled"]]
+    if not reports:
+        return
+    handshaking = GaugeMetricFamily(
+        "pitcher_tls_handshakes_in_progress", "TLS handshakes under way, all workers"
+    )
+    handshaking.add_metric([], sum(int(r.get("handshaking", 0)) for r in reports))
+    yield handshaking
+    failures = CounterMetricFamily(
+        "pitcher_tls_handshake_failures",
+        "TLS handshakes that failed on the listener, by reason, all workers",
+        labels=["reason"],
+    )
+    counts: dict[str, int] = {}
+    for report in reports:
+        for reason, count in (report.get("handshake_failures") or {}).items():
+            counts[reason] = counts.get(reason, 0) + int(count)
+    for reason, count in sorted(counts.items()):
+        failures.add_metric([reason], count)
+    yield failures
 
 
 def _connection_cap(workers: Sequence[dict[str, Any]]) -> Iterable[Metric]:

@@ -13,6 +13,7 @@ import urllib.request
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.proxy.conftest import Launcher, free_port, pitcher_command, wait_until
 from tests.tls.conftest import Pair, Pki, connect, expired, get, proxy_config, san
@@ -116,3 +117,14 @@ def test_reload_swaps_the_certificate_without_dropping_connections(
         )
 
     wait_until(counted, 5.0, "the failed handshake in the worker's status")
+    # And on /metrics, for Prometheus.
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+        exposition = r.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(exposition)}
+    failed = {
+        s.labels["reason"]: s.value
+        for s in families["pitcher_tls_handshake_failures"].samples
+        if s.name.endswith("_total")
+    }
+    assert failed.get("plain HTTP sent to the TLS port") == 1, failed
+    assert "pitcher_tls_handshakes_in_progress" in families
