@@ -54,6 +54,7 @@ ONE_BUILD = (
     "tests/test_logs.py",
     "tests/tracing/test_module_settings.py",
     "tests/tracing/test_trace_context.py",
+    "tests/tls/test_tls_config.py",
 )
 
 
