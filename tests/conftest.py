@@ -55,6 +55,7 @@ ONE_BUILD = (
     "tests/tracing/test_module_settings.py",
     "tests/tracing/test_trace_context.py",
     "tests/tls/test_tls_config.py",
+    "tests/sdk/test_asgi_streams.py",
 )
 
 
