@@ -29,6 +29,9 @@ from .flow import ReceiveWindow, SendWindow, take_bytes_field, with_bytes_field
 
 log = logging.getLogger("pitcher.transports")
 
+# A streamed answer lets other work run at least this often (bytes sent).
+YIELD_EVERY = 1024 * 1024
+
 
 class ServerLink(Protocol):
     """What a server-side body asks of the connection that carries its call."""
@@ -180,6 +183,9 @@ async def send_streamed_answer(
     """
     link.send_head(request_id, answer.head, True)
     chunks = answer.chunks
+    # Bytes sent since this task last let the loop run: chunks that never wait,
+    # under a large window, would otherwise hold the event loop for as long.
+    unyielded = 0
     try:
         async for chunk in chunks:
             if not isinstance(chunk, bytes | bytearray | memoryview):
@@ -192,6 +198,10 @@ async def send_streamed_answer(
                 granted = await credit.take(wanted if wanted < max_data else max_data)
                 link.send_data(request_id, view[offset : offset + granted], True)
                 offset += granted
+                unyielded += granted
+                if unyielded >= YIELD_EVERY:
+                    unyielded = 0
+                    await asyncio.sleep(0)
         link.send_data(request_id, b"", False)
     except asyncio.CancelledError:
         await _close_chunks(chunks)

@@ -893,3 +893,35 @@ def test_request_body_idle_limit_and_deadline(net: Net) -> None:
         await wait_until(lambda: patient.in_flight == 0 and server.in_flight == 0)
 
     net.run(scenario)
+
+
+def test_credit_past_the_largest_window_closes_the_connection(net: Net) -> None:
+    async def handler(payload: bytes, deadline_ms: int, call: ServerCall) -> StreamedAnswer:
+        async def chunks() -> AsyncIterator[bytes]:
+            while True:
+                yield b"c" * WINDOW
+
+        return StreamedAnswer(b"", chunks())
+
+    async def scenario() -> None:
+        server = await net.serve(WithStreams(handler))
+        peer = await net.raw_client(server.address)
+        peer.send(encode_frame(FrameType.SETTINGS, 0, Settings(1 << 20, 0, WINDOW).encode()))
+        peer.send(encode_request(1, b"", 1000, FLAG_STREAM_OK))
+        assert (await peer.expect(FrameType.RESPONSE)).flags == FLAG_MORE
+        received = 0
+        while received < WINDOW:
+            received += len((await peer.expect(FrameType.DATA)).payload)
+        assert received == WINDOW  # and no more without credit
+        # Credit 2^31 - 1 is allowed; the second increment takes it past that, however
+        # much of the first the server spent in between (it cannot have spent 2 GiB).
+        peer.send(encode_window_update(1, 0x7FFFFFFF) + encode_window_update(1, 0x7FFFFFFF))
+        frame = await peer.next_frame()
+        while frame is not None and frame.type == FrameType.DATA:
+            frame = await peer.next_frame()
+        info = error_of(frame)
+        assert frame is not None and frame.request_id == 0
+        assert info.code == ErrorCode.FLOW_CONTROL and "exceeds" in info.message
+        await wait_until(lambda: server.in_flight == 0)
+
+    net.run(scenario)
