@@ -168,7 +168,7 @@ def _request_size(request: HttpRequest) -> int:
         + len(b"".join(request.values))
         + 4 * len(names)  # ": " and CRLF
         + 2
-        + len(request.body)
+        + (len(request.body) if request.body_stream is None else request.body_stream.received)
     )
 
 

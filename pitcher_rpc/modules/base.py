@@ -94,8 +94,10 @@ class Record(Generic[RouteT, NodeT, ConnectionT]):
     limit or ejected, or the cluster has none), ``rejected`` (the node is
     shutting down), ``too_large`` (the request or the answer over the frame
     limit), ``bad_answer`` (an answer that is not a valid HTTP response) and
-    ``shutdown`` (the proxy itself is stopping). A request retried after a
-    failed attempt and answered on the next has none.
+    ``shutdown`` (the proxy itself is stopping); ``cut``: a streamed answer
+    ended before its end (the node failed or went away midway, or its body
+    broke its stated size), so the client got an incomplete response. A
+    request retried after a failed attempt and answered on the next has none.
 
     ``client_ip`` is the client's address as bytes (``b"unix"`` on a Unix
     socket), set once when the request begins: the connection's peer, unless
@@ -163,6 +165,7 @@ FAILURES = (
     "too_large",
     "bad_answer",
     "shutdown",
+    "cut",
 )
 
 

@@ -284,7 +284,9 @@ class Metrics(Module):
         histogram = numbers.response_size
         histogram.counts[bisect_left(SIZE_BUCKETS, size)] += 1
         histogram.sum += size
-        size = len(exchange.request.body)
+        request = exchange.request
+        stream = request.body_stream
+        size = len(request.body) if stream is None else stream.received
         histogram = numbers.request_body_size
         histogram.counts[bisect_left(SIZE_BUCKETS, size)] += 1
         histogram.sum += size

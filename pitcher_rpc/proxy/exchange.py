@@ -317,13 +317,16 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
         if not request.watched and connection.watch is self.snapshot.watch:
             # No header to drop, rewrite or read: the common case, two list copies in C.
             names = request.names + _FORWARDED_NAMES
-            values = [*request.values, client_ip, b"http"]
+            values = [*request.values, client_ip, connection.server.forwarded_proto]
         else:
             names, values, forwarded_for = forward_request_headers(
                 request.names, request.values, self.id_header if self.request_id else None
             )
             names += _FORWARDED_NAMES
-            values += (forwarded_for + b", " + client_ip if forwarded_for else client_ip, b"http")
+            values += (
+                forwarded_for + b", " + client_ip if forwarded_for else client_ip,
+                connection.server.forwarded_proto,
+            )
         edits = self.edits
         if edits is not None and edits.request:
             names, values = edits.request.apply(names, values)

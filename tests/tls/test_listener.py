@@ -82,6 +82,12 @@ def test_http_client_is_answered_over_tls_on_a_keep_alive_connection(
             body = response.read()
             assert response.status == 200, body
             assert b'"path": "%s"' % path.encode() in body
+            assert b'["x-forwarded-proto", "https"]' in body, body
+        # A client's own X-Forwarded-* takes the header-rewriting path: https there too.
+        connection.request("GET", "/three", headers={"X-Forwarded-Proto": "http"})
+        body = connection.getresponse().read()
+        assert body.count(b'"x-forwarded-proto"') == 1, body
+        assert b'["x-forwarded-proto", "https"]' in body, body
         secure = connection.sock
         assert isinstance(secure, ssl.SSLSocket)
         # HTTP/1.1 is all the listener speaks, and ALPN says so to a client offering h2.
