@@ -348,6 +348,16 @@ class ServerConnection:
 
     # answers out ----------------------------------------------------------------------
 
+    def _count_answer(self, request: HttpRequest) -> bool:
+        """Count an answer against keepalive_requests; whether the connection may stay open."""
+        self._requests_left -= 1
+        return (
+            request.keep_alive
+            and self._requests_left != 0
+            and not self.draining
+            and self.keepalive_timeout > 0
+        )
+
     def respond(
         self, status: int, fields: bytes, body: bytes | memoryview, now: float | None = None
     ) -> list[bytes]:
@@ -365,13 +375,7 @@ class ServerConnection:
         """
         request = self.active
         assert request is not None, "respond() without a request to answer"
-        self._requests_left -= 1
-        keep = (
-            request.keep_alive
-            and self._requests_left != 0
-            and not self.draining
-            and self.keepalive_timeout > 0
-        )
+        keep = self._count_answer(request)
         stream = request.body_stream
         if stream is not None:
             self.stream = None
@@ -473,13 +477,7 @@ class ServerConnection:
         """
         request = self.active
         assert request is not None, "respond_head() without a request to answer"
-        self._requests_left -= 1
-        keep = (
-            request.keep_alive
-            and self._requests_left != 0
-            and not self.draining
-            and self.keepalive_timeout > 0
-        )
+        keep = self._count_answer(request)
         stream = request.body_stream
         if stream is not None and not stream.ended:
             # Answering before the body ended: the rest is dropped as it comes
