@@ -440,12 +440,21 @@ class Load:
 _UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
 
 
-def wrk(port: int, connections: int, headers: list[str], seconds: float) -> Load:
+def wrk(
+    port: int,
+    connections: int,
+    headers: list[str],
+    seconds: float,
+    scheme: str = "http",
+    closing: bool = False,
+) -> Load:
+    """wrk's numbers; ``closing``: the server closes after each answer (Connection: close),
+    which wrk counts as a read error, so only connect, write and timeout errors count."""
     args = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
     for header in headers:
         args += ["-H", header]
     out = subprocess.run(
-        [*args, f"http://127.0.0.1:{port}/hello"],
+        [*args, f"{scheme}://127.0.0.1:{port}/hello"],
         capture_output=True,
         text=True,
         timeout=seconds + 30,
@@ -467,7 +476,8 @@ def wrk(port: int, connections: int, headers: list[str], seconds: float) -> Load
     errors = 0
     found = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if found is not None:
-        errors += sum(int(n) for n in found.groups())
+        connect, read, write, timeout = (int(n) for n in found.groups())
+        errors += connect + write + timeout + (0 if closing else read)
     found = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if found is not None:
         errors += int(found.group(1))

@@ -37,7 +37,6 @@ import re
 import shutil
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +61,7 @@ from bench_pair import (  # noqa: E402
     wait_for_unix,
     where,
 )
+from bench_pair import wrk as wrk_load  # noqa: E402
 
 SETUPS = {
     "N": "nginx, plain HTTP",
@@ -218,43 +218,15 @@ async def python_load(
     )
 
 
-_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
-
-
 def wrk(port: int, secure: bool, seconds: float, new_connections: bool) -> Load:
-    args = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency"]
-    if new_connections:
-        args += ["-H", "Connection: close"]
-    scheme = "https" if secure else "http"
-    out = subprocess.run(
-        [*args, f"{scheme}://127.0.0.1:{port}/hello"],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-        check=True,
-    ).stdout
-
-    def latency(percent: int) -> float:
-        found = re.search(rf"\s{percent}%\s+([\d.]+)(us|ms|s)\b", out)
-        if found is None:
-            raise RuntimeError(f"wrk output without a {percent}% latency:\n{out}")
-        return float(found.group(1)) * _UNITS[found.group(2)]
-
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    count = re.search(r"(\d+) requests in", out)
-    if rate is None or count is None:
-        raise RuntimeError(f"unexpected wrk output:\n{out}")
-    errors = 0
-    found = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if found is not None:
-        errors += int(found.group(1))
-    # With Connection: close, wrk counts the server's close after each answer as
-    # a read error; only connect errors and timeouts are real failures here.
-    found = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if found is not None:
-        connect, read, write, timeout = (int(n) for n in found.groups())
-        errors += connect + write + timeout + (0 if new_connections else read)
-    return Load(float(rate.group(1)), latency(50), latency(99), int(count.group(1)), errors)
+    return wrk_load(
+        port,
+        CONNECTIONS,
+        ["Connection: close"] if new_connections else [],
+        seconds,
+        scheme="https" if secure else "http",
+        closing=new_connections,
+    )
 
 
 def measure(port: int, secure: bool, case: str, seconds: float) -> Load:
