@@ -96,6 +96,7 @@ class OutgoingBody:
         "_window",
         "ended",
         "max_data",
+        "on_credit",
         "on_writable",
         "request_id",
         "started",
@@ -122,6 +123,9 @@ class OutgoingBody:
         # Body bytes were handed over: the caller cannot send this call again.
         self.started = False
         self.on_writable: Callable[[], None] | None = None
+        # Called when the node's credit lets queued bytes leave but some still
+        # wait: the node made progress though the queue has not drained.
+        self.on_credit: Callable[[], None] | None = None
 
     # the caller's side ----------------------------------------------------------------
 
@@ -175,6 +179,22 @@ class OutgoingBody:
         self._finish()
         self._client.give_up(self._receiver)
 
+    def move_deadline(self, when: float) -> None:
+        """Set the call's deadline (its receiver's) to ``when``, earlier or later.
+
+        While a streamed body is sent, the caller decides what limits the
+        call (docs/wire.md: the REQUEST's deadline_ms counts from the body's
+        end): the call table re-reads ``receiver.deadline`` when its timer
+        fires, and is asked here to fire by ``when``. No deadline (``math.inf``)
+        is ignored until the head left: the deadline bounds finding a connection.
+        """
+        if when == math.inf and self._state == _UNBOUND:
+            return  # still finding a connection: its deadline bounds that wait
+        self._receiver.deadline = when
+        link = self._link
+        if link is not None and when != math.inf:
+            link.watch(when)
+
     # the carrier's side ---------------------------------------------------------------
 
     def bind_stream(self, link: BodyLink, request_id: int, credit: int, max_data: int) -> None:
@@ -206,7 +226,15 @@ class OutgoingBody:
         """A WINDOW_UPDATE for this call (FlowControlError past the largest window)."""
         self._window.grant(increment)
         if self._state == _STREAM:
+            queued = self._queued
             self._pump()
+            if self._queued and self._queued < queued:
+                callback = self.on_credit
+                if callback is not None:
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("on_credit failed")
             self._wake()
 
     def stop(self) -> None:

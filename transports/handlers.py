@@ -64,7 +64,8 @@ class HandlerRunner:
 
     ``start`` runs the handler at once; a handler that answers at once costs
     no task, no timer and no closure. One that has to wait goes on in a task,
-    which a CANCEL (``cancel``) or the request's deadline cancels. Every
+    which a CANCEL (``cancel``) or the request's deadline cancels (for a
+    streamed request body, counted from the body's last DATA: ``body_ended``). Every
     request ends in exactly one call of ``answer`` unless it was cancelled:
     with the response payload, or with an ErrorInfo (INTERNAL for a handler
     that raised or returned something other than bytes, DEADLINE_EXCEEDED
@@ -169,8 +170,22 @@ class HandlerRunner:
         task = self._loop.create_task(self._carry_on(key, coroutine, yielded))
         self.tasks[key] = task
         self._unstarted[task] = coroutine
-        if deadline_ms:
-            # Nobody waits for the answer after this: stop the work.
+        if deadline_ms and body is None:
+            # Nobody waits for the answer after this: stop the work. A streamed
+            # request's deadline counts from its body's end (body_ended).
+            self._timers[key] = self._loop.call_later(deadline_ms / 1000, self._expire, key, task)
+
+    def body_ended(self, key: Hashable, deadline_ms: int) -> None:
+        """A streamed request's last DATA arrived: its deadline runs from now.
+
+        Only for a handler still at work: one that answered (or was cancelled)
+        before the body's end is no longer in ``tasks`` under a handler's task,
+        since the server drops the body of an answered call first.
+        """
+        if not deadline_ms or key in self._timers:
+            return
+        task = self.tasks.get(key)
+        if task is not None:
             self._timers[key] = self._loop.call_later(deadline_ms / 1000, self._expire, key, task)
 
     def cancel(self, key: Hashable) -> bool:

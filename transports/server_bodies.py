@@ -4,6 +4,9 @@
 frames of one call. Credit goes back to the caller as the handler takes
 chunks (in half-window batches), so a handler that reads slowly holds the
 caller back and the server never keeps more than the window of one call.
+The REQUEST's ``deadline_ms`` counts from the body's last DATA: its
+``deadline`` is set then (the server arms the handler's deadline timer at
+the same moment), so a long upload that keeps moving never expires.
 
 :func:`send_streamed_answer` runs a :class:`~transports.base.StreamedAnswer`
 in a task of its own (counted in flight by the handler runner, so a CANCEL,
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import Protocol
 
@@ -58,6 +62,8 @@ class RequestBody:
         "_link",
         "_loop",
         "_waiter",
+        "deadline",
+        "deadline_ms",
         "request_id",
         "window",
     )
@@ -69,6 +75,7 @@ class RequestBody:
         request_id: int,
         window: int,
         idle_timeout: float,
+        deadline_ms: int = 0,
     ) -> None:
         self._link = link
         self._loop = loop
@@ -79,6 +86,10 @@ class RequestBody:
         self._ended = False
         self._error: TransportError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # The REQUEST's deadline_ms counts from the body's last DATA (docs/wire.md):
+        # ``deadline`` (time.monotonic()) is None until then, or without a deadline.
+        self.deadline_ms = deadline_ms
+        self.deadline: float | None = None
 
     def __aiter__(self) -> RequestBody:
         return self
@@ -116,6 +127,8 @@ class RequestBody:
             self._chunks.append(data)
         if not more:
             self._ended = True
+            if self.deadline_ms:
+                self.deadline = time.monotonic() + self.deadline_ms / 1000
         self._wake()
         return not more
 

@@ -215,6 +215,8 @@ class _ServerConnection(asyncio.Protocol):
             # FlowControlError beyond the window: the connection fails.
             if body.receive(payload, flags & FLAG_MORE != 0):
                 del self.bodies[request_id]
+                # The call's deadline counts from its body's end (docs/wire.md).
+                self.tasks.body_ended(request_id, body.deadline_ms)
         elif kind == FrameType.WINDOW_UPDATE:
             credit = self.answers.get(request_id)
             if credit is not None:
@@ -252,6 +254,7 @@ class _ServerConnection(asyncio.Protocol):
                     request_id,
                     self._window,
                     self._server.options.stream_idle_timeout,
+                    deadline_ms,
                 )
                 self.bodies[request_id] = body
                 self.tasks.start(request_id, payload, deadline_ms, flags & self._stream_ok, body)

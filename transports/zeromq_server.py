@@ -524,6 +524,7 @@ class ZmqServer:
                 request_id,
                 self._window,
                 self.options.stream_idle_timeout,
+                deadline_ms,
             )
             peer.bodies[request_id] = body
             runner.start(key, payload, deadline_ms, flags & peer.stream_ok, body)
@@ -546,6 +547,9 @@ class ZmqServer:
             return
         if ended:
             del peer.bodies[request_id]
+            # The call's deadline counts from its body's end (docs/wire.md).
+            if self._runner is not None:
+                self._runner.body_ended((identity, request_id), body.deadline_ms)
 
     def _fail_call(
         self, identity: bytes, peer: _Peer, request_id: int, error: FlowControlError

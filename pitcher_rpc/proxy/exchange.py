@@ -102,6 +102,8 @@ _colon_join = b": ".join
 _FORWARDED_NAMES = [b"x-forwarded-for", b"x-forwarded-proto"]
 _ERROR_TYPE = b"content-type: text/plain; charset=utf-8\r\n"
 _FORWARDED_FOR = b"x-forwarded-for"
+# A streamed call's deadline while it waits for the client's body, not the node.
+_NO_DEADLINE = float("inf")
 
 # What a node sends instead of an answer over the frame limit (docs/wire.md,
 # section 5: a per-request ERROR, INTERNAL, "response of N bytes exceeds the
@@ -384,11 +386,15 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
             client.send(self.payload, self, True)
             return
         attempt = self.attempts
+        # The head's deadline_ms is the whole timeout: the node counts it from the
+        # body's end (docs/wire.md), and a retry's head must not carry "none".
+        self.deadline = self.connection.loop.time() + self.timeout
         outgoing = client.send_stream(self.payload, self, True)
         if self.attempts != attempt or self.status:
             return  # failed inside send_stream (and retried, or answered)
         self.outgoing = outgoing
         outgoing.on_writable = self._body_writable
+        outgoing.on_credit = self._body_moved
         self.connection.body_wanted()
         self.pump_body()
 
@@ -416,6 +422,8 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
                 body = b"".join(gathered)
                 self.gathered = []
                 self.payload = self._encode(route, body, -1)
+                # The answer's timeout counts from the body's end, as for a stream.
+                self.deadline = self.connection.loop.time() + self.timeout
                 self._send()
             return
         outgoing = self.outgoing
@@ -432,12 +440,37 @@ class Exchange(Record["Route", "Node", "HttpConnection"]):
                 # The node's credit is spent: hold the rest, stop reading.
                 stream.put_back(pieces[index + 1 :])
                 self.connection.hold_body()
+                self._body_moved()
                 return
         if stream.ended and not outgoing.ended:
+            # Before end(): a node without a window is sent the whole request by it.
+            outgoing.move_deadline(self.connection.loop.time() + self.timeout)
             outgoing.end()
+        self._body_moved()
 
     def _body_writable(self) -> None:
+        self._body_moved()
         self.connection.release_body(self)
+
+    def _body_moved(self) -> None:
+        """The call's deadline while its body is sent: what is waited for now bounds it.
+
+        Waiting for the node's credit: the route's timeout from now (each piece the
+        node accepts moves it, as nginx's proxy_send_timeout runs between two
+        writes). Waiting for the client: no call deadline, the client's
+        ``body_timeout`` bounds that (408). The body's last DATA written: the
+        timeout for the answer starts (nginx's proxy_read_timeout).
+        """
+        outgoing = self.outgoing
+        if outgoing is None or self.status:
+            return
+        if outgoing.done:
+            if outgoing.ended:
+                outgoing.move_deadline(self.connection.loop.time() + self.timeout)
+        elif outgoing.ended or outgoing.queued:
+            outgoing.move_deadline(self.connection.loop.time() + self.timeout)
+        else:
+            outgoing.move_deadline(_NO_DEADLINE)
 
     def _body_refused(self, error: HttpError) -> None:
         """The client's streamed body was refused midway: the call is given up, the
