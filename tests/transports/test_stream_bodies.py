@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -925,3 +927,100 @@ def test_credit_past_the_largest_window_closes_the_connection(net: Net) -> None:
         await wait_until(lambda: server.in_flight == 0)
 
     net.run(scenario)
+
+
+# ----------------------------------------------------------- a streamed request's deadline
+
+
+def _deadline_handler(seen: dict[str, Any]) -> WithStreams:
+    """Reads the whole body, then works far past any deadline; says what it saw."""
+
+    async def handler(payload: bytes, deadline_ms: int, call: ServerCall) -> bytes:
+        if call.body is None:
+            return b"whole"
+        loop = asyncio.get_running_loop()
+        size = 0
+        async for chunk in call.body:
+            size += len(chunk)
+        seen.update(
+            size=size,
+            ended=loop.time(),
+            deadline_ms=deadline_ms,
+            deadline=call.body.deadline,  # type: ignore[attr-defined]
+            monotonic=time.monotonic(),
+        )
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            seen["cancelled"] = loop.time()
+            raise
+        return b"too late"
+
+    return WithStreams(handler)
+
+
+async def _upload_past_the_deadline(client: Any, seen: dict[str, Any]) -> None:
+    """A REQUEST with deadline_ms 400, its body sent over 0.8 s: the server's timer
+    starts at the body's last DATA, not at the REQUEST."""
+    loop = asyncio.get_running_loop()
+    call = Call(timeout=0.4)
+    body = client.send_stream(b"", call)
+    # The caller bounds the upload itself (as the proxy does): no deadline of its own.
+    body.move_deadline(math.inf)
+    for _ in range(4):
+        assert body.write(b"z" * 1000)
+        await asyncio.sleep(0.2)
+    body.end()
+    ended = loop.time()
+    body.move_deadline(ended + 5.0)  # the caller waits longer than the server's deadline
+    kind, error = await call.outcome
+    answered = loop.time()
+    assert kind == "error" and isinstance(error, DeadlineExceeded), (kind, error)
+    assert seen["size"] == 4000  # the handler was not stopped while it read
+    assert 300 <= seen["deadline_ms"] <= 400
+    # Its deadline counted from the end: after 0.4 s of work, not 0.8 s into the upload.
+    assert 0.3 <= answered - ended < 1.5, answered - ended
+    assert 0.3 <= seen["cancelled"] - seen["ended"] < 1.5
+    # What an SDK's context.remaining() reads: the body's end plus deadline_ms.
+    assert abs(seen["deadline"] - (seen["monotonic"] + seen["deadline_ms"] / 1000)) < 0.1
+
+
+def test_a_streamed_requests_deadline_counts_from_its_bodys_end(net: Net) -> None:
+    seen: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        server = await net.serve(_deadline_handler(seen), initial_window=WINDOW)
+        client = net.client(server.address)
+        await client.ping()
+        await _upload_past_the_deadline(client, seen)
+        await wait_until(lambda: server.in_flight == 0)
+
+    net.run(scenario)
+
+
+def test_zeromq_streamed_requests_deadline_counts_from_its_bodys_end(
+    socket_dir: str,  # noqa: F811
+) -> None:
+    from transports.zeromq import ZmqClient, ZmqServer
+
+    seen: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        server = ZmqServer(
+            f"zmq+ipc://{socket_dir}/d.sock",
+            _deadline_handler(seen),
+            ServerOptions(initial_window=WINDOW),
+        )
+        await server.start()
+        client = ZmqClient(server.address, ClientOptions(initial_window=WINDOW))
+        try:
+            # A whole call first: the node greets the connection with its SETTINGS.
+            assert await client.call(b"", 2.0) == b"whole"
+            await wait_until(lambda: client.node_window == WINDOW)
+            await _upload_past_the_deadline(client, seen)
+            await wait_until(lambda: server.in_flight == 0)
+        finally:
+            client.abort()
+            server.abort()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10.0))
