@@ -700,10 +700,11 @@ class Service:
         no stream) a streamed answer is collected whole.
         """
         message = decode_request(payload)
+        if self._tracing is not None:
+            return self._tracing.respond(self, message, deadline_ms, call)
         if call.body is not None:
             return self._respond_streamed(message, deadline_ms, call)
-        if self._tracing is not None:
-            return self._deliver(self._tracing.respond(self, message, deadline_ms), call)
+        # What follows is _dispatch inlined: most requests come this way.
         method = message.method.decode("latin-1")
         path = message.path.decode("latin-1")
         route = self._only or self._match(method, path)
@@ -741,6 +742,40 @@ class Service:
         if len(answer) > self._frame_limit:
             self._log_too_large(route, len(answer))
         return answer
+
+    def _dispatch(self, message: Any, route: _Route, deadline_ms: int, call: Any) -> Any:
+        """What :meth:`respond` answers for ``message`` once its route is known.
+
+        The tracing wrapper runs this inside its span (the request, the
+        Context, a streamed body and a streamed answer are what they are
+        without tracing); :meth:`respond` inlines the whole-body part.
+        """
+        method = message.method.decode("latin-1")
+        path = message.path.decode("latin-1")
+        if call.body is not None:
+            return self._streamed_body(message, route, method, path, deadline_ms, call)
+        request = Request(
+            method,
+            path,
+            message.query.decode("latin-1"),
+            None,
+            message.body,
+            message.route,
+            message.client,
+            message=message,
+        )
+        if route.wants_context:
+            return self._respond_with_context(route, request, deadline_ms, call)
+        result = route.handler(request)
+        if route.is_coroutine and type(result) is _CoroutineType:
+            try:
+                waiting_on = result.send(None)
+            except StopIteration as done:
+                return self._answer(route, done.value, call)
+            return self._carry_on(route, result, waiting_on, call)
+        if type(result) not in _PLAIN and _awaitable(result):
+            return self._finish_later(route, result, call)
+        return self._answer(route, result, call)
 
     def _respond_with_context(
         self, route: _Route, request: Request, deadline_ms: int, call: Any
@@ -790,20 +825,11 @@ class Service:
         head = Response(response.status, b"", response.header_pairs()).encode()
         return Streamed(head, response.chunks(), response.size, route.name, self._frame_limit)
 
-    def _deliver(self, answer: Any, call: Any) -> Any:
-        """What the transport gets: the bytes, a StreamedAnswer, or an awaitable of either."""
-        if type(answer) is bytes:
-            return answer
-        if isinstance(answer, Streamed):
-            if call.may_stream:
-                return _streamed_answer(answer)
-            return answer.collect()
-        return self._deliver_later(answer, call)
-
-    async def _deliver_later(self, answer: Awaitable[Any], call: Any) -> Any:
-        # The tracing path's awaitable: it answers a payload or a Streamed.
-        result = self._deliver(await answer, call)
-        return result if type(result) is bytes or not _awaitable(result) else await result
+    def _deliver(self, answer: Streamed, call: Any) -> Any:
+        """What the transport gets for a streamed answer: a StreamedAnswer, or one collected."""
+        if call.may_stream:
+            return _streamed_answer(answer)
+        return answer.collect()
 
     def _log_too_large(self, route: _Route, size: int) -> None:
         # The transport refuses to send it (the caller gets an INTERNAL error,
@@ -846,17 +872,28 @@ class Service:
         route = self._only or self._match(method, path)
         if isinstance(route, bytes):
             return route  # the transport stops the sender: nobody reads the rest
+        return self._streamed_body(message, route, method, path, deadline_ms, call)
+
+    def _streamed_body(
+        self, message: Any, route: _Route, method: str, path: str, deadline_ms: int, call: Any
+    ) -> Any:
         size = _declared_size(message)
         limit = self._body_limit()
-        if route.stream and self._tracing is None:
+        if route.stream:
             request = StreamedRequest(
                 method, path, message, BodyReader(message.body, call.body, limit, size)
             )
             return self._run_streaming_route(route, request, deadline_ms, call)
-        return self._gather_then_respond(message, deadline_ms, call, limit, size)
+        return self._gather_then_respond(message, route, deadline_ms, call, limit, size)
 
     async def _gather_then_respond(
-        self, message: Any, deadline_ms: int, call: Any, limit: int, size: int | None
+        self,
+        message: Any,
+        route: _Route,
+        deadline_ms: int,
+        call: Any,
+        limit: int,
+        size: int | None,
     ) -> Any:
         # As nginx's proxy_request_buffering: the handler gets the whole body in
         # request.body, as from a whole REQUEST, read here up to max_body_size.
@@ -865,8 +902,7 @@ class Service:
         except BodyTooLarge:
             return _TOO_LARGE
         whole: ServerCall = WHOLE_CALL_MAY_STREAM if call.may_stream else WHOLE_CALL
-        answer = self.respond(message.SerializeToString(), deadline_ms, whole)
-        return await answer if _awaitable(answer) else answer
+        return await _settled(self._dispatch(message, route, deadline_ms, whole))
 
     async def _run_streaming_route(
         self, route: _Route, request: Request, deadline_ms: int, call: Any

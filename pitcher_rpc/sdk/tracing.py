@@ -24,11 +24,11 @@ import asyncio
 import contextlib
 import contextvars
 import importlib
-import inspect
 import os
-import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
+
+from transports.base import StreamedAnswer
 
 from ..modules.trace_context import SAMPLED, parse_traceparent, valid_tracestate
 from .service import TRACING_ENV, _tracing_wanted
@@ -152,9 +152,14 @@ class ServiceTracing:
         )
         return api.set_span_in_context(api.NonRecordingSpan(span_context))
 
-    def respond(self, service: Any, message: Any, deadline_ms: int) -> bytes | Awaitable[bytes]:
-        """:meth:`Service.respond <pitcher_rpc.sdk.Service.respond>` for a decoded request."""
-        from .service import _NOT_ALLOWED, Context, Request
+    def respond(self, service: Any, message: Any, deadline_ms: int, call: Any) -> Any:
+        """:meth:`Service.respond <pitcher_rpc.sdk.Service.respond>` inside a span.
+
+        The span wraps what the Service does without tracing (its request, a
+        streamed body read as it comes, its answer): it ends with a whole
+        answer, or with the last piece of a streamed one, or with its failure.
+        """
+        from .service import _NOT_ALLOWED
 
         tracer = self._tracer or self._get_tracer()
         method = message.method.decode("latin-1")
@@ -178,17 +183,6 @@ class ServiceTracing:
         span = tracer.start_span(
             f"{method} {route.prefix}", parent, kind=self._server, attributes=attributes
         )
-        request = Request(
-            method,
-            path,
-            message.query.decode("latin-1"),
-            None,
-            message.body,
-            message.route,
-            message.client,
-            message=message,
-        )
-        context = None
         # The handler runs in a context of its own where the span is current
         # (its own spans are children of it): nothing is attached to the
         # caller's, and nothing has to be detached across the steps of a
@@ -196,56 +190,81 @@ class ServiceTracing:
         handler_context = contextvars.copy_context()
         handler_context.run(self._context_api.attach, self._api.set_span_in_context(span))
         try:
-            if route.wants_context:
-                context = Context(
-                    request, time.monotonic() + deadline_ms / 1000 if deadline_ms else None
-                )
-                result = handler_context.run(route.handler, request, context)
-            else:
-                result = handler_context.run(route.handler, request)
-            if inspect.isawaitable(result):
-                return self._finish_later(service, route, span, result, context, handler_context)
-            answer = service._answer(route, result)
+            answer = handler_context.run(service._dispatch, message, route, deadline_ms, call)
         except BaseException as exc:
             self._failed(span, exc)
             raise
-        self._end(span, result)
-        return answer
+        return self._finish(span, answer, handler_context)
+
+    def _finish(self, span: Any, answer: Any, handler_context: contextvars.Context) -> Any:
+        """The answer for the transport, the span ended when it is (or is cut)."""
+        if type(answer) is bytes:
+            self._end(span, _status_of(answer))
+            return answer
+        if isinstance(answer, StreamedAnswer):
+            return StreamedAnswer(answer.head, self._traced_body(span, answer, handler_context))
+        return self._finish_later(span, answer, handler_context)
 
     async def _finish_later(
-        self,
-        service: Any,
-        route: Any,
-        span: Any,
-        awaitable: Any,
-        context: Any,
-        handler_context: contextvars.Context,
-    ) -> bytes:
+        self, span: Any, awaitable: Any, handler_context: contextvars.Context
+    ) -> Any:
         task = asyncio.get_running_loop().create_task(_wait(awaitable), context=handler_context)
         try:
-            result = await task
-            answer: bytes = service._answer(route, result)
+            answer = await task
         except asyncio.CancelledError as exc:
+            # The Service's own code marks the handler's Context cancelled
+            # as the error leaves the handler.
             task.cancel()
-            if context is not None:
-                context._cancelled = True
             self._failed(span, exc)
             raise
         except BaseException as exc:
             self._failed(span, exc)
             raise
-        self._end(span, result)
-        return answer
+        return self._finish(span, answer, handler_context)
 
-    def _end(self, span: Any, result: Any) -> None:
-        from .service import Response
+    async def _traced_body(
+        self, span: Any, answer: StreamedAnswer, handler_context: contextvars.Context
+    ) -> AsyncIterator[bytes]:
+        """A streamed answer's body, each piece made with the span current; the span ends with it.
 
-        if isinstance(result, Response):
-            status = result.status
-        elif result is None:
-            status = 204
-        else:
-            status = 200
+        Each piece is made in a task of the handler's context (a few µs a
+        piece, with tracing on only), so that spans the handler's generator
+        starts after it returned are children of this one too.
+        """
+        span.set_attribute("http.response.status_code", _status_of(answer.head))
+        chunks = answer.chunks
+        loop = asyncio.get_running_loop()
+        sent = 0
+        ended = False
+        try:
+            while True:
+                task = loop.create_task(_next(chunks), context=handler_context)
+                try:
+                    chunk = await task
+                except asyncio.CancelledError:
+                    task.cancel()
+                    raise
+                if chunk is None:
+                    break
+                sent += len(chunk)
+                yield chunk
+            ended = True
+        except BaseException as exc:
+            span.set_attribute(_BODY_SIZE, sent)
+            if isinstance(exc, GeneratorExit):
+                # The transport stopped asking: the caller went away or cancelled.
+                exc = asyncio.CancelledError()
+            self._failed(span, exc)
+            raise
+        finally:
+            await _close(chunks)
+        if ended:
+            span.set_attribute(_BODY_SIZE, sent)
+            if _status_of(answer.head) >= 500:
+                span.set_status(self._error)
+            span.end()
+
+    def _end(self, span: Any, status: int) -> None:
         span.set_attribute("http.response.status_code", status)
         if status >= 500:
             span.set_status(self._error)
@@ -259,6 +278,35 @@ class ServiceTracing:
             span.set_attribute("error.type", type(error).__qualname__)
         span.set_status(self._error)
         span.end()
+
+
+# What a streamed answer's span says it sent (OpenTelemetry's HTTP conventions).
+_BODY_SIZE = "http.response.body.size"
+
+
+def _status_of(payload: bytes) -> int:
+    """The status of a Response payload (field 1, a varint, first: see pitcher_rpc.codec)."""
+    if not payload or payload[0] != 0x08:
+        return 0
+    status = 0
+    shift = 0
+    for byte in payload[1:6]:
+        status |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            break
+        shift += 7
+    return status
+
+
+async def _next(chunks: AsyncIterator[bytes]) -> bytes | None:
+    """The next piece of a streamed body; None at its end."""
+    return await anext(chunks, None)
+
+
+async def _close(chunks: AsyncIterator[bytes]) -> None:
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        await close()
 
 
 async def _wait(awaitable: Awaitable[Any]) -> Any:
