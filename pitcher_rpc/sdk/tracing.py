@@ -6,6 +6,9 @@ with no OpenTelemetry needed. ``Service(..., tracing=True)``, or
 ``PITCHER_TRACING=true`` in the environment (``OTEL_SDK_DISABLED=true``
 overrides it), runs every handler inside an OpenTelemetry span of kind SERVER
 whose parent is the proxy's span; the handler's own spans are its children.
+The span wraps what the Service does without tracing: a ``stream=True``
+route reads its body as it comes inside it, and a streamed answer's span
+ends after its last piece (with the bytes sent), or when it is cut.
 
 The spans go to the global tracer provider when the program set one (its
 own exporters and sampler apply); otherwise one is made here: service.name
