@@ -9,7 +9,11 @@ so a caller pauses its source exactly as it would on a socket's
 frame limit. Against a node that announced no window (``initial_window`` 0
 or absent: it speaks whole frames only), the same object gathers the body
 and sends one whole REQUEST at ``end()``; above the node's frame limit the
-call fails with :class:`~transports.errors.RequestTooLarge`.
+call fails with :class:`~transports.errors.RequestTooLarge`. While the body
+is sent its caller decides what bounds the call (a REQUEST with MORE carries
+``deadline_ms`` for the answer, counted from the body's end):
+``move_deadline`` sets the receiver's deadline and wakes the call table's
+timer for it, and ``on_credit`` tells of credit that moved part of the queue.
 
 :class:`IncomingBody` is the rest of a response body after a RESPONSE head
 with MORE. It stands in the connection's table of pending calls in the

@@ -40,7 +40,11 @@ bodies (UDP) gets the body gathered and sent whole. Once a body byte has been
 written after the head the request is never retried: the node may have
 acted on it. Every call may be answered with a streamed response
 (``on_response_head``): the client connection writes it as it comes and
-returns credit only for what the client's socket took. The node's health
+returns credit only for what the client's socket took. The route's
+``timeout`` of a streamed upload counts from the body's last DATA: before
+that the call has no deadline while the client is awaited (its
+``body_timeout`` bounds that) and the timeout between two pieces the node
+accepts while its credit is spent (``_body_moved``). The node's health
 and its in-flight count take a streamed answer's outcome at its end: a
 body cut midway is the node's failure, not a success.
 """

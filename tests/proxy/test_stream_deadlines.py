@@ -49,12 +49,15 @@ def mark(name):
 
 @app.route("/upload", methods=["POST"], stream=True)
 async def upload(request):
-    # Reads all of the body, then thinks for ?think= seconds.
+    # Reads all of the body (?pace= seconds per 64 KiB), then thinks for ?think= seconds.
     params = dict(parse_qsl(request.query))
+    pace = float(params.get("pace", "0"))
     digest, size = hashlib.sha256(), 0
     async for chunk in request.stream():
         digest.update(chunk)
         size += len(chunk)
+        if pace:
+            await asyncio.sleep(pace * len(chunk) / 65536)
     name = params.get("name", "upload")
     mark(f"{name}.read.{size}")
     try:
@@ -148,6 +151,25 @@ def test_an_upload_longer_than_the_timeout_is_answered(site: Site) -> None:
     # The connection serves the next request as usual.
     connection.request("POST", "/upload", body=b"abc")
     assert json.loads(connection.getresponse().read())["size"] == 3
+    connection.close()
+
+
+def test_a_service_that_reads_slowly_but_steadily_is_not_cut(site: Site) -> None:
+    # The service takes 64 KiB per 0.15 s: the proxy waits on its credit for about
+    # 2.4 s in all, between two pieces the service accepts (its window, 256 KiB, at
+    # most) 0.6 s.
+    count = 32
+    connection = site.http()
+    started = time.monotonic()
+    connection.request(
+        "POST", "/upload?pace=0.15&name=paced", body=_paced(count, 0.0), encode_chunked=True
+    )
+    response = connection.getresponse()
+    took = time.monotonic() - started
+    body = response.read()
+    assert response.status == 200, body
+    assert json.loads(body) == {"size": count * PIECE, "sha256": _digest(count)}
+    assert took > 2 * TIMEOUT
     connection.close()
 
 

@@ -881,7 +881,8 @@ def test_request_body_idle_limit_and_deadline(net: Net) -> None:
         kind, error = await stalled.outcome
         assert kind == "error" and "DeadlineExceeded" in str(error)
         assert outcomes and outcomes[0].startswith("idle: no request body data")
-        # The REQUEST's deadline covers the upload: the client gives up, the server is told.
+        # A caller that keeps its deadline over the upload (it moves none): the client
+        # gives up at it, the server is told (CANCEL).
         patient = await net.serve(WithStreams(handler), stream_idle_timeout=5.0)
         client = net.client(patient.address)
         await client.ping()
