@@ -94,11 +94,10 @@ class Site:
         return os.path.exists(os.path.join(self.launcher.mark_dir, name))
 
 
-@pytest.fixture(scope="module")
-def site(module_launcher: Launcher) -> Iterator[Site]:
-    launcher = module_launcher
-    launcher.write("deadline_app.py", APP)
-    uri = launcher.uri("tcp")
+def _site(launcher: Launcher, transport: str) -> Site:
+    if not os.path.exists(os.path.join(launcher.tmpdir, "deadline_app.py")):
+        launcher.write("deadline_app.py", APP)
+    uri = launcher.uri(transport)
     env = {
         "TEST_MARK_DIR": launcher.mark_dir,
         "PYTHONPATH": launcher.tmpdir + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -110,21 +109,28 @@ def site(module_launcher: Launcher) -> Iterator[Site]:
         {"s": {"nodes": [uri]}},
         server={"max_body_size": 64 << 20, "body_timeout": 5.0},
     )
-    yield Site(launcher, launcher.proxy(config))
+    return Site(launcher, launcher.proxy(config))
 
 
-def _paced(count: int, pause: float, gap_at: int = -1, gap: float = 0.0) -> Iterator[bytes]:
+@pytest.fixture(scope="module")
+def site(module_launcher: Launcher) -> Iterator[Site]:
+    yield _site(module_launcher, "tcp")
+
+
+def _paced(
+    count: int, pause: float, gap_at: int = -1, gap: float = 0.0, piece: int = PIECE
+) -> Iterator[bytes]:
     """``count`` pieces of PIECE bytes, ``pause`` s apart (one longer ``gap`` before ``gap_at``)."""
     for index in range(count):
         if index:
             time.sleep(gap if index == gap_at else pause)
-        yield bytes([index % 251]) * PIECE
+        yield bytes([index % 251]) * piece
 
 
-def _digest(count: int) -> str:
+def _digest(count: int, piece: int = PIECE) -> str:
     digest = hashlib.sha256()
     for index in range(count):
-        digest.update(bytes([index % 251]) * PIECE)
+        digest.update(bytes([index % 251]) * piece)
     return digest.hexdigest()
 
 
@@ -221,3 +227,24 @@ def test_a_node_that_stops_taking_the_body_ends_the_call_with_504(site: Site) ->
     sock.close()
     sender.join(5.0)
     assert not sender.is_alive()
+
+
+def test_a_body_gathered_for_a_udp_node_has_the_whole_timeout_after_it(
+    module_launcher: Launcher,
+) -> None:
+    # UDP takes whole frames: the proxy gathers the 1.5 s upload, then sends it
+    # with the route's whole timeout (counted from there, as for a stream).
+    site = _site(module_launcher, "udp")
+    count, piece = 6, 4096  # within a datagram
+    connection = site.http()
+    connection.request(
+        "POST",
+        "/upload?think=0.3&name=udp",
+        body=_paced(count, 0.3, piece=piece),
+        encode_chunked=True,
+    )
+    response = connection.getresponse()
+    body = response.read()
+    assert response.status == 200, body
+    assert json.loads(body) == {"size": count * piece, "sha256": _digest(count, piece)}
+    connection.close()
