@@ -28,7 +28,8 @@ import contextlib
 import contextvars
 import importlib
 import os
-from collections.abc import AsyncIterator, Awaitable
+import types
+from collections.abc import AsyncIterator, Awaitable, Generator
 from typing import Any
 
 from transports.base import StreamedAnswer
@@ -230,23 +231,18 @@ class ServiceTracing:
     ) -> AsyncIterator[bytes]:
         """A streamed answer's body, each piece made with the span current; the span ends with it.
 
-        Each piece is made in a task of the handler's context (a few µs a
-        piece, with tracing on only), so that spans the handler's generator
-        starts after it returned are children of this one too.
+        Each piece is made with the handler's context current (its steps are
+        run in it, as a task of that context would, without a task a piece),
+        so that spans the handler's generator starts after it returned are
+        children of this one too.
         """
         span.set_attribute("http.response.status_code", _status_of(answer.head))
         chunks = answer.chunks
-        loop = asyncio.get_running_loop()
         sent = 0
         ended = False
         try:
             while True:
-                task = loop.create_task(_next(chunks), context=handler_context)
-                try:
-                    chunk = await task
-                except asyncio.CancelledError:
-                    task.cancel()
-                    raise
+                chunk = await _in_context(handler_context, _next(chunks))
                 if chunk is None:
                     break
                 sent += len(chunk)
@@ -260,7 +256,7 @@ class ServiceTracing:
             self._failed(span, exc)
             raise
         finally:
-            await _close(chunks)
+            await _in_context(handler_context, _close(chunks))
         if ended:
             span.set_attribute(_BODY_SIZE, sent)
             if _status_of(answer.head) >= 500:
@@ -299,6 +295,28 @@ def _status_of(payload: bytes) -> int:
             break
         shift += 7
     return status
+
+
+@types.coroutine
+def _in_context(context: contextvars.Context, coroutine: Any) -> Generator[Any, Any, Any]:
+    """Await ``coroutine`` with each of its steps run in ``context`` (see stepping.resume)."""
+    run = context.run
+    sent: Any = None
+    thrown: BaseException | None = None
+    while True:
+        try:
+            yielded = run(coroutine.send, sent) if thrown is None else run(coroutine.throw, thrown)
+        except StopIteration as stop:
+            return stop.value
+        thrown = None
+        sent = None
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            run(coroutine.close)
+            raise
+        except BaseException as exc:
+            thrown = exc
 
 
 async def _next(chunks: AsyncIterator[bytes]) -> bytes | None:
