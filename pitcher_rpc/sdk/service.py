@@ -467,7 +467,9 @@ class Context:
       for the answer, or None when the request has no deadline (the
       caller set none); :meth:`remaining` is the seconds left. It is the
       REQUEST frame's ``deadline_ms`` counted from the frame's arrival: for a
-      request from the proxy, what is left of the route's ``timeout``.
+      request from the proxy, what is left of the route's ``timeout``. On a
+      ``stream=True`` route whose body streams, it counts from the body's
+      end (docs/wire.md 6.3): None while the body is still coming.
     - ``cancelled``: True once the answer is no longer wanted: the caller
       sent CANCEL (the HTTP client went away), the deadline passed, or the
       server is stopping. An async handler learns it first, as
@@ -481,12 +483,20 @@ class Context:
       asked; None if it has no valid one. See docs/tracing.md.
     """
 
-    __slots__ = ("_cancelled", "_request", "deadline")
+    __slots__ = ("_body", "_cancelled", "_request", "deadline")
 
-    def __init__(self, request: Request, deadline: float | None = None) -> None:
+    def __init__(self, request: Request, deadline: float | None = None, body: Any = None) -> None:
         self._request = request
         self.deadline = deadline
         self._cancelled = False
+        # A streamed request body whose ``deadline`` is set when its last piece arrives.
+        self._body = body
+
+    def _deadline(self) -> float | None:
+        deadline = self.deadline
+        if deadline is None and self._body is not None:
+            deadline = self.deadline = self._body.deadline
+        return deadline
 
     @property
     def request_id(self) -> str:
@@ -502,7 +512,7 @@ class Context:
 
     def remaining(self) -> float | None:
         """Seconds until the deadline (0.0 once it passed); None without a deadline."""
-        deadline = self.deadline
+        deadline = self._deadline()
         if deadline is None:
             return None
         return max(0.0, deadline - time.monotonic())
@@ -511,7 +521,7 @@ class Context:
     def cancelled(self) -> bool:
         if self._cancelled:
             return True
-        deadline = self.deadline
+        deadline = self._deadline()
         return deadline is not None and time.monotonic() >= deadline
 
     def __repr__(self) -> str:
@@ -910,9 +920,14 @@ class Service:
         context: Context | None = None
         try:
             if route.wants_context:
-                context = Context(
-                    request, time.monotonic() + deadline_ms / 1000 if deadline_ms else None
-                )
+                body = call.body
+                if body is not None:
+                    # Its deadline counts from the body's end (None until then).
+                    context = Context(request, None, body)
+                else:
+                    context = Context(
+                        request, time.monotonic() + deadline_ms / 1000 if deadline_ms else None
+                    )
                 result = route.handler(request, context)
             else:
                 result = route.handler(request)

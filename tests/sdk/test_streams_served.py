@@ -478,7 +478,7 @@ def test_a_traced_service_streams_and_its_span_ends_with_the_head() -> None:
         head, body = await streamed(client, b"/big", b"mib=2")
         assert head.status == 200 and isinstance(body, Body)
         assert len(await body.read()) == 2 * MIB
-        # With tracing, a stream route gets its body read whole first (docs/sdk.md).
+        # A traced stream route reads its body as it comes (in the request's span).
         _, answer = await streamed_call(client, request_payload(b"/upload"), pieces_of(data))
         assert json.loads(await read_body(answer))["size"] == len(data)
         collected = await whole(client, b"/big", b"mib=1")
@@ -537,3 +537,33 @@ def test_zeromq_streams_both_ways() -> None:
                 await server.close(1)
 
     uvloop.run(asyncio.wait_for(main(), 15))
+
+
+def test_a_streamed_upload_s_deadline_counts_from_its_end() -> None:
+    # docs/wire.md 6.3: a REQUEST with MORE has its deadline_ms counted from
+    # the body's last DATA, and context.remaining() says so.
+    app = Service("deadline")
+    seen: dict[str, Any] = {}
+
+    @app.route("/up", methods=["PUT"], stream=True)
+    async def up(request: Any, context: Any) -> dict[str, Any]:
+        size = 0
+        async for chunk in request.stream():
+            if not size:
+                seen["first"] = context.remaining()
+            size += len(chunk)
+        seen["end"] = context.remaining()
+        return {"size": size}
+
+    data = os.urandom(2 * MIB)  # well over the window: the handler reads before the end
+
+    async def scenario(client: Any) -> None:
+        head, body = await streamed_call(
+            client, request_payload(b"/up", method=b"PUT"), pieces_of(data), timeout=10.0
+        )
+        assert head.status == 200
+        assert json.loads(await read_body(body)) == {"size": len(data)}
+
+    serve(app, scenario)
+    assert seen["first"] is None, seen  # no deadline while the body is still coming
+    assert seen["end"] is not None and 8.0 < seen["end"] <= 10.0, seen
