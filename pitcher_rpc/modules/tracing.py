@@ -394,7 +394,7 @@ class _Recorder:
         attributes: dict[str, Any] = {
             "http.request.method": method,
             "url.path": request.path.decode("latin-1"),
-            "url.scheme": "http",
+            "url.scheme": exchange.connection.server.forwarded_proto.decode(),
             "http.response.status_code": exchange.status,
             "client.address": exchange.client_ip.decode("latin-1"),
             "pitcher.attempts": getattr(exchange, "attempts", 0),

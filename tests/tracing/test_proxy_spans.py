@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from opentelemetry.trace import SpanKind, StatusCode
 
 from pitcher_rpc.sdk import Context, Request, Response, Service
@@ -108,6 +111,7 @@ def test_one_trace_two_spans_the_service_span_a_child_of_the_proxys() -> None:
             assert attributes["server.port"] == int(port)
             assert attributes["pitcher.attempts"] == 1
             assert attributes["client.address"] == "127.0.0.1"
+            assert attributes["url.scheme"] == "http"
             total = (proxy.end_time - proxy.start_time) / 1e9
             residence = attributes["pitcher.residence_time"]
             backend = attributes["pitcher.backend_time"]
@@ -283,3 +287,28 @@ def test_the_access_log_names_the_trace_the_service_was_sent(ratio: float, tmp_p
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [line["trace_id"] for line in lines] == sent
     assert sent[2] == TRACE and len(set(sent)) == 3
+
+
+def test_the_proxy_s_span_says_https_on_a_tls_listener(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    pair = tmp_path / "pair.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pair))
+    tls = f'[server.tls]\ncertificate = "{pair}"\nkey = "{pair}"\n'
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    with proxy_module() as proxy_spans:
+
+        async def main() -> None:
+            async with (
+                serving(traced_service()) as [node],
+                running_proxy(CONFIG.format(node=node, ratio=1.0, extra=tls)) as (_, port),
+            ):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+                writer.write(b"GET /api/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                answer = await reader.read()
+                writer.close()
+                assert answer.startswith(b"HTTP/1.1 200"), answer
+                [proxy] = await spans_of(proxy_spans, 1)
+                assert dict(proxy.attributes or {})["url.scheme"] == "https"
+
+        asyncio.run(main())
