@@ -57,8 +57,10 @@ async def handle(request: Request, context: Context):
 
 
 def report(mark, context):
-    with open(mark + ".cancelled", "w") as file:
+    # Written whole, then named: the test may look the moment the name appears.
+    with open(mark + ".part", "w") as file:
         file.write("%s %s" % (context.cancelled, context.remaining()))
+    os.replace(mark + ".part", mark + ".cancelled")
     return {"waited": True}
 """
 
