@@ -5,6 +5,8 @@ Run from the repository root (valgrind must be installed; loopback only)::
     python bench/bench_instructions.py
     python bench/bench_instructions.py --setups C,D --requests 2000
     python bench/bench_instructions.py --pitcher-root ../pitcher-before
+    python bench/bench_instructions.py --setups D --keep /tmp/instr   # then:
+    callgrind_annotate --inclusive=yes /tmp/instr/D/front.out.1 | head -60
 
 CPU seconds per request (bench_pair.py) move by several percent from run to
 run on a shared machine; the number of instructions a process executes for
@@ -134,7 +136,9 @@ def counted(out: Path) -> int:
 def measure(key: str, root: Path, tmp: Path, warm: int, count: int) -> tuple[float, float]:
     """Instructions per request of (front, service) for one setup."""
     work = tmp / key
-    work.mkdir()
+    work.mkdir(exist_ok=True)
+    for old in work.glob("*.out*"):
+        old.unlink()
     env = dict(os.environ)
     env.pop(PURE_ENV, None)
     env["PYTHONPATH"] = str(root)
@@ -172,7 +176,7 @@ def measure(key: str, root: Path, tmp: Path, warm: int, count: int) -> tuple[flo
 def idle_cpu(root: Path, tmp: Path, seconds: float) -> float:
     """CPU seconds per second an idle master and one worker spend (/proc, after start-up)."""
     work = tmp / "idle"
-    work.mkdir()
+    work.mkdir(exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(root)
     conf = work / "pitcher.toml"
@@ -214,6 +218,13 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=300)
     parser.add_argument("--idle", type=float, default=10.0, help="seconds; 0 skips it")
     parser.add_argument("--pitcher-root", type=Path, default=ROOT)
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="leave the callgrind dumps here (DIR/KEY/front.out.1, service.out.1) to read with"
+        " callgrind_annotate",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
@@ -221,8 +232,12 @@ def main() -> None:
     keys = [key.strip() for key in args.setups.split(",") if key.strip()]
     root = args.pitcher_root.resolve()
     found: dict[str, tuple[float, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="pitcher-instr-") as name:
-        tmp = Path(name)
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            tmp = args.keep.resolve()
+        else:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pitcher-instr-")))
         for key in keys:
             found[key] = measure(key, root, tmp, args.warm, args.requests)
             front, service = found[key]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from .control import ErrorInfo
 from .errors import (
@@ -89,10 +89,10 @@ class FutureReceiver:
 
 # The header's deadline_ms is a uint32; a budget beyond it (or none) is sent as 0,
 # "no deadline" (docs/wire.md, 6.1), on every carrier.
-MAX_DEADLINE_MS = 0xFFFFFFFF
+MAX_DEADLINE_MS: Final = 0xFFFFFFFF
 # uvloop's timers have millisecond resolution and may fire a little early.
-TIMER_SLACK = 0.001
-_pack_header = HEADER.pack
+TIMER_SLACK: Final = 0.001
+_pack_header: Final = HEADER.pack
 
 
 def deadline_ms(remaining: float) -> int:

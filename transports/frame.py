@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
-VERSION = 1
-PREFACE_MAGIC = b"PITCHER"
-PREFACE = PREFACE_MAGIC + bytes((VERSION,))
-PREFACE_SIZE = len(PREFACE)
+VERSION: Final = 1
+PREFACE_MAGIC: Final = b"PITCHER"
+PREFACE: Final = PREFACE_MAGIC + bytes((VERSION,))
+PREFACE_SIZE: Final = len(PREFACE)
 
-HEADER = struct.Struct(">BBHIQI")
-HEADER_SIZE = HEADER.size  # 20
+HEADER: Final = struct.Struct(">BBHIQI")
+HEADER_SIZE: Final = HEADER.size  # 20
 
-DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024
-DEFAULT_MAX_IN_FLIGHT = 1024
+DEFAULT_MAX_FRAME_SIZE: Final = 4 * 1024 * 1024
+DEFAULT_MAX_IN_FLIGHT: Final = 1024
 # A hard ceiling no setting may pass: the length field is 32 bits, but no
 # sane single request needs more than this and we refuse to allocate it.
-MAX_FRAME_SIZE_LIMIT = 256 * 1024 * 1024
+MAX_FRAME_SIZE_LIMIT: Final = 256 * 1024 * 1024
 
 
 class FrameType(IntEnum):
@@ -53,16 +53,16 @@ class FrameType(IntEnum):
 
 # Header flags. MORE on REQUEST/RESPONSE: the body goes on in DATA frames; on DATA:
 # another DATA follows. STREAM_OK on REQUEST: the caller takes a streamed RESPONSE.
-FLAG_MORE = 0x0001
-FLAG_STREAM_OK = 0x0002
+FLAG_MORE: Final = 0x0001
+FLAG_STREAM_OK: Final = 0x0002
 # The window a side announces when its options say nothing else (SETTINGS field 3).
-DEFAULT_INITIAL_WINDOW = 256 * 1024
+DEFAULT_INITIAL_WINDOW: Final = 256 * 1024
 # The largest window a side may announce or accumulate (as HTTP/2: 2^31 - 1), so
 # that no sum of increments overflows a signed 32-bit counter in another language.
-MAX_WINDOW = 0x7FFFFFFF
-WINDOW_UPDATE_SIZE = 4
+MAX_WINDOW: Final = 0x7FFFFFFF
+WINDOW_UPDATE_SIZE: Final = 4
 
-_KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+_KNOWN_TYPES: Final = frozenset(int(t) for t in FrameType)
 
 
 class Frame(NamedTuple):
@@ -73,7 +73,7 @@ class Frame(NamedTuple):
     flags: int = 0
 
 
-_pack_header = HEADER.pack
+_pack_header: Final = HEADER.pack
 
 
 def encode_frame(

@@ -33,7 +33,7 @@ import math
 import ssl
 import time
 from collections import deque
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from .base import ClientOptions
 from .bodies import IncomingBody, OutgoingBody
@@ -78,9 +78,9 @@ from .stream_io import Batcher, set_nodelay
 
 log = logging.getLogger("pitcher.transports")
 
-_RESPONSE = FrameType.RESPONSE
-_ERROR = FrameType.ERROR
-_unpack_header = HEADER.unpack_from
+_RESPONSE: Final = FrameType.RESPONSE
+_ERROR: Final = FrameType.ERROR
+_unpack_header: Final = HEADER.unpack_from
 
 
 class _ClientConnection(asyncio.Protocol):

@@ -81,34 +81,34 @@ from .response import date_line, error_body, status_line
 
 __all__ = ["LINGER_BYTES", "LINGER_SECONDS", "STREAM_BUFFER_HIGH", "ServerConnection"]
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Pipelined requests queued beyond this make the connection ask to stop
 # reading until the queue drains: a client cannot make us buffer without bound.
-PIPELINE_HIGH = 32
-PIPELINE_LOW = 8
+PIPELINE_HIGH: Final = 32
+PIPELINE_LOW: Final = 8
 # After a refusal, what the client still sends is read and dropped for this
 # long, and at most this many bytes of it.
-LINGER_SECONDS = 2.0
-LINGER_BYTES = 1 << 20
+LINGER_SECONDS: Final = 2.0
+LINGER_BYTES: Final = 1 << 20
 # Body bytes of a streamed request held (received, not taken by the caller)
 # beyond which reading stops: the caller takes what each read brings at once
 # while it can pass it on, so more than this means it cannot.
-STREAM_BUFFER_HIGH = 256 * 1024
+STREAM_BUFFER_HIGH: Final = 256 * 1024
 
 # How a streamed answer's body is framed.
-_NO_BODY = 0  # HEAD, 204, 304: the head is the whole answer
-_LENGTH = 1  # content-length
-_CHUNKED = 2  # transfer-encoding: chunked (HTTP/1.1)
-_UNTIL_CLOSE = 3  # the end of the connection ends the body (HTTP/1.0)
-_CHUNKED_HEAD = b"transfer-encoding: chunked\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
-_CRLF = b"\r\n"
+_NO_BODY: Final = 0  # HEAD, 204, 304: the head is the whole answer
+_LENGTH: Final = 1  # content-length
+_CHUNKED: Final = 2  # transfer-encoding: chunked (HTTP/1.1)
+_UNTIL_CLOSE: Final = 3  # the end of the connection ends the body (HTTP/1.0)
+_CHUNKED_HEAD: Final = b"transfer-encoding: chunked\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_CRLF: Final = b"\r\n"
 
-_CLOSE = b"connection: close\r\n"
-_KEEP_ALIVE_10 = b"connection: keep-alive\r\n"
+_CLOSE: Final = b"connection: close\r\n"
+_KEEP_ALIVE_10: Final = b"connection: keep-alive\r\n"
 # Statuses whose responses never carry content (RFC 9110 §6.4.1).
-_NO_CONTENT = frozenset((204, 304))
-_ERROR_TYPE = b"content-type: text/plain; charset=utf-8\r\n"
+_NO_CONTENT: Final = frozenset((204, 304))
+_ERROR_TYPE: Final = b"content-type: text/plain; charset=utf-8\r\n"
 
 
 def _plain_error(status: int, message: str) -> tuple[bytes, bytes]:
@@ -117,7 +117,7 @@ def _plain_error(status: int, message: str) -> tuple[bytes, bytes]:
 
 # Queued after the last request when the client half-closed: answer what came
 # before it, then close.
-_CLIENT_DONE = HttpError(0, "client closed its side")
+_CLIENT_DONE: Final = HttpError(0, "client closed its side")
 # ``body_started`` while the request arriving has no complete head yet.
 _NO_BODY_YET: Final = -1.0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import Final
 
 __all__ = [
     "HOP_BY_HOP",
@@ -41,7 +42,7 @@ __all__ = [
 # - proxy-authenticate / proxy-authorization: RFC 9110 §11.7 addresses them to
 #   the next hop only; a proxy that does not authenticate must not pass the
 #   client's proxy credentials on to a backend.
-HOP_BY_HOP: frozenset[bytes] = frozenset(
+HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
     (
         b"connection",
         b"keep-alive",
@@ -57,7 +58,7 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 # Request headers the proxy drops or rewrites. Content-Length is dropped too:
 # the body field of the frame carries the exact length; so is Expect: the
 # proxy answered 100-continue itself and the service gets the whole body.
-REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | {
+REQUEST_DROP: Final[frozenset[bytes]] = HOP_BY_HOP | {
     b"content-length",
     b"expect",
     b"x-forwarded-for",
@@ -66,22 +67,22 @@ REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | {
 # Response headers the proxy itself owns: the HTTP framing is ours to write,
 # and so is Date (one per message, RFC 9110 6.6.1; the proxy always writes
 # it, as nginx does in place of its upstream's).
-RESPONSE_DROP: frozenset[bytes] = HOP_BY_HOP | {b"content-length", b"date"}
+RESPONSE_DROP: Final[frozenset[bytes]] = HOP_BY_HOP | {b"content-length", b"date"}
 # Request fields a Connection header cannot remove: a client naming Host there
 # would have the request routed by one host and served without any.
-_END_TO_END: frozenset[bytes] = frozenset((b"host",))
+_END_TO_END: Final[frozenset[bytes]] = frozenset((b"host",))
 
 # RFC 9110 §5.6.2 token and §5.5 field-value (no leading or trailing
 # whitespace, HTAB inside, obs-text allowed, no other CTL).
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VALUE = rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
-_is_token = re.compile(_TOKEN).fullmatch
-_is_value = re.compile(_VALUE).fullmatch
+_is_token: Final = re.compile(_TOKEN).fullmatch
+_is_value: Final = re.compile(_VALUE).fullmatch
 # All names (values) of a response checked by one regex call over them joined
 # with a newline, which neither a token nor a field value may contain: one
 # C-level match instead of a Python call per header.
-_VALID_NAMES = re.compile(rb"%s(?:\n%s)*" % (_TOKEN, _TOKEN)).fullmatch
-_VALID_VALUES = re.compile(rb"%s(?:\n%s)*" % (_VALUE, _VALUE)).fullmatch
+_VALID_NAMES: Final = re.compile(rb"%s(?:\n%s)*" % (_TOKEN, _TOKEN)).fullmatch
+_VALID_VALUES: Final = re.compile(rb"%s(?:\n%s)*" % (_VALUE, _VALUE)).fullmatch
 
 
 class InvalidHeader(ValueError):
@@ -234,10 +235,10 @@ def response_headers(
 # keyed by its names and values, so that a repeat costs two joins and a
 # lookup instead of two regex matches, a split and a filter. Bounded both in
 # entries and in the size of what is kept.
-_FIELDS_CACHE: dict[tuple[bytes, bytes, int], tuple[bytes, frozenset[bytes]]] = {}
-_FIELDS_CACHE_ENTRIES = 512
-_FIELDS_CACHE_KEY_SIZE = 1024
-_colon_join = b": ".join
+_FIELDS_CACHE: Final[dict[tuple[bytes, bytes, int], tuple[bytes, frozenset[bytes]]]] = {}
+_FIELDS_CACHE_ENTRIES: Final = 512
+_FIELDS_CACHE_KEY_SIZE: Final = 1024
+_colon_join: Final = b": ".join
 
 
 def response_fields(

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from email.utils import formatdate
 from functools import lru_cache
 from http import HTTPStatus
+from typing import Final
 
 __all__ = [
     "STATUS_LINES",
@@ -21,15 +22,15 @@ __all__ = [
     "status_line",
 ]
 
-STATUS_LINES: dict[int, bytes] = {
+STATUS_LINES: Final[dict[int, bytes]] = {
     status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode("ascii"))
     for status in HTTPStatus
 }
 
 # Statuses whose responses never carry content (RFC 9110 §6.4.1).
-_NO_CONTENT = frozenset((204, 304))
-_CONNECTION_CLOSE = b"connection: close\r\n"
-_CONNECTION_KEEP_ALIVE = b"connection: keep-alive\r\n"
+_NO_CONTENT: Final = frozenset((204, 304))
+_CONNECTION_CLOSE: Final = b"connection: close\r\n"
+_CONNECTION_KEEP_ALIVE: Final = b"connection: keep-alive\r\n"
 
 
 def status_line(code: int) -> bytes:
@@ -60,7 +61,7 @@ class _DateLine:
         return self.line
 
 
-date_line = _DateLine()
+date_line: Final = _DateLine()
 
 
 def build_response(
@@ -104,7 +105,7 @@ def build_response(
     return b"".join(parts)
 
 
-_ERROR_HEADERS = ((b"content-type", b"text/plain; charset=utf-8"),)
+_ERROR_HEADERS: Final = ((b"content-type", b"text/plain; charset=utf-8"),)
 
 
 @lru_cache(maxsize=256)

@@ -23,16 +23,16 @@ import itertools
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from ..http.headers import is_valid_name
 from .base import AnyRecord, Module
 
-_VALID_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}").fullmatch
-_PREFIX = os.urandom(6).hex().encode() + b"-"
-_counter = itertools.count(1)
+_VALID_ID: Final = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}").fullmatch
+_PREFIX: Final = os.urandom(6).hex().encode() + b"-"
+_counter: Final = itertools.count(1)
 # The proxy frames messages and forwards hops itself: no id may ride on those.
-_RESERVED = frozenset(
+_RESERVED: Final = frozenset(
     {
         "connection",
         "content-length",

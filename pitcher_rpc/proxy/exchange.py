@@ -54,7 +54,7 @@ from __future__ import annotations
 import logging
 import re
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from transports.errors import (
     CallError,
@@ -98,16 +98,16 @@ if TYPE_CHECKING:
     from .snapshot import Route, Snapshot
     from .upstream import Node
 
-log = logging.getLogger("pitcher.proxy")
+log: Final = logging.getLogger("pitcher.proxy")
 # This process's warnings about failed requests: at most one a second per node and kind.
-WARNINGS = RateLimitedLog(log, flush_at_exit=True)
+WARNINGS: Final = RateLimitedLog(log, flush_at_exit=True)
 
-_colon_join = b": ".join
-_FORWARDED_NAMES = [b"x-forwarded-for", b"x-forwarded-proto"]
-_ERROR_TYPE = b"content-type: text/plain; charset=utf-8\r\n"
-_FORWARDED_FOR = b"x-forwarded-for"
+_colon_join: Final = b": ".join
+_FORWARDED_NAMES: Final = [b"x-forwarded-for", b"x-forwarded-proto"]
+_ERROR_TYPE: Final = b"content-type: text/plain; charset=utf-8\r\n"
+_FORWARDED_FOR: Final = b"x-forwarded-for"
 # A streamed call's deadline while it waits for the client's body, not the node.
-_NO_DEADLINE = float("inf")
+_NO_DEADLINE: Final = float("inf")
 
 # What a node sends instead of an answer over the frame limit (docs/wire.md,
 # section 5: a per-request ERROR, INTERNAL, "response of N bytes exceeds the
@@ -118,15 +118,15 @@ _FRAME_TOO_LARGE = re.compile(r"frame of (\d+) bytes exceeds the limit of (\d+)"
 _SETTING = " ([upstream] max_frame_size)"
 
 # The status of a request whose client went away before the answer (nginx's).
-CLIENT_CLOSED = 499
+CLIENT_CLOSED: Final = 499
 # The most of a streamed request body's first bytes sent in its head frame
 # (docs/wire.md: they count against no window, only against the node's frame
 # limit). The same as the threshold below which a body is not streamed at
 # all (frontend.STREAM_BODY_OVER): any node takes a whole request that large.
-HEAD_BODY_MAX = 64 * 1024
+HEAD_BODY_MAX: Final = 64 * 1024
 # Record.failure of an answer whose streamed body was cut midway (by the node,
 # a length that did not hold, or the client going away).
-CUT = "cut"
+CUT: Final = "cut"
 
 
 def _failure_kind(error: TransportError) -> str | None:
