@@ -14,7 +14,8 @@ the same requests does not. Each setup of bench_pair.py that runs Python on
 both sides is started with its front and its service under ``valgrind
 --tool=callgrind``, warmed up with ``--warm`` requests, its counters zeroed
 (``callgrind_control -z``), loaded with ``--requests`` keep-alive requests
-at one connection (5 request headers, one at a time), and dumped
+at one connection (5 request headers, or 20 with ``--headers 20``, one at
+a time), and dumped
 (``callgrind_control -d``): instructions per request of the front and of the
 service, user space only (what the kernel does for the same system calls is
 not counted, and is the same for every setup here: 2 reads, 2 writes and 2
@@ -24,6 +25,8 @@ waits per request on each side).
     C  minimal_proxy.py + the SDK echo
     D  pitcher serve --workers 0 + the SDK echo, as built (compiled or not)
     P  D with PITCHER_PURE_PYTHON=1 on both sides
+    E  D with bench_pair.py's modules: access_log, metrics, throttle (and
+       request_id, on by default, as in D)
 
 Pitcher runs as one process (``--workers 0``) so that one pid is the whole
 request path; what a master and its worker spend per second whatever the
@@ -56,7 +59,14 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from bench_pair import FIVE, PITCHER_CONFIG, PURE_ENV, http_request  # noqa: E402
+from bench_pair import (  # noqa: E402
+    E_MODULES,
+    E_ROUTE,
+    HEADERS,
+    PITCHER_CONFIG,
+    PURE_ENV,
+    http_request,
+)
 from bench_spine import ROOT, exit_on_sigterm, free_port, wait_for_port  # noqa: E402
 
 PYTHON = sys.executable
@@ -90,9 +100,9 @@ def wait_for_file(path: Path, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def requests(port: int, count: int) -> None:
+def requests(port: int, count: int, headers: int = 5) -> None:
     """``count`` keep-alive requests, one at a time, on one connection; each answer read whole."""
-    raw = http_request("GET", "/bench", FIVE)
+    raw = http_request("GET", "/bench", HEADERS[headers])
     with socket.create_connection(("127.0.0.1", port), 60) as sock:
         for _ in range(count):
             sock.sendall(raw)
@@ -133,7 +143,9 @@ def counted(out: Path) -> int:
         time.sleep(0.2)
 
 
-def measure(key: str, root: Path, tmp: Path, warm: int, count: int) -> tuple[float, float]:
+def measure(
+    key: str, root: Path, tmp: Path, warm: int, count: int, headers: int = 5
+) -> tuple[float, float]:
     """Instructions per request of (front, service) for one setup."""
     work = tmp / key
     work.mkdir(exist_ok=True)
@@ -156,7 +168,11 @@ def measure(key: str, root: Path, tmp: Path, warm: int, count: int) -> tuple[flo
         front += ["--backend", f"unix://{sock}"]
     else:
         conf = work / "pitcher.toml"
-        conf.write_text(PITCHER_CONFIG.format(port=port, admin=free_port(), socket=sock, route=""))
+        route = E_ROUTE if key == "E" else ""
+        text = PITCHER_CONFIG.format(port=port, admin=free_port(), socket=sock, route=route)
+        if key == "E":
+            text += E_MODULES.format(log=work / "access.log")
+        conf.write_text(text)
         front = [PYTHON, "-m", "pitcher_rpc.cli", "serve", "-c", str(conf), "--workers", "0"]
     service_out, front_out = work / "service.out", work / "front.out"
     log = work / "log"
@@ -164,10 +180,10 @@ def measure(key: str, root: Path, tmp: Path, warm: int, count: int) -> tuple[flo
         wait_for_file(sock, 120)
         with started(callgrind(front_out) + front, root, env, log) as front_pid:
             wait_for_port(port, 120)
-            requests(port, warm)
+            requests(port, warm, headers)
             control("-z", front_pid)
             control("-z", service_pid)
-            requests(port, count)
+            requests(port, count, headers)
             control("-d", front_pid)
             control("-d", service_pid)
             return counted(front_out) / count, counted(service_out) / count
@@ -216,6 +232,7 @@ def main() -> None:
     parser.add_argument("--setups", default="B,C,D,P")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warm", type=int, default=300)
+    parser.add_argument("--headers", type=int, choices=sorted(HEADERS), default=5)
     parser.add_argument("--idle", type=float, default=10.0, help="seconds; 0 skips it")
     parser.add_argument("--pitcher-root", type=Path, default=ROOT)
     parser.add_argument(
@@ -239,13 +256,14 @@ def main() -> None:
         else:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pitcher-instr-")))
         for key in keys:
-            found[key] = measure(key, root, tmp, args.warm, args.requests)
+            found[key] = measure(key, root, tmp, args.warm, args.requests, args.headers)
             front, service = found[key]
             print(f"{key}  front {front:9,.0f}  service {service:9,.0f}  instructions/request")
         for top, bottom, side, label in (
             ("D", "C", 0, "proxy, compiled build / minimal proxy"),
             ("P", "C", 0, "proxy, pure build / minimal proxy"),
             ("D", "P", 0, "proxy, compiled / pure"),
+            ("E", "D", 0, "proxy with modules / without (goal: 1.25 at most)"),
             ("C", "B", 1, "SDK echo / minimal echo"),
             ("P", "B", 1, "SDK echo, pure build / minimal echo"),
         ):
