@@ -490,12 +490,14 @@ class RequestParser:
         content_length = None
         transfer_encoding = None
         expect = None
+        fields_size = 0
         if count:
             if count > self._max_headers:
                 self._fail(431, "too many header fields")
             joined = b"\n".join(names)
             # name + ": " + value + CRLF each; the join holds count - 1 newlines.
-            if len(joined) + sum(map(len, values)) + 3 * count + 1 > self._max_header_size:
+            fields_size = len(joined) + sum(map(len, values)) + 3 * count + 1
+            if fields_size > self._max_header_size:
                 self._fail(431, "header section too large")
             names = joined.lower().split(b"\n")
             hosts = names.count(b"host")
@@ -585,6 +587,7 @@ class RequestParser:
             expect_continue,
             content_length,
             bool(self._watch) and not self._watch.isdisjoint(names),
+            fields_size=fields_size,
         )
         self._request = request
         stream_over = self._stream_over

@@ -110,6 +110,7 @@ _FIELDS = (
     "body_stream",
     "content_length",
     "expect_continue",
+    "fields_size",
     "host",
     "keep_alive",
     "method",
@@ -153,6 +154,7 @@ class HttpRequest:
         content_length: int | None,
         watched: bool = False,
         body_stream: BodyStream | None = None,
+        fields_size: int = 0,
     ) -> None:
         self.method = method
         self.path = path
@@ -169,6 +171,9 @@ class HttpRequest:
         # Whether any header named in the parser's ``watch`` set is present.
         self.watched = watched
         self.body_stream = body_stream
+        # The header section's bytes as received: every field's name, ": ",
+        # value and CRLF (the parser measures it for its limit anyway).
+        self.fields_size = fields_size
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:

@@ -49,7 +49,6 @@ proxy through the connection of the first request it counts.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -72,9 +71,6 @@ __all__ = [
 # Seconds. A request through the proxy on one host takes tens of microseconds
 # of the proxy's own time (the residence histogram must tell 10 µs from 50);
 # a slow backend, seconds.
-# Final: compiled, a C static rather than a look-up in the module's dict.
-_bisect_left: Final = bisect.bisect_left
-
 DEFAULT_BUCKETS: Final[tuple[float, ...]] = (
     0.00001,
     0.000025,
@@ -122,6 +118,22 @@ SIZE_HISTOGRAMS = ("request_body_size", "response_size")
 FORBIDDEN: Final = (403, "forbidden")
 
 
+def _bucket(bounds: tuple[float, ...], value: float) -> int:
+    """bisect_left(bounds, value), scanning up from the lowest bound.
+
+    Most values fall in the first few buckets (a request's time in the proxy,
+    a small body): a scan of those beats bisect's halving there, compiled
+    (a few native compares against a call into C made from Python objects,
+    ~100 against ~950 instructions) and pure alike.
+    """
+    index = 0
+    for bound in bounds:
+        if value <= bound:
+            return index
+        index += 1
+    return index
+
+
 class HistogramSnapshot(TypedDict):
     """A histogram in plain JSON types: ``counts`` per bucket (not cumulative), +Inf last."""
 
@@ -138,12 +150,12 @@ class Histogram:
 
     def __init__(self, bounds: Sequence[float] = DEFAULT_BUCKETS) -> None:
         self.bounds = tuple(bounds)
-        # One slot per bound, then +Inf; _bisect_left(bounds, v) is the first bound >= v.
+        # One slot per bound, then +Inf; _bucket(bounds, v) is the first bound >= v.
         self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[_bisect_left(self.bounds, value)] += 1
+        self.counts[_bucket(self.bounds, value)] += 1
         self.sum += value
 
     @property
@@ -285,28 +297,28 @@ class Metrics(Module):
         size = exchange.response_bytes
         numbers.response_bytes += size
         histogram = numbers.response_size
-        histogram.counts[_bisect_left(SIZE_BUCKETS, size)] += 1
+        histogram.counts[_bucket(SIZE_BUCKETS, size)] += 1
         histogram.sum += size
         request = exchange.request
         stream = request.body_stream
         size = len(request.body) if stream is None else stream.received
         histogram = numbers.request_body_size
-        histogram.counts[_bisect_left(SIZE_BUCKETS, size)] += 1
+        histogram.counts[_bucket(SIZE_BUCKETS, size)] += 1
         histogram.sum += size
         bounds = self.bounds
         total = exchange.finished - exchange.started
         histogram = numbers.duration
-        histogram.counts[_bisect_left(bounds, total)] += 1
+        histogram.counts[_bucket(bounds, total)] += 1
         histogram.sum += total
         sent = exchange.backend_started
         if sent and exchange.backend_ended >= sent:
             backend = exchange.backend_ended - sent
             histogram = numbers.backend_latency
-            histogram.counts[_bisect_left(bounds, backend)] += 1
+            histogram.counts[_bucket(bounds, backend)] += 1
             histogram.sum += backend
             total -= backend
         histogram = numbers.residence
-        histogram.counts[_bisect_left(bounds, total)] += 1
+        histogram.counts[_bucket(bounds, total)] += 1
         histogram.sum += total
 
     def request_refused(self, refusal: Any) -> None:

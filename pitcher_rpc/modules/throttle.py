@@ -68,11 +68,11 @@ log = logging.getLogger("pitcher.throttle")
 # Final: compiled, a C static rather than a look-up in the module's dict.
 _monotonic: Final = time.monotonic
 
-_LIMIT_KEYS = ("rate", "burst", "concurrency")
-_SCOPE_KEYS = ("scope", "fail", "batch")
-_REDIS_KEYS = ("redis", "redis_prefix", "redis_timeout")
-_NAME = "throttle"
-_INSTALL = "pip install 'pitcher-rpc[fleet]'"
+_LIMIT_KEYS: Final = ("rate", "burst", "concurrency")
+_SCOPE_KEYS: Final = ("scope", "fail", "batch")
+_REDIS_KEYS: Final = ("redis", "redis_prefix", "redis_timeout")
+_NAME: Final = "throttle"
+_INSTALL: Final = "pip install 'pitcher-rpc[fleet]'"
 
 
 def _number(settings: Mapping[str, Any], key: str, where: str, integer: bool = False) -> Any:
@@ -381,7 +381,8 @@ class Throttle(Module):
     def request_finish(self, exchange: AnyRecord) -> None:
         state = exchange.module_state
         if state is not None:
-            held = state.pop(_NAME, None)
+            # Typed: compiled, the loop and leave() are native calls.
+            held: tuple[Gate, ...] | None = state.pop(_NAME, None)
             if held:
                 for gate in held:
                     gate.leave()
