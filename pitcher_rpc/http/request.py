@@ -171,8 +171,9 @@ class HttpRequest:
         # Whether any header named in the parser's ``watch`` set is present.
         self.watched = watched
         self.body_stream = body_stream
-        # The header section's bytes as received: every field's name, ": ",
-        # value and CRLF (the parser measures it for its limit anyway).
+        # The header section's size as parsed: each field as its name, ": ",
+        # its value without the whitespace around it, and CRLF (what the
+        # parser measures for its limit; the access log's request_bytes).
         self.fields_size = fields_size
 
     @property

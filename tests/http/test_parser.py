@@ -107,6 +107,24 @@ def test_get_request_fields() -> None:
     assert req.content_length is None
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        request(b"GET", b"/", b"Host: a", b"Accept: */*"),
+        request(b"GET", b"/", b"Host:a", b"X-Spaced:   v a l  \t", b"Empty:"),
+        b"GET /x HTTP/1.0\r\n\r\n",
+        # The Host an absolute-form target adds to an HTTP/1.0 request was not received.
+        b"GET http://b.example/x HTTP/1.0\r\nAccept: */*\r\n\r\n",
+    ],
+)
+def test_fields_size_is_the_header_section_as_parsed(data: bytes) -> None:
+    # Each field as name, ": ", its value without the whitespace around it, and CRLF.
+    head = data.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+    fields = [line.split(b":", 1) for line in head]
+    expected = sum(len(name) + 2 + len(value.strip(b" \t")) + 2 for name, value in fields)
+    assert parse_one(data).fields_size == expected
+
+
 def test_content_length_body() -> None:
     req = parse_one(POST)
     assert req.body == b"hello"
