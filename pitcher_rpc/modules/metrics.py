@@ -122,9 +122,11 @@ def _bucket(bounds: tuple[float, ...], value: float) -> int:
     """bisect_left(bounds, value), scanning up from the lowest bound.
 
     Most values fall in the first few buckets (a request's time in the proxy,
-    a small body): a scan of those beats bisect's halving there, compiled
-    (a few native compares against a call into C made from Python objects,
-    ~100 against ~950 instructions) and pure alike.
+    a small body). Compiled, a scan of those is a few native compares: ~290
+    instructions a call against ~950 for bisect_left called from compiled
+    code. Pure Python pays for it (timeit, bisect against scan: 114/162 ns at
+    30 µs, 191/333 ns at 300 bytes, 128/597 ns at 2 s; 171/141 ns at 0
+    bytes): some 0.4 µs a request with metrics on, in the fallback build.
     """
     index = 0
     for bound in bounds:
